@@ -1,0 +1,1 @@
+"""LVPruning: language-guided vision token pruning for LLaVA-style multimodal LLMs."""

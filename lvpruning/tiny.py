@@ -1,0 +1,130 @@
+"""Tiny LLaVA builders: a small CLIP tower, projector and Llama built from configs, with an offline processor.
+
+Tests use them with random weights; the toy world (``pipelines.toy``) trains one. Everything here is built
+locally: no hub access. The shapes follow Hugging Face's own LLaVA tester (hidden sizes of a few dozen).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+# Words of the LLaVA-1.5 (vicuna_v1) template, so that prompts built for the real model tokenize here too.
+TEMPLATE_WORDS = (
+    "a chat between curious human and an artificial intelligence assistant . the gives helpful , detailed , "
+    "polite answers to the 's questions user : assistant answer the question using a single word or phrase ? yes no"
+).split()
+
+
+def build_tokenizer(words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the template words plus ``words`` (lower-cased, punctuation split off)."""
+    vocab: dict[str, int] = {}
+    for token in (*SPECIAL_TOKENS, *TEMPLATE_WORDS, *(w.lower() for w in words)):
+        vocab.setdefault(token, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
+    )
+    core.post_processor = processors.TemplateProcessing(  # a BOS token in front, as Llama's tokenizer does
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tokenizer.padding_side = "left"  # generation pads on the left; training collators choose their own
+    return tokenizer
+
+
+def tiny_llava_config(
+    vocab_size: int = 128,
+    image_size: int = 32,
+    patch_size: int = 4,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    intermediate_size: int = 128,
+    image_token_id: int = SPECIAL_TOKENS.index("<image>"),
+    max_position_embeddings: int = 512,
+) -> LlavaConfig:
+    """A LLaVA-1.5-shaped config: CLIP tower (penultimate layer, CLS dropped), 2-layer GELU projector, Llama."""
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=max(1, vision_hidden // 16),
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=SPECIAL_TOKENS.index("<pad>"),
+        bos_token_id=SPECIAL_TOKENS.index("<s>"),
+        eos_token_id=SPECIAL_TOKENS.index("</s>"),
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(image_size // patch_size) ** 2,
+    )
+
+
+def build_processor(config: LlavaConfig, words: Iterable[str] = ()) -> LlavaProcessor:
+    """A ``LlavaProcessor`` (CLIP normalization, square resize) whose tokenizer covers ``words``."""
+    tokenizer = build_tokenizer(words)
+    if len(tokenizer) > config.text_config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but text_config.vocab_size is {config.text_config.vocab_size}"
+        )
+    size = config.vision_config.image_size
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" feature selection
+    )
+
+
+def tiny_llava(config: LlavaConfig | None = None, seed: int = 0, attn_implementation: str = "sdpa"):
+    """A randomly initialised tiny ``LlavaForConditionalGeneration`` in eval mode (fp32)."""
+    import torch
+
+    config = config or tiny_llava_config()
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    return model.eval()

@@ -1,0 +1,93 @@
+"""Model-family adapters: everything the pruning engine needs to know about where a model keeps its parts.
+
+The engine (``lvpruning.engine``) only talks to an adapter: how to embed a prompt with its images (and which
+positions are vision tokens), the decoder layers, the rotary embedding, the final norm and head, and how to build
+an attention mask in the format of the model's own attention implementation. LLaVA-NeXT or Qwen2-VL follow by
+adding an adapter here, without touching the engine.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlavaForConditionalGeneration, PreTrainedConfig
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
+
+
+class LlavaLlamaAdapter:
+    """Hugging Face ``LlavaForConditionalGeneration`` with a Llama-family decoder (LLaVA-1.5)."""
+
+    decoder_types = ("llama",)
+
+    def __init__(self, model: LlavaForConditionalGeneration):
+        text_type = model.config.text_config.model_type
+        if text_type not in self.decoder_types:
+            raise ValueError(f"LlavaLlamaAdapter supports Llama-family decoders {self.decoder_types}, got '{text_type}'")
+        self.model = model
+        self.decoder = model.model.language_model
+
+    @property
+    def text_config(self) -> PreTrainedConfig:
+        return self.model.config.text_config
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.decoder.layers
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Token embeddings with the projected image features scattered in (HF's ``get_image_features`` ->
+        ``get_placeholder_mask`` -> ``masked_scatter`` hand-off). Returns embeddings (B, N, C), the vision mask
+        (B, N) and the number of vision tokens per sample, known from shapes alone (so ``meta`` tensors work)."""
+        inputs_embeds = self.model.get_input_embeddings()(input_ids)  # (B, N, C)
+        features = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+        features = torch.cat(list(features), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)  # (I * P, C)
+        placeholder = self.model.model.get_placeholder_mask(input_ids, inputs_embeds, features)  # (B, N, C)
+        inputs_embeds = inputs_embeds.masked_scatter(placeholder, features)
+        vision_mask = input_ids == self.model.config.image_token_id  # (B, N)
+        num_vision = features.shape[0] // input_ids.shape[0]
+        return inputs_embeds, vision_mask, num_vision
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder.rotary_emb(hidden, position_ids=position_ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.decoder.norm(hidden))
+
+    def attention_mask(self, padding: torch.Tensor, q_length: int, dtype: torch.dtype):
+        """A causal + padding mask for the last ``q_length`` of the ``padding.shape[1]`` keys, in the format of
+        the model's own attention implementation (``None`` where it can use ``is_causal``)."""
+        kv_length = padding.shape[1]
+        make_mask = ALL_MASK_ATTENTION_FUNCTIONS[self.text_config._attn_implementation]
+        return make_mask(
+            batch_size=padding.shape[0],
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=kv_length - q_length,
+            mask_function=causal_mask_function,
+            attention_mask=padding,
+            allow_is_causal_skip=True,
+            dtype=dtype,
+            config=self.text_config,
+            device=padding.device,
+        )
+
+
+def boolean_causal_mask(padding: torch.Tensor) -> torch.Tensor:
+    """The causal + padding mask as booleans (B, 1, N, N), True where attention is allowed (``A-bar``, eq. 8)."""
+    B, N = padding.shape
+    return sdpa_mask(
+        batch_size=B, q_length=N, kv_length=N, attention_mask=padding, allow_is_causal_skip=False, device=padding.device
+    )
+
+
+def get_adapter(model: nn.Module) -> LlavaLlamaAdapter:
+    """The adapter for ``model``, or a clear error naming what is supported."""
+    if isinstance(model, LlavaForConditionalGeneration):
+        return LlavaLlamaAdapter(model)
+    raise ValueError(
+        f"LVPruning has no adapter for {type(model).__name__}; supported: LlavaForConditionalGeneration with a "
+        f"Llama-family decoder (e.g. llava-hf/llava-1.5-7b-hf)"
+    )

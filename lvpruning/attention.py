@@ -1,0 +1,69 @@
+"""Training-mode attention: the masked softmax of eq. 9, registered with transformers' ``AttentionInterface``.
+
+Pruned vision tokens stay in the sequence during training (eq. 7): every query ``i`` may attend key ``j`` only with
+weight ``M_ij = 1`` if ``i == j`` or ``j`` is a text token, else ``D_j``, the cumulative keep decision (eq. 10). The
+softmax is taken over ``exp(A_ij) * M_ij`` (eq. 9), on top of the causal and padding masks (``A-bar`` in eq. 8).
+Multiplying by ``M`` instead of adding ``log M`` keeps the straight-through gradient of ``D`` finite.
+
+Shapes: B batch, h heads, N queries, K keys, d head size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PreTrainedConfig
+
+ATTN_IMPLEMENTATION = "lvpruning_masked"
+
+
+def masked_softmax_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    token_keep: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 9. ``attention_mask`` is the boolean causal+padding mask (B, 1, N, K), True where attention is allowed;
+    ``token_keep`` (B, K) is 1 for text tokens and ``D_j`` for vision tokens (carrying the gradient)."""
+    if token_keep is None:
+        raise ValueError(f"the '{ATTN_IMPLEMENTATION}' attention needs the token_keep decisions of eq. 7")
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: repeat K/V heads
+    key = key.repeat_interleave(groups, dim=1)  # (B, h, K, d)
+    value = value.repeat_interleave(groups, dim=1)  # (B, h, K, d)
+
+    scores = torch.matmul(query, key.transpose(2, 3)).float() * scaling  # A, (B, h, N, K)
+    N, K = scores.shape[-2:]
+    query_index = torch.arange(K - N, K, device=scores.device)  # query i is key i + (K - N)
+    diagonal = query_index[:, None] == torch.arange(K, device=scores.device)[None, :]  # (N, K)
+    M = torch.where(diagonal, torch.ones_like(token_keep[:, None, None, :]), token_keep[:, None, None, :].float())
+    allowed = attention_mask & (M > 0)  # (B, 1, N, K)
+    # Subtract the max over the allowed entries only, so the diagonal keeps the denominator >= 1.
+    peak = scores.masked_fill(~allowed, float("-inf")).amax(dim=-1, keepdim=True).detach()
+    peak = torch.nan_to_num(peak, neginf=0.0)  # rows with nothing allowed (all padding): weights become 0
+    weights = torch.exp(scores - peak).masked_fill(~attention_mask, 0.0) * M  # exp(A-bar) * M
+    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training).to(value.dtype)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, N, h, d)
+    return output, weights
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, masked_softmax_attention)
+
+
+@contextmanager
+def attention_implementation(config: PreTrainedConfig, name: str) -> Iterator[None]:
+    """Switch a decoder config's attention implementation for the duration of one forward pass."""
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous

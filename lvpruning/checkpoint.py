@@ -1,0 +1,68 @@
+"""Save and load decision modules: ``decision_modules.safetensors`` plus ``lvpruning_config.json``. No pickle.
+
+The JSON records the pruning config and the shape of the model the modules were trained for, so that loading
+them onto a different model fails with a message instead of a shape error deep inside ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lvpruning.adapters import get_adapter
+from lvpruning.config import PruningConfig
+from lvpruning.engine import LVPruningModel
+
+WEIGHTS_NAME = "decision_modules.safetensors"
+CONFIG_NAME = "lvpruning_config.json"
+FORMAT_VERSION = 1
+
+
+def _model_signature(pruner_or_model: nn.Module) -> dict:
+    model = pruner_or_model.model if isinstance(pruner_or_model, LVPruningModel) else pruner_or_model
+    text = get_adapter(model).text_config
+    return {
+        "model_type": model.config.model_type,
+        "text_model_type": text.model_type,
+        "hidden_size": text.hidden_size,
+        "num_hidden_layers": text.num_hidden_layers,
+    }
+
+
+def save_decision_modules(pruner: LVPruningModel, directory: str | Path) -> Path:
+    """Write the decision modules of ``pruner`` to ``directory`` and return it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in pruner.decision_modules.state_dict().items()}
+    save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "pruning_config": pruner.config.to_dict(),
+        "model": _model_signature(pruner),
+    }
+    (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def load_decision_modules(model: nn.Module, directory: str | Path) -> LVPruningModel:
+    """Attach the decision modules saved in ``directory`` to ``model`` (a base LLaVA, loaded as usual)."""
+    directory = Path(directory)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} not found: not an LVPruning decision-module directory")
+    meta = json.loads((directory / CONFIG_NAME).read_text())
+    saved, actual = meta["model"], _model_signature(model)
+    for key in ("hidden_size", "num_hidden_layers"):
+        if saved[key] != actual[key]:
+            raise ValueError(
+                f"decision modules in {directory} were trained for a model with {key}={saved[key]}, "
+                f"but this model has {key}={actual[key]}"
+            )
+    pruner = LVPruningModel(model, PruningConfig.from_dict(meta["pruning_config"]))
+    device = next(model.parameters()).device
+    state = load_file(directory / WEIGHTS_NAME, device=str(device))
+    pruner.decision_modules.load_state_dict(state, strict=True)
+    return pruner

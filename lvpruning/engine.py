@@ -1,0 +1,342 @@
+"""The LVPruning engine: decision modules attached to a frozen LLaVA, in training mode (masking, eqs. 5-12) and
+inference mode (removal, eqs. 13-14), with KV-cached generation.
+
+Shapes: B batch, N tokens in the current sequence, Nv vision tokens per sample (576 for LLaVA-1.5), V vision
+tokens still kept, T text (non-vision) tokens, C hidden size, S stages.
+
+Conventions:
+- Keep ratios are fractions of the original vision tokens (eqs. 10-11). At inference stage ``s`` keeps
+  ``k_s = max(1, floor(rho_s * Nv))`` vision tokens (the paper's ``rho_s * |I_V|`` rounded down, as DynamicViT's
+  ``int(N * ratio)``; a 1e-6 tolerance absorbs float error, so 0.3 * 10 keeps 3).
+- Position ids are the padding-aware original positions (``cumsum(attention_mask) - 1``, as HF ``generate`` does)
+  and are kept for every surviving token (eq. 14).
+- The instruction tokens (keys/values of the decision modules) are the non-vision, non-padding tokens, minus the
+  supervised answer tokens when ``labels`` are given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+from transformers.utils import ModelOutput
+
+from lvpruning.adapters import boolean_causal_mask, get_adapter
+from lvpruning.attention import ATTN_IMPLEMENTATION, attention_implementation
+from lvpruning.config import PruningConfig
+from lvpruning.decision import DecisionModule, gumbel_decisions, keep_scores
+
+
+@dataclass
+class LVPruningOutput(ModelOutput):
+    """loss = lambda_causal * lm_loss + lambda_ratio * ratio_loss (eq. 12) in training mode; the LM loss on the
+    pruned sequence in inference mode when labels are given.
+
+    keep_fractions: (B, S) realized fraction of the original vision tokens kept after each stage.
+    token_index: (B, N_out) original position of each output position (inference removes tokens).
+    kept_vision: per stage, (B, k_s) indices (into the Nv vision tokens) of the tokens kept (inference).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    ratio_loss: torch.Tensor | None = None
+    keep_fractions: torch.Tensor | None = None
+    token_index: torch.Tensor | None = None
+    kept_vision: tuple[torch.Tensor, ...] | None = None
+    past_key_values: PrunedCache | None = None
+
+
+class PrunedCache(DynamicCache):
+    """A ``DynamicCache`` whose layers after each stage hold fewer tokens. It also remembers, per segment of
+    layers, which cached tokens are padding, and the last original position, for the decoding steps."""
+
+    paddings: list[torch.Tensor]  # per segment, (B, cached length) bool
+    position_ids: torch.Tensor  # (B, 1), the last original position seen
+
+
+@dataclass
+class _Sequence:
+    """The tokens of one segment (the layers between two stages), gathered from the original sequence."""
+
+    hidden: torch.Tensor  # (B, N, C)
+    index: torch.Tensor  # (B, N) original positions
+    padding: torch.Tensor  # (B, N) bool, True on real tokens
+    position_ids: torch.Tensor  # (B, N)
+    vision: torch.Tensor  # (B, N) bool
+    instruction: torch.Tensor  # (B, N) bool
+
+    def select(self, index: torch.Tensor) -> _Sequence:
+        """Keep the positions ``index`` (B, N') of this sequence, in order."""
+        take = lambda t: t.gather(1, index)  # noqa: E731
+        hidden = self.hidden.gather(1, index[..., None].expand(-1, -1, self.hidden.shape[-1]))
+        fields = (self.index, self.padding, self.position_ids, self.vision, self.instruction)
+        return _Sequence(hidden, *map(take, fields))
+
+
+def keep_count(ratio: float, num_vision: int) -> int:
+    """Vision tokens kept at a stage with keep ratio ``ratio`` (rounded down, at least one)."""
+    return max(1, math.floor(ratio * num_vision + 1e-6))
+
+
+def split_tokens(vision: torch.Tensor, num_vision: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the text tokens (B, N - V) and of the vision tokens (B, V), each in sequence order.
+
+    A stable sort of the vision mask keeps shapes static (no ``nonzero``), so this also runs on ``meta``."""
+    order = torch.argsort(vision.to(torch.int8), dim=1, stable=True)
+    split = vision.shape[1] - num_vision
+    return order[:, :split], order[:, split:]
+
+
+def gather_tokens(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, len(index), C)
+
+
+class LVPruningModel(nn.Module):
+    """A frozen LLaVA with LVPruning decision modules after ``config.layers``.
+
+    ``model.train()`` selects training mode (hard Gumbel decisions as attention masks, losses of eq. 12);
+    ``model.eval()`` selects inference mode (top-k removal). The base model always stays in eval mode.
+    """
+
+    def __init__(self, model: nn.Module, config: PruningConfig):
+        super().__init__()
+        self.adapter = get_adapter(model)
+        text_config = self.adapter.text_config
+        config.check_model(text_config.num_hidden_layers, text_config.hidden_size)
+        self.config = config
+        self.model = model
+        self.decision_modules = nn.ModuleList(
+            DecisionModule(text_config.hidden_size, config.num_blocks, config.num_heads, config.ffn_dim)
+            for _ in config.layers
+        )
+        param = next(model.parameters())
+        self.decision_modules.to(device=param.device)
+        self._base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        model.requires_grad_(False)
+        self.train(model.training)
+
+    def train(self, mode: bool = True) -> LVPruningModel:
+        super().train(mode)
+        self.model.eval()  # frozen base: no dropout, whatever the mode of the decision modules
+        return self
+
+    def detach(self) -> nn.Module:
+        """Return the base model as it was before :func:`attach` (``requires_grad`` flags restored)."""
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._base_requires_grad[name])
+        return self.model
+
+    # ------------------------------------------------------------------ inputs
+
+    def _prepare(self, input_ids, pixel_values, attention_mask, labels, instruction_mask):
+        embeds, vision, num_vision = self.adapter.embed(input_ids, pixel_values)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        padding = attention_mask.bool()
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        if instruction_mask is None:
+            instruction_mask = padding & ~vision
+            if labels is not None:
+                instruction_mask &= labels == -100  # never the supervised answer tokens
+        if not input_ids.is_meta:
+            counts = vision.sum(1)
+            if not bool((counts == num_vision).all()):
+                raise ValueError(
+                    f"LVPruning needs the same number of vision tokens in every sample; got {counts.tolist()}"
+                )
+            if not bool((instruction_mask & ~vision).any(1).all()):
+                raise ValueError("every sample needs at least one instruction token to guide the pruning")
+        index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        seq = _Sequence(embeds, index, padding, position_ids, vision, instruction_mask & ~vision)
+        return seq, num_vision
+
+    def _decide(self, stage: int, seq: _Sequence, num_vision: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the stage's decision module (eqs. 1-4): gamma (B, V, 2) for the vision tokens of ``seq``."""
+        text_pos, vision_pos = split_tokens(seq.vision, num_vision)
+        module = self.decision_modules[stage]
+        dtype = module.score.weight.dtype
+        gamma = module(
+            gather_tokens(seq.hidden, vision_pos).to(dtype),  # (B, V, C)
+            gather_tokens(seq.hidden, text_pos).to(dtype),  # (B, T, C)
+            seq.instruction.gather(1, text_pos),  # (B, T)
+        )
+        return gamma, vision_pos
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+        keep_ratios: tuple[float, ...] | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+    ) -> LVPruningOutput:
+        """Training mode when ``self.training`` (``keep_ratios``/``use_cache`` unused), inference mode otherwise.
+
+        input_ids/attention_mask/labels: (B, N) with the image placeholders already expanded (as the llava-hf
+        processor does); pixel_values: (B, 3, H, W); instruction_mask: (B, N) bool, the tokens that guide pruning.
+        """
+        if self.training:
+            return self._forward_train(input_ids, pixel_values, attention_mask, labels, instruction_mask)
+        ratios = self.config.check_ratios(keep_ratios) if keep_ratios is not None else self.config.infer_ratios
+        return self._forward_infer(
+            input_ids, pixel_values, attention_mask, labels, instruction_mask, ratios, use_cache, logits_to_keep
+        )
+
+    def _forward_train(self, input_ids, pixel_values, attention_mask, labels, instruction_mask) -> LVPruningOutput:
+        cfg = self.config
+        layers = self.adapter.layers
+        # No backward work through the vision tower or the layers before the first decision module.
+        with torch.no_grad():
+            seq, num_vision = self._prepare(input_ids, pixel_values, attention_mask, labels, instruction_mask)
+            rope = self.adapter.rotary(seq.hidden, seq.position_ids)
+            mask = self.adapter.attention_mask(seq.padding, seq.padding.shape[1], seq.hidden.dtype)
+            hidden = seq.hidden
+            for layer in layers[: cfg.layers[0] + 1]:
+                hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, position_ids=seq.position_ids)
+        seq.hidden = hidden
+
+        allowed = boolean_causal_mask(seq.padding)  # A-bar's mask (B, 1, N, N)
+        B, N = input_ids.shape
+        keep = hidden.new_ones(B, num_vision, dtype=torch.float32)  # cumulative D over the vision tokens
+        fractions = []
+        token_keep = None  # (B, N): 1 on text tokens, D_j on vision tokens (eq. 7)
+        with attention_implementation(self.adapter.text_config, ATTN_IMPLEMENTATION):
+            for i in range(cfg.layers[0], len(layers)):
+                if i > cfg.layers[0]:
+                    seq.hidden = layers[i](
+                        seq.hidden,
+                        attention_mask=allowed,
+                        position_embeddings=rope,
+                        position_ids=seq.position_ids,
+                        token_keep=token_keep,
+                    )
+                if i in cfg.layers:
+                    gamma, vision_pos = self._decide(cfg.layers.index(i), seq, num_vision)
+                    keep = keep * gumbel_decisions(gamma, cfg.gumbel_tau)  # eqs. 5, 6, 10
+                    fractions.append(keep.mean(dim=1))
+                    token_keep = torch.ones(B, N, device=keep.device).scatter(1, vision_pos, keep)
+
+        logits = self.adapter.logits(seq.hidden)
+        keep_fractions = torch.stack(fractions, dim=1)  # (B, S)
+        target = keep_fractions.new_tensor(cfg.train_ratios).expand_as(keep_fractions)
+        if cfg.ratio_loss == "mse":
+            ratio_loss = F.mse_loss(keep_fractions, target)  # eq. 11
+        else:
+            ratio_loss = F.huber_loss(keep_fractions, target, delta=cfg.huber_beta)
+        lm_loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = cfg.lambda_ratio * ratio_loss
+        if lm_loss is not None:
+            loss = loss + cfg.lambda_causal * lm_loss  # eq. 12
+        return LVPruningOutput(
+            loss=loss,
+            logits=logits,
+            lm_loss=lm_loss,
+            ratio_loss=ratio_loss,
+            keep_fractions=keep_fractions.detach(),
+            token_index=seq.index,
+        )
+
+    def _forward_infer(
+        self, input_ids, pixel_values, attention_mask, labels, instruction_mask, ratios, use_cache, logits_to_keep
+    ) -> LVPruningOutput:
+        seq, num_vision = self._prepare(input_ids, pixel_values, attention_mask, None, instruction_mask)
+        cache = PrunedCache(config=self.adapter.text_config) if use_cache else None
+        rope = self.adapter.rotary(seq.hidden, seq.position_ids)
+        mask = self.adapter.attention_mask(seq.padding, seq.padding.shape[1], seq.hidden.dtype)
+        kept_vision, fractions, paddings = [], [], [seq.padding]
+        vision_seen = torch.arange(num_vision, device=input_ids.device).expand(input_ids.shape[0], -1)
+        for i, layer in enumerate(self.adapter.layers):
+            seq.hidden = layer(
+                seq.hidden,
+                attention_mask=mask,
+                position_embeddings=rope,
+                position_ids=seq.position_ids,
+                past_key_values=cache,
+                use_cache=use_cache,
+            )
+            if i not in self.config.layers:
+                continue
+            stage = self.config.layers.index(i)
+            gamma, vision_pos = self._decide(stage, seq, vision_seen.shape[1])
+            k = keep_count(ratios[stage], num_vision)
+            top = keep_scores(gamma).topk(k, dim=1).indices.sort(dim=1).values  # eq. 13, (B, k)
+            text_pos, _ = split_tokens(seq.vision, vision_seen.shape[1])
+            keep_pos = torch.cat([text_pos, vision_pos.gather(1, top)], dim=1).sort(dim=1).values
+            seq = seq.select(keep_pos)  # remove the pruned tokens, keep original positions (eq. 14)
+            vision_seen = vision_seen.gather(1, top)
+            kept_vision.append(vision_seen)
+            fractions.append(torch.full_like(vision_seen[:, 0], k, dtype=torch.float32) / num_vision)
+            paddings.append(seq.padding)
+            rope = self.adapter.rotary(seq.hidden, seq.position_ids)
+            mask = self.adapter.attention_mask(seq.padding, seq.padding.shape[1], seq.hidden.dtype)
+
+        logits = self.adapter.logits(seq.hidden[:, -logits_to_keep:])
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels.gather(1, seq.index[:, -logits.shape[1] :]))
+        if cache is not None:
+            cache.paddings, cache.position_ids = paddings, seq.position_ids[:, -1:]
+        return LVPruningOutput(
+            loss=loss,
+            logits=logits,
+            keep_fractions=torch.stack(fractions, dim=1),
+            token_index=seq.index,
+            kept_vision=tuple(kept_vision),
+            past_key_values=cache,
+        )
+
+    # ------------------------------------------------------------------ generation
+
+    def decode_step(self, input_ids: torch.Tensor, cache: PrunedCache) -> torch.Tensor:
+        """One cached decoding step after a pruned prefill: input_ids (B, 1) -> logits (B, 1, vocab).
+
+        Every segment of layers keeps its own (shorter) cache; the new token takes the position after the
+        last original position, as if nothing had been pruned."""
+        hidden = self.adapter.embed_tokens(input_ids)  # (B, 1, C)
+        cache.position_ids = cache.position_ids + 1
+        rope = self.adapter.rotary(hidden, cache.position_ids)
+        masks = []
+        for s, padding in enumerate(cache.paddings):
+            cache.paddings[s] = torch.cat([padding, padding.new_ones(padding.shape[0], 1)], dim=1)
+            masks.append(self.adapter.attention_mask(cache.paddings[s], 1, hidden.dtype))
+        segment = 0
+        for i, layer in enumerate(self.adapter.layers):
+            hidden = layer(
+                hidden,
+                attention_mask=masks[segment],
+                position_embeddings=rope,
+                position_ids=cache.position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            segment += i in self.config.layers
+        return self.adapter.logits(hidden)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Pruned generation; see :func:`lvpruning.generation.generate` for the arguments."""
+        from lvpruning.generation import generate
+
+        return generate(self, input_ids, pixel_values, **kwargs)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over the supervised positions (labels -100 are ignored)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+    )
+
+
+def attach(model: nn.Module, config: PruningConfig | None = None) -> LVPruningModel:
+    """Attach fresh decision modules to ``model`` (frozen, otherwise untouched)."""
+    return LVPruningModel(model, config or PruningConfig())

@@ -1,0 +1,83 @@
+"""Pruned generation against a cache-free reference, in padded batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.lvpruning.conftest import make_batch, make_pruner
+
+RATIOS = (0.5, 0.3, 0.1)
+
+
+def reference_generate(pruner, batch, steps):
+    """Re-run the pruned forward on the whole growing sequence, without a cache, and take the argmax.
+
+    The instruction tokens stay those of the prompt, since generation prunes once, in the prefill."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    instruction = mask.bool() & (ids != 4)
+    for _ in range(steps):
+        out = pruner(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                     instruction_mask=instruction, keep_ratios=RATIOS)
+        next_token = out.logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_token], 1)
+        mask = torch.cat([mask, torch.ones_like(next_token)], 1)
+        instruction = torch.cat([instruction, torch.zeros_like(next_token, dtype=torch.bool)], 1)
+    return ids
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cached_generation_matches_full_recompute(seed):
+    pruner = make_pruner(seed)
+    batch = make_batch([(3, 6), (1, 11)], seed=seed)
+    with torch.no_grad():
+        expected = reference_generate(pruner, batch, steps=6)
+    generated = pruner.generate(**batch, keep_ratios=RATIOS, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(generated, expected)
+
+
+def test_padded_batch_generates_what_each_prompt_generates_alone():
+    pruner = make_pruner(3)
+    shapes = [(2, 9), (5, 3), (1, 1)]
+    batch = make_batch(shapes, seed=3)
+    together = pruner.generate(**batch, max_new_tokens=5, eos_token_id=[])
+    for i in range(len(shapes)):
+        keep = batch["attention_mask"][i].bool()
+        alone = pruner.generate(
+            input_ids=batch["input_ids"][i : i + 1, keep],
+            attention_mask=batch["attention_mask"][i : i + 1, keep],
+            pixel_values=batch["pixel_values"][i : i + 1],
+            max_new_tokens=5,
+            eos_token_id=[],
+        )
+        assert torch.equal(together[i, -5:], alone[0, -5:])
+
+
+def test_generation_stops_at_eos_and_pads_finished_samples():
+    pruner = make_pruner(4)
+    batch = make_batch([(2, 4), (3, 6)], seed=4)
+    free = pruner.generate(**batch, max_new_tokens=4, eos_token_id=[])
+    eos = int(free[0, -4])  # make sample 0's first new token the EOS
+    out = pruner.generate(**batch, max_new_tokens=4, eos_token_id=eos, pad_token_id=3)
+    assert out[0, -4] == eos and (out[0, -3:] == 3).all()
+    first_eos = (free[1, -4:] == eos).nonzero()
+    stop = int(first_eos[0]) + 1 if len(first_eos) else 4
+    assert torch.equal(out[1, -4 : -4 + stop], free[1, -4 : -4 + stop])
+
+
+def test_generate_requires_left_padding_and_eval_mode():
+    pruner = make_pruner()
+    batch = make_batch([(2, 4), (3, 6)], padding_side="right")
+    with pytest.raises(ValueError, match="left"):
+        pruner.generate(**batch)
+    with pytest.raises(RuntimeError, match="eval"):
+        pruner.train().generate(**make_batch([(2, 4)]))
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    pruner = make_pruner()
+    batch = make_batch([(2, 4)])
+    torch.manual_seed(0)
+    a = pruner.generate(**batch, do_sample=True, top_k=1, temperature=0.7, max_new_tokens=4, eos_token_id=[])
+    greedy = pruner.generate(**batch, max_new_tokens=4, eos_token_id=[])
+    assert torch.equal(a, greedy)  # top-1 sampling is greedy

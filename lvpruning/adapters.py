@@ -22,7 +22,9 @@ class LlavaLlamaAdapter:
     def __init__(self, model: LlavaForConditionalGeneration):
         text_type = model.config.text_config.model_type
         if text_type not in self.decoder_types:
-            raise ValueError(f"LlavaLlamaAdapter supports Llama-family decoders {self.decoder_types}, got '{text_type}'")
+            raise ValueError(
+                f"LlavaLlamaAdapter supports Llama-family decoders {self.decoder_types}, got '{text_type}'"
+            )
         self.model = model
         self.decoder = model.model.language_model
 
@@ -79,7 +81,12 @@ def boolean_causal_mask(padding: torch.Tensor) -> torch.Tensor:
     """The causal + padding mask as booleans (B, 1, N, N), True where attention is allowed (``A-bar``, eq. 8)."""
     B, N = padding.shape
     return sdpa_mask(
-        batch_size=B, q_length=N, kv_length=N, attention_mask=padding, allow_is_causal_skip=False, device=padding.device
+        batch_size=B,
+        q_length=N,
+        kv_length=N,
+        attention_mask=padding,
+        allow_is_causal_skip=False,
+        device=padding.device,
     )
 
 

@@ -15,7 +15,9 @@ def paper_schedule(rho: float, num_stages: int = 3, step: float = 0.2) -> tuple[
     """The paper's keep-ratio schedule ``[rho, rho - 0.2, rho - 0.4]`` (section 4.1), rounded to 1e-6."""
     ratios = tuple(round(rho - step * s, 6) for s in range(num_stages))
     if not all(0.0 < r <= 1.0 for r in ratios):
-        raise ValueError(f"rho={rho}: the schedule {list(ratios)} leaves (0, 1]; rho must exceed {step * (num_stages - 1)}")
+        raise ValueError(
+            f"rho={rho}: the schedule {list(ratios)} leaves (0, 1]; rho must exceed {step * (num_stages - 1)}"
+        )
     return ratios
 
 
@@ -120,7 +122,7 @@ class PruningConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> PruningConfig:
-        known = {f.name for f in dataclasses.fields(cls) }
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"PruningConfig: unknown keys {unknown}; known keys are {sorted(known)}")

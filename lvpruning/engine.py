@@ -28,7 +28,8 @@ from transformers.utils import ModelOutput
 from lvpruning.adapters import boolean_causal_mask, get_adapter
 from lvpruning.attention import ATTN_IMPLEMENTATION, attention_implementation
 from lvpruning.config import PruningConfig
-from lvpruning.decision import DecisionModule, gumbel_decisions, keep_scores
+from lvpruning.decision import DecisionModule, gumbel_decisions
+from lvpruning.policies import LearnedPolicy, PruningPolicy
 
 
 @dataclass
@@ -155,17 +156,15 @@ class LVPruningModel(nn.Module):
         seq = _Sequence(embeds, index, padding, position_ids, vision, instruction_mask & ~vision)
         return seq, num_vision
 
-    def _decide(self, stage: int, seq: _Sequence, num_vision: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the stage's decision module (eqs. 1-4): gamma (B, V, 2) for the vision tokens of ``seq``."""
-        text_pos, vision_pos = split_tokens(seq.vision, num_vision)
+    def decision_gamma(self, stage: int, seq: _Sequence, text_pos, vision_pos) -> torch.Tensor:
+        """Run the stage's decision module (eqs. 1-4): gamma (B, V, 2) for the vision tokens at ``vision_pos``."""
         module = self.decision_modules[stage]
         dtype = module.score.weight.dtype
-        gamma = module(
+        return module(
             gather_tokens(seq.hidden, vision_pos).to(dtype),  # (B, V, C)
             gather_tokens(seq.hidden, text_pos).to(dtype),  # (B, T, C)
             seq.instruction.gather(1, text_pos),  # (B, T)
         )
-        return gamma, vision_pos
 
     # ------------------------------------------------------------------ forward
 
@@ -177,10 +176,12 @@ class LVPruningModel(nn.Module):
         labels: torch.Tensor | None = None,
         instruction_mask: torch.Tensor | None = None,
         keep_ratios: tuple[float, ...] | None = None,
+        policy: PruningPolicy | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
     ) -> LVPruningOutput:
-        """Training mode when ``self.training`` (``keep_ratios``/``use_cache`` unused), inference mode otherwise.
+        """Training mode when ``self.training`` (the inference-only arguments are unused), inference mode
+        otherwise, where ``policy`` ranks the vision tokens (default: the learned decision modules).
 
         input_ids/attention_mask/labels: (B, N) with the image placeholders already expanded (as the llava-hf
         processor does); pixel_values: (B, 3, H, W); instruction_mask: (B, N) bool, the tokens that guide pruning.
@@ -188,8 +189,17 @@ class LVPruningModel(nn.Module):
         if self.training:
             return self._forward_train(input_ids, pixel_values, attention_mask, labels, instruction_mask)
         ratios = self.config.check_ratios(keep_ratios) if keep_ratios is not None else self.config.infer_ratios
+        policy = policy or LearnedPolicy()
         return self._forward_infer(
-            input_ids, pixel_values, attention_mask, labels, instruction_mask, ratios, use_cache, logits_to_keep
+            input_ids,
+            pixel_values,
+            attention_mask,
+            labels,
+            instruction_mask,
+            ratios,
+            policy,
+            use_cache,
+            logits_to_keep,
         )
 
     def _forward_train(self, input_ids, pixel_values, attention_mask, labels, instruction_mask) -> LVPruningOutput:
@@ -221,7 +231,8 @@ class LVPruningModel(nn.Module):
                         token_keep=token_keep,
                     )
                 if i in cfg.layers:
-                    gamma, vision_pos = self._decide(cfg.layers.index(i), seq, num_vision)
+                    text_pos, vision_pos = split_tokens(seq.vision, num_vision)
+                    gamma = self.decision_gamma(cfg.layers.index(i), seq, text_pos, vision_pos)
                     keep = keep * gumbel_decisions(gamma, cfg.gumbel_tau)  # eqs. 5, 6, 10
                     fractions.append(keep.mean(dim=1))
                     token_keep = torch.ones(B, N, device=keep.device).scatter(1, vision_pos, keep)
@@ -247,7 +258,16 @@ class LVPruningModel(nn.Module):
         )
 
     def _forward_infer(
-        self, input_ids, pixel_values, attention_mask, labels, instruction_mask, ratios, use_cache, logits_to_keep
+        self,
+        input_ids,
+        pixel_values,
+        attention_mask,
+        labels,
+        instruction_mask,
+        ratios,
+        policy,
+        use_cache,
+        logits_to_keep,
     ) -> LVPruningOutput:
         seq, num_vision = self._prepare(input_ids, pixel_values, attention_mask, None, instruction_mask)
         cache = PrunedCache(config=self.adapter.text_config) if use_cache else None
@@ -256,8 +276,9 @@ class LVPruningModel(nn.Module):
         kept_vision, fractions, paddings = [], [], [seq.padding]
         vision_seen = torch.arange(num_vision, device=input_ids.device).expand(input_ids.shape[0], -1)
         for i, layer in enumerate(self.adapter.layers):
+            layer_input = seq.hidden
             seq.hidden = layer(
-                seq.hidden,
+                layer_input,
                 attention_mask=mask,
                 position_embeddings=rope,
                 position_ids=seq.position_ids,
@@ -267,10 +288,10 @@ class LVPruningModel(nn.Module):
             if i not in self.config.layers:
                 continue
             stage = self.config.layers.index(i)
-            gamma, vision_pos = self._decide(stage, seq, vision_seen.shape[1])
+            text_pos, vision_pos = split_tokens(seq.vision, vision_seen.shape[1])
+            scores = policy.scores(self, stage, seq, layer_input, text_pos, vision_pos)  # (B, V)
             k = keep_count(ratios[stage], num_vision)
-            top = keep_scores(gamma).topk(k, dim=1).indices.sort(dim=1).values  # eq. 13, (B, k)
-            text_pos, _ = split_tokens(seq.vision, vision_seen.shape[1])
+            top = scores.topk(k, dim=1).indices.sort(dim=1).values  # eq. 13, (B, k)
             keep_pos = torch.cat([text_pos, vision_pos.gather(1, top)], dim=1).sort(dim=1).values
             seq = seq.select(keep_pos)  # remove the pruned tokens, keep original positions (eq. 14)
             vision_seen = vision_seen.gather(1, top)

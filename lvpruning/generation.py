@@ -18,6 +18,7 @@ from transformers.generation.logits_process import (
 
 if TYPE_CHECKING:
     from lvpruning.engine import LVPruningModel
+    from lvpruning.policies import PruningPolicy
 
 
 def _eos_ids(pruner: LVPruningModel, eos_token_id: int | list[int] | None) -> torch.Tensor:
@@ -36,6 +37,7 @@ def generate(
     pixel_values: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     keep_ratios: tuple[float, ...] | None = None,
+    policy: PruningPolicy | None = None,
     max_new_tokens: int = 32,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -71,6 +73,7 @@ def generate(
         pixel_values=pixel_values,
         attention_mask=attention_mask,
         keep_ratios=keep_ratios,
+        policy=policy,
         use_cache=True,
         logits_to_keep=1,
     )

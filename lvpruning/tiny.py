@@ -108,9 +108,7 @@ def build_processor(config: LlavaConfig, words: Iterable[str] = ()) -> LlavaProc
             f"tokenizer has {len(tokenizer)} tokens but text_config.vocab_size is {config.text_config.vocab_size}"
         )
     size = config.vision_config.image_size
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-    )
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

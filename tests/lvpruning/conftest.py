@@ -24,8 +24,12 @@ def make_batch(
     With ``answer_tokens`` the last ones are supervised ``labels`` (the rest -100), as in LLaVA training."""
     g = torch.Generator().manual_seed(seed)
     samples = [
-        [1, *torch.randint(10, VOCAB, (a,), generator=g).tolist(), *[IMAGE_TOKEN] * NUM_VISION,
-         *torch.randint(10, VOCAB, (b,), generator=g).tolist()]
+        [
+            1,
+            *torch.randint(10, VOCAB, (a,), generator=g).tolist(),
+            *[IMAGE_TOKEN] * NUM_VISION,
+            *torch.randint(10, VOCAB, (b,), generator=g).tolist(),
+        ]
         for a, b in lengths
     ]
     N = max(map(len, samples))

@@ -58,7 +58,13 @@ def test_gradient_reaches_the_decisions_and_is_finite():
     q, k, v = (torch.randn(1, 2, 5, 4, generator=g) for _ in range(3))
     keep = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0]], requires_grad=True)
     out, _ = masked_softmax_attention(
-        torch.nn.Module(), q, k, v, boolean_causal_mask(torch.ones(1, 5, dtype=torch.bool)), 0.5, token_keep=keep
+        torch.nn.Module(),
+        q,
+        k,
+        v,
+        boolean_causal_mask(torch.ones(1, 5, dtype=torch.bool)),
+        0.5,
+        token_keep=keep,
     )
     out.sum().backward()
     assert torch.isfinite(keep.grad).all() and keep.grad[0, 1] != 0  # a dropped token still gets a gradient

@@ -39,20 +39,34 @@ def test_reload_in_a_new_process_gives_identical_outputs(tmp_path):
     pruner.model.save_pretrained(tmp_path / "base")
     save_decision_modules(pruner, tmp_path / "modules")
     assert (tmp_path / "modules" / WEIGHTS_NAME).is_file()
-    assert json.loads((tmp_path / "modules" / CONFIG_NAME).read_text())["pruning_config"]["layers"] == [0, 1, 2]
+    assert json.loads((tmp_path / "modules" / CONFIG_NAME).read_text())["pruning_config"]["layers"] == [
+        0,
+        1,
+        2,
+    ]
     batch = make_batch([(2, 5), (4, 3)], seed=2)
     save_file(batch, tmp_path / "batch.safetensors")
     with torch.no_grad():
         expected = pruner(**batch, keep_ratios=(0.6, 0.3, 0.2)).logits
     subprocess.run(
-        [sys.executable, "-c", RELOAD, str(tmp_path / "base"), str(tmp_path / "modules"),
-         str(tmp_path / "batch.safetensors"), str(tmp_path / "out.safetensors")],
-        check=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-c",
+            RELOAD,
+            str(tmp_path / "base"),
+            str(tmp_path / "modules"),
+            str(tmp_path / "batch.safetensors"),
+            str(tmp_path / "out.safetensors"),
+        ],
+        check=True,
+        cwd=ROOT,
     )
     assert torch.equal(load_file(tmp_path / "out.safetensors")["logits"], expected)
 
 
-@pytest.mark.parametrize("change, field", [({"hidden_size": 32}, "hidden_size"), ({"num_layers": 6}, "num_hidden_layers")])
+@pytest.mark.parametrize(
+    "change, field", [({"hidden_size": 32}, "hidden_size"), ({"num_layers": 6}, "num_hidden_layers")]
+)
 def test_wrong_model_is_refused_with_a_clear_error(tmp_path, change, field):
     save_decision_modules(make_pruner(), tmp_path)
     other = tiny_llava(tiny_llava_config(**{"num_layers": 5, **change}))

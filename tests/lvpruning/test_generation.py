@@ -17,8 +17,13 @@ def reference_generate(pruner, batch, steps):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     instruction = mask.bool() & (ids != 4)
     for _ in range(steps):
-        out = pruner(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
-                     instruction_mask=instruction, keep_ratios=RATIOS)
+        out = pruner(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=batch["pixel_values"],
+            instruction_mask=instruction,
+            keep_ratios=RATIOS,
+        )
         next_token = out.logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, next_token], 1)
         mask = torch.cat([mask, torch.ones_like(next_token)], 1)

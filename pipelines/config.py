@@ -1,0 +1,157 @@
+"""One typed config tree for the jobs (train, evaluate, sweep): YAML files plus ``key.sub=value`` overrides.
+
+Unknown keys and impossible values fail here, before any cluster work, with the dotted key in the message.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lvpruning import PruningConfig
+
+TOY = "toy"  # the embedded default model and data: the toy world, built and cached locally
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Strict):
+    name_or_path: str = TOY  # "toy", an HF id (llava-hf/llava-1.5-7b-hf) or a local path
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+
+class DataSection(_Strict):
+    train_json: str | None = None  # LLaVA instruction JSON; None with the toy model: the toy world's
+    image_root: str | None = None  # local folder or s3://bucket/prefix
+    max_length: int = Field(2048, gt=0)  # in tokens, after image expansion
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    toy_train_samples: int = Field(6000, gt=0)
+    toy_test_samples: int = Field(600, gt=0)
+    seed: int = 0
+
+
+class TrainSection(_Strict):
+    stage: Literal["pruning", "base"] = "pruning"  # base: train all parameters (toy world only)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # optimizer steps; caps epochs
+    global_batch_size: int = Field(64, gt=0)
+    micro_batch_size: int = Field(8, gt=0)  # per worker and step; the rest is gradient accumulation
+    learning_rate: float = Field(2e-6, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(200, gt=0)  # optimizer steps
+
+
+class ScalingSection(_Strict):
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    deepspeed_config: str = "cluster/deepspeed/zero2_cpu.json"
+
+
+class RunSection(_Strict):
+    name: str = "lvpruning-toy"
+    storage_path: str = "./runs"  # local folder or s3://bucket/prefix
+    max_failures: int = Field(2, ge=0)
+    keep_checkpoints: int = Field(2, gt=0)
+
+
+class MlflowSection(_Strict):
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "lvpruning"
+
+
+class EvalSection(_Strict):
+    benchmarks: tuple[str, ...] = ("toy",)
+    schedules: tuple[tuple[float, ...], ...] = ((0.5, 0.3, 0.1),)
+    methods: tuple[str, ...] = ("none", "lvpruning", "random")
+    batch_size: int = Field(16, gt=0)
+    max_new_tokens: int = Field(8, gt=0)
+    num_actors: int = Field(2, gt=0)
+
+
+class JobConfig(_Strict):
+    model: ModelSection = ModelSection()
+    pruning: PruningConfig = PruningConfig()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    scaling: ScalingSection = ScalingSection()
+    run: RunSection = RunSection()
+    mlflow: MlflowSection = MlflowSection()
+    eval: EvalSection = EvalSection()
+
+    @field_validator("pruning", mode="before")
+    @classmethod
+    def _pruning(cls, value: Any) -> PruningConfig:
+        return PruningConfig.from_dict(value) if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobConfig:
+        t = self.train
+        per_step = t.micro_batch_size * self.scaling.num_workers
+        if t.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size {t.global_batch_size} is not a multiple of train.micro_batch_size x "
+                f"scaling.num_workers = {per_step}"
+            )
+        if t.stage == "base" and self.model.name_or_path != TOY:
+            raise ValueError("train.stage 'base' trains all parameters and exists for the toy world only")
+        if self.model.name_or_path != TOY and self.data.train_json is None:
+            raise ValueError("data.train_json is required for a real model (the toy data only fits the toy model)")
+        for schedule in self.eval.schedules:
+            self.pruning.check_ratios(schedule)
+        return self
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.scaling.num_workers)
+
+    def flat(self) -> dict[str, Any]:
+        """The resolved config as ``section.key -> value`` (for MLflow params)."""
+        out: dict[str, Any] = {}
+        for section, values in json.loads(self.model_dump_json()).items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value
+        return out
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+        if not isinstance(tree, dict):
+            raise ValueError(f"override {dotted}: {key} is not a section")
+    tree[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
+    """Read a YAML config (or the embedded defaults) and apply ``key.sub=value`` overrides (YAML-typed)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form key.sub=value")
+        _set(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as err:
+        lines = [f"  {'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors()]
+        raise ValueError("invalid config:\n" + "\n".join(lines)) from None

@@ -1,0 +1,213 @@
+"""Reading question, answer and annotation files, and the shape every scorer returns.
+
+Files are read strictly (a malformed question or annotation file is an error naming the file and line), except
+answer files: a malformed answer line is counted and reported, and the rest is scored. Question ids are
+compared as strings (LLaVA writes ints for some benchmarks and strings for others). A question with no answer
+is scored as wrong and counted as ``missing``; an answer whose id is not a question is an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Records = Sequence[Mapping[str, Any]]
+Source = str | os.PathLike | Records
+
+
+class ScoringError(ValueError):
+    """Bad input for a scorer; the message names the file (and line) at fault."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One model answer (a line of LLaVA's answers jsonl)."""
+
+    qid: str
+    text: str
+    line: int
+    record: Mapping[str, Any]
+
+
+@dataclass
+class AnswerFile:
+    """The answers read from one file (or list), with the lines that could not be read."""
+
+    source: str
+    answers: list[Answer]
+    malformed: list[str] = field(default_factory=list)
+
+
+def source_name(src: Source) -> str:
+    return str(src) if isinstance(src, str | os.PathLike) else "<in-memory records>"
+
+
+def _existing(path: str | os.PathLike, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise ScoringError(f"{what} file not found: {p}")
+    return p
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Parse a whole JSON file; errors name the file, line and column."""
+    p = _existing(path, what)
+    try:
+        with p.open(encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ScoringError(f"{p}:{e.lineno}:{e.colno}: {what} file is not valid JSON ({e.msg})") from None
+
+
+def read_jsonl(path: str | os.PathLike, what: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a bad line is an error naming file and line."""
+    p = _existing(path, what)
+    out = []
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ScoringError(f"{p}:{n}: {what} line is not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ScoringError(f"{p}:{n}: {what} line is not a JSON object")
+            out.append((n, obj))
+    return out
+
+
+def read_tsv(path: str | os.PathLike, what: str) -> list[tuple[int, dict[str, str]]]:
+    """(row number, row) of a tab-separated file with a header (MMBench); the first data row is 1."""
+    p = _existing(path, what)
+    csv.field_size_limit(sys.maxsize)  # MMBench rows carry base64 images
+    with p.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        return [(n, dict(row)) for n, row in enumerate(reader, start=1)]
+
+
+def question_records(src: Source, what: str = "questions") -> tuple[str, list[tuple[int, Mapping[str, Any]]]]:
+    """A question source as (name, [(line, record)]): a jsonl path or an in-memory list."""
+    if isinstance(src, str | os.PathLike):
+        return str(src), read_jsonl(src, what)
+    return source_name(src), [(i, r) for i, r in enumerate(src, start=1)]
+
+
+def index_questions(
+    name: str, records: Iterable[tuple[int | str, Mapping[str, Any]]], id_key: str = "question_id"
+) -> dict[str, tuple[int | str, Mapping[str, Any]]]:
+    """Questions by id, with their line (or "[i]" in a JSON list); a missing or repeated id is an error."""
+    out: dict[str, tuple[int | str, Mapping[str, Any]]] = {}
+    for line, rec in records:
+        if id_key not in rec:
+            raise ScoringError(f"{name}:{line}: question has no {id_key!r}")
+        qid = str(rec[id_key])
+        if qid in out:
+            raise ScoringError(f"{name}:{line}: question id {qid} repeats line {out[qid][0]}")
+        out[qid] = (line, rec)
+    return out
+
+
+def _answer_from(rec: Any, line: int) -> Answer | str:
+    if not isinstance(rec, Mapping):
+        return "not a JSON object"
+    if "question_id" not in rec:
+        return "no 'question_id'"
+    if not isinstance(rec.get("text"), str):
+        return "no string 'text'"
+    return Answer(str(rec["question_id"]), rec["text"], line, rec)
+
+
+def load_answers(src: Source) -> AnswerFile:
+    """Read LLaVA answers (jsonl path or list of dicts); malformed lines become "file:line: why" messages."""
+    name = source_name(src)
+    answers: list[Answer] = []
+    malformed: list[str] = []
+    if isinstance(src, str | os.PathLike):
+        p = _existing(src, "answers")
+        with p.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    parsed = _answer_from(json.loads(line), n)
+                except json.JSONDecodeError as e:
+                    parsed = f"not valid JSON ({e.msg})"
+                if isinstance(parsed, str):
+                    malformed.append(f"{name}:{n}: malformed answer line: {parsed}")
+                else:
+                    answers.append(parsed)
+    else:
+        for n, rec in enumerate(src, start=1):
+            parsed = _answer_from(rec, n)
+            if isinstance(parsed, str):
+                malformed.append(f"{name}:{n}: malformed answer record: {parsed}")
+            else:
+                answers.append(parsed)
+    return AnswerFile(name, answers, malformed)
+
+
+def check_known(answers: AnswerFile, known: Mapping[str, Any], questions_name: str) -> None:
+    """Every answer must answer a known question."""
+    for a in answers.answers:
+        if a.qid not in known:
+            raise ScoringError(
+                f"{answers.source}:{a.line}: answer for question_id {a.qid}, which is not in {questions_name}"
+            )
+
+
+def answers_by_id(answers: AnswerFile, known: Mapping[str, Any], questions_name: str) -> dict[str, Answer]:
+    """One answer per known question id; unknown ids and duplicates are errors naming the lines."""
+    check_known(answers, known, questions_name)
+    out: dict[str, Answer] = {}
+    for a in answers.answers:
+        if a.qid in out:
+            raise ScoringError(
+                f"{answers.source}:{a.line}: second answer for question_id {a.qid} (first at line {out[a.qid].line})"
+            )
+        out[a.qid] = a
+    return out
+
+
+def pct(num: float, den: float) -> float:
+    """100 * num / den, or 0.0 for an empty denominator."""
+    return 100.0 * num / den if den else 0.0
+
+
+def result(
+    benchmark: str,
+    metric: str,
+    score: float,
+    breakdown: Mapping[str, Any],
+    counts: Mapping[str, int],
+    warnings: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The dict every scorer returns: the headline ``score`` (percent, as published) named by ``metric``."""
+    return {
+        "benchmark": benchmark,
+        "metric": metric,
+        "score": score,
+        "breakdown": dict(breakdown),
+        "counts": dict(counts),
+        "warnings": list(warnings),
+    }
+
+
+def base_counts(n_questions: int, n_answered: int, answers: AnswerFile) -> dict[str, int]:
+    return {
+        "questions": n_questions,
+        "answered": n_answered,
+        "missing": n_questions - n_answered,
+        "malformed_lines": len(answers.malformed),
+    }
+
+
+def no_annotations(benchmark: str, annotations: Any) -> None:
+    if annotations is not None:
+        raise ScoringError(f"{benchmark} takes no annotations: its ground truth is in the questions file")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration, PreTrainedConfig
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 class LlavaLlamaAdapter:
@@ -57,6 +58,28 @@ class LlavaLlamaAdapter:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.decoder.norm(hidden))
+
+    def query_attention(
+        self, layer_index: int, layer_input: torch.Tensor, position_ids: torch.Tensor, query: torch.Tensor
+    ) -> torch.Tensor:
+        """The head-averaged softmax attention that the token at ``query`` (B,) pays every earlier token in
+        decoder layer ``layer_index``, recomputed from the layer's input (B, N, C) -> (B, N). Padding comes
+        before the query under left padding and is excluded by the caller; later tokens get 0 (causal)."""
+        attn = self.layers[layer_index].self_attn
+        h = self.layers[layer_index].input_layernorm(layer_input)
+        B, N, _ = h.shape
+        q_in = h.gather(1, query[:, None, None].expand(-1, 1, h.shape[-1]))  # (B, 1, C)
+        q = attn.q_proj(q_in).view(B, 1, -1, attn.head_dim).transpose(1, 2)  # (B, h, 1, d)
+        k = attn.k_proj(h).view(B, N, -1, attn.head_dim).transpose(1, 2)  # (B, h_kv, N, d)
+        cos, sin = self.rotary(h, position_ids)  # (B, N, d)
+        q_cos, q_sin = (t.gather(1, query[:, None, None].expand(-1, 1, t.shape[-1])) for t in (cos, sin))
+        q, _ = apply_rotary_pos_emb(q, q, q_cos, q_sin)
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, h, N, d)
+        scores = (q @ k.transpose(2, 3)).float().squeeze(2) * attn.scaling  # (B, h, N)
+        later = torch.arange(N, device=h.device)[None, :] > query[:, None]  # (B, N)
+        scores = scores.masked_fill(later[:, None, :], float("-inf"))
+        return scores.softmax(dim=-1).mean(dim=1)
 
     def attention_mask(self, padding: torch.Tensor, q_length: int, dtype: torch.dtype):
         """A causal + padding mask for the last ``q_length`` of the ``padding.shape[1]`` keys, in the format of

@@ -58,3 +58,29 @@ class RandomPolicy:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return torch.rand(vision_pos.shape, generator=self._generators[device], device=device)
+
+
+class FastVPolicy:
+    """FastV-style, training-free: rank vision tokens by the attention that the last instruction token pays them
+    in the stage's decoder layer (Chen et al., 2024), averaged over heads. The attention row is recomputed from
+    the layer's input, so the model keeps its own attention implementation (no switch to eager)."""
+
+    name = "fastv"
+
+    def scores(self, pruner, stage, seq, layer_input, text_pos, vision_pos) -> torch.Tensor:
+        positions = torch.arange(seq.instruction.shape[1], device=vision_pos.device)
+        last = (seq.instruction * positions).argmax(dim=1)  # (B,) last instruction token
+        padding = seq.padding
+        attention = pruner.adapter.query_attention(pruner.config.layers[stage], layer_input, seq.position_ids, last)
+        attention = attention.masked_fill(~padding, 0.0)  # (B, N)
+        return attention.gather(1, vision_pos)
+
+
+POLICIES = {"lvpruning": LearnedPolicy, "random": RandomPolicy, "fastv": FastVPolicy}
+
+
+def get_policy(name: str, seed: int = 0) -> PruningPolicy:
+    """A policy by its name in MLflow's ``method`` param: ``lvpruning``, ``random`` or ``fastv``."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown pruning policy {name!r}; choose from {sorted(POLICIES)}")
+    return RandomPolicy(seed) if name == "random" else POLICIES[name]()

@@ -1,0 +1,399 @@
+"""Prefill FLOPs of LLaVA with and without LVPruning: an analytic count and a measured count on ``meta``.
+
+Convention (paper section 4.1, Fig. 1): one image plus ``T`` text tokens (``T = 30``), batch 1, one forward
+pass (the prefill). Only matrix multiplications are counted, ``2 m n k`` FLOPs each (a multiply-add is 2
+FLOPs), as ``torch.utils.flop_counter.FlopCounterMode`` counts them; norms, activations, softmax, RoPE and
+residual adds are ignored. Attention is counted as full ``N x N`` matmuls even when causal, as the counter
+does. The measured count runs the real HF modules on the ``meta`` device, so LLaVA-1.5-7B needs no weights.
+How these numbers relate to the paper's Table 1: ``docs/flops.md``. CLI: ``python -m lvpruning.flops``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedConfig
+
+from lvpruning.config import PruningConfig, paper_schedule
+from lvpruning.engine import attach, keep_count
+from lvpruning.presets import load_llava_config
+
+TOLERANCE = 0.02  # analytic and measured counts must agree within 2%
+LogitPositions = Literal["all", "last"]
+_LLAMA_LIKE = {"llama", "mistral", "qwen2"}  # q/k/v/o projections + gated (SwiGLU) MLP
+_TERA = 1e12
+_CHECK_SWITCH = "TRANSFORMERS_DISABLE_TORCH_CHECK"
+
+
+def num_vision_tokens(config: LlavaConfig) -> int:
+    """|I_V|: patches per image, plus CLS under the ``"full"`` feature-selection strategy."""
+    v = config.vision_config
+    patches = (v.image_size // v.patch_size) ** 2
+    return patches if config.vision_feature_select_strategy == "default" else patches + 1
+
+
+def tokens_per_layer(
+    num_layers: int, layers: Sequence[int], kept: Sequence[int], num_vision: int, num_text: int
+) -> tuple[int, ...]:
+    """Sequence length each decoder layer sees; stage ``s`` prunes AFTER layer ``layers[s]`` (zero-based)."""
+    counts, vision, stage = [], num_vision, 0
+    for i in range(num_layers):
+        counts.append(vision + num_text)
+        if stage < len(layers) and i == layers[stage]:
+            vision, stage = kept[stage], stage + 1
+    return tuple(counts)
+
+
+def decoder_layer_flops(text_config: PreTrainedConfig, num_tokens: int) -> dict[str, int]:
+    """One Llama decoder layer over ``num_tokens`` positions: projections (GQA-aware), attention, MLP."""
+    if text_config.model_type not in _LLAMA_LIKE:
+        raise ValueError(f"unsupported text model {text_config.model_type!r}; counted: {sorted(_LLAMA_LIKE)}")
+    n, hidden, heads = num_tokens, text_config.hidden_size, text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None) or hidden // heads
+    q_width, kv_width = heads * head_dim, kv_heads * head_dim
+    return {
+        # W_q, W_k and W_v (k/v only kv_heads wide under GQA), W_o
+        "llm_qkvo": 2 * n * hidden * q_width + 2 * 2 * n * hidden * kv_width + 2 * n * q_width * hidden,
+        # Q K^T and A V for every query head (K/V heads are repeated), full N x N although causal
+        "llm_attention": 2 * 2 * n * n * heads * head_dim,
+        "llm_mlp": 3 * 2 * n * hidden * text_config.intermediate_size,  # gate, up, down
+    }
+
+
+def decision_module_flops(
+    hidden_size: int, num_queries: int, num_text: int, num_blocks: int = 2, ffn_dim: int | None = None
+) -> int:
+    """One decision module (eqs. 1-4): ``num_queries`` vision tokens attend over ``num_text`` text tokens.
+
+    Per block: q = W_q x (eq. 1); k, v = W_k t, W_v t (eq. 2); softmax(q k^T) v (eq. 3, the total does not
+    depend on the head count); FFN Linear(C, F), Linear(F, C). Then the Linear(C, 2) head (eq. 4).
+    """
+    c, f, q, t = hidden_size, ffn_dim or 2 * hidden_size, num_queries, num_text
+    block = 2 * q * c * c + 2 * 2 * t * c * c + 2 * 2 * q * t * c + 2 * 2 * q * c * f
+    return num_blocks * block + 2 * q * c * 2
+
+
+def vision_and_projector_flops(config: LlavaConfig) -> tuple[dict[str, int], int]:
+    """CLIP tower + projector parts, and the FLOPs of tower layers that run but feed nothing.
+
+    LLaVA reads ``hidden_states[-2]``, yet HF's CLIP encoder runs ALL its layers: the last one is counted (it
+    runs) and is also returned on its own as the unused part.
+    """
+    v = config.vision_config
+    if v.model_type != "clip_vision_model":
+        raise ValueError(f"unsupported vision tower {v.model_type!r}; only CLIP is counted")
+    patches = (v.image_size // v.patch_size) ** 2
+    seq, d = patches + 1, v.hidden_size  # + CLS
+    per_layer = 4 * 2 * seq * d * d + 2 * 2 * seq * seq * d + 2 * 2 * seq * d * v.intermediate_size
+    feature = config.vision_feature_layer
+    feature = [feature] if isinstance(feature, int) else list(feature)
+    # hidden_states holds the embeddings, then each layer's output: index -2 is the output of layer L - 1
+    unused = (v.num_hidden_layers - max(i % (v.num_hidden_layers + 1) for i in feature)) * per_layer
+    n_img, c = num_vision_tokens(config), config.text_config.hidden_size
+    parts = {
+        "vision_patch_embed": 2 * patches * (v.num_channels * v.patch_size**2) * d,  # the stride-p conv
+        "vision_layers": v.num_hidden_layers * per_layer,  # q/k/v/o, QK^T, AV, fc1, fc2
+        # Linear(d * feature layers, C), GELU, Linear(C, C); several feature layers are concatenated
+        "projector": 2 * n_img * d * len(feature) * c + 2 * n_img * c * c,
+    }
+    return parts, unused
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    """Analytic FLOPs (not TFLOPs) of one prefill, baseline and with LVPruning."""
+
+    num_vision_tokens: int
+    num_text_tokens: int
+    decision_layers: tuple[int, ...]
+    keep_ratios: tuple[float, ...]
+    kept_vision_tokens: tuple[int, ...]  # k_s after each stage
+    tokens_per_layer: tuple[int, ...]  # sequence length each decoder layer sees with pruning
+    baseline_parts: dict[str, int]
+    pruned_parts: dict[str, int]  # includes "decision"
+    decision_per_stage: tuple[int, ...]
+    vision_unused: int  # inside "vision_layers": tower layers past the feature layer (they run, feed nothing)
+    lm_head_positions: LogitPositions
+
+    @property
+    def baseline(self) -> int:
+        return sum(self.baseline_parts.values())
+
+    @property
+    def pruned(self) -> int:
+        return sum(self.pruned_parts.values())
+
+    @property
+    def decision(self) -> int:
+        return self.pruned_parts["decision"]
+
+    @property
+    def pruned_without_decision(self) -> int:
+        return self.pruned - self.decision
+
+    @property
+    def reduction(self) -> float:
+        """``1 - pruned / baseline``, decision modules included (what a deployment pays)."""
+        return 1.0 - self.pruned / self.baseline
+
+    @property
+    def reduction_without_decision(self) -> float:
+        return 1.0 - self.pruned_without_decision / self.baseline
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, in TFLOPs."""
+        n_text = self.num_text_tokens
+        vision = [self.num_vision_tokens, *self.kept_vision_tokens]
+        return {
+            "baseline_tflops": self.baseline / _TERA,
+            "pruned_tflops": self.pruned / _TERA,
+            "decision_tflops": self.decision / _TERA,
+            "pruned_without_decision_tflops": self.pruned_without_decision / _TERA,
+            "reduction": self.reduction,
+            "reduction_without_decision": self.reduction_without_decision,
+            "breakdown_tflops": {
+                "baseline": {k: v / _TERA for k, v in self.baseline_parts.items()},
+                "pruned": {k: v / _TERA for k, v in self.pruned_parts.items()},
+                "decision_per_stage": [v / _TERA for v in self.decision_per_stage],
+                "vision_unused_layers": self.vision_unused / _TERA,
+            },
+            "num_vision_tokens": self.num_vision_tokens,
+            "num_text_tokens": n_text,
+            "layers": list(self.decision_layers),
+            "keep_ratios": list(self.keep_ratios),
+            "tokens_per_stage": {"vision": vision, "sequence": [k + n_text for k in vision]},
+            "tokens_per_layer": list(self.tokens_per_layer),
+            "lm_head_positions": self.lm_head_positions,
+        }
+
+
+def analytic_flops(
+    config: LlavaConfig,
+    pruning: PruningConfig,
+    keep_ratios: Sequence[float] | None = None,
+    num_text_tokens: int = 30,
+    lm_head_positions: LogitPositions = "all",
+) -> FlopsReport:
+    """Count one prefill of 1 image + ``num_text_tokens`` text tokens, with and without LVPruning.
+
+    ``lm_head_positions="all"``: logits at every position of the final sequence, as HF's forward computes by
+    default (``logits_to_keep=0``); ``"last"``: only the last one, as ``generate()`` requests in the prefill.
+    """
+    text = config.text_config
+    ratios = pruning.check_ratios(keep_ratios if keep_ratios is not None else pruning.infer_ratios)
+    pruning.check_model(text.num_hidden_layers, text.hidden_size)
+    if num_text_tokens < 1:
+        raise ValueError(f"num_text_tokens must be at least 1 (the decision keys), got {num_text_tokens}")
+    if lm_head_positions not in ("all", "last"):
+        raise ValueError(f"lm_head_positions must be 'all' or 'last', got {lm_head_positions!r}")
+    n_vis, n_text = num_vision_tokens(config), num_text_tokens
+    kept = tuple(keep_count(r, n_vis) for r in ratios)  # k_s of eq. 13, fractions of the ORIGINAL |I_V|
+    per_layer = tokens_per_layer(text.num_hidden_layers, pruning.layers, kept, n_vis, n_text)
+    front, unused = vision_and_projector_flops(config)
+
+    def llm_parts(counts: Sequence[int]) -> dict[str, int]:
+        parts = dict.fromkeys(("llm_qkvo", "llm_attention", "llm_mlp"), 0)
+        for n in counts:
+            for key, value in decoder_layer_flops(text, n).items():
+                parts[key] += value
+        positions = counts[-1] if lm_head_positions == "all" else 1
+        parts["lm_head"] = 2 * positions * text.hidden_size * text.vocab_size
+        return parts
+
+    # Stage s scores the vision tokens still kept (|I_V| at the first stage, then k_{s-1}) against the text.
+    decision = tuple(
+        decision_module_flops(text.hidden_size, q, n_text, pruning.num_blocks, pruning.ffn_dim)
+        for q in (n_vis, *kept[:-1])
+    )
+    return FlopsReport(
+        num_vision_tokens=n_vis,
+        num_text_tokens=n_text,
+        decision_layers=pruning.layers,
+        keep_ratios=ratios,
+        kept_vision_tokens=kept,
+        tokens_per_layer=per_layer,
+        baseline_parts={**front, **llm_parts([n_vis + n_text] * text.num_hidden_layers)},
+        pruned_parts={**front, **llm_parts(per_layer), "decision": sum(decision)},
+        decision_per_stage=decision,
+        vision_unused=unused,
+        lm_head_positions=lm_head_positions,
+    )
+
+
+# ------------------------------------------------------------------------------------------- measured count
+
+
+@contextmanager
+def _value_checks_off() -> Iterator[None]:
+    """HF's image-placeholder check reads tensor values (``.item()``), which meta tensors lack; transformers'
+    own switch ``TRANSFORMERS_DISABLE_TORCH_CHECK`` skips such checks (it changes no computation)."""
+    previous = os.environ.get(_CHECK_SWITCH)
+    os.environ[_CHECK_SWITCH] = "1"
+    try:
+        yield
+    finally:
+        del os.environ[_CHECK_SWITCH]
+        if previous is not None:
+            os.environ[_CHECK_SWITCH] = previous
+
+
+def build_model(config: LlavaConfig, device: str | torch.device = "meta") -> LlavaForConditionalGeneration:
+    """The HF model with its weights on ``device`` (``meta``: never allocated), in eval mode.
+
+    Eager attention: SDPA's mask builder reads the mask's values (``_ignore_causal_mask_sdpa``), which meta
+    cannot, and on CPU SDPA runs a fused kernel FlopCounterMode does not see. Eager runs the same matmuls.
+    """
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, attn_implementation="eager")
+    return model.eval()
+
+
+def dummy_inputs(
+    config: LlavaConfig, num_text_tokens: int = 30, device: str | torch.device = "meta"
+) -> dict[str, torch.Tensor]:
+    """The paper's dummy input, 1 image and ``num_text_tokens`` text tokens in LLaVA's prompt order (a text
+    token, the image placeholders, the rest of the text); built on CPU, then moved to ``device``."""
+    if num_text_tokens < 1:
+        raise ValueError(f"num_text_tokens must be at least 1, got {num_text_tokens}")
+    n_vis, text_id = num_vision_tokens(config), config.text_config.bos_token_id
+    if text_id is None or text_id == config.image_token_id:
+        text_id = (config.image_token_id + 1) % config.text_config.vocab_size
+    input_ids = torch.full((1, n_vis + num_text_tokens), text_id, dtype=torch.long)
+    input_ids[0, 1 : 1 + n_vis] = config.image_token_id
+    v = config.vision_config
+    return {
+        "input_ids": input_ids.to(device),
+        "pixel_values": torch.zeros(1, v.num_channels, v.image_size, v.image_size).to(device),
+        "attention_mask": torch.ones_like(input_ids).to(device),
+    }
+
+
+def count_flops(module: nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> int:
+    """Total FLOPs FlopCounterMode records for one no-grad ``module(**inputs, **kwargs)``."""
+    with _value_checks_off(), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(**inputs, **kwargs)
+    return counter.get_total_flops()
+
+
+def measure_flops(
+    config: LlavaConfig,
+    pruning: PruningConfig | None = None,
+    keep_ratios: Sequence[float] | None = None,
+    num_text_tokens: int = 30,
+    lm_head_positions: LogitPositions = "all",
+    device: str = "meta",
+) -> int:
+    """FlopCounterMode's count of one prefill on the dummy input: the plain HF forward when ``pruning`` is
+    None, else ``attach(model, pruning)`` in eval mode (tokens physically removed) with ``keep_ratios``."""
+    module: nn.Module = build_model(config, device)
+    kwargs: dict[str, Any] = {"logits_to_keep": 1 if lm_head_positions == "last" else 0}
+    if pruning is not None:
+        with torch.device(device):  # the decision modules are created on the model's device
+            module = attach(module, pruning).eval()
+        kwargs["keep_ratios"] = tuple(keep_ratios if keep_ratios is not None else pruning.infer_ratios)
+    return count_flops(module, dummy_inputs(config, num_text_tokens, device), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lvpruning.flops",
+        description="Prefill TFLOPs of LLaVA with and without LVPruning (1 image + T text tokens, paper "
+        "sec. 4.1): analytic from the config, and measured by FlopCounterMode on the meta device.",
+    )
+    add = parser.add_argument
+    add("--model", default="llava-1.5-7b", help="preset, HF model id or local path (config only)")
+    add("--text-tokens", type=int, default=30, help="text tokens beside the image (paper: 30)")
+    add("--layers", type=int, nargs="+", default=[1, 8, 16], help="zero-based decoder layers")
+    schedule = parser.add_mutually_exclusive_group()
+    schedule.add_argument("--ratios", type=float, nargs="+", help="keep ratio per stage (of |I_V|)")
+    schedule.add_argument("--rho", type=float, help="paper schedule [rho, rho-0.2, rho-0.4]; default 0.5")
+    add("--decision-blocks", type=int, default=2, help="cross-attention blocks per module")
+    add("--decision-heads", type=int, default=8, help="heads per cross-attention block")
+    add("--decision-ffn", type=int, default=None, help="decision FFN width (default 2 * hidden)")
+    add("--logits", choices=("all", "last"), default="all", help="lm_head positions counted")
+    add("--no-measure", action="store_true", help="analytic count only")
+    add("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _table(name: str, report: FlopsReport, result: dict[str, Any]) -> str:
+    vision = " -> ".join(str(k) for k in result["tokens_per_stage"]["vision"])
+    lines = [
+        f"{name}: 1 image ({report.num_vision_tokens} vision tokens) + {report.num_text_tokens} text tokens, "
+        f"prefill, matmuls only (2 FLOPs per multiply-add), logits at {report.lm_head_positions} positions",
+        f"decision modules after layers {list(report.decision_layers)}, "
+        f"keep ratios {list(report.keep_ratios)}: vision tokens {vision}",
+        "",
+        f"{'part':<22}{'baseline TFLOPs':>17}{'pruned TFLOPs':>15}",
+    ]
+    for part, value in report.pruned_parts.items():
+        lines.append(f"{part:<22}{report.baseline_parts.get(part, 0) / _TERA:>17.4f}{value / _TERA:>15.4f}")
+    lines += [
+        f"{'total':<22}{report.baseline / _TERA:>17.4f}{report.pruned / _TERA:>15.4f}",
+        f"reduction {report.reduction:.1%} (without the decision modules "
+        f"{report.reduction_without_decision:.1%}); unused vision layers {report.vision_unused / _TERA:.4f}",
+    ]
+    for kind in ("baseline", "pruned"):
+        if (measured := result[f"measured_{kind}_tflops"]) is not None:
+            diff = result["agreement"][kind]
+            lines.append(f"measured {kind} (FlopCounterMode, meta): {measured:.4f} ({diff:+.2%} vs analytic)")
+    if "measured_pruned_error" in result:
+        lines.append(f"measured pruned: failed ({result['measured_pruned_error']})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_llava_config(args.model)
+        rho = 0.5 if args.rho is None else args.rho
+        ratios = tuple(args.ratios) if args.ratios else paper_schedule(rho, num_stages=len(args.layers))
+        pruning = PruningConfig(
+            layers=tuple(args.layers),
+            train_ratios=ratios,
+            infer_ratios=ratios,
+            num_blocks=args.decision_blocks,
+            num_heads=args.decision_heads,
+            ffn_dim=args.decision_ffn,
+        )
+        report = analytic_flops(config, pruning, ratios, args.text_tokens, args.logits)
+    except ValueError as err:
+        parser.error(str(err))
+    result = report.to_dict()
+    measured: dict[str, int | None] = {"baseline": None, "pruned": None}
+    if not args.no_measure:
+        measured["baseline"] = measure_flops(config, None, None, args.text_tokens, args.logits)
+        try:
+            measured["pruned"] = measure_flops(config, pruning, ratios, args.text_tokens, args.logits)
+        except (RuntimeError, NotImplementedError) as err:  # a data-dependent op the meta device cannot run
+            result["measured_pruned_error"] = f"{type(err).__name__}: {err}"
+    for kind, value in measured.items():
+        result[f"measured_{kind}_tflops"] = None if value is None else value / _TERA
+    analytic = {"baseline": report.baseline, "pruned": report.pruned}
+    # agreement: measured / analytic - 1 per count (None when not measured)
+    result["agreement"] = {k: None if v is None else v / analytic[k] - 1 for k, v in measured.items()}
+    result["agreement"]["tolerance"] = TOLERANCE
+    print(json.dumps(result, indent=2) if args.json else _table(args.model, report, result))
+    off = [k for k in measured if (d := result["agreement"][k]) is not None and abs(d) > TOLERANCE]
+    if off:
+        print(f"warning: analytic and measured {off} differ by more than {TOLERANCE:.0%}", file=sys.stderr)
+    return 1 if off or "measured_pruned_error" in result else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

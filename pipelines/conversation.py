@@ -1,0 +1,194 @@
+"""LLaVA-1.5 conversation template (``vicuna_v1``) and its tokenization into ``input_ids`` / ``labels``.
+
+The prompt is built exactly as LLaVA's ``conversation.py`` (``SeparatorStyle.TWO``) builds it::
+
+    "{system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>"
+
+with the ``<image>`` placeholder moved to the start of the first human turn and followed by "\\n"
+(``train.py::preprocess_multimodal``). As in ``train.py::preprocess_v1``, only the answers and the ``</s>``
+closing each of them are supervised; system prompt, roles, questions and image are ``IGNORE_INDEX``.
+
+LLaVA finds the answers by re-tokenizing pieces of the prompt and subtracting hand-tuned offsets (which
+depend on the sentencepiece version). Here the answers are character spans, and a token is supervised when
+its character span (``return_offsets_mapping`` of the model's own fast tokenizer) overlaps an answer span.
+The processor expands the single ``<image>`` into ``image_seq_length`` image tokens (576 for LLaVA-1.5),
+which shifts every later character; the shift is read off the offsets of the last image token, so the
+masking does not depend on how the expansion is spelled.
+
+Shapes: L = tokens after image expansion, H = W = the vision tower's image size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+HUMAN, GPT = "human", "gpt"
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")  # what encode() returns
+
+
+@dataclass(frozen=True)
+class ConversationTemplate:
+    """A ``SeparatorStyle.TWO`` template: ``system + sep``, then ``role: message`` closed by sep / sep2."""
+
+    name: str
+    system: str
+    roles: tuple[str, str] = ("USER", "ASSISTANT")
+    sep: str = " "
+    sep2: str = "</s>"
+
+
+# LLaVA-1.5 is trained (scripts/v1_5/finetune.sh: --version v1) and evaluated (--conv-mode vicuna_v1)
+# with this one.
+VICUNA_V1 = ConversationTemplate(
+    name="vicuna_v1",
+    system="A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+)
+# LLaVA's ``llava_v1``: the same template with "human" in the system prompt.
+LLAVA_V1 = ConversationTemplate(
+    name="llava_v1",
+    system="A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+)
+TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAVA_V1)}
+
+
+class RecordError(ValueError):
+    """A record that cannot be used; ``reason`` is the name it is counted under."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered conversation and the character spans ``[start, end)`` of each answer plus its ``sep2``."""
+
+    text: str
+    answer_spans: tuple[tuple[int, int], ...]
+
+
+def parse_turns(conversations: Any) -> list[tuple[str, str]]:
+    """Validate LLaVA ``conversations`` into (question, answer) pairs, ``<image>`` leading question 1.
+
+    Raises ``RecordError`` with reason ``malformed_conversation`` (not a list, unknown or out-of-order
+    roles, an empty value, a question without answer) or ``bad_image_placeholder`` (no ``<image>``,
+    several, or one inside an answer).
+    """
+    if not isinstance(conversations, list) or not conversations:
+        raise RecordError("malformed_conversation", "conversations is not a non-empty list")
+    if len(conversations) % 2:
+        raise RecordError("malformed_conversation", f"{len(conversations)} turns: a question has no answer")
+    values: list[str] = []
+    for i, turn in enumerate(conversations):
+        expected = HUMAN if i % 2 == 0 else GPT
+        if not isinstance(turn, dict) or turn.get("from") != expected:
+            got = turn.get("from") if isinstance(turn, dict) else type(turn).__name__
+            raise RecordError("malformed_conversation", f"turn {i} is from {got!r}, expected {expected!r}")
+        value = turn.get("value")
+        if not isinstance(value, str) or not value.strip():
+            raise RecordError("malformed_conversation", f"turn {i} has an empty or non-string value")
+        values.append(value)
+
+    n_questions = sum(v.count(IMAGE_PLACEHOLDER) for v in values[0::2])
+    n_answers = sum(v.count(IMAGE_PLACEHOLDER) for v in values[1::2])
+    if n_answers or n_questions != 1:
+        raise RecordError(
+            "bad_image_placeholder", f"{n_questions} {IMAGE_PLACEHOLDER} in questions, {n_answers} in answers"
+        )
+    # preprocess_multimodal: remove the placeholder, strip, put it in front followed by a newline.
+    values = [v.replace(IMAGE_PLACEHOLDER, "").strip() if IMAGE_PLACEHOLDER in v else v for v in values]
+    values[0] = f"{IMAGE_PLACEHOLDER}\n{values[0]}".strip()
+    return list(zip(values[0::2], values[1::2], strict=True))
+
+
+def render(turns: Sequence[tuple[str, str]], template: ConversationTemplate = VICUNA_V1) -> Prompt:
+    """``get_prompt()`` of LLaVA's ``SeparatorStyle.TWO`` for complete (question, answer) rounds."""
+    user, assistant = template.roles
+    text = template.system + template.sep
+    spans = []
+    for question, answer in turns:
+        text += f"{user}: {question}{template.sep}{assistant}: "
+        start = len(text)
+        text += answer + template.sep2
+        spans.append((start, len(text)))
+    return Prompt(text=text, answer_spans=tuple(spans))
+
+
+def build_prompt(question: str, image: bool = True, template: ConversationTemplate = VICUNA_V1) -> str:
+    """The inference prompt for one question, ending with "ASSISTANT:" as LLaVA's ``model_vqa_loader``."""
+    if image:
+        question = f"{IMAGE_PLACEHOLDER}\n{question.replace(IMAGE_PLACEHOLDER, '').strip()}"
+    user, assistant = template.roles
+    return f"{template.system}{template.sep}{user}: {question}{template.sep}{assistant}:"
+
+
+def count_image_tokens(processor: Any) -> int:
+    """How many image tokens the processor expands one ``<image>`` into (576 for LLaVA-1.5)."""
+    from PIL import Image
+
+    probe = Image.new("RGB", (64, 64))  # any size: the image processor resizes and crops it
+    ids = processor(text=[processor.image_token], images=[probe])["input_ids"][0]
+    return int(np.count_nonzero(np.asarray(ids) == processor.image_token_id))
+
+
+def text_length(processor: Any, prompt: Prompt, n_image_tokens: int) -> int:
+    """Tokens of ``prompt`` after image expansion, from the text alone: the ``<image>`` token becomes
+    ``n_image_tokens`` (a special token, so its neighbours tokenize the same either way)."""
+    n_ids = len(processor.tokenizer(prompt.text)["input_ids"])
+    return n_ids + prompt.text.count(IMAGE_PLACEHOLDER) * (n_image_tokens - 1)
+
+
+def supervised_mask(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """(L,) bool: tokens whose character span ``offsets`` (L, 2) overlaps one of ``spans``."""
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    mask = np.zeros(len(offsets), dtype=bool)
+    for start, end in spans:
+        mask |= (starts < end) & (ends > start) & (ends > starts)
+    return mask
+
+
+def encode(processor: Any, prompt: Prompt, image: Any) -> dict[str, np.ndarray]:
+    """Model inputs for one conversation and its PIL image, with LLaVA's answer-only ``labels``.
+
+    Returns ``input_ids``, ``attention_mask``, ``labels`` (L,) int64 and ``pixel_values`` (3, H, W) float32.
+    """
+    out = processor(text=[prompt.text], images=[image], return_offsets_mapping=True, return_tensors="np")
+    input_ids = np.asarray(out["input_ids"][0], dtype=np.int64)  # (L,)
+    offsets = np.asarray(out["offset_mapping"][0], dtype=np.int64)  # (L, 2) in the expanded text
+
+    image_at = prompt.text.index(IMAGE_PLACEHOLDER)
+    if any(start < image_at for start, _ in prompt.answer_spans):
+        raise ValueError("the image must come before every answer (parse_turns puts it in the first question)")
+    image_positions = np.flatnonzero(input_ids == processor.image_token_id)
+    if len(image_positions) == 0:
+        raise ValueError(f"the processor produced no image token for prompt {prompt.text[:80]!r}")
+    # Every answer comes after the image (it is in the first question), so all move by the same expansion.
+    shift = int(offsets[image_positions[-1], 1]) - (image_at + len(IMAGE_PLACEHOLDER))
+    spans = [(start + shift, end + shift) for start, end in prompt.answer_spans]
+    mask = supervised_mask(offsets, spans)
+    mask[image_positions] = False
+    if len(spans) and not mask.any():
+        raise ValueError(f"no token of the answers was found in {prompt.text[:80]!r}")
+
+    labels = np.where(mask, input_ids, IGNORE_INDEX)  # (L,)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": np.asarray(out["attention_mask"][0], dtype=np.int64),
+        "labels": labels,
+        "pixel_values": np.asarray(out["pixel_values"][0], dtype=np.float32),  # (3, H, W)
+    }
+
+
+def split_supervised(labels: np.ndarray) -> list[np.ndarray]:
+    """The runs of consecutive supervised ids in ``labels``, one per answer (to inspect and test masking)."""
+    supervised = labels != IGNORE_INDEX
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], supervised.astype(np.int8), [0]])))
+    return [labels[start:end] for start, end in zip(edges[0::2], edges[1::2], strict=True)]

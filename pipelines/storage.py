@@ -1,0 +1,62 @@
+"""Read bytes from a local path or ``s3://bucket/key`` with one call.
+
+S3 goes through boto3; ``AWS_ENDPOINT_URL_S3`` (or ``AWS_ENDPOINT_URL``) points it at an S3-compatible server
+(MinIO, moto's server in tests), credentials and region come from the usual AWS environment/config chain.
+A missing object raises ``FileNotFoundError`` on both backends, so callers can count it without knowing which.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from typing import Any
+
+S3_SCHEME = "s3://"
+
+
+def is_s3(path: str) -> bool:
+    return path.startswith(S3_SCHEME)
+
+
+def join(root: str, relative: str) -> str:
+    """``root`` / ``relative`` for a local folder or an ``s3://bucket/prefix``."""
+    if is_s3(root):
+        return f"{root.rstrip('/')}/{relative.lstrip('/')}"
+    return os.path.join(root, relative)
+
+
+def split_s3(path: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> (bucket, key)."""
+    bucket, _, key = path[len(S3_SCHEME) :].partition("/")
+    if not bucket or not key:
+        raise ValueError(f"not an s3://bucket/key path: {path!r}")
+    return bucket, key
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client for the endpoint the environment names now (AWS's default when none)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    return _client(endpoint)
+
+
+@cache
+def _client(endpoint: str | None) -> Any:
+    import boto3  # cached per endpoint: clients are thread-safe and slow to build
+
+    return boto3.client("s3", endpoint_url=endpoint)
+
+
+def read_bytes(path: str) -> bytes:
+    """The content of a local file or S3 object; ``FileNotFoundError`` when it does not exist."""
+    if not is_s3(path):
+        with open(path, "rb") as f:
+            return f.read()
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(path)
+    try:
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            raise FileNotFoundError(path) from e
+        raise

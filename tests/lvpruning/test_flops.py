@@ -1,0 +1,174 @@
+"""FLOPs: the analytic count against FlopCounterMode on ``meta``, hand-computed cases, presets and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from lvpruning.config import PruningConfig, paper_schedule
+from lvpruning.decision import DecisionModule
+from lvpruning.flops import (
+    TOLERANCE,
+    analytic_flops,
+    decision_module_flops,
+    decoder_layer_flops,
+    dummy_inputs,
+    main,
+    measure_flops,
+    num_vision_tokens,
+    tokens_per_layer,
+)
+from lvpruning.presets import PRESETS, llava_15_7b_config, llava_15_13b_config, load_llava_config
+from lvpruning.tiny import tiny_llava_config
+
+
+def pruning_config(layers=(1, 8, 16), ratios=(0.5, 0.3, 0.1), **kwargs) -> PruningConfig:
+    return PruningConfig(layers=layers, train_ratios=ratios, infer_ratios=ratios, **kwargs)
+
+
+def assert_close(measured: int, analytic: int) -> None:
+    assert abs(measured / analytic - 1) < TOLERANCE, (measured, analytic)
+
+
+TINY_CASES = [  # (tiny_llava_config overrides, text tokens)
+    (dict(), 30),  # MHA: 4 heads, 4 layers
+    (dict(num_heads=4, num_kv_heads=2, num_layers=5), 1),  # GQA, a single text token
+    (dict(hidden_size=96, num_heads=6, num_kv_heads=1, intermediate_size=160, num_layers=6), 30),  # MQA
+    (dict(vision_layers=3, vision_hidden=48, image_size=48, patch_size=8, num_kv_heads=2), 12),
+]
+
+
+@pytest.mark.parametrize("shape, text_tokens", TINY_CASES)
+def test_analytic_matches_measured_on_tiny_configs(shape, text_tokens):
+    config = tiny_llava_config(**shape)
+    pruning = pruning_config(layers=(0, 1, 2), ratios=(0.7, 0.35, 0.1), num_heads=4, ffn_dim=40)
+    report = analytic_flops(config, pruning, num_text_tokens=text_tokens)
+    assert_close(measure_flops(config, num_text_tokens=text_tokens), report.baseline)
+    assert_close(measure_flops(config, pruning, num_text_tokens=text_tokens), report.pruned)
+
+
+def test_analytic_matches_measured_with_logits_at_the_last_position():
+    config, pruning = tiny_llava_config(num_kv_heads=2), pruning_config(layers=(0, 2), ratios=(0.5, 0.2))
+    report = analytic_flops(config, pruning, num_text_tokens=7, lm_head_positions="last")
+    assert report.baseline_parts["lm_head"] == 2 * 64 * 128  # one position x hidden x vocab
+    assert_close(measure_flops(config, None, None, 7, "last"), report.baseline)
+    assert_close(measure_flops(config, pruning, None, 7, "last"), report.pruned)
+
+
+def test_llava_7b_shaped_config_on_meta_without_weights():
+    config = llava_15_7b_config()
+    pruning = pruning_config(ratios=paper_schedule(0.5))
+    report = analytic_flops(config, pruning, num_text_tokens=30)
+    assert report.kept_vision_tokens == (288, 172, 57)
+    assert 8.5e12 < report.baseline < 8.7e12
+    assert_close(measure_flops(config, num_text_tokens=30), report.baseline)
+    assert_close(measure_flops(config, pruning, num_text_tokens=30), report.pruned)
+
+
+def test_one_llama_layer_by_hand():
+    config = LlamaConfig(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, intermediate_size=16)
+    n = 3  # head_dim 4, k/v width 4 (one KV head)
+    expected = {
+        "llm_qkvo": 2 * n * 8 * 8 + 2 * (2 * n * 8 * 4) + 2 * n * 8 * 8,  # 384 + 384 + 384
+        "llm_attention": 2 * (2 * n * n * 2 * 4),  # QK^T and AV, 2 heads of size 4: 288
+        "llm_mlp": 3 * 2 * n * 8 * 16,  # gate, up, down: 2304
+    }
+    assert decoder_layer_flops(config, n) == expected == {"llm_qkvo": 1152, "llm_attention": 288, "llm_mlp": 2304}
+    # ... and the real layer, eager attention, counts the same
+    config._attn_implementation = "eager"
+    layer = LlamaDecoderLayer(config, layer_idx=0).eval()
+    hidden = torch.randn(1, n, 8)
+    rope = LlamaRotaryEmbedding(config)(hidden, torch.arange(n)[None])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        layer(hidden, attention_mask=None, position_embeddings=rope)
+    assert counter.get_total_flops() == sum(expected.values())
+
+
+def test_decision_module_by_hand_and_on_meta():
+    c, q, t, f = 16, 5, 3, 24
+    per_block = 2 * q * c * c + 2 * (2 * t * c * c) + 2 * (2 * q * t * c) + 2 * (2 * q * c * f)
+    assert decision_module_flops(c, q, t, num_blocks=2, ffn_dim=f) == 2 * per_block + 2 * q * c * 2
+    with torch.device("meta"):
+        module = DecisionModule(c, num_blocks=2, num_heads=4, ffn_dim=f)
+        args = torch.randn(1, q, c), torch.randn(1, t, c), torch.ones(1, t, dtype=torch.bool)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*args)
+    assert counter.get_total_flops() == decision_module_flops(c, q, t, 2, f)
+
+
+def test_tokens_per_stage_and_layer():
+    report = analytic_flops(llava_15_7b_config(), pruning_config(ratios=paper_schedule(0.6)))
+    assert report.num_vision_tokens == 576 and report.keep_ratios == (0.6, 0.4, 0.2)
+    assert report.kept_vision_tokens == (345, 230, 115)  # floor(rho * 576), eq. 13
+    assert report.tokens_per_layer == (606,) * 2 + (375,) * 7 + (260,) * 8 + (145,) * 15
+    assert report.decision_per_stage == tuple(decision_module_flops(4096, q, 30) for q in (576, 345, 230))
+    assert report.pruned == report.pruned_without_decision + report.decision
+    assert report.reduction < report.reduction_without_decision
+    # LLaVA reads CLIP's penultimate layer, but all 24 run: the last one is counted and reported as unused
+    assert report.vision_unused * 24 == report.baseline_parts["vision_layers"]
+    assert tokens_per_layer(4, (0, 2), (5, 2), 10, 3) == (13, 8, 8, 5)
+
+
+def test_paper_schedule():
+    assert paper_schedule(0.5) == (0.5, 0.3, 0.1)
+    assert paper_schedule(0.45) == (0.45, 0.25, 0.05)
+    assert paper_schedule(1.0, num_stages=2) == (1.0, 0.8)
+    for rho in (0.4, 0.3, 1.2):
+        with pytest.raises(ValueError, match="rho"):
+            paper_schedule(rho)
+
+
+def test_presets_and_dummy_inputs():
+    assert set(PRESETS) == {"llava-1.5-7b", "llava-1.5-13b"}
+    big = llava_15_13b_config()
+    assert (big.text_config.hidden_size, big.text_config.num_hidden_layers) == (5120, 40)
+    config = load_llava_config("llava-1.5-7b")
+    assert num_vision_tokens(config) == config.image_seq_length == 576
+    assert config.image_token_id == 32000 and config.text_config.vocab_size == 32064
+    inputs = dummy_inputs(config, 30, device="cpu")
+    assert inputs["input_ids"].shape == (1, 606) and int((inputs["input_ids"] == 32000).sum()) == 576
+    assert inputs["pixel_values"].shape == (1, 3, 336, 336)
+    with pytest.raises(ValueError, match="presets"):
+        load_llava_config("/nonexistent/llava")
+
+
+def test_cli_json(capsys, tmp_path):
+    tiny_llava_config(num_kv_heads=2).save_pretrained(tmp_path)  # a local path: the config is all that is read
+    assert main(["--model", str(tmp_path), "--layers", "0", "2", "--ratios", "0.5", "0.25", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    expected = {"baseline_tflops", "pruned_tflops", "decision_tflops", "reduction", "breakdown_tflops"}
+    expected |= {"tokens_per_stage", "measured_baseline_tflops", "measured_pruned_tflops", "agreement"}
+    assert expected <= set(out)
+    assert out["tokens_per_stage"]["vision"] == [64, 32, 16]
+    assert abs(out["agreement"]["baseline"]) < TOLERANCE and abs(out["agreement"]["pruned"]) < TOLERANCE
+    assert out["reduction"] == pytest.approx(1 - out["pruned_tflops"] / out["baseline_tflops"])
+
+
+def test_cli_table_for_the_7b_preset(capsys):
+    assert main(["--rho", "0.6", "--no-measure"]) == 0  # the 7B measurement is covered above
+    out = capsys.readouterr().out
+    assert "576 -> 345 -> 230 -> 115" in out and "decision" in out and "measured" not in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--rho", "0.3"], "rho"),
+        (["--ratios", "0.3", "0.5", "0.1"], "increases"),
+        (["--ratios", "0.5", "0.3"], "ratios for 3 layers"),
+        (["--layers", "1", "8", "31"], "layers"),
+        (["--text-tokens", "0"], "num_text_tokens"),
+        (["--model", "/nonexistent/llava"], "cannot load"),
+        (["--rho", "0.5", "--ratios", "0.5", "0.3", "0.1"], "not allowed"),
+    ],
+)
+def test_cli_rejects_bad_input(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--no-measure"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

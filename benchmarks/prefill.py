@@ -4,7 +4,7 @@ Random weights, 1 image (576 vision tokens) + 30 text tokens, one forward pass w
 only (what generation's prefill needs). Reports the median over repeats and compares the measured speedup with
 the one the analytic FLOPs count predicts.
 
-    python benchmarks/prefill.py --json                       # CPU, reduced width (hidden 1024), fp32
+    python benchmarks/prefill.py --json                       # CPU, reduced width (hidden 512), fp32
     python benchmarks/prefill.py --full --device cuda --dtype bfloat16 --json   # the real 7B shape on a GPU
 """
 
@@ -66,8 +66,8 @@ def median_ms(fn, repeats: int, warmup: int, device: torch.device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", action="store_true", help="the real 7B width (hidden 4096) instead of 1024")
-    parser.add_argument("--hidden", type=int, default=1024, help="reduced width (a multiple of 128)")
+    parser.add_argument("--full", action="store_true", help="the real 7B width (hidden 4096) instead of 512")
+    parser.add_argument("--hidden", type=int, default=512, help="reduced width (a multiple of 128)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=7)

@@ -56,7 +56,7 @@ class TrainSection(_Strict):
 class ScalingSection(_Strict):
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(0.5, gt=0)  # on 2 cores, leaves a CPU for Ray Data preprocessing
     deepspeed_config: str = "cluster/deepspeed/zero2_cpu.json"
 
 
@@ -72,6 +72,15 @@ class MlflowSection(_Strict):
     experiment: str = "lvpruning"
 
 
+class BenchmarkData(_Strict):
+    questions: str  # LLaVA question file (jsonl), local or s3://
+    image_root: str  # local folder or s3://bucket/prefix
+    annotations: str | None = None  # the benchmark's ground truth where it has its own (local)
+
+
+EVAL_METHODS = ("none", "lvpruning", "random", "fastv")
+
+
 class EvalSection(_Strict):
     benchmarks: tuple[str, ...] = ("toy",)
     schedules: tuple[tuple[float, ...], ...] = ((0.5, 0.3, 0.1),)
@@ -79,6 +88,22 @@ class EvalSection(_Strict):
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(8, gt=0)
     num_actors: int = Field(2, gt=0)
+    data: dict[str, BenchmarkData] = {}  # benchmark -> files
+    toy_world: str | None = None  # a written toy world: fills data.toy and data.pope when they are not given
+    modules: str | None = None  # trained decision modules (needed by method lvpruning)
+    output_dir: str = "./eval"  # answers: <output_dir>/<setting>/<benchmark>.jsonl (local, resumable)
+    max_questions: int | None = Field(None, gt=0)  # first N questions of each benchmark (smoke runs)
+    use_gpu: bool = False  # one GPU per inference actor
+    cpus_per_actor: float = Field(0.5, gt=0)  # 0.5 leaves a 2-CPU box room for the preprocessing tasks
+    seed: int = 0  # the random policy's seed
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(value) - set(EVAL_METHODS))
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {list(EVAL_METHODS)}")
+        return value
 
 
 class JobConfig(_Strict):
@@ -107,8 +132,6 @@ class JobConfig(_Strict):
             )
         if t.stage == "base" and self.model.name_or_path != TOY:
             raise ValueError("train.stage 'base' trains all parameters and exists for the toy world only")
-        if self.model.name_or_path != TOY and self.data.train_json is None:
-            raise ValueError("data.train_json is required for a real model (the toy data only fits the toy model)")
         for schedule in self.eval.schedules:
             self.pruning.check_ratios(schedule)
         return self

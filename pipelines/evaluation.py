@@ -1,0 +1,292 @@
+"""Evaluate inference settings on benchmarks: answers (``pipelines.inference``) -> scores (``pipelines.scoring``)
+-> metrics, one MLflow run per setting.
+
+Metrics of a setting (MLflow names):
+
+- ``accuracy/<benchmark>``: the scorer's headline score in percent; ``accuracy/<benchmark>/<category>`` where the
+  scorer splits it by question type (the toy world); ``accuracy/mean`` over the benchmarks.
+- ``tflops``: the analytic prefill TFLOPs (``lvpruning.flops``) in the paper's convention, 1 image + 30 text
+  tokens: the base model for ``none``, with the decision modules for ``lvpruning``, without them for ``random``
+  and ``fastv`` (they only rank tokens; FastV's one recomputed attention row is not counted).
+- ``latency/prefill_ms``, ``latency/e2e_ms``: medians per sample over every answer of the setting (see
+  ``pipelines.inference`` for what is timed); ``unanswered/<benchmark>``: questions with no usable image.
+
+Params: ``method``, ``infer_ratios``, ``layers`` (pruning methods), ``train_ratios`` (``lvpruning``), ``model``,
+``modules``, ``benchmarks``; the resolved config is the artifact ``config.json`` (URL credentials removed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lvpruning import PruningConfig
+from lvpruning.checkpoint import CONFIG_NAME
+from lvpruning.flops import analytic_flops
+from lvpruning.presets import load_llava_config
+from pipelines.config import TOY, JobConfig
+from pipelines.inference import (
+    InferenceOptions,
+    InferenceReport,
+    ModelSpec,
+    Setting,
+    answer_signature,
+    read_answers,
+    read_questions,
+    run_inference,
+)
+from pipelines.scoring import score
+from pipelines.tracking import tracking_uri
+
+logger = logging.getLogger(__name__)
+
+PAPER_TEXT_TOKENS = 30  # the paper's FLOPs convention: 1 image + 30 text tokens
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark's files: LLaVA questions (jsonl), the image folder, the ground truth where it has its own."""
+
+    name: str
+    questions: str
+    image_root: str
+    annotations: str | None = None
+
+
+@dataclass
+class SettingResult:
+    setting: Setting
+    metrics: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, dict[str, Any]] = field(default_factory=dict)  # benchmark -> the scorer's result
+    reports: dict[str, InferenceReport] = field(default_factory=dict)
+    run_id: str | None = None
+
+
+def make_settings(methods: Sequence[str], schedules: Sequence[Sequence[float]], seed: int = 0) -> list[Setting]:
+    """``none`` once, every pruning method once per keep-ratio schedule."""
+    out = [Setting("none")] if "none" in methods else []
+    return out + [Setting(m, tuple(r), seed) for m in methods if m != "none" for r in schedules]
+
+
+def modules_config(directory: str | Path) -> PruningConfig:
+    """The pruning config saved beside trained decision modules (read without loading the weights)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not an LVPruning decision-module directory")
+    return PruningConfig.from_dict(json.loads(path.read_text())["pruning_config"])
+
+
+def setting_tflops(llava_config: Any, pruning: PruningConfig | None, setting: Setting) -> float:
+    """Analytic prefill TFLOPs of ``setting`` in the paper's convention (see the module docstring); ``pruning``:
+    the stages and decision-module shape (unused by ``none``)."""
+    if setting.method == "none":  # the baseline count does not depend on the stages: any valid ones will do
+        one_stage = PruningConfig(layers=(0,), train_ratios=(1.0,), infer_ratios=(1.0,), num_heads=1)
+        return analytic_flops(llava_config, one_stage, num_text_tokens=PAPER_TEXT_TOKENS).baseline / 1e12
+    if pruning is None:
+        raise ValueError(f"method {setting.method!r}: the FLOPs count needs the pruning stages (ModelSpec.pruning)")
+    report = analytic_flops(llava_config, pruning, setting.keep_ratios, PAPER_TEXT_TOKENS)
+    return (report.pruned if setting.method == "lvpruning" else report.pruned_without_decision) / 1e12
+
+
+def evaluate_setting(
+    model: ModelSpec,
+    setting: Setting,
+    benchmarks: Sequence[Benchmark],
+    output_dir: str | Path,
+    options: InferenceOptions | None = None,
+) -> SettingResult:
+    """Answer and score every benchmark under ``setting``; answers go to ``<output_dir>/<setting>/<name>.jsonl``
+    (resumable). No MLflow: :func:`run_setting` logs the result."""
+    options, result = options or InferenceOptions(), SettingResult(setting)
+    # First, as it also checks the stages against the model: a bad setting fails before any inference.
+    result.metrics["tflops"] = setting_tflops(load_llava_config(model.name_or_path), model.pruning, setting)
+    latencies: dict[str, list[float]] = {"prefill_ms": [], "e2e_ms": []}
+    for bench in benchmarks:
+        answers = Path(output_dir) / setting.name / f"{bench.name}.jsonl"
+        report = run_inference(bench.name, bench.questions, bench.image_root, answers, model, setting, options)
+        questions = read_questions(bench.questions)[: options.max_questions]
+        asked = {str(q["question_id"]) for q in questions}
+        written = read_answers(answers, answer_signature(model, setting))
+        answered = [a for qid, a in written.items() if qid in asked]  # earlier runs may have answered more
+        scored = score(bench.name, questions, answered, bench.annotations)
+        result.reports[bench.name], result.scores[bench.name] = report, scored
+        result.metrics[f"accuracy/{bench.name}"] = scored["score"]
+        for category, value in (scored["breakdown"].get("category") or {}).items():
+            result.metrics[f"accuracy/{bench.name}/{category}"] = value
+        result.metrics[f"unanswered/{bench.name}"] = float(len(questions) - len(answered))
+        for key, values in latencies.items():
+            values += [a["metadata"][key] for a in answered]
+    result.metrics["accuracy/mean"] = statistics.fmean(result.metrics[f"accuracy/{b.name}"] for b in benchmarks)
+    for key, values in latencies.items():
+        if values:
+            result.metrics[f"latency/{key}"] = statistics.median(values)
+    return result
+
+
+def redact(value: Any) -> Any:
+    """``value`` with the ``user:password@`` part of every URL removed (configs are logged; secrets are not)."""
+    if isinstance(value, str):
+        return re.sub(r"(\w+://)[^/@\s]+@", r"\1", value)
+    if isinstance(value, Mapping):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    return value
+
+
+def setting_params(model: ModelSpec, setting: Setting, benchmarks: Sequence[Benchmark]) -> dict[str, str]:
+    """The MLflow params of one setting's run (lists as JSON; ``infer_ratios`` is "none" without pruning)."""
+    params = {"method": setting.method, "model": redact(model.name_or_path)}
+    params |= {"benchmarks": ",".join(b.name for b in benchmarks), "infer_ratios": "none"}
+    if setting.method == "none":
+        return params
+    params["infer_ratios"] = json.dumps(list(setting.keep_ratios or ()))
+    if model.pruning is not None:
+        params["layers"] = json.dumps(list(model.pruning.layers))
+    if model.modules:
+        params["modules"] = redact(model.modules)
+    if setting.method == "lvpruning" and model.pruning is not None:
+        params["train_ratios"] = json.dumps(list(model.pruning.train_ratios))
+    return params
+
+
+def run_setting(
+    model: ModelSpec,
+    setting: Setting,
+    benchmarks: Sequence[Benchmark],
+    output_dir: str | Path,
+    options: InferenceOptions | None = None,
+    *,
+    uri: str,
+    experiment: str = "lvpruning",
+    config: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None,
+) -> SettingResult:
+    """:func:`evaluate_setting` inside its own MLflow run (ended FINISHED, FAILED on an exception, KILLED on
+    Ctrl-C). A client, not ``mlflow.start_run``: it works beside an active run (the training job's, which
+    ``parent_run_id`` names so the UI nests this one under it)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+    run_id = client.create_run(experiment_id, run_name=setting.name, tags=tags).info.run_id
+    try:
+        params = setting_params(model, setting, benchmarks)
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+        client.log_dict(run_id, redact(dict(config or {})), "config.json")
+        result = evaluate_setting(model, setting, benchmarks, output_dir, options)
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in result.metrics.items()])
+        client.log_dict(run_id, result.scores, "scores.json")
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    logger.info("%s (run %s): %s", setting.name, run_id, {k: float(f"{v:.4g}") for k, v in result.metrics.items()})
+    result.run_id = run_id
+    return result
+
+
+def benchmarks_from_config(config: JobConfig) -> list[Benchmark]:
+    """``eval.benchmarks`` with their files from ``eval.data`` (``eval.toy_world`` fills ``toy`` and ``pope``)."""
+    data = {name: (d.questions, d.image_root, d.annotations) for name, d in config.eval.data.items()}
+    if config.eval.toy_world is not None:
+        from pipelines.toy.writer import ToyWorldPaths
+
+        world = ToyWorldPaths.under(Path(config.eval.toy_world))
+        data.setdefault("toy", (str(world.test_questions), str(world.image_folder), str(world.test_answers)))
+        pope = (str(world.pope_questions), str(world.image_folder), str(world.pope_questions.parent))
+        data.setdefault("pope", pope)
+    if not config.eval.benchmarks:
+        raise ValueError("eval.benchmarks is empty: name at least one benchmark")
+    missing = [name for name in config.eval.benchmarks if name not in data]
+    if missing:
+        raise ValueError(f"eval.data has no files for benchmarks {missing} (or set eval.toy_world for the toy world)")
+    return [Benchmark(name, *data[name]) for name in config.eval.benchmarks]
+
+
+def evaluate(
+    config: JobConfig,
+    model_path: str | None = None,
+    modules: str | None = None,
+    parent_run_id: str | None = None,
+) -> list[SettingResult]:
+    """Every setting of ``config.eval`` (methods x schedules) on its benchmarks, one MLflow run each.
+
+    ``model_path`` overrides ``model.name_or_path`` and ``modules`` ``eval.modules``; the stages of the
+    training-free methods are the modules' when given, else ``config.pruning``'s. Ray must be initialized (or
+    is started locally by Ray Data)."""
+    ev, model_path, modules = config.eval, model_path or config.model.name_or_path, modules or config.eval.modules
+    if model_path == TOY:
+        raise ValueError("model.name_or_path=toy: give the trained toy model's directory (saved by jobs/train.py)")
+    if "lvpruning" in ev.methods and modules is None:
+        raise ValueError("eval.methods has 'lvpruning' but no decision modules: set eval.modules or --modules DIR")
+    pruning = modules_config(modules) if modules else config.pruning
+    for schedule in ev.schedules:
+        pruning.check_ratios(schedule)
+    model = ModelSpec(model_path, modules, pruning, config.model.dtype, config.model.attn_implementation)
+    benchmarks = benchmarks_from_config(config)
+    options = InferenceOptions(
+        batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens,
+        num_actors=ev.num_actors,
+        use_gpu=ev.use_gpu,
+        cpus_per_actor=ev.cpus_per_actor,
+        max_questions=ev.max_questions,
+    )
+    resolved = json.loads(config.model_dump_json())
+    resolved["model"]["name_or_path"], resolved["eval"]["modules"] = model_path, modules
+    return [
+        run_setting(
+            model,
+            setting,
+            benchmarks,
+            ev.output_dir,
+            options,
+            uri=tracking_uri(config),
+            experiment=config.mlflow.experiment,
+            config=resolved,
+            parent_run_id=parent_run_id,
+        )
+        for setting in make_settings(ev.methods, ev.schedules, ev.seed)
+    ]
+
+
+def format_table(results: Sequence[SettingResult]) -> str:
+    """method, ratios, TFLOPs, accuracy per benchmark, mean, latencies; then accuracy per question type."""
+    benches = list(dict.fromkeys(b for r in results for b in r.scores))
+    head = ["method", "ratios", "tflops", *benches, "mean", "prefill_ms", "e2e_ms"]
+    rows = []
+    for r in results:
+        m = r.metrics
+        ratios = "-".join(f"{x:g}" for x in r.setting.keep_ratios or ()) or "-"
+        cells = [m.get(f"accuracy/{b}", float("nan")) for b in benches] + [m["accuracy/mean"]]
+        cells += [m.get("latency/prefill_ms", float("nan")), m.get("latency/e2e_ms", float("nan"))]
+        rows.append([r.setting.method, ratios, f"{m['tflops']:.4g}", *(f"{c:.2f}" for c in cells)])
+    lines = _columns([head, *rows])
+    for r in results:  # accuracy per question type, where the scorer gives one
+        per = [f"{k[len('accuracy/') :]} {v:.2f}" for k, v in r.metrics.items() if k.count("/") == 2]
+        if per:
+            lines.append(f"{r.setting.name}: " + ", ".join(per))
+    return "\n".join(lines)
+
+
+def _columns(table: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return [
+        "  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in table
+    ]

@@ -1,0 +1,398 @@
+"""Batch inference with Ray Data: a LLaVA question file in, a LLaVA answer file out, with or without pruning.
+
+1. Driver: read the questions (jsonl, local or ``s3://``), drop those already answered (resume), build each
+   prompt as LLaVA's ``model_vqa_loader.py``: the benchmark's suffix inside the vicuna_v1 conversation.
+2. Preprocess (Ray Data tasks): read, decode and square-pad the image (LLaVA-1.5's ``pad``), run the processor.
+   A question without a usable image gets its reason (``SKIP_REASONS``) instead of failing the run; it gets no
+   answer and is reported.
+3. Generate (``map_batches``, ``ActorPoolStrategy(size=num_actors)``): each actor holds the model, decision
+   modules and policy, and decodes greedily, several left-padded samples per batch.
+4. Driver: append each finished batch to the answers file (flushed, fsynced), so an interrupted run resumes from
+   what was written; at the end, rewrite it in question order (POPE pairs answers with labels by order).
+
+Latency per sample (ms, in each answer's ``metadata``): ``e2e_ms`` is the wall time of the batch's generate call
+(prefill + decoding; image loading and preprocessing excluded), ``prefill_ms`` its part up to the end of the
+first forward pass (vision tower, projector, pruned LLM), timed by a forward hook so nothing runs twice. Both are
+divided by the batch size (``batch_size`` is recorded): the amortized cost per sample, or with ``batch_size=1``
+the latency of one request. On GPU the device is synchronized at each clock read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from torch import nn
+
+from lvpruning import LVPruningModel, PruningConfig, attach, load_decision_modules
+from lvpruning.policies import get_policy
+from pipelines import storage
+from pipelines.benchmarks import SHORT_ANSWER, build_prompt, with_suffix
+from pipelines.conversation import TEMPLATES, RecordError
+from pipelines.conversation import build_prompt as conversation_prompt
+from pipelines.instruct_data import expand_to_square
+from pipelines.scoring import TOY
+from pipelines.scoring.common import index_questions
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("none", "lvpruning", "random", "fastv")  # none: the plain Hugging Face model, no pruning
+SKIP_REASONS = ("no_image", "missing_image", "corrupt_image")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model every actor loads. ``modules``: a directory of trained decision modules; ``pruning``: the
+    stages of fresh (untrained) modules for the training-free policies when there are no trained ones."""
+
+    name_or_path: str
+    modules: str | None = None
+    pruning: PruningConfig | None = None
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+
+    @property
+    def model_id(self) -> str:
+        return Path(self.name_or_path.rstrip("/")).name
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One inference setting: ``method`` in ``METHODS`` and, unless ``none``, a keep ratio per stage."""
+
+    method: str
+    keep_ratios: tuple[float, ...] | None = None
+    seed: int = 0  # the random policy's
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {list(METHODS)}")
+        ratios = None if self.keep_ratios is None else tuple(float(r) for r in self.keep_ratios)
+        if (self.method == "none") != (ratios is None) or ratios == ():
+            raise ValueError(f"method {self.method!r}: keep_ratios, one per stage, for the pruning methods only")
+        object.__setattr__(self, "keep_ratios", ratios)
+
+    @property
+    def name(self) -> str:
+        """A file-system safe name, e.g. ``lvpruning_0.5-0.3-0.1``."""
+        return "none" if self.keep_ratios is None else f"{self.method}_{'-'.join(f'{r:g}' for r in self.keep_ratios)}"
+
+    def metadata(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"method": self.method, "keep_ratios": list(self.keep_ratios or ())}
+        return meta | {"seed": self.seed} if self.method == "random" else meta
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How to run: batch and pool sizes, resources per actor and task, prompt template, question limit."""
+
+    batch_size: int = 16
+    max_new_tokens: int = 8
+    num_actors: int = 2
+    use_gpu: bool = False  # one GPU per actor
+    cpus_per_actor: float = 0.5  # on 2 CPUs, 2 actors x 0.5 leave room for the preprocessing tasks
+    cpus_per_task: float = 0.5  # preprocessing
+    template: str = "vicuna_v1"
+    pad_to_square: bool = True
+    max_questions: int | None = None  # the first N questions of the file
+
+
+@dataclass
+class InferenceReport:
+    """What one :func:`run_inference` did. ``resumed``: answers already in the file; ``skipped``: questions
+    left without an answer, by reason, with their ids in ``skipped_ids``."""
+
+    benchmark: str
+    answers: str
+    questions: int
+    resumed: int
+    generated: int
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_ids: list[Any] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def question_text(benchmark: str, record: dict[str, Any]) -> str:
+    """The question as LLaVA-1.5 sends it (suffix included); the toy world uses the short-answer suffix."""
+    if benchmark.strip().lower() == TOY:
+        return with_suffix(str(record["text"]), SHORT_ANSWER)
+    return build_prompt(benchmark, record)
+
+
+def read_questions(path: str) -> list[dict[str, Any]]:
+    """The records of a LLaVA question jsonl (local or ``s3://``); a bad line or a repeated id is an error."""
+    lines = storage.read_bytes(path).decode("utf-8").splitlines()
+    try:
+        numbered = [(n, json.loads(line)) for n, line in enumerate(lines, start=1) if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: a question line is not valid JSON ({e})") from None
+    return [record for _, record in index_questions(path, numbered).values()]
+
+
+def read_answers(path: Path, expected: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Answers already in ``path`` by question id. A torn last line (a run killed mid-write) is cut off; an
+    answer written under other settings (``expected`` items of its metadata, or another model) is an error."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        with open(path, "r+b") as f:
+            f.truncate(len(data))
+    out = {}
+    for n, record in ((n, json.loads(line)) for n, line in enumerate(data.decode().splitlines(), 1) if line.strip()):
+        found = {k: record.get("metadata", {}).get(k) for k in expected} | {"model_id": record.get("model_id")}
+        if found != expected:
+            raise ValueError(f"{path}:{n}: an answer of {found}, but this run is {expected}; use another folder")
+        out[str(record["question_id"])] = record
+    return out
+
+
+# ------------------------------------------------------------------------------------------- preprocessing
+
+
+class _Preprocessor:
+    """Rows (index, image, prompt) -> model inputs, or the reason the image cannot be used."""
+
+    def __init__(self, processor: Any, image_root: str, pad_to_square: bool) -> None:
+        from PIL import Image
+
+        self.processor, self.image_root, self.pad_to_square = processor, image_root, pad_to_square
+        self.background = tuple(int(x * 255) for x in processor.image_processor.image_mean)
+        probe = processor.image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="np")
+        self.blank = np.zeros(probe["pixel_values"].shape[1:], np.float32)  # (3, H, W), rows with no image
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        out: dict[str, list[Any]] = {"index": [], "error": [], "input_ids": [], "pixel_values": []}
+        for index, image, prompt in zip(batch["index"].tolist(), batch["image"], batch["prompt"]):
+            row = (index, "", np.zeros(0, dtype=np.int64), self.blank)
+            try:
+                encoded = self.processor(text=[str(prompt)], images=[self._load(str(image))], return_tensors="np")
+                input_ids = np.asarray(encoded["input_ids"][0], dtype=np.int64)  # (L,)
+                row = (index, "", input_ids, np.asarray(encoded["pixel_values"][0], dtype=np.float32))  # (3, H, W)
+            except RecordError as e:
+                row = (index, e.reason, *row[2:])
+            for name, value in zip(out, row):
+                out[name].append(value)
+        return out
+
+    def _load(self, relative: str) -> Any:
+        from PIL import Image
+
+        if not relative:
+            raise RecordError("no_image", "the question names no image")
+        path = storage.join(self.image_root, relative)
+        try:
+            data = storage.read_bytes(path)
+        except (FileNotFoundError, IsADirectoryError):
+            raise RecordError("missing_image", path) from None
+        try:
+            image = Image.open(io.BytesIO(data)).convert("RGB")  # decodes now: a truncated file fails here
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+            raise RecordError("corrupt_image", path) from None
+        return expand_to_square(image, self.background) if self.pad_to_square else image
+
+
+_PREPROCESSORS: dict[tuple[str, str, bool], _Preprocessor] = {}
+
+
+def _preprocess(batch: dict[str, np.ndarray], *, processor_ref: Any, image_root: str, pad: bool) -> dict[str, Any]:
+    key = (processor_ref.hex(), image_root, pad)
+    if key not in _PREPROCESSORS:  # Ray reuses worker processes: unpickle the processor once per process
+        _PREPROCESSORS.clear()
+        _PREPROCESSORS[key] = _Preprocessor(ray.get(processor_ref), image_root, pad)
+    return _PREPROCESSORS[key](batch)
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+def load_model(spec: ModelSpec, method: str, device: str | torch.device = "cpu") -> nn.Module:
+    """The base model (``none``), or it with decision modules in inference mode: the trained ones when given,
+    else, for the training-free policies (which only read the stages), fresh ones at ``spec.pruning``'s stages."""
+    from transformers import LlavaForConditionalGeneration
+
+    dtype, attn = getattr(torch, spec.dtype), spec.attn_implementation
+    model = LlavaForConditionalGeneration.from_pretrained(spec.name_or_path, dtype=dtype, attn_implementation=attn)
+    model = model.to(device).eval()
+    if method == "none":
+        return model
+    if spec.modules is not None:
+        return load_decision_modules(model, spec.modules).eval()
+    if method == "lvpruning":
+        raise ValueError("method 'lvpruning' needs trained decision modules: give ModelSpec.modules (--modules DIR)")
+    if spec.pruning is None:
+        raise ValueError(f"method {method!r} without trained modules needs ModelSpec.pruning (the stages)")
+    return attach(model, spec.pruning).eval()
+
+
+class Generator:
+    """The Ray Data actor: one model, one setting; batches of preprocessed rows -> answer texts + timings."""
+
+    def __init__(self, spec: ModelSpec, setting: Setting, processor: Any, max_new_tokens: int, use_gpu: bool):
+        if isinstance(processor, ray.ObjectRef):
+            processor = ray.get(processor)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.setting, self.tokenizer, self.max_new_tokens = setting, processor.tokenizer, max_new_tokens
+        self.model = load_model(spec, setting.method, self.device)
+        self.policy = None if setting.method == "none" else get_policy(setting.method, setting.seed)
+        if isinstance(self.model, LVPruningModel):
+            self.model.config.check_ratios(setting.keep_ratios)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        n, ok = len(batch["index"]), [i for i, error in enumerate(batch["error"]) if not error]
+        out = {"index": batch["index"], "error": batch["error"], "text": np.full(n, "", dtype=object)}
+        out |= {"prefill_ms": np.zeros(n), "e2e_ms": np.zeros(n), "batch_size": np.full(n, len(ok))}
+        if ok:
+            texts, prefill_ms, e2e_ms = self.generate([batch["input_ids"][i] for i in ok], batch["pixel_values"][ok])
+            out["text"][ok], out["prefill_ms"][ok], out["e2e_ms"][ok] = texts, prefill_ms, e2e_ms
+        return out
+
+    @torch.no_grad()
+    def generate(self, prompts: list[np.ndarray], pixel_values: np.ndarray) -> tuple[list[str], float, float]:
+        """Greedy answers for prompts (each (L_i,)) and images (B, 3, H, W); per-sample prefill/e2e ms."""
+        tok, B, N = self.tokenizer, len(prompts), max(len(p) for p in prompts)
+        input_ids = torch.full((B, N), tok.pad_token_id, dtype=torch.long)  # (B, N), padded on the left
+        attention_mask = torch.zeros(B, N, dtype=torch.long)
+        for b, prompt in enumerate(prompts):
+            input_ids[b, N - len(prompt) :] = torch.from_numpy(np.asarray(prompt, dtype=np.int64))
+            attention_mask[b, N - len(prompt) :] = 1
+        pixels = torch.from_numpy(np.asarray(pixel_values)).to(self.device, next(self.model.parameters()).dtype)
+        inputs = {"input_ids": input_ids.to(self.device), "pixel_values": pixels}
+        inputs |= {"attention_mask": attention_mask.to(self.device), "max_new_tokens": self.max_new_tokens}
+        inputs |= {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+        prefill_end: list[float] = []  # the first forward pass is the prefill (HF's and the pruner's generate)
+
+        def hook_fn(*_: Any) -> None:  # returns None: a forward hook's return value replaces the output
+            if not prefill_end:
+                prefill_end.append(self._clock())
+
+        hook = self.model.register_forward_hook(hook_fn)
+        try:
+            start = self._clock()
+            if isinstance(self.model, LVPruningModel):
+                tokens = self.model.generate(**inputs, keep_ratios=self.setting.keep_ratios, policy=self.policy)
+            else:
+                tokens = self.model.generate(**inputs, do_sample=False)
+            end = self._clock()
+        finally:
+            hook.remove()
+        texts = [t.strip() for t in tok.batch_decode(tokens[:, N:].cpu(), skip_special_tokens=True)]
+        return texts, 1e3 * (prefill_end[0] - start) / B, 1e3 * (end - start) / B
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+
+
+def run_inference(
+    benchmark: str,
+    questions: str,
+    image_root: str,
+    answers: str | Path,
+    model: ModelSpec,
+    setting: Setting,
+    options: InferenceOptions = InferenceOptions(),
+    processor: Any = None,
+) -> InferenceReport:
+    """Answer ``questions`` (LLaVA jsonl; images under ``image_root``, local or ``s3://``) into the local
+    ``answers`` jsonl, skipping questions already answered there. ``processor`` defaults to the model's own."""
+    t0 = time.perf_counter()
+    if storage.is_s3(str(answers)):
+        raise ValueError(f"answers {answers}: the answers file is appended locally; sync it to S3 afterwards")
+    if options.template not in TEMPLATES:
+        raise ValueError(f"unknown conversation template {options.template!r}; known: {sorted(TEMPLATES)}")
+    answers = Path(answers)
+    answers.parent.mkdir(parents=True, exist_ok=True)
+    records = read_questions(questions)[: options.max_questions]
+    expected = answer_signature(model, setting)
+    done = read_answers(answers, expected)
+    todo = [i for i, r in enumerate(records) if str(r["question_id"]) not in done]
+    report = InferenceReport(benchmark, str(answers), len(records), resumed=len(records) - len(todo), generated=0)
+    logger.info("%s %s: %d questions, %d to answer", benchmark, setting.name, len(records), len(todo))
+    if todo:
+        if processor is None:
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(model.name_or_path)
+        template = TEMPLATES[options.template]
+        prompts = {i: conversation_prompt(question_text(benchmark, records[i]), template=template) for i in todo}
+        rows = [{"index": i, "image": str(records[i].get("image") or ""), "prompt": prompts[i]} for i in todo]
+        ds = _dataset(rows, processor, image_root, model, setting, options)
+        with open(answers, "a", encoding="utf-8") as f:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                _append(f, batch, records, expected | {"benchmark": benchmark}, report)
+    _rewrite_in_question_order(answers, records)
+    report.seconds = time.perf_counter() - t0
+    if report.skipped:
+        logger.warning("%s %s: no answer for %s (ids %s)", benchmark, setting.name, report.skipped, report.skipped_ids)
+    return report
+
+
+def answer_signature(model: ModelSpec, setting: Setting) -> dict[str, Any]:
+    """What an answer file records of its model and setting (``model_id`` + metadata), checked on resume."""
+    modules = None if setting.method == "none" else model.modules
+    return {"model_id": model.model_id, "model": model.name_or_path, "modules": modules, **setting.metadata()}
+
+
+def _rewrite_in_question_order(path: Path, records: list[dict[str, Any]]) -> None:
+    path.touch()  # a benchmark whose every image is missing still gets its (empty) answer file
+    lines = {str(json.loads(line)["question_id"]): line for line in path.read_text("utf-8").splitlines() if line}
+    ordered = [lines.pop(str(r["question_id"])) for r in records if str(r["question_id"]) in lines]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in ordered + list(lines.values())), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _dataset(
+    rows: list[dict], processor: Any, image_root: str, model: ModelSpec, setting: Setting, options: InferenceOptions
+) -> ray.data.Dataset:
+    """Preprocessing tasks, then the generating actor pool; one batch per block, so answers stream out early."""
+    ref, size = ray.put(processor), options.batch_size
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // size)))
+    pre = {"processor_ref": ref, "image_root": image_root, "pad": options.pad_to_square}
+    ds = ds.map_batches(
+        _preprocess, fn_kwargs=pre, batch_size=size, batch_format="numpy", num_cpus=options.cpus_per_task
+    )
+    actor = {"spec": model, "setting": setting, "processor": ref, "max_new_tokens": options.max_new_tokens}
+    return ds.map_batches(
+        Generator,
+        fn_constructor_kwargs=actor | {"use_gpu": options.use_gpu},
+        compute=ray.data.ActorPoolStrategy(size=options.num_actors),
+        batch_size=size,
+        batch_format="numpy",
+        num_cpus=options.cpus_per_actor,
+        num_gpus=1 if options.use_gpu else 0,
+    )
+
+
+def _append(f: Any, batch: dict[str, np.ndarray], records: list[dict], meta: dict, report: InferenceReport) -> None:
+    """Write one finished batch in LLaVA's answer format, on disk before the next one is read."""
+    for j, index in enumerate(batch["index"].tolist()):
+        record, error = records[index], str(batch["error"][j])
+        if error:
+            report.skipped[error] = report.skipped.get(error, 0) + 1
+            report.skipped_ids.append(record["question_id"])
+            continue
+        timing = {key: batch[key][j].item() for key in ("prefill_ms", "e2e_ms", "batch_size")}
+        answer = {"question_id": record["question_id"], "prompt": question_text(meta["benchmark"], record)}
+        answer |= {"text": str(batch["text"][j]), "answer_id": uuid.uuid4().hex, "model_id": meta["model_id"]}
+        answer["metadata"] = {k: v for k, v in meta.items() if k != "model_id"} | timing
+        f.write(json.dumps(answer, ensure_ascii=False) + "\n")
+        report.generated += 1
+    f.flush()
+    os.fsync(f.fileno())

@@ -1,0 +1,61 @@
+"""MLflow conventions shared by the jobs: where the tracking store is, and runs that always end with a status."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import JobConfig
+
+RUN_NAME_TAG = "lvpruning.run_name"
+
+
+def tracking_uri(cfg: JobConfig) -> str:
+    """The config's URI, else ``$MLFLOW_TRACKING_URI``, else MLflow's default ``sqlite:///mlflow.db`` here (made
+    absolute, so Ray workers on other processes write to the same store)."""
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def ui_hint(uri: str) -> str:
+    """How to open the UI on this store (bound to loopback; pass --host to share it deliberately)."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000"
+
+
+def resumable_run_id(cfg: JobConfig, uri: str) -> str | None:
+    """The unfinished training run of this run name, if a previous attempt left one (resume logs into it)."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}' and tags.stage = '{cfg.train.stage}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None
+
+
+@contextmanager
+def mlflow_run(
+    cfg: JobConfig, run_name: str, tags: dict[str, str], params: dict[str, Any], run_id: str | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """Start (or continue) a run, log the resolved config and ``params``; end FINISHED, or FAILED on an error."""
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags) as run:
+        if run_id is None:
+            mlflow.log_params({f"config.{k}": v for k, v in cfg.flat().items()} | params)
+            mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
+        yield run

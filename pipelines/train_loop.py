@@ -1,0 +1,210 @@
+"""The Ray Train worker loop: DeepSpeed training of the LVPruning decision modules (stage ``pruning``, base model
+frozen, LM + ratio losses) or of the whole toy model (stage ``base``).
+
+Everything reaches the workers through ``train_loop_config``: the resolved job config, the model path, the MLflow
+run to log into (rank 0 only) and the number of optimizer steps. Checkpoints go through ``ray.train.report``: the
+DeepSpeed engine state (for resuming) and the decision modules as safetensors (for use).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from transformers import AutoProcessor, LlavaForConditionalGeneration, get_scheduler
+
+from lvpruning import attach, save_decision_modules
+from pipelines.collate import PaddingCollateFn
+from pipelines.config import JobConfig
+
+logger = logging.getLogger(__name__)
+STATE_NAME = "trainer_state.json"
+ENGINE_TAG = "deepspeed"
+MODULES_DIR = "decision_modules"
+MODEL_DIR = "model"
+# Chaos testing: kill one worker at this optimizer step, on a run that did not start from a checkpoint, so that
+# FailureConfig's restart-from-checkpoint path can be exercised on a real cluster (and in the tests).
+FAIL_AT_STEP_ENV = "LVPRUNING_FAIL_AT_STEP"
+
+
+@dataclass
+class TrainState:
+    """What a resumed run needs besides the DeepSpeed engine: progress in steps, epochs and samples."""
+
+    step: int = 0
+    epoch: int = 0
+    samples: int = 0
+
+
+def setup_model(cfg: JobConfig, model_path: str, device: torch.device) -> tuple[torch.nn.Module, list]:
+    """The module DeepSpeed trains and its trainable parameters (decision modules only, unless stage base)."""
+    model = LlavaForConditionalGeneration.from_pretrained(
+        model_path, dtype=getattr(torch, cfg.model.dtype), attn_implementation=cfg.model.attn_implementation
+    )
+    if cfg.train.stage == "base":
+        module = model.train()
+    else:
+        module = attach(model, cfg.pruning).train()
+    module.to(device)
+    return module, [p for p in module.parameters() if p.requires_grad]
+
+
+def deepspeed_config(cfg: JobConfig) -> dict[str, Any]:
+    """The JSON under ``cluster/deepspeed/`` with batch sizes and clipping filled in from the job config (read on
+    the driver, so a missing or broken file fails before any cluster work)."""
+    path = Path(cfg.scaling.deepspeed_config)
+    if not path.is_file():
+        raise FileNotFoundError(f"scaling.deepspeed_config: {path} not found")
+    ds = json.loads(path.read_text())
+    ds.update(
+        train_micro_batch_size_per_gpu=cfg.train.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        train_batch_size=cfg.train.global_batch_size,
+        gradient_clipping=cfg.train.max_grad_norm,
+    )
+    if ds.get("bf16", {}).get("enabled") and not cfg.scaling.use_gpu:
+        raise ValueError(f"scaling.deepspeed_config: {path} enables bf16, which needs GPUs; use zero2_cpu.json")
+    return ds
+
+
+def setup_engine(cfg: JobConfig, module: torch.nn.Module, params: list, total_steps: int, ds_config: dict):
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    schedule = "cosine" if cfg.train.lr_schedule == "cosine" else "constant_with_warmup"
+    scheduler = get_scheduler(
+        schedule,
+        optimizer,
+        num_warmup_steps=math.ceil(cfg.train.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        model_parameters=params,
+        config=ds_config,
+        dist_init_required=False,
+    )
+    return engine, scheduler
+
+
+def forward(engine, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch: the loss to back-propagate and the numbers to log."""
+    out = engine(**batch)
+    metrics = {"loss": out.loss.detach().float()}
+    if stage == "pruning":
+        metrics["lm_loss"] = out.lm_loss.detach().float()
+        metrics["ratio_loss"] = out.ratio_loss.detach().float()
+        for s, fraction in enumerate(out.keep_fractions.mean(0)):
+            metrics[f"keep_fraction/stage{s}"] = fraction.float()
+    return out.loss, metrics
+
+
+def mean_across_workers(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+    names = sorted(sums)
+    values = torch.stack([sums[n].cpu() for n in names] + [torch.tensor(float(count))])
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return {n: (values[i] / values[-1]).item() for i, n in enumerate(names)}
+
+
+def save_checkpoint(engine, module, state: TrainState, cfg: JobConfig, model_path: str, metrics: dict) -> None:
+    """Every rank writes its DeepSpeed shard; rank 0 also the usable export and the trainer state."""
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save_checkpoint(directory, tag=ENGINE_TAG)
+        if ray.train.get_context().get_world_rank() == 0:
+            if cfg.train.stage == "pruning":
+                save_decision_modules(module, Path(directory) / MODULES_DIR)
+            else:
+                module.save_pretrained(Path(directory) / MODEL_DIR)
+                AutoProcessor.from_pretrained(model_path).save_pretrained(Path(directory) / MODEL_DIR)
+            (Path(directory) / STATE_NAME).write_text(json.dumps(asdict(state)))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def load_checkpoint(engine) -> TrainState:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return TrainState()
+    with checkpoint.as_directory() as directory:
+        # DeepSpeed's own optimizer/engine state files (written by this job) use torch.save.
+        engine.load_checkpoint(directory, tag=ENGINE_TAG)
+        state = TrainState(**json.loads((Path(directory) / STATE_NAME).read_text()))
+    logger.info("resumed from step %d (epoch %d)", state.step, state.epoch)
+    return state
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    cfg = JobConfig.model_validate(loop_config["config"])
+    total_steps: int = loop_config["total_steps"]
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed + rank)
+
+    module, params = setup_model(cfg, loop_config["model_path"], device)
+    engine, scheduler = setup_engine(cfg, module, params, total_steps, loop_config["deepspeed_config"])
+    state = load_checkpoint(engine)
+    fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, 0)) if state.step == 0 else 0
+    run_id = loop_config.get("mlflow_run_id") if rank == 0 else None
+    client = MlflowClient(loop_config["mlflow_tracking_uri"]) if run_id else None
+
+    shard = ray.train.get_dataset_shard("train")
+    collate = PaddingCollateFn(loop_config["pad_token_id"], padding_side="right")
+    accumulation = cfg.gradient_accumulation_steps
+    samples_per_step = cfg.train.global_batch_size
+    start_step, start_time = state.step, time.perf_counter()
+    sums: dict[str, torch.Tensor] = {}
+    micro = logged_micro = 0
+    while state.step < total_steps:
+        epoch_start = micro
+        for batch in shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, collate_fn=collate, device=device):
+            loss, metrics = forward(engine, batch, cfg.train.stage)
+            engine.backward(loss)
+            engine.step()
+            for name, value in metrics.items():
+                sums[name] = sums.get(name, 0.0) + value
+            micro += 1
+            logged_micro += 1
+            if micro % accumulation:
+                continue
+            state.step += 1
+            state.samples += samples_per_step
+            if state.step == fail_at:
+                raise RuntimeError(f"{FAIL_AT_STEP_ENV}={fail_at}: injected failure at step {state.step}")
+            last = state.step == total_steps
+            if state.step % cfg.train.log_every == 0 or last:
+                logged = mean_across_workers(sums, logged_micro)
+                sums, logged_micro = {}, 0
+                elapsed = time.perf_counter() - start_time
+                rate = (state.step - start_step) * samples_per_step / elapsed
+                logged.update(lr=scheduler.get_last_lr()[0], samples_per_second=rate, epoch=state.epoch)
+                if rank == 0:
+                    eta = (total_steps - state.step) * samples_per_step / max(rate, 1e-9)
+                    print(
+                        f"step {state.step}/{total_steps}  loss {logged['loss']:.4f}  lr {logged['lr']:.2e}  "
+                        f"{rate:.1f} samples/s  ETA {eta / 60:.1f} min",
+                        flush=True,
+                    )
+                    if client is not None:
+                        now = int(time.time() * 1000)
+                        client.log_batch(run_id, metrics=[Metric(k, v, now, state.step) for k, v in logged.items()])
+            if state.step % cfg.train.checkpoint_every == 0 or last:
+                save_checkpoint(engine, module, state, cfg, loop_config["model_path"], {"step": state.step})
+            if last:
+                break
+        if micro == epoch_start:
+            raise RuntimeError("the training dataset shard is empty: every record was skipped or the data is too small")
+        state.epoch += 1

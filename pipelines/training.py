@@ -1,0 +1,98 @@
+"""Driver side of training: the ``TorchTrainer`` (Ray Train + DeepSpeed) built from the job config.
+
+Re-running with the same ``run.name`` and ``run.storage_path`` resumes from the latest checkpoint; ``FailureConfig``
+restarts failed workers from it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.fs
+import ray.data
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipelines.config import JobConfig
+from pipelines.storage import is_s3
+from pipelines.train_loop import MODEL_DIR, MODULES_DIR, deepspeed_config, train_loop_per_worker
+
+
+def planned_steps(cfg: JobConfig, num_records: int) -> int:
+    """Optimizer steps for ``train.epochs`` over ``num_records`` usable records, capped by ``train.max_steps``."""
+    per_epoch = num_records // cfg.train.global_batch_size
+    if per_epoch == 0 and cfg.train.max_steps is None:
+        raise ValueError(f"{num_records} records make no full global batch of {cfg.train.global_batch_size}")
+    steps = math.ceil(per_epoch * cfg.train.epochs)
+    return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+
+
+def storage(path: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """Ray's storage path and filesystem: local paths made absolute; ``s3://`` honours ``AWS_ENDPOINT_URL``
+    (an S3-compatible server such as MinIO or moto)."""
+    if not is_s3(path):
+        return str(Path(path).resolve()), None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint is None:
+        return path, None
+    scheme, _, host = endpoint.partition("://")
+    fs = pyarrow.fs.S3FileSystem(
+        endpoint_override=host, scheme=scheme, region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+    )
+    return path.removeprefix("s3://"), fs
+
+
+def fit(
+    cfg: JobConfig,
+    dataset: ray.data.Dataset,
+    model_path: str,
+    pad_token_id: int,
+    total_steps: int,
+    mlflow_tracking_uri: str,
+    mlflow_run_id: str | None,
+) -> ray.train.Result:
+    """Train on ``dataset`` with ``scaling.num_workers`` DeepSpeed workers; returns Ray's result (checkpoint)."""
+    use_gpu = cfg.scaling.use_gpu
+    storage_path, filesystem = storage(cfg.run.storage_path)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "deepspeed_config": deepspeed_config(cfg),
+            "model_path": model_path,
+            "pad_token_id": pad_token_id,
+            "total_steps": total_steps,
+            "mlflow_tracking_uri": mlflow_tracking_uri,
+            "mlflow_run_id": mlflow_run_id,
+        },
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name if cfg.train.stage == "pruning" else f"{cfg.run.name}-base",
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+    return trainer.fit()
+
+
+def export(result: ray.train.Result, stage: str, destination: str | Path) -> Path:
+    """Copy the usable part of the final checkpoint (decision modules, or the whole toy model) to a local folder."""
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    destination = Path(destination)
+    with result.checkpoint.as_directory() as directory:
+        shutil.copytree(
+            Path(directory) / (MODULES_DIR if stage == "pruning" else MODEL_DIR), destination, dirs_exist_ok=True
+        )
+    return destination

@@ -1,0 +1,139 @@
+"""Evaluating a setting: the toy scorer, TFLOPs, the config plumbing, and one MLflow run per setting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow import MlflowClient
+
+from lvpruning import PruningConfig
+from lvpruning.flops import analytic_flops
+from lvpruning.tiny import tiny_llava_config
+from pipelines.config import load_config
+from pipelines.evaluation import (
+    Benchmark,
+    benchmarks_from_config,
+    format_table,
+    make_settings,
+    modules_config,
+    redact,
+    run_setting,
+    setting_tflops,
+)
+from pipelines.inference import ModelSpec, Setting
+from pipelines.scoring import ScoringError, score
+from tests.pipelines.test_inference import OPTIONS, RATIOS, TinyWorld, direct_answers, write_tiny_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> TinyWorld:
+    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def test_toy_scorer_exact_match_per_category(tmp_path):
+    questions = [{"question_id": i, "text": "q", "category": c} for i, c in enumerate(["color", "color", "shape"])]
+    truth = tmp_path / "truth.jsonl"
+    truth.write_text(
+        "".join(json.dumps({"question_id": i, "answer": a}) + "\n" for i, a in enumerate("red blue x".split()))
+    )
+    answers = [{"question_id": 0, "text": " Red."}, {"question_id": 1, "text": "green"}]  # 2 has no answer
+    res = score("Toy", questions, answers, truth)
+    assert res["score"] == pytest.approx(100 / 3)
+    assert res["breakdown"]["category"] == {"color": 50.0, "shape": 0.0}
+    assert res["counts"]["missing"] == 1
+    with pytest.raises(ScoringError, match="ground_truth.jsonl"):
+        score("toy", questions, answers)
+
+
+def test_tflops_follow_the_flops_api():
+    config, pruning = tiny_llava_config(), PruningConfig(layers=(0, 1), train_ratios=RATIOS, infer_ratios=RATIOS)
+    report = analytic_flops(config, pruning, RATIOS, num_text_tokens=30)
+    assert setting_tflops(config, None, Setting("none")) == pytest.approx(report.baseline / 1e12)
+    assert setting_tflops(config, pruning, Setting("lvpruning", RATIOS)) == pytest.approx(report.pruned / 1e12)
+    without = report.pruned_without_decision / 1e12
+    assert setting_tflops(config, pruning, Setting("random", RATIOS)) == pytest.approx(without)
+    assert setting_tflops(config, pruning, Setting("fastv", RATIOS)) == pytest.approx(without)
+
+
+def test_settings_config_and_redaction(tmp_path):
+    settings = make_settings(("none", "lvpruning", "fastv"), [(0.5, 0.3), (0.3, 0.1)], seed=1)
+    assert [s.name for s in settings] == [
+        "none",
+        "lvpruning_0.5-0.3",
+        "lvpruning_0.3-0.1",
+        "fastv_0.5-0.3",
+        "fastv_0.3-0.1",
+    ]
+    assert redact({"uri": ["https://me:secret@mlflow.example.com/x"]}) == {"uri": ["https://mlflow.example.com/x"]}
+
+    config = load_config(None, ["eval.benchmarks=[toy,gqa]", f"eval.toy_world={tmp_path}"])
+    with pytest.raises(ValueError, match=r"eval.data has no files for benchmarks \['gqa'\]"):
+        benchmarks_from_config(config)
+    config = load_config(None, ["eval.benchmarks=[pope,toy]", f"eval.toy_world={tmp_path}"])
+    pope, toy = benchmarks_from_config(config)
+    assert toy.annotations == str(tmp_path / "test" / "ground_truth.jsonl") and pope.annotations.endswith("pope")
+    with pytest.raises(ValueError, match="eval.methods"):
+        load_config(None, ["eval.methods=[none,oracle]"])
+
+
+@pytest.mark.timeout(300)
+def test_run_setting_logs_one_run_with_params_and_metrics(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's SQLite store keeps artifacts in ./mlruns
+    # Ground truth = what the model answers for the color questions, something else for the shape ones.
+    setting = Setting("lvpruning", RATIOS)
+    said = direct_answers(world, setting, world.records()[: world.n_good])
+    truth = tmp_path / "truth.jsonl"
+    lines = [{"question_id": r["question_id"], "category": r["category"], "answer": "?"} for r in world.records()]
+    for line in lines[: world.n_good]:
+        if line["category"] == "color":
+            line["answer"] = said[line["question_id"]]
+    truth.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = ModelSpec(str(world.model), str(world.modules), modules_config(world.modules))
+    bench = Benchmark("toy", str(world.questions), str(world.images), str(truth))
+    config = {"mlflow": {"tracking_uri": "https://me:secret@mlflow.example.com"}}
+    result = run_setting(spec, setting, [bench], tmp_path / "eval", OPTIONS, experiment="t", uri=uri, config=config)
+
+    run = MlflowClient(uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "lvpruning_0.5-0.25"
+    params = run.data.params
+    assert params["method"] == "lvpruning" and json.loads(params["infer_ratios"]) == list(RATIOS)
+    assert json.loads(params["layers"]) == [0, 1] and json.loads(params["train_ratios"]) == list(RATIOS)
+    metrics = run.data.metrics
+    n_color = world.n_good // 2
+    assert metrics["accuracy/toy"] == pytest.approx(100 * n_color / (world.n_good + 2))
+    assert metrics["accuracy/toy/color"] == pytest.approx(100 * n_color / (n_color + 2))  # +2 unanswered
+    assert metrics["accuracy/toy/shape"] == 0.0 and metrics["unanswered/toy"] == 2
+    assert metrics["accuracy/mean"] == metrics["accuracy/toy"]
+    assert metrics["tflops"] == pytest.approx(setting_tflops(tiny_llava_config(), spec.pruning, setting))
+    assert 0 < metrics["latency/prefill_ms"] <= metrics["latency/e2e_ms"]
+    logged = Path(MlflowClient(uri).download_artifacts(result.run_id, "config.json", str(tmp_path)))
+    assert "secret" not in logged.read_text() and "mlflow.example.com" in logged.read_text()
+    assert (tmp_path / "eval" / "lvpruning_0.5-0.25" / "toy.jsonl").is_file()
+    table = format_table([result])
+    assert "lvpruning" in table and "0.5-0.25" in table and "toy/color" in table
+
+
+def test_a_failing_setting_ends_its_run_failed(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = ModelSpec(str(world.model))
+    bench = Benchmark("toy", str(tmp_path / "no_such_questions.jsonl"), str(world.images), str(world.truth))
+    with pytest.raises(FileNotFoundError):
+        run_setting(spec, Setting("none"), [bench], tmp_path / "eval", OPTIONS, experiment="t", uri=uri)
+    (run,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("t").experiment_id])
+    assert run.info.status == "FAILED" and run.data.params["method"] == "none"

@@ -1,0 +1,229 @@
+"""Ray Data batch inference: the actor pool on 2 CPUs, parity with direct generation, skipped images, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from lvpruning import PruningConfig, attach, load_decision_modules, save_decision_modules
+from lvpruning.policies import get_policy
+from lvpruning.tiny import build_processor, build_tokenizer, tiny_llava, tiny_llava_config
+from pipelines.inference import (
+    InferenceOptions,
+    ModelSpec,
+    Setting,
+    answer_signature,
+    question_text,
+    read_answers,
+    run_inference,
+)
+
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+SUFFIX = "Answer the question using a single word or phrase."
+WORDS = "what color shape size is the circle square red blue green small large".split()
+RATIOS = (0.5, 0.25)
+OPTIONS = InferenceOptions(batch_size=3, max_new_tokens=4, num_actors=2)
+
+
+@dataclass(frozen=True)
+class TinyWorld:
+    """A tiny LLaVA (random weights) with decision modules, and a toy-format benchmark: the last two questions
+    have a missing and a corrupt image."""
+
+    model: Path
+    modules: Path
+    questions: Path
+    truth: Path
+    images: Path
+    n_good: int
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.questions.read_text().splitlines()]
+
+
+def write_tiny_world(root: Path, n_good: int = 8) -> TinyWorld:
+    config = tiny_llava_config()
+    n_fill = config.text_config.vocab_size - len(build_tokenizer(WORDS))  # every id decodes to a word
+    processor = build_processor(config, WORDS + [f"filler{i}" for i in range(n_fill)])
+    model = tiny_llava(config, seed=0)
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    torch.manual_seed(1)
+    pruning = PruningConfig(layers=(0, 1), train_ratios=RATIOS, infer_ratios=RATIOS, num_heads=4)
+    save_decision_modules(attach(model, pruning), root / "modules")
+
+    rng = np.random.default_rng(0)
+    (root / "images" / "img").mkdir(parents=True)
+    questions, truth = [], []
+    categories = ("color", "shape")
+    for i in range(n_good):
+        height = 32 if i % 2 else 24  # some non-square images: padded to a square first, as LLaVA-1.5 does
+        Image.fromarray(rng.integers(0, 256, (height, 32, 3), dtype=np.uint8)).save(root / "images" / f"img/{i}.png")
+        text = f"what {categories[i % 2]} is the {'large ' * (i % 3)}circle?"  # prompts of several lengths
+        questions.append({"question_id": i, "image": f"img/{i}.png", "text": text, "category": categories[i % 2]})
+        truth.append({"question_id": i, "answer": ["red", "circle"][i % 2], "category": categories[i % 2]})
+    (root / "images" / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n not an image")
+    for qid, image in ((n_good, "img/missing.png"), (n_good + 1, "img/corrupt.png")):
+        questions.append({"question_id": qid, "image": image, "text": "what color is the square?", "category": "color"})
+        truth.append({"question_id": qid, "answer": "red", "category": "color"})
+    for name, records in (("questions.jsonl", questions), ("truth.jsonl", truth)):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return TinyWorld(
+        root / "model", root / "modules", root / "questions.jsonl", root / "truth.jsonl", root / "images", n_good
+    )
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> TinyWorld:
+    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def direct_answers(world: TinyWorld, setting: Setting, records: list[dict]) -> dict[int, str]:
+    """The same questions through ``pruner.generate`` (or HF ``generate``) in this process, one at a time."""
+    processor = AutoProcessor.from_pretrained(world.model)
+    tok = processor.tokenizer
+    model = LlavaForConditionalGeneration.from_pretrained(world.model).eval()
+    pruner = load_decision_modules(model, world.modules).eval() if setting.method != "none" else None
+    out = {}
+    for r in records:
+        image = Image.open(world.images / r["image"]).convert("RGB")
+        side = max(image.size)
+        mean = tuple(int(x * 255) for x in processor.image_processor.image_mean)
+        square = Image.new("RGB", (side, side), mean)
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        prompt = f"{SYSTEM} USER: <image>\n{r['text']}\n{SUFFIX} ASSISTANT:"
+        enc = processor(text=[prompt], images=[square], return_tensors="pt")
+        kwargs = {"attention_mask": enc["attention_mask"], "max_new_tokens": OPTIONS.max_new_tokens}
+        kwargs |= {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+        if pruner is None:
+            tokens = model.generate(enc["input_ids"], pixel_values=enc["pixel_values"], do_sample=False, **kwargs)
+        else:
+            policy = get_policy(setting.method, setting.seed)
+            tokens = pruner.generate(enc["input_ids"], enc["pixel_values"], keep_ratios=RATIOS, policy=policy, **kwargs)
+        out[r["question_id"]] = tok.decode(tokens[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return out
+
+
+@pytest.fixture(scope="module")
+def learned_run(world, tmp_path_factory):
+    answers = tmp_path_factory.mktemp("answers") / "toy.jsonl"
+    spec = ModelSpec(str(world.model), modules=str(world.modules))
+    report = run_inference(
+        "toy", str(world.questions), str(world.images), answers, spec, Setting("lvpruning", RATIOS), OPTIONS
+    )
+    return report, read_lines(answers)
+
+
+@pytest.mark.timeout(300)  # a stalled actor pool fails here instead of hanging CI
+def test_actor_pool_answers_match_direct_generation(world, learned_run):
+    report, answers = learned_run
+    assert report.generated == world.n_good and report.resumed == 0
+    expected = direct_answers(world, Setting("lvpruning", RATIOS), world.records()[: world.n_good])
+    assert {a["question_id"]: a["text"] for a in answers} == expected
+    assert any(expected.values()), "the tiny model should say something for at least one question"
+
+
+def test_answers_are_in_llava_format_with_settings_and_latency(world, learned_run):
+    _, answers = learned_run
+    assert [a["question_id"] for a in answers] == list(range(world.n_good))  # question order (POPE needs it)
+    assert len({a["answer_id"] for a in answers}) == len(answers)
+    for a in answers:
+        assert set(a) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+        assert a["prompt"].endswith(f"?\n{SUFFIX}") and a["model_id"] == "model"
+        meta = a["metadata"]
+        assert meta["method"] == "lvpruning" and meta["keep_ratios"] == list(RATIOS)
+        assert meta["modules"] == str(world.modules) and meta["model"] == str(world.model)
+        assert meta["benchmark"] == "toy"
+        assert 0 < meta["prefill_ms"] <= meta["e2e_ms"] and 1 <= meta["batch_size"] <= OPTIONS.batch_size
+
+
+def test_missing_and_corrupt_images_are_counted_not_fatal(world, learned_run):
+    report, answers = learned_run
+    assert report.skipped == {"missing_image": 1, "corrupt_image": 1}
+    assert sorted(report.skipped_ids) == [world.n_good, world.n_good + 1]
+    assert world.n_good not in {a["question_id"] for a in answers}
+
+
+@pytest.mark.timeout(300)
+def test_resume_generates_only_the_rest(world, tmp_path):
+    answers, spec, setting = tmp_path / "toy.jsonl", ModelSpec(str(world.model)), Setting("none")
+    half = world.n_good // 2
+    first = run_inference(
+        "toy",
+        str(world.questions),
+        str(world.images),
+        answers,
+        spec,
+        setting,
+        dataclasses.replace(OPTIONS, max_questions=half),
+    )
+    assert (first.generated, first.resumed) == (half, 0)
+    before = {a["question_id"]: a["answer_id"] for a in read_lines(answers)}
+    with open(answers, "a") as f:
+        f.write('{"question_id": 5, "prompt": "torn by a k')  # a run killed in the middle of a line
+
+    second = run_inference("toy", str(world.questions), str(world.images), answers, spec, setting, OPTIONS)
+    assert (second.resumed, second.generated) == (half, world.n_good - half)
+    final = read_lines(answers)
+    ids = [a["question_id"] for a in final]
+    assert ids == list(range(world.n_good))  # complete, no duplicates, in question order
+    assert {q: a["answer_id"] for q, a in ((a["question_id"], a) for a in final) if q in before} == before
+    assert {a["question_id"]: a["text"] for a in final} == direct_answers(
+        world, setting, world.records()[: world.n_good]
+    )
+
+    third = run_inference("toy", str(world.questions), str(world.images), answers, spec, setting, OPTIONS)
+    assert third.generated == 0 and third.resumed == world.n_good  # only the two bad images are tried again
+
+
+def test_answers_of_another_setting_are_refused(tmp_path):
+    spec, setting = ModelSpec("/models/llava"), Setting("random", (0.5,))
+    signature = answer_signature(spec, setting)
+    meta = {k: v for k, v in signature.items() if k != "model_id"}
+    path = tmp_path / "answers.jsonl"
+    path.write_text(json.dumps({"question_id": 1, "text": "red", "model_id": "llava", "metadata": meta}) + "\n")
+    assert set(read_answers(path, signature)) == {"1"}
+    for other in (answer_signature(spec, Setting("fastv", (0.5,))), answer_signature(ModelSpec("/x/llava"), setting)):
+        with pytest.raises(ValueError, match="use another folder"):
+            read_answers(path, other)
+
+
+def test_settings_and_prompts():
+    assert Setting("lvpruning", [0.5, 0.3]).name == "lvpruning_0.5-0.3"
+    assert Setting("none").name == "none" and Setting("random", (0.5,), seed=3).metadata()["seed"] == 3
+    with pytest.raises(ValueError, match="keep_ratios"):
+        Setting("none", (0.5,))
+    for ratios in (None, []):
+        with pytest.raises(ValueError, match="keep_ratios"):
+            Setting("fastv", ratios)
+    with pytest.raises(ValueError, match="unknown method 'oracle'"):
+        Setting("oracle", (0.5,))
+    with_suffix = question_text("toy", {"text": f"what color?\n{SUFFIX}"})
+    assert with_suffix == question_text("toy", {"text": "what color?"}) == f"what color?\n{SUFFIX}"
+    assert question_text("gqa", {"text": "what color?"}) == f"what color?\n{SUFFIX}"

@@ -32,6 +32,7 @@ class DataSection(_Strict):
     image_root: str | None = None  # local folder or s3://bucket/prefix
     max_length: int = Field(2048, gt=0)  # in tokens, after image expansion
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    toy_root: str = "./toy"  # the toy world's data and its cached base model
     toy_train_samples: int = Field(6000, gt=0)
     toy_test_samples: int = Field(600, gt=0)
     seed: int = 0
@@ -108,7 +109,7 @@ class EvalSection(_Strict):
 
 class JobConfig(_Strict):
     model: ModelSection = ModelSection()
-    pruning: PruningConfig = PruningConfig()
+    pruning: PruningConfig = PruningConfig(layers=(0, 1, 2))  # the toy model's 4 layers; 7B: see llava15_7b.yaml
     data: DataSection = DataSection()
     train: TrainSection = TrainSection()
     scaling: ScalingSection = ScalingSection()

@@ -31,7 +31,6 @@ def test_evaluate_job_logs_one_run_per_setting_and_prints_the_table(tmp_path):
     world = write_tiny_world(tmp_path / "world", n_good=4)
     config = {
         "model": {"name_or_path": str(world.model)},
-        "data": {"train_json": "unused-by-evaluation.json"},  # the schema asks for it with a real model
         "pruning": {"layers": [0, 1], "train_ratios": list(RATIOS), "infer_ratios": list(RATIOS), "num_heads": 4},
         "mlflow": {"experiment": "evaluate-job"},
         "eval": {

@@ -1,0 +1,156 @@
+"""Train LVPruning decision modules with Ray Train + DeepSpeed, log to MLflow, then evaluate.
+
+    python jobs/train.py                                       # the toy world, on this machine
+    python jobs/train.py train.max_steps=50 scaling.num_workers=1
+    ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/llava15_7b.yaml
+
+Stage ``pruning`` (the paper's recipe) trains only the decision modules of a frozen base model. With the toy model,
+the base model is itself trained first by this job's ``base`` stage (``jobs/configs/toy_base.yaml``), cached under
+``data.toy_root`` and reused. Re-running with the same ``run.name`` resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import mlflow
+import ray
+from transformers import AutoConfig, AutoProcessor
+
+from pipelines.config import TOY, JobConfig, load_config
+from pipelines.evaluation import evaluate, format_table
+from pipelines.instruct_data import build_instruct_dataset
+from pipelines.toy.base import ToyWorld, prepare_toy_world
+from pipelines.tracking import RUN_NAME_TAG, mlflow_run, resumable_run_id, tracking_uri, ui_hint
+from pipelines.training import export, fit, planned_steps
+
+BASE_CONFIG = Path(__file__).parent / "configs" / "toy_base.yaml"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML job config (default: the toy world)")
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=20")
+    return parser.parse_args(argv)
+
+
+def setup(args: argparse.Namespace) -> JobConfig:
+    """Read and validate the config, and check it against the model's shape: fails before any cluster work."""
+    cfg = load_config(args.config, args.overrides)
+    if cfg.model.name_or_path != TOY:
+        if cfg.data.train_json is None or cfg.data.image_root is None:
+            raise ValueError("data.train_json and data.image_root are required for a real model")
+        text = AutoConfig.from_pretrained(cfg.model.name_or_path).text_config  # config only, no weights
+        cfg.pruning.check_model(text.num_hidden_layers, text.hidden_size)
+    print(
+        f"stage {cfg.train.stage}: {cfg.model.name_or_path}, {cfg.scaling.num_workers} workers, "
+        f"global batch {cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {cfg.scaling.num_workers} "
+        f"workers x {cfg.gradient_accumulation_steps} accumulation steps"
+    )
+    return cfg
+
+
+def setup_ray() -> None:
+    """Join the cluster of ``ray job submit`` (``RAY_ADDRESS``), else start a local one."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def train_stage(cfg: JobConfig, model_path: str, train_json: str, image_root: str, export_to: Path) -> Path:
+    """One training run in its own MLflow run: data -> Ray Train + DeepSpeed -> exported result."""
+    processor = AutoProcessor.from_pretrained(model_path)
+    dataset, ledger = build_instruct_dataset(
+        train_json,
+        image_root,
+        processor,
+        max_length=cfg.data.max_length,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        num_cpus=0.5,
+    )
+    steps = planned_steps(cfg, ledger.stats().pending)
+    uri = tracking_uri(cfg)
+    tags = {RUN_NAME_TAG: cfg.run.name, "stage": cfg.train.stage}
+    params = {
+        "method": "lvpruning" if cfg.train.stage == "pruning" else "none",
+        "total_steps": steps,
+        "layers": list(cfg.pruning.layers),
+        "train_ratios": list(cfg.pruning.train_ratios),
+    }
+    with mlflow_run(cfg, f"{cfg.run.name}-{cfg.train.stage}", tags, params, resumable_run_id(cfg, uri)) as run:
+        print(f"MLflow run {run.info.run_id} in experiment '{cfg.mlflow.experiment}' at {uri}")
+        result = fit(cfg, dataset, model_path, processor.tokenizer.pad_token_id, steps, uri, run.info.run_id)
+        if result.error:
+            raise result.error
+        stats = ledger.check()
+        mlflow.log_metrics(
+            {f"skipped/{reason}": n for reason, n in stats.counts.items()} | {"records/kept": stats.kept}
+        )
+        print(f"data: {stats.summary()}")
+        exported = export(result, cfg.train.stage, export_to)
+        mlflow.log_artifacts(str(exported), artifact_path=exported.name)
+        print(f"exported {exported} (also an MLflow artifact)")
+    return exported
+
+
+def toy_base_model(cfg: JobConfig, world: ToyWorld) -> str:
+    """The toy base model: the cached or shipped one, else trained now by this job's ``base`` stage."""
+    if world.base_is_trained():
+        return str(world.base_model)
+    print(f"no trained toy base model under {world.base_model}: training it with {BASE_CONFIG}")
+    base = load_config(
+        BASE_CONFIG,
+        [
+            f"data.toy_root={cfg.data.toy_root}",
+            f"run.storage_path={cfg.run.storage_path}",
+            f"mlflow.experiment={cfg.mlflow.experiment}",
+            f"run.name={cfg.run.name}",
+        ]
+        + ([f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}"] if cfg.mlflow.tracking_uri else []),
+    )
+    train_stage(
+        base, str(world.init_model()), str(world.paths.train_json), str(world.paths.image_folder), world.base_model
+    )
+    return str(world.base_model)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    try:
+        cfg = setup(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    setup_ray()
+    output = Path("outputs") / cfg.run.name
+    if cfg.model.name_or_path == TOY:
+        world = prepare_toy_world(cfg.data)
+        train_json, image_root = str(world.paths.train_json), str(world.paths.image_folder)
+        model_path = str(world.init_model()) if cfg.train.stage == "base" else toy_base_model(cfg, world)
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"toy_world": str(world.paths.root)})})
+    else:
+        train_json, image_root, model_path = cfg.data.train_json, cfg.data.image_root, cfg.model.name_or_path
+    target = (
+        world.base_model if cfg.train.stage == "base" and cfg.model.name_or_path == TOY else output / cfg.train.stage
+    )
+    exported = train_stage(cfg, model_path, train_json, image_root, target)
+    if not args.no_eval:
+        if cfg.train.stage == "base":
+            cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"methods": ("none",)})})
+            results = evaluate(cfg, model_path=str(exported))
+        else:
+            results = evaluate(cfg, model_path=model_path, modules=str(exported))
+        print(format_table(results))
+    uri = tracking_uri(cfg)
+    print(f"\nMLflow: experiment '{cfg.mlflow.experiment}' at {uri}\n  {ui_hint(uri)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The toy world on disk for the jobs: its data (written once), the untrained toy LLaVA that the ``base`` stage
+starts from, and where the trained base model is cached (``<toy_root>/base_model``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.config import DataSection
+from pipelines.toy.model import build_toy_model, save_toy_model, toy_processor
+from pipelines.toy.writer import ToyWorldPaths, write_toy_world
+
+
+@dataclass(frozen=True)
+class ToyWorld:
+    paths: ToyWorldPaths  # the data: instruction JSON + images for training, benchmark files for test
+    root: Path
+    seed: int
+
+    @property
+    def base_model(self) -> Path:
+        return self.root / "base_model"
+
+    def base_is_trained(self) -> bool:
+        return (self.base_model / "config.json").is_file() and (self.base_model / "model.safetensors").is_file()
+
+    def init_model(self) -> Path:
+        """The randomly initialised toy model (and its processor) that the ``base`` stage trains, saved once."""
+        path = self.root / "init_model"
+        if not (path / "model.safetensors").is_file():
+            save_toy_model(path, build_toy_model(seed=self.seed), toy_processor())
+        return path
+
+
+def prepare_toy_world(data: DataSection) -> ToyWorld:
+    """Write (or reuse) the toy world under ``data.toy_root``."""
+    root = Path(data.toy_root)
+    paths = write_toy_world(
+        root / "world", seed=data.seed, n_train=data.toy_train_samples, n_test=data.toy_test_samples
+    )
+    return ToyWorld(paths, root, data.seed)

@@ -1,0 +1,44 @@
+"""Every YAML under jobs/configs validates, and the 7B config holds the paper's settings (section 4.1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lvpruning import paper_schedule
+from pipelines.config import load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_validates(path):
+    load_config(path)
+
+
+def test_llava15_7b_config_has_the_papers_settings():
+    cfg = load_config(Path(__file__).resolve().parents[2] / "jobs" / "configs" / "llava15_7b.yaml")
+    assert cfg.model.name_or_path == "llava-hf/llava-1.5-7b-hf"
+    assert cfg.pruning.layers == (1, 8, 16)
+    assert cfg.pruning.train_ratios == paper_schedule(0.5) == (0.5, 0.3, 0.1)
+    assert (cfg.pruning.num_blocks, cfg.pruning.num_heads) == (2, 8)
+    t = cfg.train
+    assert (t.learning_rate, t.warmup_ratio, t.lr_schedule, t.global_batch_size) == (2e-6, 0.03, "cosine", 64)
+    assert (t.weight_decay, t.max_grad_norm, t.epochs, t.stage) == (0.0, 1.0, 1, "pruning")
+    assert cfg.scaling.use_gpu and cfg.scaling.deepspeed_config.endswith("zero2_bf16.json")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.learning_rat=1e-3", "train.learning_rat"),
+        ("train.micro_batch_size=3", "global_batch_size"),
+        ("pruning.train_ratios=[0.5,0.6,0.1]", "train_ratios"),
+        ("eval.methods=[none,topk]", "eval.methods"),
+        ("scaling.num_workers=0", "scaling.num_workers"),
+    ],
+)
+def test_impossible_overrides_fail_naming_the_key(override, key):
+    with pytest.raises(ValueError, match=key):
+        load_config(None, [override])

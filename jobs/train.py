@@ -27,6 +27,7 @@ from pipelines.evaluation import evaluate, format_table
 from pipelines.instruct_data import build_instruct_dataset
 from pipelines.toy.base import ToyWorld, prepare_toy_world
 from pipelines.tracking import RUN_NAME_TAG, mlflow_run, resumable_run_id, tracking_uri, ui_hint
+from pipelines.train_loop import deepspeed_config
 from pipelines.training import export, fit, planned_steps
 
 BASE_CONFIG = Path(__file__).parent / "configs" / "toy_base.yaml"
@@ -48,6 +49,7 @@ def setup(args: argparse.Namespace) -> JobConfig:
             raise ValueError("data.train_json and data.image_root are required for a real model")
         text = AutoConfig.from_pretrained(cfg.model.name_or_path).text_config  # config only, no weights
         cfg.pruning.check_model(text.num_hidden_layers, text.hidden_size)
+    deepspeed_config(cfg)  # the DeepSpeed JSON exists and suits the scaling (bf16 needs GPUs)
     print(
         f"stage {cfg.train.stage}: {cfg.model.name_or_path}, {cfg.scaling.num_workers} workers, "
         f"global batch {cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {cfg.scaling.num_workers} "

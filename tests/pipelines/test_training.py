@@ -69,6 +69,12 @@ def test_injected_failure_resumes_from_the_s3_checkpoint(cluster, s3_endpoint):
     assert any(k.endswith("decision_modules/decision_modules.safetensors") for k in keys)
     assert any("deepspeed" in k for k in keys)
 
-    exported = export(result, "pruning", root / "exported")
+    # Re-running with the same run name resumes from the latest checkpoint (step 4) and goes on to step 6.
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 6})})
+    again = fit(longer, dataset, str(model_path), processor.tokenizer.pad_token_id, 6, uri, run_id)
+    assert again.error is None and again.metrics["step"] == 6
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4, 5, 6]
+
+    exported = export(again, "pruning", root / "exported")
     pruner = load_decision_modules(LlavaForConditionalGeneration.from_pretrained(model_path), exported)
     assert pruner.config.layers == cfg.pruning.layers

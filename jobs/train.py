@@ -102,8 +102,10 @@ def train_stage(cfg: JobConfig, model_path: str, train_json: str, image_root: st
 
 def toy_base_model(cfg: JobConfig, world: ToyWorld) -> str:
     """The toy base model: the cached or shipped one, else trained now by this job's ``base`` stage."""
-    if world.base_is_trained():
-        return str(world.base_model)
+    trained = world.trained_base()
+    if trained is not None:
+        print(f"toy base model: {trained}")
+        return str(trained)
     print(f"no trained toy base model under {world.base_model}: training it with {BASE_CONFIG}")
     base = load_config(
         BASE_CONFIG,

@@ -1,5 +1,6 @@
 """The toy world on disk for the jobs: its data (written once), the untrained toy LLaVA that the ``base`` stage
-starts from, and where the trained base model is cached (``<toy_root>/base_model``).
+starts from, and the trained base model: ``<toy_root>/base_model`` when this machine trained one, else the one
+shipped in the repository (``pipelines/toy/base_model``, trained by ``jobs/configs/toy_base.yaml``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from pipelines.config import DataSection
 from pipelines.toy.model import build_toy_model, save_toy_model, toy_processor
 from pipelines.toy.writer import ToyWorldPaths, write_toy_world
 
+SHIPPED_BASE_MODEL = Path(__file__).parent / "base_model"
+
 
 @dataclass(frozen=True)
 class ToyWorld:
@@ -20,10 +23,15 @@ class ToyWorld:
 
     @property
     def base_model(self) -> Path:
+        """Where this machine's ``base`` stage writes the trained base model."""
         return self.root / "base_model"
 
-    def base_is_trained(self) -> bool:
-        return (self.base_model / "config.json").is_file() and (self.base_model / "model.safetensors").is_file()
+    def trained_base(self) -> Path | None:
+        """The trained base model: this machine's, else the shipped one, else None."""
+        for path in (self.base_model, SHIPPED_BASE_MODEL):
+            if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+                return path
+        return None
 
     def init_model(self) -> Path:
         """The randomly initialised toy model (and its processor) that the ``base`` stage trains, saved once."""

@@ -1,0 +1,83 @@
+"""Evaluate a LLaVA with and without LVPruning: accuracy, TFLOPs and latency per setting, one MLflow run each.
+
+    python jobs/evaluate.py --config eval.yaml --modules runs/toy/decision_modules \\
+        model.name_or_path=runs/toy/base_model eval.schedules='[[0.5,0.3,0.1],[0.3,0.1,0.05]]'
+    ray job submit -- python jobs/evaluate.py --config eval_llava15_7b.yaml --modules /mnt/ckpt/decision_modules
+
+A setting is a method (``none``, ``lvpruning``, ``random``, ``fastv``) with a keep-ratio schedule; every setting
+runs on every benchmark of ``eval.benchmarks`` (files in ``eval.data``, or ``eval.toy_world``) by Ray Data batch
+inference, resumable, and the script ends with a table of them all. MLflow: ``mlflow.tracking_uri``, else
+``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import ray
+
+from pipelines.config import JobConfig, load_config
+from pipelines.evaluation import SettingResult, evaluate, format_table
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML job config (default: the embedded defaults)")
+    parser.add_argument("--modules", help="trained decision modules (overrides eval.modules)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. eval.batch_size=8")
+    return parser.parse_args(argv)
+
+
+def setup(args: argparse.Namespace) -> JobConfig:
+    """Read and validate the config: a typo or an impossible value fails here, before Ray starts."""
+    config = load_config(args.config, args.overrides)
+    ev = config.eval
+    print(f"evaluating {config.model.name_or_path} (modules: {args.modules or ev.modules}) on {list(ev.benchmarks)}")
+    print(f"methods {list(ev.methods)} x schedules {[list(s) for s in ev.schedules]}, answers under {ev.output_dir}")
+    return config
+
+
+def setup_ray() -> None:
+    """Join the cluster named by ``RAY_ADDRESS`` (``ray job submit``), else start a local one."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(include_dashboard=False)
+
+
+def run(config: JobConfig, modules: str | None) -> list[SettingResult]:
+    return evaluate(config, modules=modules)
+
+
+def report(results: list[SettingResult]) -> None:
+    print(format_table(results))
+
+
+def cleanup() -> None:
+    ray.shutdown()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    try:
+        config = setup(args)
+    except (ValueError, FileNotFoundError) as e:  # a bad config: say so before any cluster work
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    setup_ray()
+    try:
+        report(run(config, args.modules))
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Synthetic scenes and questions of the toy world, deterministic from a seed.
+
+A scene is a ``grid x grid`` board of patches (``patch`` pixels each, one patch = one vision token) split
+into 2 x 2 quadrants. Each object sits in its own quadrant, aligned to the patch grid, and covers 1 patch
+(small) or 2 x 2 patches (large), so the answer to a question lives in a few of the ``grid**2`` vision tokens.
+Shapes and colors are unique within a scene: "the circle" or "the red object" names exactly one object.
+
+Question types (the ``category`` of the benchmark files):
+
+- ``color``: "What color is the circle?" -> an attribute of the object the question names by shape;
+- ``shape``: "What shape is the red object?" -> an attribute of the object named by color;
+- ``exist``: "Is there a circle in the image?" / "Is there a red object in the image?" -> yes / no, balanced;
+  like POPE, a question names one thing, and the negatives name a shape or color absent from the scene
+  (POPE's ``random`` split: the toy world has no co-occurrence statistics for ``popular``/``adversarial``);
+- ``position``: "What shape is in the top left?" -> the shape of the object in a named quadrant;
+- ``size``: "What size is the circle?" -> small / large.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 240),
+    "yellow": (240, 220, 40),
+    "purple": (160, 60, 210),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+SIZES = ("small", "large")
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+QUESTION_TYPES = ("color", "shape", "exist", "position", "size")
+POPE_CATEGORIES = ("random",)
+_TEMPLATES = {
+    "color": "What color is the {shape}?",
+    "shape": "What shape is the {color} object?",
+    "exist": "Is there a {shape} in the image?",
+    "exist_color": "Is there a {color} object in the image?",
+    "position": "What shape is in the {quadrant}?",
+    "size": "What size is the {shape}?",
+}
+# For each attribute question: the attribute that names the object, and the one asked for.
+_ASKS = {
+    "color": ("shape", "color"),
+    "shape": ("color", "shape"),
+    "position": ("quadrant", "shape"),
+    "size": ("shape", "size"),
+}
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """How scenes and questions are drawn. ``grid**2`` is the number of vision tokens of the toy model."""
+
+    grid: int = 8
+    patch: int = 8
+    min_objects: int = 1  # scenes of one object teach reading the image before finding in it
+    max_objects: int = 3
+    question_types: tuple[str, ...] = ("color", "shape", "exist", "position")
+    large_fraction: float = 0.5
+    small_px: int = 8  # side of a small object's box in pixels (the shape keeps a 1-pixel margin inside)
+    large_px: int = 16
+
+    def __post_init__(self) -> None:
+        if self.grid % 2 or self.grid < 4:
+            raise ValueError(f"grid must be even and >= 4, got {self.grid}")
+        if not 1 <= self.min_objects <= self.max_objects <= len(QUADRANTS):
+            raise ValueError(
+                f"min_objects, max_objects must satisfy 1 <= min <= max <= 4, got {self.min_objects}, "
+                f"{self.max_objects}"
+            )
+        if not 5 <= self.small_px < self.large_px <= self.grid // 2 * self.patch:
+            raise ValueError(
+                f"small_px, large_px must satisfy 5 <= small < large <= quadrant side, got "
+                f"{self.small_px}, {self.large_px}"
+            )
+        unknown = set(self.question_types) - set(QUESTION_TYPES)
+        if unknown or not self.question_types:
+            raise ValueError(f"question_types must be a non-empty subset of {QUESTION_TYPES}, got {unknown}")
+
+    @property
+    def image_size(self) -> int:
+        return self.grid * self.patch
+
+    def side(self, size: str) -> int:
+        return self.small_px if size == "small" else self.large_px
+
+    def cells(self, size: str) -> int:
+        """Patches per side that an object of ``size`` covers."""
+        return -(-self.side(size) // self.patch)
+
+
+@dataclass(frozen=True)
+class ToyObject:
+    """One object: its top-left patch ``(row, col)``, the ``cells`` x ``cells`` patches it covers, its box side
+    ``side`` in pixels (drawn centred in those patches)."""
+
+    shape: str
+    color: str
+    size: str
+    row: int
+    col: int
+    quadrant: str
+    cells: int
+    side: int
+
+    def patches(self, grid: int) -> set[int]:
+        """Indices (row-major) of the vision tokens this object covers."""
+        return {(self.row + r) * grid + self.col + c for r in range(self.cells) for c in range(self.cells)}
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[ToyObject, ...]
+
+    def key(self) -> tuple:
+        return tuple(sorted((o.shape, o.color, o.size, o.row, o.col) for o in self.objects))
+
+    def by(self, **attrs: str) -> ToyObject | None:
+        """The object whose attributes match ``attrs`` (shapes and colors are unique), or None."""
+        found = [o for o in self.objects if all(getattr(o, k) == v for k, v in attrs.items())]
+        return found[0] if found else None
+
+
+@dataclass(frozen=True)
+class Question:
+    """A question about a scene: its type, what it names (e.g. ``(("shape", "circle"),)``), its answer."""
+
+    category: str
+    named: tuple[tuple[str, str], ...]
+    answer: str
+    pope_category: str | None = None
+
+    @property
+    def text(self) -> str:
+        named = dict(self.named)
+        template = "exist_color" if self.category == "exist" and "color" in named else self.category
+        return _TEMPLATES[template].format(**named)
+
+    def targets(self, scene: Scene) -> tuple[ToyObject, ...]:
+        """The objects the question names: their patches hold everything needed to answer it."""
+        return tuple(o for o in scene.objects if any(getattr(o, k) == v for k, v in self.named))
+
+
+def sample_scene(rng: random.Random, spec: SceneSpec) -> Scene:
+    """Distinct shapes, colors and quadrants; positions aligned to the patch grid inside each quadrant."""
+    half = spec.grid // 2
+    n_objects = rng.randint(spec.min_objects, spec.max_objects)
+    shapes = rng.sample(SHAPES, n_objects)
+    colors = rng.sample(list(COLORS), n_objects)
+    quadrants = rng.sample(range(len(QUADRANTS)), n_objects)
+    objects = []
+    for shape, color, q in zip(shapes, colors, quadrants, strict=True):
+        size = "large" if rng.random() < spec.large_fraction else "small"
+        cells = spec.cells(size)
+        row = (q // 2) * half + rng.randint(0, half - cells)  # the object stays inside its quadrant
+        col = (q % 2) * half + rng.randint(0, half - cells)
+        objects.append(ToyObject(shape, color, size, row, col, QUADRANTS[q], cells, spec.side(size)))
+    return Scene(tuple(objects))
+
+
+def _shape_mask(shape: str, side: int) -> np.ndarray:
+    """Boolean ``(side, side)`` mask of a shape drawn in a box of ``side`` pixels with a 1-pixel margin."""
+    c = (side - 1) / 2
+    y, x = np.mgrid[0:side, 0:side].astype(np.float64)
+    r = side / 2 - 1  # keeps a background margin so that neighbouring objects never touch
+    if shape == "circle":
+        return (x - c) ** 2 + (y - c) ** 2 <= r**2 + 0.5
+    if shape == "square":
+        return (np.abs(x - c) <= r - 0.5) & (np.abs(y - c) <= r - 0.5)
+    if shape == "diamond":
+        return np.abs(x - c) + np.abs(y - c) <= r + 0.5
+    if shape == "triangle":  # apex up, base at the bottom of the box
+        top, bottom = c - r, c + r
+        half_width = (y - top) / (bottom - top) * r
+        return (y >= top) & (y <= bottom) & (np.abs(x - c) <= half_width + 0.5)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(scene: Scene, spec: SceneSpec) -> np.ndarray:
+    """The scene as a ``(H, W, 3)`` uint8 image on a black background."""
+    image = np.zeros((spec.image_size, spec.image_size, 3), dtype=np.uint8)
+    for obj in scene.objects:
+        inset = (obj.cells * spec.patch - obj.side) // 2  # centre the box in its patches
+        y0, x0 = obj.row * spec.patch + inset, obj.col * spec.patch + inset
+        box = image[y0 : y0 + obj.side, x0 : x0 + obj.side]  # (side, side, 3), a view
+        box[_shape_mask(obj.shape, obj.side)] = COLORS[obj.color]
+    return image
+
+
+def solve(scene: Scene, category: str, named: dict[str, str]) -> str:
+    """The answer to a question of type ``category`` naming ``named``, read off the scene."""
+    if category == "exist":
+        return "yes" if scene.by(**named) is not None else "no"
+    obj = scene.by(**named)
+    if obj is None:
+        raise ValueError(f"no object with {named} in the scene")
+    return getattr(obj, _ASKS[category][1])
+
+
+def _exist_named(rng: random.Random, scene: Scene, k: int) -> tuple[dict[str, str], str]:
+    """What the k-th yes/no question of a split names: one shape or one color, present on even k (yes),
+    absent on odd k (no)."""
+    kind = rng.choice(("shape", "color"))
+    values = SHAPES if kind == "shape" else tuple(COLORS)
+    present = {getattr(o, kind) for o in scene.objects}
+    absent = [v for v in values if v not in present]
+    if k % 2 == 0 or not absent:
+        if not absent:  # every shape is in the scene: ask about an absent color instead
+            kind, present = "color", {o.color for o in scene.objects}
+            absent = [c for c in COLORS if c not in present]
+        else:
+            return {kind: getattr(rng.choice(scene.objects), kind)}, POPE_CATEGORIES[0]
+    return {kind: rng.choice(absent)}, POPE_CATEGORIES[0]
+
+
+def ask(rng: random.Random, scene: Scene, category: str, k: int = 0) -> Question:
+    """One question of type ``category``; ``k`` counts the questions of that type so far (for balancing)."""
+    pope_category = None
+    if category == "exist":
+        named, pope_category = _exist_named(rng, scene, k)
+    elif category in _ASKS:
+        key = _ASKS[category][0]
+        named = {key: getattr(rng.choice(scene.objects), key)}
+    else:
+        raise ValueError(f"unknown question type {category!r}")
+    return Question(category, tuple(named.items()), solve(scene, category, named), pope_category)
+
+
+def make_split(
+    seed: int, n_questions: int, spec: SceneSpec, split: str, exclude: set[tuple] | None = None
+) -> list[tuple[Scene, list[Question]]]:
+    """``n_questions`` questions over fresh scenes, one of each type per scene (the last may be short).
+
+    Scenes whose key is in ``exclude`` are redrawn (keeps test scenes out of the training set); ``split``
+    seeds its own stream, so train and test differ for the same ``seed``.
+    """
+    rng = random.Random(f"toy-world/{seed}/{split}")
+    counts = dict.fromkeys(spec.question_types, 0)
+    out: list[tuple[Scene, list[Question]]] = []
+    left = n_questions
+    while left > 0:
+        scene = sample_scene(rng, spec)
+        while exclude and scene.key() in exclude:
+            scene = sample_scene(rng, spec)
+        questions = []
+        for category in spec.question_types[:left]:
+            questions.append(ask(rng, scene, category, counts[category]))
+            counts[category] += 1
+        out.append((scene, questions))
+        left -= len(questions)
+    return out
+
+
+def repaint(scene: Scene, target: ToyObject, color: str) -> Scene:
+    """The same scene with ``target`` painted ``color`` (for tests: only the target's patches change)."""
+    return Scene(tuple(replace(o, color=color) if o == target else o for o in scene.objects))
+
+
+def toy_words() -> list[str]:
+    """Every word a toy question or answer uses (the tokenizer adds the template's own words)."""
+    # "human's" in the vicuna_v1 system prompt splits into  human ' s  under the word-level tokenizer
+    texts = ["' s", *(re.sub(r"\{\w+\}", " ", t) for t in _TEMPLATES.values())]
+    texts += [*QUADRANTS, *COLORS, *SHAPES, *SIZES, "yes no"]
+    words = [w for text in texts for w in text.replace("?", " ").lower().split()]
+    return list(dict.fromkeys(words))

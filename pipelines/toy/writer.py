@@ -1,0 +1,165 @@
+"""Write the toy world to disk in the real formats, once: a manifest marks a finished world and its inputs.
+
+Layout under ``root``::
+
+    manifest.json                  parameters + relative paths (written last: its presence means "complete")
+    images/{train,test}/NNNNNN.png the image folder; records name images relative to it
+    train.json                     LLaVA instruction JSON
+    test/questions.jsonl           LLaVA evaluation questions, category = question type
+    test/ground_truth.jsonl        question_id, answer, category
+    test/pope/llava_pope_test.jsonl + coco_pope_{random,adversarial}.json   the yes/no questions as POPE
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from pipelines.toy.formats import (
+    answer_record,
+    conversation_record,
+    pope_label_record,
+    question_record,
+    write_jsonl,
+)
+from pipelines.toy.scenes import POPE_CATEGORIES, Scene, SceneSpec, make_split, render
+
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ToyWorldPaths:
+    """Where each file of a written toy world is."""
+
+    root: Path
+    manifest: Path
+    image_folder: Path
+    train_json: Path
+    test_questions: Path
+    test_answers: Path
+    pope_questions: Path
+    pope_labels: dict[str, Path]
+
+    @classmethod
+    def under(cls, root: Path) -> ToyWorldPaths:
+        pope = root / "test" / "pope"
+        return cls(
+            root=root,
+            manifest=root / MANIFEST,
+            image_folder=root / "images",
+            train_json=root / "train.json",
+            test_questions=root / "test" / "questions.jsonl",
+            test_answers=root / "test" / "ground_truth.jsonl",
+            pope_questions=pope / "llava_pope_test.jsonl",
+            pope_labels={c: pope / f"coco_pope_{c}.json" for c in POPE_CATEGORIES},
+        )
+
+
+def _parameters(seed: int, n_train: int, n_test: int, spec: SceneSpec) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "seed": seed,
+        "n_train": n_train,
+        "n_test": n_test,
+        **asdict(spec),
+    }
+
+
+def _read_manifest(root: Path) -> dict | None:
+    try:
+        return json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _matches(found: dict | None, wanted: dict) -> bool:
+    return found is not None and {k: found.get(k) for k in wanted} == json.loads(json.dumps(wanted))
+
+
+def _save_image(scene: Scene, spec: SceneSpec, folder: Path, name: str) -> None:
+    Image.fromarray(render(scene, spec)).save(folder / name, optimize=False)
+
+
+def _write(root: Path, seed: int, n_train: int, n_test: int, spec: SceneSpec) -> None:
+    paths = ToyWorldPaths.under(root)
+    for folder in (paths.image_folder / "train", paths.image_folder / "test", paths.pope_questions.parent):
+        folder.mkdir(parents=True)
+
+    train = make_split(seed, n_train, spec, "train")
+    records = []
+    for i, (scene, questions) in enumerate(train):
+        image = f"train/{i:06d}.png"
+        _save_image(scene, spec, paths.image_folder, image)
+        records.append(conversation_record(f"toy-{i:06d}", image, questions))
+    paths.train_json.write_text(json.dumps(records))
+
+    test = make_split(seed, n_test, spec, "test", exclude={scene.key() for scene, _ in train})
+    questions, answers, pope_questions = [], [], []
+    pope_labels: dict[str, list[dict]] = {c: [] for c in POPE_CATEGORIES}
+    for i, (scene, scene_questions) in enumerate(test):
+        image = f"test/{i:06d}.png"
+        _save_image(scene, spec, paths.image_folder, image)
+        for q in scene_questions:
+            qid = len(questions)
+            questions.append(question_record(qid, image, q))
+            answers.append(answer_record(qid, q))
+            if q.pope_category is not None:
+                pope_questions.append(question_record(qid, image, q, category=q.pope_category))
+                pope_labels[q.pope_category].append(pope_label_record(qid, image, q))
+    write_jsonl(paths.test_questions, questions)
+    write_jsonl(paths.test_answers, answers)
+    write_jsonl(paths.pope_questions, pope_questions)
+    for category, labels in pope_labels.items():
+        write_jsonl(paths.pope_labels[category], labels)
+
+    manifest = {
+        **_parameters(seed, n_train, n_test, spec),
+        "n_train_images": len(train),
+        "n_test_images": len(test),
+        "files": {k: str(v.relative_to(root)) for k, v in asdict(paths).items() if isinstance(v, Path)},
+    }
+    paths.manifest.write_text(json.dumps(manifest, indent=2))
+
+
+def write_toy_world(
+    root: str | Path, seed: int = 0, n_train: int = 20_000, n_test: int = 2_000, spec: SceneSpec | None = None
+) -> ToyWorldPaths:
+    """Write (or reuse) the toy world with ``n_train`` training and ``n_test`` test questions under ``root``.
+
+    A world whose manifest has the same parameters is reused as is. Otherwise the world is built in a
+    temporary sibling folder and moved into place, so a crash never leaves a half-written world that looks
+    finished. An existing ``root`` that is not a toy world (no manifest, not empty) is never deleted.
+    """
+    spec = spec or SceneSpec()
+    root = Path(root)
+    paths = ToyWorldPaths.under(root)
+    wanted = _parameters(seed, n_train, n_test, spec)
+    found = _read_manifest(root)
+    if _matches(found, wanted):
+        return paths
+    if root.exists() and found is None and any(root.iterdir()):
+        raise FileExistsError(f"{root} exists and is not a toy world (no {MANIFEST}); refusing to overwrite it")
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the world is meant to be shared like any data folder
+    try:
+        _write(staging, seed, n_train, n_test, spec)
+        if root.exists():
+            shutil.rmtree(root)
+        try:
+            os.replace(staging, root)
+        except OSError:  # another process finished the same world first: use it if it matches
+            if not _matches(_read_manifest(root), wanted):
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return paths

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -30,7 +31,7 @@ from pipelines.toy.formats import (
 )
 from pipelines.toy.scenes import POPE_CATEGORIES, Scene, SceneSpec, make_split, render
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 
 
@@ -97,7 +98,9 @@ def _write(root: Path, seed: int, n_train: int, n_test: int, spec: SceneSpec) ->
     for i, (scene, questions) in enumerate(train):
         image = f"train/{i:06d}.png"
         _save_image(scene, spec, paths.image_folder, image)
-        records.append(conversation_record(f"toy-{i:06d}", image, questions))
+        # Turns in a random order per scene, so a question's type is read from it, not from its turn number.
+        turns = random.Random(f"toy-world/{seed}/turns/{i}").sample(questions, len(questions))
+        records.append(conversation_record(f"toy-{i:06d}", image, turns))
     paths.train_json.write_text(json.dumps(records))
 
     test = make_split(seed, n_test, spec, "test", exclude={scene.key() for scene, _ in train})

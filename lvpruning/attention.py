@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedConfig
 
 ATTN_IMPLEMENTATION = "lvpruning_masked"
+MAX_EXPONENT = 20.0  # caps exp() for pruned keys only: kept keys sit at or below the shift
 
 
 def masked_softmax_attention(
@@ -44,11 +45,13 @@ def masked_softmax_attention(
     query_index = torch.arange(K - N, K, device=scores.device)  # query i is key i + (K - N)
     diagonal = query_index[:, None] == torch.arange(K, device=scores.device)[None, :]  # (N, K)
     M = torch.where(diagonal, torch.ones_like(token_keep[:, None, None, :]), token_keep[:, None, None, :].float())
-    allowed = attention_mask & (M > 0)  # (B, 1, N, K)
-    # Subtract the max over the allowed entries only, so the diagonal keeps the denominator >= 1.
-    peak = scores.masked_fill(~allowed, float("-inf")).amax(dim=-1, keepdim=True).detach()
-    peak = torch.nan_to_num(peak, neginf=0.0)  # rows with nothing allowed (all padding): weights become 0
-    weights = torch.exp(scores - peak).masked_fill(~attention_mask, 0.0) * M  # exp(A-bar) * M
+    visible = scores.masked_fill(~attention_mask, float("-inf"))  # A-bar, eq. 8: causal + padding
+    # Shift by the max over the kept keys, so the denominator is >= 1 (no underflow), and cap the exponent of
+    # pruned keys, whose scores may lie far above: their weight is exactly 0 either way (x * M_ij = 0), but an
+    # overflow would make it inf * 0 = NaN, and the capped value keeps their straight-through gradient finite.
+    peak = visible.masked_fill(M <= 0, float("-inf")).amax(dim=-1, keepdim=True).detach()
+    peak = torch.nan_to_num(peak, neginf=0.0)  # rows with nothing visible (padding queries): weights become 0
+    weights = torch.exp((visible - peak).clamp(max=MAX_EXPONENT)) * M  # exp(A-bar) * M, eq. 9
     weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training).to(value.dtype)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, N, h, d)

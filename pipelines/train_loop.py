@@ -188,6 +188,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if state.step % cfg.train.log_every == 0 or last:
                 logged = mean_across_workers(sums, logged_micro)
                 sums, logged_micro = {}, 0
+                if not math.isfinite(logged["loss"]):
+                    raise FloatingPointError(f"the loss is {logged['loss']} at step {state.step}: stopping the run")
                 elapsed = time.perf_counter() - start_time
                 rate = (state.step - start_step) * samples_per_step / elapsed
                 logged.update(lr=scheduler.get_last_lr()[0], samples_per_second=rate, epoch=state.epoch)

@@ -21,12 +21,14 @@ def reference(query, key, value, padding, keep, scaling):
             for i in range(N):
                 if not padding[b, i]:
                     continue
-                weights = []
+                terms = []  # (score, M_ij) of the visible keys; eq. 9 is invariant to shifting the scores
                 for j in range(N):
                     allowed = j <= i and padding[b, j]
                     m = 1.0 if i == j else float(keep[b, j])
                     a = float(query[b, h, i] @ key[b, h // groups, j]) * scaling
-                    weights.append(math.exp(a) * m if allowed else 0.0)
+                    terms.append((a, m) if allowed else None)
+                shift = max(a for a, m in filter(None, terms) if m > 0)
+                weights = [0.0 if t is None or t[1] == 0 else math.exp(t[0] - shift) * t[1] for t in terms]
                 total = sum(weights)
                 for j, w in enumerate(weights):
                     out[b, i, h] += (w / total) * value[b, h // groups, j].double()
@@ -68,3 +70,17 @@ def test_gradient_reaches_the_decisions_and_is_finite():
     )
     out.sum().backward()
     assert torch.isfinite(keep.grad).all() and keep.grad[0, 1] != 0  # a dropped token still gets a gradient
+
+
+def test_a_pruned_key_with_a_huge_score_neither_overflows_nor_leaks():
+    """exp() of a pruned key's score far above every kept one must not give inf * 0 = NaN (found in training)."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 6, 4, generator=g) for _ in range(3))
+    k[:, :, 2] = q[:, :, 5] * 500.0  # key 2 (pruned below) matches query 5 with a score of thousands
+    keep = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0, 1.0]], requires_grad=True)
+    padding = torch.ones(1, 6, dtype=torch.bool)
+    out, _ = masked_softmax_attention(torch.nn.Module(), q, k, v, boolean_causal_mask(padding), 0.5, token_keep=keep)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(keep.grad).all()
+    expected = reference(q, k, v, padding, keep.detach(), 0.5)
+    torch.testing.assert_close(out[0, :5].double(), expected[0, :5], atol=1e-5, rtol=1e-5)

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,8 +28,8 @@ def free_port() -> int:
 def head(tmp_path_factory):
     """A local Ray head (token authentication as Ray sets it up), dashboard and job server on 127.0.0.1.
 
-    ``ray start --block`` keeps the head attached to this process, so ending it stops this cluster only
-    (``ray stop`` would stop every Ray cluster on the machine)."""
+    Teardown runs ``ray stop --force``, which stops every Ray cluster on the machine: run this suite where no
+    other Ray cluster is needed (as CI does)."""
     tmp = tmp_path_factory.mktemp("head")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # the job's `python` is this environment's
@@ -40,7 +39,6 @@ def head(tmp_path_factory):
         str(BIN / "ray"),
         "start",
         "--head",
-        "--block",
         "--node-ip-address=127.0.0.1",
         f"--port={free_port()}",
         "--dashboard-host=127.0.0.1",
@@ -49,20 +47,9 @@ def head(tmp_path_factory):
         "--disable-usage-stats",
         f"--temp-dir={tmp / 'ray'}",
     ]
-    head = subprocess.Popen(start, env=env, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=5)
-            break
-        except OSError:
-            if head.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the local Ray head did not come up") from None
-            time.sleep(2)
-    yield address, env, tmp
-    head.terminate()
-    head.wait(timeout=120)
+    subprocess.run(start, check=True, env=env, cwd=tmp, capture_output=True, timeout=180)
+    yield f"http://127.0.0.1:{dashboard}", env, tmp
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def submit(head, *args: str) -> subprocess.CompletedProcess:

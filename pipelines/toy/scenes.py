@@ -3,17 +3,17 @@
 A scene is a ``grid x grid`` board of patches (``patch`` pixels each, one patch = one vision token) split
 into 2 x 2 quadrants. Each object sits in its own quadrant, aligned to the patch grid, and covers 1 patch
 (small) or 2 x 2 patches (large), so the answer to a question lives in a few of the ``grid**2`` vision tokens.
-Shapes and colors are unique within a scene: "the circle" or "the red object" names exactly one object.
+Shapes and colors are unique within a scene: "the ring" or "the red object" names exactly one object.
 
 Question types (the ``category`` of the benchmark files):
 
-- ``color``: "What color is the circle?" -> an attribute of the object the question names by shape;
+- ``color``: "What color is the ring?" -> an attribute of the object the question names by shape;
 - ``shape``: "What shape is the red object?" -> an attribute of the object named by color;
-- ``exist``: "Is there a circle in the image?" / "Is there a red object in the image?" -> yes / no, balanced;
+- ``exist``: "Is there a ring in the image?" / "Is there a red object in the image?" -> yes / no, balanced;
   like POPE, a question names one thing, and the negatives name a shape or color absent from the scene
   (POPE's ``random`` split: the toy world has no co-occurrence statistics for ``popular``/``adversarial``);
 - ``position``: "What shape is in the top left?" -> the shape of the object in a named quadrant;
-- ``size``: "What size is the circle?" -> small / large.
+- ``size``: "What size is the ring?" -> small / large.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (160, 60, 210),
     "white": (245, 245, 245),
 }
-SHAPES = ("circle", "square", "triangle", "diamond")
+SHAPES = ("square", "ring", "cross", "triangle")
 SIZES = ("small", "large")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 QUESTION_TYPES = ("color", "shape", "exist", "position", "size")
@@ -130,7 +130,7 @@ class Scene:
 
 @dataclass(frozen=True)
 class Question:
-    """A question about a scene: its type, what it names (e.g. ``(("shape", "circle"),)``), its answer."""
+    """A question about a scene: its type, what it names (e.g. ``(("shape", "ring"),)``), its answer."""
 
     category: str
     named: tuple[tuple[str, str], ...]
@@ -166,16 +166,22 @@ def sample_scene(rng: random.Random, spec: SceneSpec) -> Scene:
 
 
 def _shape_mask(shape: str, side: int) -> np.ndarray:
-    """Boolean ``(side, side)`` mask of a shape drawn in a box of ``side`` pixels with a 1-pixel margin."""
+    """Boolean ``(side, side)`` mask of a shape drawn in a box of ``side`` pixels with a 1-pixel margin.
+
+    The four shapes differ in many pixels at every size (a filled box, its outline, a plus, a triangle), and
+    each quarter of a large one still tells them apart: a vision tower trained from scratch reads them quickly.
+    """
     c = (side - 1) / 2
     y, x = np.mgrid[0:side, 0:side].astype(np.float64)
     r = side / 2 - 1  # keeps a background margin so that neighbouring objects never touch
-    if shape == "circle":
-        return (x - c) ** 2 + (y - c) ** 2 <= r**2 + 0.5
+    stroke = max(1, round(side / 8))
+    box = (np.abs(x - c) <= r - 0.5) & (np.abs(y - c) <= r - 0.5)
     if shape == "square":
-        return (np.abs(x - c) <= r - 0.5) & (np.abs(y - c) <= r - 0.5)
-    if shape == "diamond":
-        return np.abs(x - c) + np.abs(y - c) <= r + 0.5
+        return box
+    if shape == "ring":
+        return box & ~((np.abs(x - c) <= r - 0.5 - stroke) & (np.abs(y - c) <= r - 0.5 - stroke))
+    if shape == "cross":
+        return box & ((np.abs(x - c) <= stroke) | (np.abs(y - c) <= stroke))
     if shape == "triangle":  # apex up, base at the bottom of the box
         top, bottom = c - r, c + r
         half_width = (y - top) / (bottom - top) * r

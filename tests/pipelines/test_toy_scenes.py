@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 
@@ -15,6 +16,7 @@ from pipelines.toy.scenes import (
     QUESTION_TYPES,
     SHAPES,
     SceneSpec,
+    _shape_mask,
     make_split,
     render,
     repaint,
@@ -150,3 +152,16 @@ def test_bad_spec_fails_with_its_key():
         SceneSpec(max_objects=5)
     with pytest.raises(ValueError, match="grid"):
         SceneSpec(grid=7)
+
+
+@pytest.mark.parametrize("side", [SceneSpec().small_px, SceneSpec().large_px])
+def test_shapes_differ_in_every_patch_they_cover(side):
+    # A vision token sees one patch: a small shape whole, a large one by quarters. Any two shapes must differ
+    # in at least 1/8 of the pixels of every patch they cover, or the tower cannot tell them apart quickly.
+    patch = SceneSpec().patch
+    masks = {shape: _shape_mask(shape, side) for shape in SHAPES}
+    for a, b in itertools.combinations(SHAPES, 2):
+        for r in range(0, side, patch):
+            for c in range(0, side, patch):
+                differ = masks[a][r : r + patch, c : c + patch] != masks[b][r : r + patch, c : c + patch]
+                assert differ.sum() >= patch * patch / 8, (a, b, side, r, c, int(differ.sum()))

@@ -193,7 +193,7 @@ def setup(args: argparse.Namespace):
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr,
-        betas=(0.9, 0.98),
+        betas=(0.9, args.beta2),
     )
 
     def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
@@ -270,6 +270,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--beta2", type=float, default=0.98, help="AdamW's second-moment decay")
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--target", type=float, default=0.0, help="stop once mean accuracy reaches this")
     parser.add_argument("--threads", type=int, default=2)

@@ -48,10 +48,18 @@ class TrainSection(_Strict):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW's (beta1, beta2), as HF's adam_beta1/adam_beta2
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(100, gt=0)  # optimizer steps
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in value):
+            raise ValueError(f"each of adam_betas must be in [0, 1), got {value}")
+        return value
 
 
 class ScalingSection(_Strict):

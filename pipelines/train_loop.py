@@ -82,7 +82,9 @@ def deepspeed_config(cfg: JobConfig) -> dict[str, Any]:
 
 
 def setup_engine(cfg: JobConfig, module: torch.nn.Module, params: list, total_steps: int, ds_config: dict):
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.train.learning_rate, betas=cfg.train.adam_betas, weight_decay=cfg.train.weight_decay
+    )
     schedule = "cosine" if cfg.train.lr_schedule == "cosine" else "constant_with_warmup"
     scheduler = get_scheduler(
         schedule,

@@ -26,6 +26,7 @@ def test_llava15_7b_config_has_the_papers_settings():
     t = cfg.train
     assert (t.learning_rate, t.warmup_ratio, t.lr_schedule, t.global_batch_size) == (2e-6, 0.03, "cosine", 64)
     assert (t.weight_decay, t.max_grad_norm, t.epochs, t.stage) == (0.0, 1.0, 1, "pruning")
+    assert t.adam_betas == (0.9, 0.999)  # LLaVA's Trainer defaults
     assert cfg.scaling.use_gpu and cfg.scaling.deepspeed_config.endswith("zero2_bf16.json")
 
 
@@ -37,6 +38,8 @@ def test_llava15_7b_config_has_the_papers_settings():
         ("pruning.train_ratios=[0.5,0.6,0.1]", "train_ratios"),
         ("eval.methods=[none,topk]", "eval.methods"),
         ("scaling.num_workers=0", "scaling.num_workers"),
+        ("train.adam_betas=[0.9,1.0]", "train.adam_betas"),
+        ("train.adam_betas=[0.9]", "train.adam_betas"),
     ],
 )
 def test_impossible_overrides_fail_naming_the_key(override, key):

@@ -20,30 +20,21 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines.conversation import VICUNA_V1  # noqa: E402
+from pipelines.conversation import IMAGE_PLACEHOLDER, count_image_tokens, render, supervised_mask  # noqa: E402
 from pipelines.toy.formats import read_jsonl  # noqa: E402
 from pipelines.toy.model import build_toy_model, toy_config, toy_processor  # noqa: E402
 from pipelines.toy.scenes import SceneSpec  # noqa: E402
 from pipelines.toy.writer import write_toy_world  # noqa: E402
 
-SYSTEM = VICUNA_V1.system  # LLaVA-1.5's conversation template, as the project's training job renders it
 IGNORE_INDEX = -100
 Conversation = tuple[str, list[tuple[str, str]], str]  # (image, [(human, gpt), ...], category)
-
-
-def conversation_pieces(turns: list[tuple[str, str]]) -> list[tuple[str, bool]]:
-    """The vicuna_v1 rendering of ``(human, gpt)`` turns as ``(text, supervised)`` pieces, in order."""
-    pieces = []
-    for i, (human, answer) in enumerate(turns):
-        head = f"{SYSTEM} USER: {human} ASSISTANT:" if i == 0 else f"USER: {human} ASSISTANT:"
-        pieces += [(head, False), (f" {answer}</s>", True)]
-    return pieces
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -72,23 +63,21 @@ def encode(processor, image_folder: Path, samples: list[Conversation]) -> dict:
         pixels.append(processor.image_processor(chunk, return_tensors="pt")["pixel_values"])
     index = {name: i for i, name in enumerate(images)}
 
-    # The processor expands <image> into one token per vision token; do it once here for all samples alike.
-    probe = processor(images=[Image.open(image_folder / images[0])], text=["<image>"], return_tensors="pt")
-    n_image_tokens = int((probe["input_ids"] == processor.image_token_id).sum())
+    # The processor expands <image> into one token per vision token; do it once here for all samples alike, and
+    # supervise the answers exactly as the training job does (render: the vicuna_v1 template and answer spans).
+    n_image_tokens = count_image_tokens(processor)
+    shift = (n_image_tokens - 1) * len(IMAGE_PLACEHOLDER)  # every answer comes after the image
     rows, masks = [], []
     for _, turns, _ in samples:
-        row, supervised = [], []
-        for text, is_answer in conversation_pieces(turns):
-            ids = tokenizer(text.replace("<image>", "<image>" * n_image_tokens), add_special_tokens=not row)
-            assert not is_answer or len(ids["input_ids"]) == 2, f"answer {text!r} is not one token + </s>"
-            row += ids["input_ids"]
-            supervised += [is_answer] * len(ids["input_ids"])
-        rows.append(row)
-        masks.append(supervised)
-    image, turns, _ = samples[0]  # the piecewise tokenisation above must match the processor exactly
-    text = "".join(text for text, _ in conversation_pieces(turns))
-    reference = processor(images=[Image.open(image_folder / image)], text=[text])
-    assert reference["input_ids"][0] == rows[0], "piecewise tokenisation differs from the processor's"
+        prompt = render(turns)
+        text = prompt.text.replace(IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER * n_image_tokens)
+        encoded = tokenizer(text, return_offsets_mapping=True)
+        spans = [(start + shift, end + shift) for start, end in prompt.answer_spans]
+        rows.append(encoded["input_ids"])
+        masks.append(supervised_mask(np.asarray(encoded["offset_mapping"]), spans).tolist())
+    image, turns, _ = samples[0]  # the text-only encoding above must match the processor's
+    reference = processor(images=[Image.open(image_folder / image)], text=[render(turns).text])
+    assert reference["input_ids"][0] == rows[0], "text-only tokenisation differs from the processor's"
     assert tokenizer.unk_token_id not in {t for row in rows for t in row}, "a word is missing from the vocab"
 
     width = max(map(len, rows))

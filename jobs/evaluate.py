@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 import ray
 
+from pipelines.cluster import connect_ray
 from pipelines.config import JobConfig, load_config
-from pipelines.evaluation import SettingResult, evaluate, format_table
+from pipelines.evaluation import evaluate, format_table
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -41,28 +41,6 @@ def setup(args: argparse.Namespace) -> JobConfig:
     return config
 
 
-def setup_ray() -> None:
-    """Join the cluster named by ``RAY_ADDRESS`` (``ray job submit``), else start a local one."""
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(include_dashboard=False)
-
-
-def run(config: JobConfig, modules: str | None) -> list[SettingResult]:
-    return evaluate(config, modules=modules)
-
-
-def report(results: list[SettingResult]) -> None:
-    print(format_table(results))
-
-
-def cleanup() -> None:
-    ray.shutdown()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
@@ -71,11 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # a bad config: say so before any cluster work
         print(f"error: {e}", file=sys.stderr)
         return 2
-    setup_ray()
+    connect_ray()
     try:
-        report(run(config, args.modules))
+        print(format_table(evaluate(config, modules=args.modules)))
     finally:
-        cleanup()
+        ray.shutdown()
     return 0
 
 

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import mlflow
-import ray
 from transformers import AutoConfig, AutoProcessor
 
+from pipelines.cluster import connect_ray
 from pipelines.config import TOY, JobConfig, load_config
 from pipelines.evaluation import evaluate, format_table
 from pipelines.instruct_data import build_instruct_dataset
@@ -56,12 +55,6 @@ def setup(args: argparse.Namespace) -> JobConfig:
         f"workers x {cfg.gradient_accumulation_steps} accumulation steps"
     )
     return cfg
-
-
-def setup_ray() -> None:
-    """Join the cluster of ``ray job submit`` (``RAY_ADDRESS``), else start a local one."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
 def train_stage(cfg: JobConfig, model_path: str, train_json: str, image_root: str, export_to: Path) -> Path:
@@ -131,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    setup_ray()
+    connect_ray()
     output = Path("outputs") / cfg.run.name
     if cfg.model.name_or_path == TOY:
         world = prepare_toy_world(cfg.data)

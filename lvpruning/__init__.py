@@ -1,13 +1,15 @@
 """LVPruning: language-guided vision token pruning for LLaVA-style multimodal LLMs.
 
-from transformers import LlavaForConditionalGeneration
-from lvpruning import PruningConfig, attach
+Example::
 
-model = LlavaForConditionalGeneration.from_pretrained("llava-hf/llava-1.5-7b-hf")
-pruner = attach(model, PruningConfig(layers=(1, 8, 16), infer_ratios=(0.5, 0.3, 0.1)))
-pruner.train()   # training mode: masked attention, LM + ratio loss
-pruner.eval()    # inference mode: vision tokens removed, ratios per call
-base = pruner.detach()
+    from transformers import LlavaForConditionalGeneration
+    from lvpruning import PruningConfig, attach
+
+    model = LlavaForConditionalGeneration.from_pretrained("llava-hf/llava-1.5-7b-hf")
+    pruner = attach(model, PruningConfig(layers=(1, 8, 16), infer_ratios=(0.5, 0.3, 0.1)))
+    pruner.train()   # training mode: masked attention, LM + ratio loss
+    pruner.eval()    # inference mode: vision tokens removed, ratios per call
+    base = pruner.detach()
 """
 
 from lvpruning.checkpoint import load_decision_modules, save_decision_modules

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pipelines.conversation import IMAGE_PLACEHOLDER, count_image_tokens, render, supervised_mask  # noqa: E402
 from pipelines.toy.formats import read_jsonl  # noqa: E402
-from pipelines.toy.model import build_toy_model, toy_config, toy_processor  # noqa: E402
+from pipelines.toy.model import VISION_POSITION_STD, build_toy_model, toy_config, toy_processor  # noqa: E402
 from pipelines.toy.scenes import SceneSpec  # noqa: E402
 from pipelines.toy.writer import write_toy_world  # noqa: E402
 
@@ -165,7 +165,7 @@ def setup(args: argparse.Namespace):
     if args.from_pretrained:  # e.g. the shipped base model: evaluate it (--steps 0) or train it further
         model = LlavaForConditionalGeneration.from_pretrained(args.from_pretrained).train()
     else:
-        model = build_toy_model(config, seed=args.seed).train()
+        model = build_toy_model(config, seed=args.seed, vision_position_std=args.vision_position_std or None).train()
     train_data = load_train(paths, processor, args.turns) if args.steps else None
     n_params = sum(p.numel() for p in model.parameters())
     print(f"spec {dataclasses.asdict(spec)}")
@@ -252,6 +252,12 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=2_000, help="test questions")
     parser.add_argument("--spec", nargs="*", default=[], help="SceneSpec overrides, key=value")
     parser.add_argument("--model", nargs="*", default=[], help="TOY_MODEL overrides, key=value")
+    parser.add_argument(
+        "--vision-position-std",
+        type=float,
+        default=VISION_POSITION_STD,
+        help="std of the CLIP position embeddings at init (0: CLIP's own, 0.02)",
+    )
     parser.add_argument("--tie", action="store_true", help="tie the Llama's input and output embeddings")
     parser.add_argument("--turns", type=int, default=0, help="questions per training conversation (0: as written)")
     parser.add_argument("--steps", type=int, default=1500)

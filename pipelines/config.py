@@ -35,6 +35,7 @@ class DataSection(_Strict):
     toy_root: str = "./toy"  # the toy world's data and its cached base model
     toy_train_samples: int = Field(24000, gt=0)  # questions; 4 per scene, one conversation per scene
     toy_test_samples: int = Field(800, gt=0)
+    shuffle_buffer: int = Field(2048, ge=0)  # records per worker shuffled locally, reseeded every epoch; 0: off
     seed: int = 0
 
 

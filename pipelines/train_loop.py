@@ -172,7 +172,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     micro = logged_micro = 0
     while state.step < total_steps:
         epoch_start = micro
-        for batch in shard.iter_torch_batches(batch_size=cfg.train.micro_batch_size, collate_fn=collate, device=device):
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.train.micro_batch_size,
+            collate_fn=collate,
+            device=device,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=cfg.data.seed + 1000 * state.epoch + rank,  # a new order every epoch, reproducible
+        )
+        for batch in batches:
             loss, metrics = forward(engine, batch, cfg.train.stage)
             engine.backward(loss)
             engine.step()

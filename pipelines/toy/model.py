@@ -1,4 +1,4 @@
-"""The toy LLaVA: a named preset of ``lvpruning.tiny`` sized for the toy world (numbers only, no wiring).
+"""The toy LLaVA: a named preset of ``lvpruning.tiny`` sized for the toy world (its numbers and initialisation).
 
 64 vision tokens (an 8 x 8 grid of 8-pixel patches over a 64-pixel image) and a 4-layer Llama, so that pruning
 stages fit in the model's own layers (e.g. after layers 0, 1, 2) and the base model trains on 2 CPU cores in
@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from lvpruning.tiny import build_processor, tiny_llava, tiny_llava_config
 from pipelines.toy.scenes import SceneSpec, toy_words
 
-TOY_MODEL: dict[str, int] = {
+TOY_MODEL: dict[str, float] = {
     "vocab_size": 96,
     "vision_hidden": 64,
     "vision_layers": 2,
@@ -23,10 +24,12 @@ TOY_MODEL: dict[str, int] = {
     "num_heads": 4,
     "intermediate_size": 192,
     "max_position_embeddings": 256,
+    "initializer_range": 0.1,  # ~ hidden_size ** -0.5; with 0.02 it learns several times slower (TOY_WORLD.md)
 }
+VISION_POSITION_STD = 0.5  # CLIP position embeddings at init (CLIP: 0.02); see build_toy_model
 
 
-def toy_config(spec: SceneSpec | None = None, **overrides: int) -> LlavaConfig:
+def toy_config(spec: SceneSpec | None = None, **overrides: float) -> LlavaConfig:
     """The toy model's config: image and patch sizes from ``spec``, the rest ``TOY_MODEL`` + overrides."""
     spec = spec or SceneSpec()
     unknown = set(overrides) - set(TOY_MODEL)
@@ -41,9 +44,21 @@ def toy_processor(config: LlavaConfig | None = None) -> LlavaProcessor:
     return build_processor(config or toy_config(), words=toy_words())
 
 
-def build_toy_model(config: LlavaConfig | None = None, seed: int = 0) -> LlavaForConditionalGeneration:
-    """A randomly initialised toy LLaVA (fp32, eval mode); the training job turns it into the base model."""
-    return tiny_llava(config or toy_config(), seed=seed)
+def build_toy_model(
+    config: LlavaConfig | None = None, seed: int = 0, vision_position_std: float | None = VISION_POSITION_STD
+) -> LlavaForConditionalGeneration:
+    """A randomly initialised toy LLaVA (fp32, eval mode); the training job turns it into the base model.
+
+    CLIP starts its position embeddings at std 0.02, ~25x below what a patch of these images contributes, so the
+    background tokens all look alike and questions about a quadrant are learned last; here they start at
+    ``vision_position_std``, the scale of the patch embeddings (None: CLIP's own; ``benchmarks/TOY_WORLD.md``).
+    """
+    model = tiny_llava(config or toy_config(), seed=seed)
+    if vision_position_std is not None:
+        tower = model.model.vision_tower
+        with torch.no_grad():
+            getattr(tower, "vision_model", tower).embeddings.position_embedding.weight.normal_(std=vision_position_std)
+    return model
 
 
 def save_toy_model(path: str | Path, model: LlavaForConditionalGeneration, processor: LlavaProcessor) -> Path:

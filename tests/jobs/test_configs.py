@@ -40,6 +40,7 @@ def test_llava15_7b_config_has_the_papers_settings():
         ("scaling.num_workers=0", "scaling.num_workers"),
         ("train.adam_betas=[0.9,1.0]", "train.adam_betas"),
         ("train.adam_betas=[0.9]", "train.adam_betas"),
+        ("data.shuffle_buffer=-1", "data.shuffle_buffer"),
     ],
 )
 def test_impossible_overrides_fail_naming_the_key(override, key):

@@ -8,7 +8,14 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from pipelines.toy.formats import PROMPT_SUFFIX
-from pipelines.toy.model import TOY_MODEL, build_toy_model, save_toy_model, toy_config, toy_processor
+from pipelines.toy.model import (
+    TOY_MODEL,
+    VISION_POSITION_STD,
+    build_toy_model,
+    save_toy_model,
+    toy_config,
+    toy_processor,
+)
 from pipelines.toy.scenes import SceneSpec, make_split, render, toy_words
 
 SYSTEM = (
@@ -65,6 +72,25 @@ def test_unknown_model_key_fails_with_its_name():
         toy_config(hiden_size=32)
     assert toy_config(num_layers=6).text_config.num_hidden_layers == 6
     assert set(TOY_MODEL) >= {"hidden_size", "num_layers", "vision_hidden", "vision_layers"}
+
+
+@pytest.mark.parametrize("std", [0.02, 0.1])
+def test_initializer_range_sets_the_llama_and_projector_init(std):
+    model = build_toy_model(toy_config(initializer_range=std))
+    for weight in (
+        model.model.multi_modal_projector.linear_1.weight,
+        model.model.language_model.embed_tokens.weight,
+        model.model.language_model.layers[0].self_attn.q_proj.weight,
+        model.model.language_model.layers[-1].mlp.down_proj.weight,
+    ):
+        assert weight.std().item() == pytest.approx(std, rel=0.1)
+    tower = model.model.vision_tower
+    positions = getattr(tower, "vision_model", tower).embeddings.position_embedding.weight  # (1 + 64, width)
+    assert positions.std().item() == pytest.approx(VISION_POSITION_STD, rel=0.1)
+    clip_own = build_toy_model(vision_position_std=None).model.vision_tower
+    assert getattr(clip_own, "vision_model", clip_own).embeddings.position_embedding.weight.std().item() == (
+        pytest.approx(0.02, rel=0.1)  # CLIPVisionConfig.initializer_range
+    )
 
 
 def test_saved_model_and_processor_reload_by_path(processor, tmp_path):

@@ -25,6 +25,7 @@ from pipelines.config import TOY, JobConfig, load_config
 from pipelines.evaluation import evaluate, format_table
 from pipelines.instruct_data import build_instruct_dataset
 from pipelines.toy.base import ToyWorld, prepare_toy_world
+from pipelines.toy.model import toy_config
 from pipelines.tracking import RUN_NAME_TAG, mlflow_run, resumable_run_id, tracking_uri, ui_hint
 from pipelines.train_loop import deepspeed_config
 from pipelines.training import export, fit, planned_steps
@@ -43,11 +44,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def setup(args: argparse.Namespace) -> JobConfig:
     """Read and validate the config, and check it against the model's shape: fails before any cluster work."""
     cfg = load_config(args.config, args.overrides)
-    if cfg.model.name_or_path != TOY:
+    if cfg.model.name_or_path == TOY:
+        text = toy_config().text_config
+    else:
         if cfg.data.train_json is None or cfg.data.image_root is None:
             raise ValueError("data.train_json and data.image_root are required for a real model")
         text = AutoConfig.from_pretrained(cfg.model.name_or_path).text_config  # config only, no weights
-        cfg.pruning.check_model(text.num_hidden_layers, text.hidden_size)
+    cfg.pruning.check_model(text.num_hidden_layers, text.hidden_size)
     deepspeed_config(cfg)  # the DeepSpeed JSON exists and suits the scaling (bf16 needs GPUs)
     print(
         f"stage {cfg.train.stage}: {cfg.model.name_or_path}, {cfg.scaling.num_workers} workers, "

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lvpruning import PruningConfig
 
 TOY = "toy"  # the embedded default model and data: the toy world, built and cached locally
+TOY_LAYERS = (0, 1, 2)  # decision modules after these of the toy model's 4 layers; 7B: see llava15_7b.yaml
 
 
 class _Strict(BaseModel):
@@ -118,7 +119,7 @@ class EvalSection(_Strict):
 
 class JobConfig(_Strict):
     model: ModelSection = ModelSection()
-    pruning: PruningConfig = PruningConfig(layers=(0, 1, 2))  # the toy model's 4 layers; 7B: see llava15_7b.yaml
+    pruning: PruningConfig = PruningConfig(layers=TOY_LAYERS)
     data: DataSection = DataSection()
     train: TrainSection = TrainSection()
     scaling: ScalingSection = ScalingSection()
@@ -129,7 +130,8 @@ class JobConfig(_Strict):
     @field_validator("pruning", mode="before")
     @classmethod
     def _pruning(cls, value: Any) -> PruningConfig:
-        return PruningConfig.from_dict(value) if isinstance(value, dict) else value
+        # a section that names no layers (e.g. only pruning.lambda_ratio=...) keeps this job's default layers
+        return PruningConfig.from_dict({"layers": TOY_LAYERS, **value}) if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,20 @@ def test_llava15_7b_config_has_the_papers_settings():
 def test_impossible_overrides_fail_naming_the_key(override, key):
     with pytest.raises(ValueError, match=key):
         load_config(None, [override])
+
+
+def test_a_partial_pruning_section_keeps_the_jobs_default_layers():
+    cfg = load_config(None, ["pruning.lambda_ratio=20"])
+    assert cfg.pruning.lambda_ratio == 20 and cfg.pruning.layers == load_config().pruning.layers == (0, 1, 2)
+    two = ["pruning.layers=[1,2]", "pruning.train_ratios=[0.5,0.3]", "pruning.infer_ratios=[0.5,0.3]"]
+    assert load_config(None, [*two, "eval.schedules=[[0.5,0.3]]"]).pruning.layers == (1, 2)
+
+
+def test_train_job_checks_the_toy_model_shape_before_any_cluster_work(tmp_path):
+    train = Path(__file__).resolve().parents[2] / "jobs" / "train.py"
+    done = subprocess.run(
+        [sys.executable, str(train), "pruning.layers=[1,2,3]"], cwd=tmp_path, capture_output=True, text=True, timeout=99
+    )
+    assert done.returncode == 2
+    assert "PruningConfig.layers" in done.stderr and "4 decoder layers" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no toy world, no MLflow store, no Ray session written

@@ -55,10 +55,15 @@ def build_toy_model(
     """
     model = tiny_llava(config or toy_config(), seed=seed)
     if vision_position_std is not None:
-        tower = model.model.vision_tower
         with torch.no_grad():
-            getattr(tower, "vision_model", tower).embeddings.position_embedding.weight.normal_(std=vision_position_std)
+            vision_position_embeddings(model).normal_(std=vision_position_std)
     return model
+
+
+def vision_position_embeddings(model: LlavaForConditionalGeneration) -> torch.nn.Parameter:
+    """The CLIP tower's position embeddings, (1 + patches, width): CLS first."""
+    tower = model.model.vision_tower
+    return getattr(tower, "vision_model", tower).embeddings.position_embedding.weight
 
 
 def save_toy_model(path: str | Path, model: LlavaForConditionalGeneration, processor: LlavaProcessor) -> Path:

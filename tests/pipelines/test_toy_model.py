@@ -15,6 +15,7 @@ from pipelines.toy.model import (
     save_toy_model,
     toy_config,
     toy_processor,
+    vision_position_embeddings,
 )
 from pipelines.toy.scenes import SceneSpec, make_split, render, toy_words
 
@@ -84,13 +85,9 @@ def test_initializer_range_sets_the_llama_and_projector_init(std):
         model.model.language_model.layers[-1].mlp.down_proj.weight,
     ):
         assert weight.std().item() == pytest.approx(std, rel=0.1)
-    tower = model.model.vision_tower
-    positions = getattr(tower, "vision_model", tower).embeddings.position_embedding.weight  # (1 + 64, width)
-    assert positions.std().item() == pytest.approx(VISION_POSITION_STD, rel=0.1)
-    clip_own = build_toy_model(vision_position_std=None).model.vision_tower
-    assert getattr(clip_own, "vision_model", clip_own).embeddings.position_embedding.weight.std().item() == (
-        pytest.approx(0.02, rel=0.1)  # CLIPVisionConfig.initializer_range
-    )
+    assert vision_position_embeddings(model).std().item() == pytest.approx(VISION_POSITION_STD, rel=0.1)
+    clip_own = build_toy_model(vision_position_std=None)
+    assert vision_position_embeddings(clip_own).std().item() == pytest.approx(0.02, rel=0.1)  # CLIP's own init
 
 
 def test_saved_model_and_processor_reload_by_path(processor, tmp_path):

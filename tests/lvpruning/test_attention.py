@@ -84,3 +84,49 @@ def test_a_pruned_key_with_a_huge_score_neither_overflows_nor_leaks():
     assert torch.isfinite(out).all() and torch.isfinite(keep.grad).all()
     expected = reference(q, k, v, padding, keep.detach(), 0.5)
     torch.testing.assert_close(out[0, :5].double(), expected[0, :5], atol=1e-5, rtol=1e-5)
+
+
+def straight_through_reference(query, key, value, padding, keep, scaling):
+    """Eq. 9 elementwise in float64 and differentiable in ``keep``, with the exponent of every key capped at the
+    best kept score of its row: the gradient that ``masked_softmax_attention`` promises for pruned keys."""
+    B, H, N, d = query.shape
+    groups = H // key.shape[1]
+    rows = []
+    for b in range(B):
+        for h in range(H):
+            for i in range(N):
+                if not padding[b, i]:
+                    continue
+                visible = [j for j in range(i + 1) if padding[b, j]]
+                m = [torch.ones((), dtype=torch.float64) if j == i else keep[b, j].double() for j in visible]
+                a = [float(query[b, h, i] @ key[b, h // groups, j]) * scaling for j in visible]
+                shift = max(s for s, mj in zip(a, m, strict=True) if float(mj.detach()) > 0)
+                weights = [math.exp(min(s - shift, 0.0)) * mj for s, mj in zip(a, m, strict=True)]
+                total = sum(weights)
+                out = sum(w / total * value[b, h // groups, j].double() for w, j in zip(weights, visible, strict=True))
+                rows.append(out)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_straight_through_gradient_of_a_pruned_key_is_capped_at_the_best_kept_score(seed):
+    """Found in training: with the exact derivative, pruned attention sinks gave decision-module gradients ~1e17.
+    Random inputs, one pruned key made to outscore every kept key by far; gradients against the loop reference."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, N, d = 2, 2, 7, 4
+    q, k, v = (torch.randn(B, H, N, d, generator=g, dtype=torch.float64) for _ in range(3))
+    k[:, :, 2] = q[:, :, 6] * 50.0  # key 2, pruned below, scores in the hundreds for query 6
+    padding = torch.ones(B, N, dtype=torch.bool)
+    padding[1, 0] = False
+    decisions = (torch.rand(B, N, generator=g) > 0.5).double()
+    decisions[:, 2] = 0.0
+    keep = torch.where(torch.arange(N) >= 2, decisions, 1.0).requires_grad_(True)  # tokens 0-1 text
+    weights = torch.randn(B, N, H, d, generator=g, dtype=torch.float64)  # a random linear loss
+    out, _ = masked_softmax_attention(torch.nn.Module(), q, k, v, boolean_causal_mask(padding), 0.5, token_keep=keep)
+    (out * weights)[padding].sum().backward()
+    reference_keep = keep.detach().clone().requires_grad_(True)
+    expected = straight_through_reference(q, k, v, padding, reference_keep, 0.5)  # (rows, d) in (b, h, i) order
+    expected_weights = weights.permute(0, 2, 1, 3)[padding[:, None, :].expand(B, H, N)]
+    (expected * expected_weights).sum().backward()
+    torch.testing.assert_close(keep.grad, reference_keep.grad, atol=1e-8, rtol=1e-6)
+    assert keep.grad[:, 2].abs().max() < 100  # uncapped, exp(hundreds) would overflow or dwarf every other term

@@ -37,7 +37,8 @@ def setup(args: argparse.Namespace) -> JobConfig:
     config = load_config(args.config, args.overrides)
     ev = config.eval
     print(f"evaluating {config.model.name_or_path} (modules: {args.modules or ev.modules}) on {list(ev.benchmarks)}")
-    print(f"methods {list(ev.methods)} x schedules {[list(s) for s in ev.schedules]}, answers under {ev.output_dir}")
+    schedules = [list(s) for s in ev.schedules]
+    print(f"methods {list(ev.methods)} x schedules {schedules}, answers under {config.answers_dir}")
     return config
 
 

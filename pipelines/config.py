@@ -102,7 +102,8 @@ class EvalSection(_Strict):
     data: dict[str, BenchmarkData] = {}  # benchmark -> files
     toy_world: str | None = None  # a written toy world: fills data.toy and data.pope when they are not given
     modules: str | None = None  # trained decision modules (needed by method lvpruning)
-    output_dir: str = "./eval"  # answers: <output_dir>/<setting>/<benchmark>.jsonl (local, resumable)
+    output_dir: str | None = None  # answers: <output_dir>/<setting>/<benchmark>.jsonl (local, resumable); None:
+    # ./eval/<run.name>, so that runs of other models (e.g. a retrained toy base model) never share a folder
     max_questions: int | None = Field(None, gt=0)  # first N questions of each benchmark (smoke runs)
     use_gpu: bool = False  # one GPU per inference actor
     cpus_per_actor: float = Field(0.5, gt=0)  # 0.5 leaves a 2-CPU box room for the preprocessing tasks
@@ -147,6 +148,11 @@ class JobConfig(_Strict):
         for schedule in self.eval.schedules:
             self.pruning.check_ratios(schedule)
         return self
+
+    @property
+    def answers_dir(self) -> str:
+        """Where the evaluation writes its answers: ``eval.output_dir``, else ``./eval/<run.name>``."""
+        return self.eval.output_dir or f"./eval/{self.run.name}"
 
     @property
     def gradient_accumulation_steps(self) -> int:

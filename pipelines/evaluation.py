@@ -249,12 +249,13 @@ def evaluate(
     )
     resolved = json.loads(config.model_dump_json())
     resolved["model"]["name_or_path"], resolved["eval"]["modules"] = model_path, modules
+    resolved["eval"]["output_dir"] = config.answers_dir
     return [
         run_setting(
             model,
             setting,
             benchmarks,
-            ev.output_dir,
+            config.answers_dir,
             options,
             uri=tracking_uri(config),
             experiment=config.mlflow.experiment,

@@ -57,6 +57,13 @@ def test_a_partial_pruning_section_keeps_the_jobs_default_layers():
     assert load_config(None, [*two, "eval.schedules=[[0.5,0.3]]"]).pruning.layers == (1, 2)
 
 
+def test_each_run_name_answers_into_its_own_folder():
+    """The base stage and the main job once shared ./eval, and the second stopped on the first's answers."""
+    main, base = load_config(), load_config(CONFIGS[[p.name for p in CONFIGS].index("toy_base.yaml")])
+    assert main.answers_dir == "./eval/lvpruning-toy" and base.answers_dir == "./eval/lvpruning-toy-base"
+    assert load_config(None, ["eval.output_dir=/data/answers"]).answers_dir == "/data/answers"
+
+
 def test_train_job_checks_the_toy_model_shape_before_any_cluster_work(tmp_path):
     train = Path(__file__).resolve().parents[2] / "jobs" / "train.py"
     done = subprocess.run(

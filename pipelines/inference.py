@@ -19,6 +19,7 @@ the latency of one request. On GPU the device is synchronized at each clock read
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -343,10 +344,29 @@ def run_inference(
     return report
 
 
+def weights_version(path: str | None) -> str | None:
+    """Which version of the weights a local model or modules folder holds: a hash of its weight files' names,
+    sizes and modification times (retraining into the same folder changes it); None for hub ids and ``s3://``."""
+    if path is None or storage.is_s3(path) or not Path(path).is_dir():
+        return None
+    files = sorted(f for f in Path(path).iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+    stamp = "".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns};" for f in files)
+    return hashlib.sha256(stamp.encode()).hexdigest()[:16]
+
+
 def answer_signature(model: ModelSpec, setting: Setting) -> dict[str, Any]:
-    """What an answer file records of its model and setting (``model_id`` + metadata), checked on resume."""
+    """What an answer file records of its model and setting (``model_id`` + metadata), checked on resume: the
+    paths and the versions of the weights, so answers of an earlier model trained into the same folder are
+    never taken for this one's."""
     modules = None if setting.method == "none" else model.modules
-    return {"model_id": model.model_id, "model": model.name_or_path, "modules": modules, **setting.metadata()}
+    return {
+        "model_id": model.model_id,
+        "model": model.name_or_path,
+        "model_version": weights_version(model.name_or_path),
+        "modules": modules,
+        "modules_version": weights_version(modules),
+        **setting.metadata(),
+    }
 
 
 def _rewrite_in_question_order(path: Path, records: list[dict[str, Any]]) -> None:

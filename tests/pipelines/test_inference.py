@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,6 +213,26 @@ def test_answers_of_another_setting_are_refused(tmp_path):
     for other in (answer_signature(spec, Setting("fastv", (0.5,))), answer_signature(ModelSpec("/x/llava"), setting)):
         with pytest.raises(ValueError, match="use another folder"):
             read_answers(path, other)
+
+
+def test_answers_of_an_earlier_model_trained_into_the_same_folder_are_refused(tmp_path):
+    """Retraining decision modules (or a toy base model) into the same folder must not reuse the old answers."""
+    modules = tmp_path / "pruning"
+    modules.mkdir()
+    weights = modules / "decision_modules.safetensors"
+    weights.write_bytes(b"first")
+    spec, setting = ModelSpec("llava-hf/llava-1.5-7b-hf", modules=str(modules)), Setting("lvpruning", (0.5,))
+    signature = answer_signature(spec, setting)
+    assert signature["model_version"] is None and signature["modules_version"] is not None  # a hub id: its name
+    meta = {k: v for k, v in signature.items() if k != "model_id"}
+    path = tmp_path / "answers.jsonl"
+    path.write_text(json.dumps({"question_id": 1, "text": "red", "model_id": spec.model_id, "metadata": meta}) + "\n")
+    assert set(read_answers(path, answer_signature(spec, setting))) == {"1"}  # same weights: resumed
+    assert answer_signature(spec, Setting("none"))["modules_version"] is None  # no modules without pruning
+    weights.write_bytes(b"second")
+    os.utime(weights, ns=(1, 1))  # whatever the clock's resolution, the retrained file differs
+    with pytest.raises(ValueError, match="use another folder"):
+        read_answers(path, answer_signature(spec, setting))
 
 
 def test_settings_and_prompts():

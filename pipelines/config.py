@@ -103,7 +103,7 @@ class EvalSection(_Strict):
     toy_world: str | None = None  # a written toy world: fills data.toy and data.pope when they are not given
     modules: str | None = None  # trained decision modules (needed by method lvpruning)
     output_dir: str | None = None  # answers: <output_dir>/<setting>/<benchmark>.jsonl (local, resumable); None:
-    # ./eval/<run.name>, so that runs of other models (e.g. a retrained toy base model) never share a folder
+    # ./eval/<run.name>, ./eval/<run.name>-base for the base stage, so the two stages never share a folder
     max_questions: int | None = Field(None, gt=0)  # first N questions of each benchmark (smoke runs)
     use_gpu: bool = False  # one GPU per inference actor
     cpus_per_actor: float = Field(0.5, gt=0)  # 0.5 leaves a 2-CPU box room for the preprocessing tasks
@@ -150,9 +150,14 @@ class JobConfig(_Strict):
         return self
 
     @property
+    def stage_run_name(self) -> str:
+        """The run's name for this stage's checkpoints and answers: ``run.name``, ``<run.name>-base`` for the base."""
+        return self.run.name if self.train.stage == "pruning" else f"{self.run.name}-base"
+
+    @property
     def answers_dir(self) -> str:
-        """Where the evaluation writes its answers: ``eval.output_dir``, else ``./eval/<run.name>``."""
-        return self.eval.output_dir or f"./eval/{self.run.name}"
+        """Where the evaluation writes its answers: ``eval.output_dir``, else ``./eval/<stage_run_name>``."""
+        return self.eval.output_dir or f"./eval/{self.stage_run_name}"
 
     @property
     def gradient_accumulation_steps(self) -> int:

@@ -75,7 +75,7 @@ def fit(
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=cfg.run.name if cfg.train.stage == "pruning" else f"{cfg.run.name}-base",
+            name=cfg.stage_run_name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),

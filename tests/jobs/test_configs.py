@@ -61,6 +61,7 @@ def test_each_run_name_answers_into_its_own_folder():
     """The base stage and the main job once shared ./eval, and the second stopped on the first's answers."""
     main, base = load_config(), load_config(CONFIGS[[p.name for p in CONFIGS].index("toy_base.yaml")])
     assert main.answers_dir == "./eval/lvpruning-toy" and base.answers_dir == "./eval/lvpruning-toy-base"
+    assert base.stage_run_name == "lvpruning-toy-base"  # its checkpoints' folder under run.storage_path
     assert load_config(None, ["eval.output_dir=/data/answers"]).answers_dir == "/data/answers"
 
 

@@ -30,8 +30,7 @@ BASE_MODEL = Path(__file__).resolve().parents[1] / "pipelines" / "toy" / "base_m
 
 
 def gradient_norm(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> float:
-    grads = torch.autograd.grad(loss, params, retain_graph=True)
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    return float(torch.nn.utils.get_total_norm(torch.autograd.grad(loss, params, retain_graph=True)))
 
 
 def main() -> None:
@@ -62,7 +61,7 @@ def main() -> None:
             out = pruner(**batch_of(data, rows))
             fractions = ", ".join(f"{f:.2f}" for f in out.keep_fractions.mean(0).tolist())
             lm = gradient_norm(out.lm_loss, params)
-            ratio = gradient_norm(config.lambda_ratio * out.ratio_loss, params)
+            ratio = gradient_norm(w * out.ratio_loss, params)
             print(f"| {cap:g} | {b} | {fractions} | {out.lm_loss.item():.3f} | {lm:.3g} | {ratio:.3g} |", flush=True)
         pruner.detach()
 

@@ -143,7 +143,7 @@ def test_decision_module_gradients_stay_bounded_when_attention_scores_are_large(
     out = pruner(**make_batch([(3, 7), (1, 12), (5, 2), (4, 9)], answer_tokens=2))
     for loss in (out.lm_loss, out.ratio_loss):
         grads = torch.autograd.grad(loss, list(pruner.decision_modules.parameters()), retain_graph=True)
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        norm = torch.nn.utils.get_total_norm(grads)
         assert 0 < norm < 100, float(norm)
 
 

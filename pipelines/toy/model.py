@@ -7,6 +7,7 @@ minutes. ``benchmarks/TOY_WORLD.md`` records the learning curves behind these nu
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ TOY_MODEL: dict[str, float] = {
     "max_position_embeddings": 256,
     "initializer_range": 0.1,  # ~ hidden_size ** -0.5; with 0.02 it learns several times slower (TOY_WORLD.md)
 }
-VISION_POSITION_STD = 0.5  # CLIP position embeddings at init (CLIP: 0.02); see build_toy_model
+VISION_POSITION_STD = 0.5  # scale of the CLIP position embeddings at init (CLIP: std 0.02); see build_toy_model
 
 
 def toy_config(spec: SceneSpec | None = None, **overrides: float) -> LlavaConfig:
@@ -49,15 +50,34 @@ def build_toy_model(
 ) -> LlavaForConditionalGeneration:
     """A randomly initialised toy LLaVA (fp32, eval mode); the training job turns it into the base model.
 
-    CLIP starts its position embeddings at std 0.02, ~25x below what a patch of these images contributes, so the
-    background tokens all look alike and questions about a quadrant are learned last; here they start at
-    ``vision_position_std``, the scale of the patch embeddings (None: CLIP's own; ``benchmarks/TOY_WORLD.md``).
+    CLIP starts its position embeddings as noise of std 0.02, ~25x below what a patch of these images contributes,
+    so the background tokens all look alike and nothing says where a token is. Here they start as the fixed 2-D
+    sine-cosine table (``sincos_2d``) scaled to std ``vision_position_std``, the scale of the patch embeddings, and
+    still train (None: CLIP's own init; ``benchmarks/TOY_WORLD.md``, rounds three and six).
     """
     model = tiny_llava(config or toy_config(), seed=seed)
     if vision_position_std is not None:
+        weight = vision_position_embeddings(model)  # (1 + grid * grid, width): CLS first
+        table = sincos_2d(math.isqrt(weight.shape[0] - 1), weight.shape[1])
         with torch.no_grad():
-            vision_position_embeddings(model).normal_(std=vision_position_std)
+            weight[0] = 0.0
+            weight[1:] = table * (vision_position_std / table.std())
     return model
+
+
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embeddings of a ``grid x grid`` patch grid in raster order, as MAE's (He et
+    al., 2022): the first half of the channels encodes the row, the second the column, each as ``sin`` then ``cos``
+    of ``position * 10000 ** (-i / (width / 4))`` for ``i < width / 4``. Returns (grid * grid, width)."""
+    if width % 4:
+        raise ValueError(f"2-D sine-cosine embeddings need a width divisible by 4, got {width}")
+    omega = 10000.0 ** (-torch.arange(width // 4, dtype=torch.float64) / (width // 4))  # (width / 4,)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    halves = []
+    for position in (rows.flatten(), cols.flatten()):
+        angles = position[:, None].double() * omega[None]  # (grid * grid, width / 4)
+        halves += [angles.sin(), angles.cos()]
+    return torch.cat(halves, dim=1).float()
 
 
 def vision_position_embeddings(model: LlavaForConditionalGeneration) -> torch.nn.Parameter:

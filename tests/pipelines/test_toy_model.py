@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from PIL import Image
@@ -13,6 +15,7 @@ from pipelines.toy.model import (
     VISION_POSITION_STD,
     build_toy_model,
     save_toy_model,
+    sincos_2d,
     toy_config,
     toy_processor,
     vision_position_embeddings,
@@ -85,9 +88,35 @@ def test_initializer_range_sets_the_llama_and_projector_init(std):
         model.model.language_model.layers[-1].mlp.down_proj.weight,
     ):
         assert weight.std().item() == pytest.approx(std, rel=0.1)
-    assert vision_position_embeddings(model).std().item() == pytest.approx(VISION_POSITION_STD, rel=0.1)
     clip_own = build_toy_model(vision_position_std=None)
     assert vision_position_embeddings(clip_own).std().item() == pytest.approx(0.02, rel=0.1)  # CLIP's own init
+
+
+@pytest.mark.parametrize("grid, width", [(8, 64), (6, 16), (3, 8)])
+def test_sincos_2d_matches_a_written_out_table(grid, width):
+    table = sincos_2d(grid, width)
+    assert table.shape == (grid * grid, width)
+    quarter = width // 4
+    for r in range(grid):
+        for c in range(grid):
+            row = []
+            for position in (r, c):
+                for fn in (math.sin, math.cos):
+                    row += [fn(position / 10000 ** (i / quarter)) for i in range(quarter)]
+            torch.testing.assert_close(table[r * grid + c], torch.tensor(row, dtype=torch.float32))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(grid, 10)
+
+
+def test_vision_positions_start_as_the_scaled_sincos_table():
+    weight = vision_position_embeddings(build_toy_model()).detach()  # (1 + 64, 64): CLS first
+    assert torch.equal(weight[0], torch.zeros_like(weight[0]))
+    assert weight[1:].std().item() == pytest.approx(VISION_POSITION_STD, rel=1e-3)
+    table = sincos_2d(8, weight.shape[1])
+    torch.testing.assert_close(weight[1:], table * (weight[1:].norm() / table.norm()))
+    # Rows are ordered along the slowest sine of the row half (channel 0 is the fastest, 1 radian per row).
+    slow = weight[1:, weight.shape[1] // 4 - 1].view(8, 8)[:, 0]
+    assert torch.all(slow[1:] > slow[:-1])
 
 
 def test_saved_model_and_processor_reload_by_path(processor, tmp_path):

@@ -7,6 +7,7 @@ one word = one token, so this is greedy decoding's first step). Results: ``bench
 
     python benchmarks/toy_learning_curve.py --steps 1500 --out /tmp/toy_curve.json
     python benchmarks/toy_learning_curve.py --turns 1 --model num_layers=6 --spec max_objects=4
+    python benchmarks/toy_learning_curve.py --order-seed 1   # same world and weights, another training order
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ def train(args: argparse.Namespace) -> list[dict]:
         accuracy = evaluate(model, test_data)
         print(" ".join(f"{k}={v:.3f}" for k, v in accuracy.items()), flush=True)
         return [{"step": 0, **accuracy}]
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed + args.order_seed)
     order = torch.randperm(len(train_data["input_ids"]), generator=generator)
     cursor, losses, curve, train_time, cpu_time = 0, [], [], 0.0, 0.0
     for step in range(1, args.steps + 1):
@@ -247,7 +248,8 @@ def train(args: argparse.Namespace) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="/tmp/lvpruning-toy-curve", help="where the toy world is written")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the world's and the initial weights' seed")
+    parser.add_argument("--order-seed", type=int, default=0, help="added to --seed for the training order only")
     parser.add_argument("--n-train", type=int, default=20_000, help="training questions")
     parser.add_argument("--n-test", type=int, default=2_000, help="test questions")
     parser.add_argument("--spec", nargs="*", default=[], help="SceneSpec overrides, key=value")

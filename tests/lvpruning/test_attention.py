@@ -12,27 +12,28 @@ from lvpruning.attention import masked_softmax_attention
 
 
 def reference(query, key, value, padding, keep, scaling):
-    """Eq. 7: M_ij = 1 if i == j or j is text, else D_j; eq. 9 on the causal + padding scores, elementwise."""
+    """Eq. 7: M_ij = 1 if i == j or j is text, else D_j; eq. 9 on the causal + padding scores, elementwise in
+    float64 and differentiable in ``keep``. Every key's exponent is capped at the best kept score of its row: the
+    forward value is eq. 9's (a pruned key's weight is 0 either way), the gradient is the one that
+    ``masked_softmax_attention`` promises for pruned keys. Returns (B, N, H, d), zero on padded rows."""
     B, H, N, d = query.shape
     groups = H // key.shape[1]
-    out = torch.zeros(B, N, H, d, dtype=torch.float64)
+    out = [[[torch.zeros(d, dtype=torch.float64)] * H for _ in range(N)] for _ in range(B)]
     for b in range(B):
         for h in range(H):
             for i in range(N):
                 if not padding[b, i]:
                     continue
-                terms = []  # (score, M_ij) of the visible keys; eq. 9 is invariant to shifting the scores
-                for j in range(N):
-                    allowed = j <= i and padding[b, j]
-                    m = 1.0 if i == j else float(keep[b, j])
-                    a = float(query[b, h, i] @ key[b, h // groups, j]) * scaling
-                    terms.append((a, m) if allowed else None)
-                shift = max(a for a, m in filter(None, terms) if m > 0)
-                weights = [0.0 if t is None or t[1] == 0 else math.exp(t[0] - shift) * t[1] for t in terms]
+                visible = [j for j in range(i + 1) if padding[b, j]]
+                m = [torch.ones((), dtype=torch.float64) if j == i else keep[b, j].double() for j in visible]
+                a = [float(query[b, h, i] @ key[b, h // groups, j]) * scaling for j in visible]
+                shift = max(s for s, mj in zip(a, m, strict=True) if float(mj.detach()) > 0)  # eq. 9 is shift-free
+                weights = [math.exp(min(s - shift, 0.0)) * mj for s, mj in zip(a, m, strict=True)]
                 total = sum(weights)
-                for j, w in enumerate(weights):
-                    out[b, i, h] += (w / total) * value[b, h // groups, j].double()
-    return out
+                out[b][i][h] = sum(
+                    w / total * value[b, h // groups, j].double() for w, j in zip(weights, visible, strict=True)
+                )
+    return torch.stack([torch.stack([torch.stack(row) for row in sample]) for sample in out])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -86,28 +87,6 @@ def test_a_pruned_key_with_a_huge_score_neither_overflows_nor_leaks():
     torch.testing.assert_close(out[0, :5].double(), expected[0, :5], atol=1e-5, rtol=1e-5)
 
 
-def straight_through_reference(query, key, value, padding, keep, scaling):
-    """Eq. 9 elementwise in float64 and differentiable in ``keep``, with the exponent of every key capped at the
-    best kept score of its row: the gradient that ``masked_softmax_attention`` promises for pruned keys."""
-    B, H, N, d = query.shape
-    groups = H // key.shape[1]
-    rows = []
-    for b in range(B):
-        for h in range(H):
-            for i in range(N):
-                if not padding[b, i]:
-                    continue
-                visible = [j for j in range(i + 1) if padding[b, j]]
-                m = [torch.ones((), dtype=torch.float64) if j == i else keep[b, j].double() for j in visible]
-                a = [float(query[b, h, i] @ key[b, h // groups, j]) * scaling for j in visible]
-                shift = max(s for s, mj in zip(a, m, strict=True) if float(mj.detach()) > 0)
-                weights = [math.exp(min(s - shift, 0.0)) * mj for s, mj in zip(a, m, strict=True)]
-                total = sum(weights)
-                out = sum(w / total * value[b, h // groups, j].double() for w, j in zip(weights, visible, strict=True))
-                rows.append(out)
-    return torch.stack(rows)
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_straight_through_gradient_of_a_pruned_key_is_capped_at_the_best_kept_score(seed):
     """Found in training: with the exact derivative, pruned attention sinks gave decision-module gradients ~1e17.
@@ -125,8 +104,6 @@ def test_straight_through_gradient_of_a_pruned_key_is_capped_at_the_best_kept_sc
     out, _ = masked_softmax_attention(torch.nn.Module(), q, k, v, boolean_causal_mask(padding), 0.5, token_keep=keep)
     (out * weights)[padding].sum().backward()
     reference_keep = keep.detach().clone().requires_grad_(True)
-    expected = straight_through_reference(q, k, v, padding, reference_keep, 0.5)  # (rows, d) in (b, h, i) order
-    expected_weights = weights.permute(0, 2, 1, 3)[padding[:, None, :].expand(B, H, N)]
-    (expected * expected_weights).sum().backward()
+    (reference(q, k, v, padding, reference_keep, 0.5) * weights)[padding].sum().backward()
     torch.testing.assert_close(keep.grad, reference_keep.grad, atol=1e-8, rtol=1e-6)
     assert keep.grad[:, 2].abs().max() < 100  # uncapped, exp(hundreds) would overflow or dwarf every other term

@@ -12,9 +12,7 @@ Question types (the ``category`` of the benchmark files):
 - ``exist``: "Is there a ring in the image?" / "Is there a red object in the image?" -> yes / no, balanced;
   like POPE, a question names one thing, and the negatives name a shape or color absent from the scene
   (POPE's ``random`` split: the toy world has no co-occurrence statistics for ``popular``/``adversarial``);
-- ``position``: "Is the ring on the left or the right?" -> the half of the image the named object is in
-  (found by shape, as ``color`` finds it: a model learns to find objects by what they are long before it binds
-  a named quadrant to the one object in it; ``benchmarks/TOY_WORLD.md``, sixth round);
+- ``position``: "What shape is in the top left?" -> the shape of the object in a named quadrant;
 - ``size``: "What size is the ring?" -> small / large.
 """
 
@@ -44,14 +42,14 @@ _TEMPLATES = {
     "shape": "What shape is the {color} object?",
     "exist": "Is there a {shape} in the image?",
     "exist_color": "Is there a {color} object in the image?",
-    "position": "Is the {shape} on the left or the right?",
+    "position": "What shape is in the {quadrant}?",
     "size": "What size is the {shape}?",
 }
 # For each attribute question: the attribute that names the object, and the one asked for.
 _ASKS = {
     "color": ("shape", "color"),
     "shape": ("color", "shape"),
-    "position": ("shape", "half"),
+    "position": ("quadrant", "shape"),
     "size": ("shape", "size"),
 }
 
@@ -111,11 +109,6 @@ class ToyObject:
     quadrant: str
     cells: int
     side: int
-
-    @property
-    def half(self) -> str:
-        """``left`` or ``right``: the half of the image the object's quadrant is in."""
-        return self.quadrant.split()[1]
 
     def patches(self, grid: int) -> set[int]:
         """Indices (row-major) of the vision tokens this object covers."""

@@ -31,7 +31,7 @@ from pipelines.toy.formats import (
 )
 from pipelines.toy.scenes import POPE_CATEGORIES, Scene, SceneSpec, make_split, render
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 
 

@@ -116,6 +116,7 @@ def toy_base_model(cfg: JobConfig, world: ToyWorld) -> str:
     train_stage(
         base, str(world.init_model()), str(world.paths.train_json), str(world.paths.image_folder), world.base_model
     )
+    world.stamp_base_model()
     return str(world.base_model)
 
 
@@ -136,10 +137,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"toy_world": str(world.paths.root)})})
     else:
         train_json, image_root, model_path = cfg.data.train_json, cfg.data.image_root, cfg.model.name_or_path
-    target = (
-        world.base_model if cfg.train.stage == "base" and cfg.model.name_or_path == TOY else output / cfg.train.stage
-    )
+    toy_base = cfg.train.stage == "base" and cfg.model.name_or_path == TOY
+    target = world.base_model if toy_base else output / cfg.train.stage
     exported = train_stage(cfg, model_path, train_json, image_root, target)
+    if toy_base:
+        world.stamp_base_model()
     if not args.no_eval:
         if cfg.train.stage == "base":
             cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"methods": ("none",)})})

@@ -1,18 +1,28 @@
 """The toy world on disk for the jobs: its data (written once), the untrained toy LLaVA that the ``base`` stage
 starts from, and the trained base model: ``<toy_root>/base_model`` when this machine trained one, else the one
 shipped in the repository (``pipelines/toy/base_model``, trained by ``jobs/configs/toy_base.yaml``).
+
+A trained base model carries ``toy_world.json``: the scene parameters of the world it learnt
+(``writer.scene_parameters``). One whose stamp differs from the current world's, e.g. a ``<toy_root>/base_model``
+left by an older version of the toy world, is not used.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.config import DataSection
 from pipelines.toy.model import build_toy_model, save_toy_model, toy_processor
-from pipelines.toy.writer import ToyWorldPaths, write_toy_world
+from pipelines.toy.scenes import SceneSpec
+from pipelines.toy.writer import ToyWorldPaths, scene_parameters, write_toy_world
 
 SHIPPED_BASE_MODEL = Path(__file__).parent / "base_model"
+WORLD_STAMP = "toy_world.json"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -20,6 +30,7 @@ class ToyWorld:
     paths: ToyWorldPaths  # the data: instruction JSON + images for training, benchmark files for test
     root: Path
     seed: int
+    spec: SceneSpec = field(default_factory=SceneSpec)
 
     @property
     def base_model(self) -> Path:
@@ -27,11 +38,23 @@ class ToyWorld:
         return self.root / "base_model"
 
     def trained_base(self) -> Path | None:
-        """The trained base model: this machine's, else the shipped one, else None."""
+        """The trained base model of this world: this machine's, else the shipped one, else None."""
+        wanted = scene_parameters(self.spec)
         for path in (self.base_model, SHIPPED_BASE_MODEL):
-            if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+            if not ((path / "config.json").is_file() and (path / "model.safetensors").is_file()):
+                continue
+            try:
+                stamp = json.loads((path / WORLD_STAMP).read_text())
+            except (OSError, ValueError):
+                stamp = None
+            if stamp == wanted:
                 return path
+            logger.warning("not using %s: trained for another toy world (%s differs or is missing)", path, WORLD_STAMP)
         return None
+
+    def stamp_base_model(self) -> None:
+        """Mark ``base_model`` as trained on this world (after the ``base`` stage exported it)."""
+        (self.base_model / WORLD_STAMP).write_text(json.dumps(scene_parameters(self.spec), indent=2) + "\n")
 
     def init_model(self) -> Path:
         """The randomly initialised toy model (and its processor) that the ``base`` stage trains, saved once."""
@@ -43,8 +66,8 @@ class ToyWorld:
 
 def prepare_toy_world(data: DataSection) -> ToyWorld:
     """Write (or reuse) the toy world under ``data.toy_root``."""
-    root = Path(data.toy_root)
+    root, spec = Path(data.toy_root), SceneSpec()
     paths = write_toy_world(
-        root / "world", seed=data.seed, n_train=data.toy_train_samples, n_test=data.toy_test_samples
+        root / "world", seed=data.seed, n_train=data.toy_train_samples, n_test=data.toy_test_samples, spec=spec
     )
-    return ToyWorld(paths, root, data.seed)
+    return ToyWorld(paths, root, data.seed, spec)

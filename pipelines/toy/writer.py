@@ -63,14 +63,14 @@ class ToyWorldPaths:
         )
 
 
+def scene_parameters(spec: SceneSpec) -> dict:
+    """What a model trained on the world depends on: its format and how scenes and questions are drawn (not the
+    seed or the split sizes), as JSON values."""
+    return json.loads(json.dumps({"format_version": FORMAT_VERSION, **asdict(spec)}))
+
+
 def _parameters(seed: int, n_train: int, n_test: int, spec: SceneSpec) -> dict:
-    return {
-        "format_version": FORMAT_VERSION,
-        "seed": seed,
-        "n_train": n_train,
-        "n_test": n_test,
-        **asdict(spec),
-    }
+    return {"seed": seed, "n_train": n_train, "n_test": n_test, **scene_parameters(spec)}
 
 
 def _read_manifest(root: Path) -> dict | None:

@@ -1,0 +1,48 @@
+"""Which trained toy base model the jobs use: the one trained for the current toy world, never a stale one."""
+
+import json
+import logging
+from pathlib import Path
+
+from pipelines.toy.base import SHIPPED_BASE_MODEL, WORLD_STAMP, ToyWorld
+from pipelines.toy.scenes import SceneSpec
+from pipelines.toy.writer import FORMAT_VERSION, ToyWorldPaths, scene_parameters
+
+
+def world_at(root: Path, spec: SceneSpec | None = None) -> ToyWorld:
+    return ToyWorld(ToyWorldPaths.under(root / "world"), root, seed=0, spec=spec or SceneSpec())
+
+
+def fake_model(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "model.safetensors").write_bytes(b"")
+    return path
+
+
+def test_shipped_base_model_was_trained_for_the_default_world():
+    """Changing the toy world (its format or SceneSpec defaults) needs a retrained shipped model."""
+    stamp = json.loads((SHIPPED_BASE_MODEL / WORLD_STAMP).read_text())
+    assert stamp == scene_parameters(SceneSpec())
+    assert stamp["format_version"] == FORMAT_VERSION
+
+
+def test_a_local_base_model_is_used_only_once_stamped_for_this_world(tmp_path, caplog):
+    world = world_at(tmp_path)
+    fake_model(world.base_model)
+    with caplog.at_level(logging.WARNING):
+        assert world.trained_base() == SHIPPED_BASE_MODEL  # unstamped: e.g. a run that died while exporting
+    assert str(world.base_model) in caplog.text and WORLD_STAMP in caplog.text
+
+    world.stamp_base_model()
+    assert world.trained_base() == world.base_model
+    # the same files under a world drawn differently (another version of the toy world): neither model fits
+    other = world_at(tmp_path, SceneSpec(max_objects=2))
+    assert other.trained_base() is None
+
+
+def test_no_base_model_without_weights(tmp_path):
+    world = world_at(tmp_path, SceneSpec(max_objects=2))
+    (world.base_model).mkdir(parents=True)
+    world.stamp_base_model()  # a stamp alone is not a model
+    assert world.trained_base() is None

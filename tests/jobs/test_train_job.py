@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -52,14 +54,21 @@ def head(tmp_path_factory):
     subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def submit(head, *args: str) -> subprocess.CompletedProcess:
+def submit(head, *args: str, timeout: float = 600) -> tuple[str, str]:
+    """``ray job submit -- python jobs/train.py *args``, then wait for the job to end: its final status and logs.
+
+    Waits by polling ``ray job status``: following the log stream (``submit`` without ``--no-wait``) can stop while
+    the job still runs, as seen once on this 2-core box under load."""
     address, env, tmp = head
+    ray_job = [str(BIN / "ray"), "job"]
+    job_id = f"train-{uuid.uuid4().hex[:8]}"
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}}
     command = [
-        str(BIN / "ray"),
-        "job",
+        *ray_job,
         "submit",
         f"--address={address}",
+        f"--submission-id={job_id}",
+        "--no-wait",
         f"--working-dir={REPO}",
         f"--runtime-env-json={json.dumps(runtime_env)}",
         "--",
@@ -67,12 +76,26 @@ def submit(head, *args: str) -> subprocess.CompletedProcess:
         "jobs/train.py",
         *args,
     ]
+
+    def ray(*command: str) -> str:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        return done.stdout + done.stderr
+
     for _ in range(30):  # the job agent may come up a little after the dashboard
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        if "No available agent to submit job" not in done.stdout + done.stderr:
-            return done
+        out = ray(*command)
+        if "No available agent to submit job" not in out:
+            break
         time.sleep(5)
-    return done
+    deadline, state = time.monotonic() + timeout, f"not ended after {timeout} s"
+    while time.monotonic() < deadline:  # an ended job's status reads "Job '<id>' succeeded" (or failed, stopped)
+        ended = re.search(
+            rf"Job '{job_id}' (succeeded|failed|stopped)", ray(*ray_job, "status", f"--address={address}", job_id)
+        )
+        if ended:
+            state = ended.group(1).upper()
+            break
+        time.sleep(5)
+    return state, out + ray(*ray_job, "logs", f"--address={address}", job_id)
 
 
 @pytest.mark.timeout(1500)
@@ -93,14 +116,15 @@ def test_ray_job_submit_trains_base_then_decision_modules(head):
         "eval.num_actors=1",
         f"eval.output_dir={tmp / 'eval'}",
     ]
-    base = submit(head, *common, "train.stage=base", "train.max_steps=2", "train.learning_rate=1e-3")
-    assert base.returncode == 0 and "succeeded" in base.stdout, (base.stdout + base.stderr)[-4000:]
+    state, logs = submit(head, *common, "train.stage=base", "train.max_steps=2", "train.learning_rate=1e-3")
+    assert state == "SUCCEEDED", logs[-4000:]
     assert (tmp / "toy" / "base_model" / "model.safetensors").is_file()
+    assert (tmp / "toy" / "base_model" / "toy_world.json").is_file()  # stamped: the next job uses it
 
-    pruning = submit(head, *common, "train.max_steps=3", "train.learning_rate=1e-3")
-    out = pruning.stdout + pruning.stderr
-    assert pruning.returncode == 0 and "succeeded" in pruning.stdout, out[-4000:]
-    assert "step 3/3" in out and "mlflow ui --backend-store-uri" in out
+    state, logs = submit(head, *common, "train.max_steps=3", "train.learning_rate=1e-3")
+    assert state == "SUCCEEDED", logs[-4000:]
+    assert f"toy base model: {tmp / 'toy' / 'base_model'}" in logs
+    assert "step 3/3" in logs and "mlflow ui --backend-store-uri" in logs
 
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("lvpruning").experiment_id])

@@ -113,11 +113,17 @@ def toy_base_model(cfg: JobConfig, world: ToyWorld) -> str:
         ]
         + ([f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}"] if cfg.mlflow.tracking_uri else []),
     )
-    train_stage(
-        base, str(world.init_model()), str(world.paths.train_json), str(world.paths.image_folder), world.base_model
+    return str(train_toy_base(base, world))
+
+
+def train_toy_base(cfg: JobConfig, world: ToyWorld) -> Path:
+    """The ``base`` stage on the toy world: the initial toy model trained into ``<toy_root>/base_model``, stamped
+    with the world it learnt (``ToyWorld.trained_base`` uses no other)."""
+    exported = train_stage(
+        cfg, str(world.init_model()), str(world.paths.train_json), str(world.paths.image_folder), world.base_model
     )
     world.stamp_base_model()
-    return str(world.base_model)
+    return exported
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,11 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"toy_world": str(world.paths.root)})})
     else:
         train_json, image_root, model_path = cfg.data.train_json, cfg.data.image_root, cfg.model.name_or_path
-    toy_base = cfg.train.stage == "base" and cfg.model.name_or_path == TOY
-    target = world.base_model if toy_base else output / cfg.train.stage
-    exported = train_stage(cfg, model_path, train_json, image_root, target)
-    if toy_base:
-        world.stamp_base_model()
+    if cfg.train.stage == "base" and cfg.model.name_or_path == TOY:
+        exported = train_toy_base(cfg, world)
+    else:
+        exported = train_stage(cfg, model_path, train_json, image_root, output / cfg.train.stage)
     if not args.no_eval:
         if cfg.train.stage == "base":
             cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"methods": ("none",)})})

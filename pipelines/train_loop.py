@@ -123,17 +123,40 @@ def mean_across_workers(sums: dict[str, torch.Tensor], count: int) -> dict[str, 
     return {n: (values[i] / values[-1]).item() for i, n in enumerate(names)}
 
 
+def write_checkpoint(directory: str, engine, module, state: TrainState, cfg: JobConfig, model_path: str) -> None:
+    """Every rank writes its DeepSpeed shard: trainable parameters and their optimizer state only, since frozen
+    weights (the whole base model in stage ``pruning``) are the model's own files. Rank 0 also writes the usable
+    export and the trainer state."""
+    engine.save_checkpoint(directory, tag=ENGINE_TAG, exclude_frozen_parameters=True)
+    if engine.global_rank == 0:
+        if cfg.train.stage == "pruning":
+            save_decision_modules(module, Path(directory) / MODULES_DIR)
+        else:
+            module.save_pretrained(Path(directory) / MODEL_DIR)
+            AutoProcessor.from_pretrained(model_path).save_pretrained(Path(directory) / MODEL_DIR)
+        (Path(directory) / STATE_NAME).write_text(json.dumps(asdict(state)))
+
+
+def load_trainable(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
+    """Load a module state saved without frozen parameters: every trainable parameter must be there, nothing else."""
+    result = dst.load_state_dict(src, strict=False)
+    trainable = {name for name, p in dst.named_parameters() if p.requires_grad}
+    missing = sorted(trainable & set(result.missing_keys))
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"the checkpoint does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def read_checkpoint(directory: str, engine) -> TrainState:
+    # DeepSpeed's own engine/optimizer files (written by this job) are read with torch.load.
+    engine.load_checkpoint(directory, tag=ENGINE_TAG, custom_load_fn=load_trainable)
+    return TrainState(**json.loads((Path(directory) / STATE_NAME).read_text()))
+
+
 def save_checkpoint(engine, module, state: TrainState, cfg: JobConfig, model_path: str, metrics: dict) -> None:
-    """Every rank writes its DeepSpeed shard; rank 0 also the usable export and the trainer state."""
     with tempfile.TemporaryDirectory() as directory:
-        engine.save_checkpoint(directory, tag=ENGINE_TAG)
-        if ray.train.get_context().get_world_rank() == 0:
-            if cfg.train.stage == "pruning":
-                save_decision_modules(module, Path(directory) / MODULES_DIR)
-            else:
-                module.save_pretrained(Path(directory) / MODEL_DIR)
-                AutoProcessor.from_pretrained(model_path).save_pretrained(Path(directory) / MODEL_DIR)
-            (Path(directory) / STATE_NAME).write_text(json.dumps(asdict(state)))
+        write_checkpoint(directory, engine, module, state, cfg, model_path)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -141,10 +164,12 @@ def load_checkpoint(engine) -> TrainState:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return TrainState()
-    with checkpoint.as_directory() as directory:
-        # DeepSpeed's own optimizer/engine state files (written by this job) use torch.save.
-        engine.load_checkpoint(directory, tag=ENGINE_TAG)
-        state = TrainState(**json.loads((Path(directory) / STATE_NAME).read_text()))
+    # Each worker downloads into its own folder. Not ``checkpoint.as_directory()``: for remote storage it shares one
+    # folder between the workers of a node, and a worker arriving after the first download has finished downloads
+    # again into it while the others read (a truncated file, "EOFError: Ran out of input" in torch.load).
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint.to_directory(directory)
+        state = read_checkpoint(directory, engine)
     logger.info("resumed from step %d (epoch %d)", state.step, state.epoch)
     return state
 

@@ -1,6 +1,8 @@
 """The DeepSpeed engine the Ray Train workers build applies the update that plain PyTorch would: ZeRO-2 over 2
 gloo ranks with gradient accumulation, clipping, AdamW and the warm-up + cosine schedule, checked against a
-single-process loop over the same micro-batches (both stages: every parameter, and decision modules only)."""
+single-process loop over the same micro-batches (both stages: every parameter, and decision modules only). A fresh
+engine restored from the job's checkpoint of the next-to-last step takes the same last step as the engine that
+saved it."""
 
 from __future__ import annotations
 
@@ -16,7 +18,15 @@ import torch.multiprocessing as mp
 import lvpruning.engine
 from pipelines.config import JobConfig, load_config
 from pipelines.toy.model import build_toy_model, save_toy_model, toy_processor
-from pipelines.train_loop import deepspeed_config, setup_engine, setup_model
+from pipelines.train_loop import (
+    ENGINE_TAG,
+    TrainState,
+    deepspeed_config,
+    read_checkpoint,
+    setup_engine,
+    setup_model,
+    write_checkpoint,
+)
 
 WORLD, ACCUMULATION, MICRO, STEPS = 2, 2, 2, 3
 OVERRIDES = [
@@ -69,16 +79,32 @@ def _rank(rank: int, port: int, cfg_json: dict, model_path: str, batches, out: s
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = JobConfig.model_validate(cfg_json)
-    torch.manual_seed(cfg.train.seed + rank)  # as the worker loop does: DeepSpeed starts every rank from rank 0's
-    module, params = setup_model(cfg, model_path, torch.device("cpu"))
-    engine, _ = setup_engine(cfg, module, params, STEPS, deepspeed_config(cfg))
+
+    def engine_and_module():
+        torch.manual_seed(cfg.train.seed + rank)  # as the worker loop does: DeepSpeed starts every rank from rank 0's
+        module, params = setup_model(cfg, model_path, torch.device("cpu"))
+        return setup_engine(cfg, module, params, STEPS, deepspeed_config(cfg))[0], module
+
+    def take_step(engine, step) -> None:
+        for batch in step[rank]:
+            engine.backward(engine(**batch).loss)
+            engine.step()
+
+    def trained(module) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    checkpoint = os.path.join(os.path.dirname(out), "checkpoint")
     with mock.patch.object(lvpruning.engine, "gumbel_decisions", noiseless_decisions):
-        for step in batches:
-            for batch in step[rank]:
-                engine.backward(engine(**batch).loss)
-                engine.step()
+        engine, module = engine_and_module()
+        for step in batches[:-1]:
+            take_step(engine, step)
+        write_checkpoint(checkpoint, engine, module, TrainState(step=STEPS - 1), cfg, model_path)
+        take_step(engine, batches[-1])
+        restored, restored_module = engine_and_module()
+        state = read_checkpoint(checkpoint, restored)
+        take_step(restored, batches[-1])
     if rank == 0:
-        torch.save({n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}, out)
+        torch.save({"trained": trained(module), "resumed": trained(restored_module), "step": state.step}, out)
 
 
 def reference(cfg: JobConfig, model_path: str, batches) -> dict[str, torch.Tensor]:
@@ -121,7 +147,8 @@ def test_deepspeed_zero2_over_two_ranks_matches_a_plain_pytorch_loop(stage, tmp_
     out = str(tmp_path / "rank0.pt")
     mp.spawn(_rank, args=(port, cfg.model_dump(mode="json"), model_path, batches, out), nprocs=WORLD)
 
-    trained = torch.load(out, weights_only=True)
+    saved = torch.load(out, weights_only=True)
+    trained = saved["trained"]
     monkeypatch.setattr(lvpruning.engine, "gumbel_decisions", noiseless_decisions)
     expected = reference(cfg, model_path, batches)
     initial = dict(model.named_parameters())
@@ -133,3 +160,13 @@ def test_deepspeed_zero2_over_two_ranks_matches_a_plain_pytorch_loop(stage, tmp_
         torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     if stage == "base":  # every parameter trains
         assert all(not torch.equal(value, initial[name]) for name, value in checked.items())
+
+    # Resuming: same last step from the restored engine (parameters, AdamW moments, schedule), as in step count.
+    assert saved["step"] == STEPS - 1
+    assert saved["resumed"].keys() == trained.keys()
+    for name, value in saved["resumed"].items():
+        torch.testing.assert_close(value, trained[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    # The DeepSpeed module state holds the trainable parameters only: in stage pruning, not the frozen base model.
+    # (DeepSpeed's own file, written by this test: torch.load needs weights_only=False for its metadata.)
+    states = torch.load(tmp_path / "checkpoint" / ENGINE_TAG / "mp_rank_00_model_states.pt", weights_only=False)
+    assert set(states["module"]) - set(states["buffer_names"]) == trained.keys()

@@ -1,7 +1,11 @@
 """Ray Train + DeepSpeed on 2 CPU workers: a failure injected mid-training restarts from the last checkpoint,
-which lives on an S3-compatible server (moto), and the run finishes with the right number of steps."""
+which lives on an S3-compatible server (moto), and the run finishes with the right number of steps. Workers of one
+node resuming together each read their own download of the checkpoint."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from unittest import mock
 
 import boto3
 import pytest
@@ -9,13 +13,14 @@ import ray
 from mlflow import MlflowClient
 from transformers import LlavaForConditionalGeneration
 
+import pipelines.train_loop
 from lvpruning import load_decision_modules
 from pipelines.config import load_config
 from pipelines.instruct_data import build_instruct_dataset
 from pipelines.toy.model import build_toy_model, save_toy_model, toy_processor
 from pipelines.toy.writer import write_toy_world
-from pipelines.train_loop import FAIL_AT_STEP_ENV
-from pipelines.training import export, fit, planned_steps
+from pipelines.train_loop import FAIL_AT_STEP_ENV, TrainState, load_checkpoint
+from pipelines.training import export, fit, planned_steps, storage
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +83,31 @@ def test_injected_failure_resumes_from_the_s3_checkpoint(cluster, s3_endpoint):
     exported = export(again, "pruning", root / "exported")
     pruner = load_decision_modules(LlavaForConditionalGeneration.from_pretrained(model_path), exported)
     assert pruner.config.layers == cfg.pruning.layers
+
+
+def test_a_worker_resuming_later_does_not_rewrite_the_files_another_is_reading(s3_endpoint):
+    """Ray's ``Checkpoint.as_directory`` shares one download folder per node: a worker arriving after the first
+    download has finished downloads again into it while the first reads (seen as a truncated DeepSpeed file)."""
+    bucket = "race"
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="ckpt/deepspeed/mp_rank_00_model_states.pt", Body=b"x" * 1024)
+    path, filesystem = storage(f"s3://{bucket}/ckpt")
+    checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
+    seen: list[tuple[Path, int]] = []
+
+    def read(directory: str, engine) -> TrainState:
+        file = Path(directory) / "deepspeed" / "mp_rank_00_model_states.pt"
+        seen.append((file, file.stat().st_mtime_ns))
+        if len(seen) == 1:  # the second worker resumes while the first still reads
+            load_checkpoint(engine)
+            assert file.stat().st_mtime_ns == seen[0][1], "the files being read were downloaded again"
+        assert file.read_bytes() == b"x" * 1024
+        return TrainState(step=2)
+
+    with (
+        mock.patch.object(ray.train, "get_checkpoint", return_value=checkpoint),
+        mock.patch.object(pipelines.train_loop, "read_checkpoint", read),
+    ):
+        assert load_checkpoint(engine=None) == TrainState(step=2)
+    assert len(seen) == 2 and seen[0][0] != seen[1][0]

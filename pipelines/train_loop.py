@@ -150,7 +150,9 @@ def load_trainable(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
 
 def read_checkpoint(directory: str, engine) -> TrainState:
     # DeepSpeed's own engine/optimizer files (written by this job) are read with torch.load.
-    engine.load_checkpoint(directory, tag=ENGINE_TAG, custom_load_fn=load_trainable)
+    load_path, _ = engine.load_checkpoint(directory, tag=ENGINE_TAG, custom_load_fn=load_trainable)
+    if load_path is None:
+        raise FileNotFoundError(f"no DeepSpeed state ({ENGINE_TAG}/) in the checkpoint {directory}")
     return TrainState(**json.loads((Path(directory) / STATE_NAME).read_text()))
 
 

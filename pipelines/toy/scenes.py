@@ -12,12 +12,19 @@ Question types (the ``category`` of the benchmark files):
 - ``exist``: "Is there a ring in the image?" / "Is there a red object in the image?" -> yes / no, balanced;
   like POPE, a question names one thing, and the negatives name a shape or color absent from the scene
   (POPE's ``random`` split: the toy world has no co-occurrence statistics for ``popular``/``adversarial``);
+- ``compare``: "Is the ring bigger than the cross?" -> yes / no, balanced: a relation between two named
+  objects (yes when the first is large and the second small), as GQA's ``compare`` questions;
 - ``position``: "What shape is in the top left?" -> the shape of the object in a named quadrant;
 - ``size``: "What size is the ring?" -> small / large.
+
+The default world asks ``color``, ``shape``, ``exist`` and ``compare``. ``position`` (a named grid cell) stays
+available but is not in it: the toy model, trained from scratch, never learnt it in any budget tried here
+(``benchmarks/TOY_WORLD.md``, seventh and eighth rounds).
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from dataclasses import dataclass, replace
@@ -35,13 +42,14 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("square", "ring", "cross", "triangle")
 SIZES = ("small", "large")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
-QUESTION_TYPES = ("color", "shape", "exist", "position", "size")
+QUESTION_TYPES = ("color", "shape", "exist", "compare", "position", "size")
 POPE_CATEGORIES = ("random",)
 _TEMPLATES = {
     "color": "What color is the {shape}?",
     "shape": "What shape is the {color} object?",
     "exist": "Is there a {shape} in the image?",
     "exist_color": "Is there a {color} object in the image?",
+    "compare": "Is the {} bigger than the {}?",
     "position": "What shape is in the {quadrant}?",
     "size": "What size is the {shape}?",
 }
@@ -62,7 +70,7 @@ class SceneSpec:
     patch: int = 8
     min_objects: int = 1  # scenes of one object teach reading the image before finding in it
     max_objects: int = 3
-    question_types: tuple[str, ...] = ("color", "shape", "exist", "position")
+    question_types: tuple[str, ...] = ("color", "shape", "exist", "compare")
     large_fraction: float = 0.5
     small_px: int = 8  # side of a small object's box in pixels (the shape keeps a 1-pixel margin inside)
     large_px: int = 16
@@ -130,7 +138,8 @@ class Scene:
 
 @dataclass(frozen=True)
 class Question:
-    """A question about a scene: its type, what it names (e.g. ``(("shape", "ring"),)``), its answer."""
+    """A question about a scene: its type, what it names (e.g. ``(("shape", "ring"),)``; a ``compare``
+    question names two shapes, in order), its answer."""
 
     category: str
     named: tuple[tuple[str, str], ...]
@@ -139,6 +148,8 @@ class Question:
 
     @property
     def text(self) -> str:
+        if self.category == "compare":
+            return _TEMPLATES["compare"].format(*(value for _, value in self.named))
         named = dict(self.named)
         template = "exist_color" if self.category == "exist" and "color" in named else self.category
         return _TEMPLATES[template].format(**named)
@@ -200,11 +211,16 @@ def render(scene: Scene, spec: SceneSpec) -> np.ndarray:
     return image
 
 
-def solve(scene: Scene, category: str, named: dict[str, str]) -> str:
-    """The answer to a question of type ``category`` naming ``named``, read off the scene."""
+def solve(scene: Scene, category: str, named: tuple[tuple[str, str], ...]) -> str:
+    """The answer to a question of type ``category`` naming ``named`` (as ``Question.named``), read off the scene."""
+    if category == "compare":
+        first, second = (scene.by(**dict([item])) for item in named)
+        if first is None or second is None:
+            raise ValueError(f"no object with {named} in the scene")
+        return "yes" if first.size == "large" and second.size == "small" else "no"
     if category == "exist":
-        return "yes" if scene.by(**named) is not None else "no"
-    obj = scene.by(**named)
+        return "yes" if scene.by(**dict(named)) is not None else "no"
+    obj = scene.by(**dict(named))
     if obj is None:
         raise ValueError(f"no object with {named} in the scene")
     return getattr(obj, _ASKS[category][1])
@@ -226,9 +242,24 @@ def _exist_named(rng: random.Random, scene: Scene, k: int) -> tuple[dict[str, st
     return {kind: rng.choice(absent)}, POPE_CATEGORIES[0]
 
 
-def ask(rng: random.Random, scene: Scene, category: str, k: int = 0) -> Question:
-    """One question of type ``category``; ``k`` counts the questions of that type so far (for balancing)."""
+def _compare_named(rng: random.Random, scene: Scene, k: int) -> tuple[tuple[str, str], ...] | None:
+    """The two shapes the k-th ``compare`` question names: a "yes" pair (large, small) on even k, a "no" pair on odd
+    k; None when the scene has no such pair."""
+    pairs = list(itertools.permutations(scene.objects, 2))
+    wanted = [(a, b) for a, b in pairs if (a.size == "large" and b.size == "small") == (k % 2 == 0)]
+    if not wanted:
+        return None
+    a, b = rng.choice(wanted)
+    return (("shape", a.shape), ("shape", b.shape))
+
+
+def ask(rng: random.Random, scene: Scene, category: str, k: int = 0) -> Question | None:
+    """One question of type ``category``; ``k`` counts the questions of that type so far (for balancing). None
+    when the scene cannot ask it (``compare`` needs two objects, and a large and a small one for a "yes")."""
     pope_category = None
+    if category == "compare":
+        pair = _compare_named(rng, scene, k)
+        return None if pair is None else Question(category, pair, solve(scene, category, pair))
     if category == "exist":
         named, pope_category = _exist_named(rng, scene, k)
     elif category in _ASKS:
@@ -236,31 +267,37 @@ def ask(rng: random.Random, scene: Scene, category: str, k: int = 0) -> Question
         named = {key: getattr(rng.choice(scene.objects), key)}
     else:
         raise ValueError(f"unknown question type {category!r}")
-    return Question(category, tuple(named.items()), solve(scene, category, named), pope_category)
+    named = tuple(named.items())
+    return Question(category, named, solve(scene, category, named), pope_category)
 
 
 def make_split(
     seed: int, n_questions: int, spec: SceneSpec, split: str, exclude: set[tuple] | None = None
 ) -> list[tuple[Scene, list[Question]]]:
-    """``n_questions`` questions over fresh scenes, one of each type per scene (the last may be short).
+    """``n_questions`` questions over fresh scenes, an equal share of each type (the first types take the
+    remainder). Each scene asks one question of every type that has some left and that the scene can ask.
 
     Scenes whose key is in ``exclude`` are redrawn (keeps test scenes out of the training set); ``split``
     seeds its own stream, so train and test differ for the same ``seed``.
     """
     rng = random.Random(f"toy-world/{seed}/{split}")
-    counts = dict.fromkeys(spec.question_types, 0)
+    types = spec.question_types
+    left = {c: n_questions // len(types) + (i < n_questions % len(types)) for i, c in enumerate(types)}
+    counts = dict.fromkeys(types, 0)
     out: list[tuple[Scene, list[Question]]] = []
-    left = n_questions
-    while left > 0:
+    while any(left.values()):
         scene = sample_scene(rng, spec)
         while exclude and scene.key() in exclude:
             scene = sample_scene(rng, spec)
         questions = []
-        for category in spec.question_types[:left]:
-            questions.append(ask(rng, scene, category, counts[category]))
-            counts[category] += 1
-        out.append((scene, questions))
-        left -= len(questions)
+        for category in (c for c in types if left[c]):
+            question = ask(rng, scene, category, counts[category])
+            if question is not None:
+                questions.append(question)
+                counts[category] += 1
+                left[category] -= 1
+        if questions:
+            out.append((scene, questions))
     return out
 
 
@@ -272,7 +309,9 @@ def repaint(scene: Scene, target: ToyObject, color: str) -> Scene:
 def toy_words() -> list[str]:
     """Every word a toy question or answer uses (the tokenizer adds the template's own words)."""
     # "human's" in the vicuna_v1 system prompt splits into  human ' s  under the word-level tokenizer
-    texts = ["' s", *(re.sub(r"\{\w+\}", " ", t) for t in _TEMPLATES.values())]
-    texts += [*QUADRANTS, *COLORS, *SHAPES, *SIZES, "yes no"]
+    # Words new to a version of the world go last, so that a trained toy model keeps its token ids.
+    templates = {k: re.sub(r"\{\w*\}", " ", t) for k, t in _TEMPLATES.items()}
+    compare = templates.pop("compare")
+    texts = ["' s", *templates.values(), *QUADRANTS, *COLORS, *SHAPES, *SIZES, "yes no", compare]
     words = [w for text in texts for w in text.replace("?", " ").lower().split()]
     return list(dict.fromkeys(words))

@@ -36,20 +36,20 @@ def patch_mask(patches: set[int], spec: SceneSpec) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def split():
-    return make_split(seed=3, n_questions=2_000, spec=SPEC, split="train")
+    return make_split(seed=3, n_questions=2_400, spec=SPEC, split="train")
 
 
 def test_same_seed_same_world_other_seed_or_split_differs(split):
-    again = make_split(seed=3, n_questions=2_000, spec=SPEC, split="train")
+    again = make_split(seed=3, n_questions=2_400, spec=SPEC, split="train")
     assert again == split
     assert all(np.array_equal(render(a, SPEC), render(b, SPEC)) for (a, _), (b, _) in zip(again, split))
-    assert make_split(seed=4, n_questions=2_000, spec=SPEC, split="train") != split
-    assert make_split(seed=3, n_questions=2_000, spec=SPEC, split="test") != split
+    assert make_split(seed=4, n_questions=2_400, spec=SPEC, split="train") != split
+    assert make_split(seed=3, n_questions=2_400, spec=SPEC, split="test") != split
 
 
 def test_question_count_and_types(split):
     questions = [q for _, qs in split for q in qs]
-    assert len(questions) == 2_000
+    assert len(questions) == 2_400
     assert Counter(q.category for q in questions) == dict.fromkeys(QUESTION_TYPES, 400)
 
 
@@ -74,7 +74,7 @@ def test_objects_are_unique_disjoint_and_drawn_inside_their_patches(split):
 def test_every_answer_is_read_from_the_scene(split):
     for scene, questions in split:
         for q in questions:
-            assert solve(scene, q.category, dict(q.named)) == q.answer
+            assert solve(scene, q.category, q.named) == q.answer
             assert len(q.answer.split()) == 1
 
 
@@ -92,7 +92,7 @@ def test_repainting_the_named_object_changes_only_its_patches_and_the_answer(spl
             repainted = repaint(scene, target, rng.choice(unused))
             changed = (render(scene, SPEC) != render(repainted, SPEC)).any(-1)
             assert changed.any() and not changed[~patch_mask(target.patches(SPEC.grid), SPEC)].any()
-            assert solve(repainted, q.category, dict(q.named)) != q.answer
+            assert solve(repainted, q.category, q.named) != q.answer
 
 
 def test_repainting_other_objects_never_changes_an_attribute_answer(split):
@@ -104,7 +104,7 @@ def test_repainting_other_objects_never_changes_an_attribute_answer(split):
             others = [o for o in scene.objects if o != target]
             unused = [c for c in COLORS if c not in {o.color for o in scene.objects}]
             for other, color in zip(others, unused, strict=False):
-                assert solve(repaint(scene, other, color), q.category, dict(q.named)) == q.answer
+                assert solve(repaint(scene, other, color), q.category, q.named) == q.answer
 
 
 def test_position_questions_name_the_quadrant_of_their_object(split):
@@ -117,6 +117,22 @@ def test_position_questions_name_the_quadrant_of_their_object(split):
                 rows = {p // SPEC.grid for p in target.patches(SPEC.grid)}
                 cols = {p % SPEC.grid for p in target.patches(SPEC.grid)}
                 assert {r // half for r in rows} == {quadrant // 2} and {c // half for c in cols} == {quadrant % 2}
+
+
+def test_compare_questions_name_two_objects_and_are_balanced(split):
+    answers = Counter()
+    for scene, questions in split:
+        for q in questions:
+            if q.category == "compare":
+                first, second = ([o for o in scene.objects if o.shape == value] for _, value in q.named)
+                assert len(first) == len(second) == 1 and first != second  # two objects of the scene, named by shape
+                (first,), (second,) = first, second
+                assert set(q.targets(scene)) == {first, second}
+                bigger = len(first.patches(SPEC.grid)) > len(second.patches(SPEC.grid))  # 2 x 2 patches against 1
+                assert q.answer == ("yes" if bigger else "no")
+                assert q.text == f"Is the {first.shape} bigger than the {second.shape}?"
+                answers[q.answer] += 1
+    assert answers == {"yes": 200, "no": 200}
 
 
 def test_yes_no_is_balanced_overall_and_per_pope_category(split):

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lvpruning import PruningConfig
+from pipelines.toy.scenes import SceneSpec
 
 TOY = "toy"  # the embedded default model and data: the toy world, built and cached locally
 TOY_LAYERS = (0, 1, 2)  # decision modules after these of the toy model's 4 layers; 7B: see llava15_7b.yaml
@@ -36,6 +37,7 @@ class DataSection(_Strict):
     toy_root: str = "./toy"  # the toy world's data and its cached base model
     toy_train_samples: int = Field(24000, gt=0)  # questions; 4 per scene, one conversation per scene
     toy_test_samples: int = Field(800, gt=0)
+    toy_question_types: tuple[str, ...] | None = None  # None: the toy world's own (SceneSpec.question_types)
     shuffle_buffer: int = Field(2048, ge=0)  # records per worker shuffled locally, reseeded every epoch; 0: off
     seed: int = 0
 
@@ -55,6 +57,7 @@ class TrainSection(_Strict):
     seed: int = 0
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(100, gt=0)  # optimizer steps
+    init_from: str | None = None  # stage base: go on training this saved toy model instead of the initial weights
 
     @field_validator("adam_betas")
     @classmethod
@@ -145,6 +148,12 @@ class JobConfig(_Strict):
             )
         if t.stage == "base" and self.model.name_or_path != TOY:
             raise ValueError("train.stage 'base' trains all parameters and exists for the toy world only")
+        if t.init_from is not None and t.stage != "base":
+            raise ValueError("train.init_from continues a toy base model: it needs train.stage 'base'")
+        if t.init_from is not None and not (Path(t.init_from) / "config.json").is_file():
+            raise ValueError(f"train.init_from: {t.init_from} is not a saved model (no config.json)")
+        if self.data.toy_question_types is not None:
+            SceneSpec(question_types=self.data.toy_question_types)  # unknown types fail here, named
         for schedule in self.eval.schedules:
             self.pruning.check_ratios(schedule)
         return self

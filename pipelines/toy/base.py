@@ -66,7 +66,8 @@ class ToyWorld:
 
 def prepare_toy_world(data: DataSection) -> ToyWorld:
     """Write (or reuse) the toy world under ``data.toy_root``."""
-    root, spec = Path(data.toy_root), SceneSpec()
+    root = Path(data.toy_root)
+    spec = SceneSpec() if data.toy_question_types is None else SceneSpec(question_types=data.toy_question_types)
     paths = write_toy_world(
         root / "world", seed=data.seed, n_train=data.toy_train_samples, n_test=data.toy_test_samples, spec=spec
     )

@@ -51,6 +51,11 @@ def setup(args: argparse.Namespace) -> JobConfig:
             raise ValueError("data.train_json and data.image_root are required for a real model")
         text = AutoConfig.from_pretrained(cfg.model.name_or_path).text_config  # config only, no weights
     cfg.pruning.check_model(text.num_hidden_layers, text.hidden_size)
+    if cfg.train.init_from is not None:  # made absolute: the Ray workers load it from their own working directory
+        init_from = Path(cfg.train.init_from).resolve()
+        if not (init_from / "config.json").is_file():
+            raise FileNotFoundError(f"train.init_from: {init_from} is not a saved model (no config.json)")
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": str(init_from)})})
     deepspeed_config(cfg)  # the DeepSpeed JSON exists and suits the scaling (bf16 needs GPUs)
     print(
         f"stage {cfg.train.stage}: {cfg.model.name_or_path}, {cfg.scaling.num_workers} workers, "
@@ -119,7 +124,7 @@ def toy_base_model(cfg: JobConfig, world: ToyWorld) -> str:
 def train_toy_base(cfg: JobConfig, world: ToyWorld) -> Path:
     """The ``base`` stage on the toy world: the initial toy model (or ``train.init_from``) trained into
     ``<toy_root>/base_model``, stamped with the world it learnt (``ToyWorld.trained_base`` uses no other)."""
-    start = str(Path(cfg.train.init_from).resolve()) if cfg.train.init_from else str(world.init_model())
+    start = cfg.train.init_from or str(world.init_model())
     exported = train_stage(cfg, start, str(world.paths.train_json), str(world.paths.image_folder), world.base_model)
     world.stamp_base_model()
     return exported

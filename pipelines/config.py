@@ -150,8 +150,6 @@ class JobConfig(_Strict):
             raise ValueError("train.stage 'base' trains all parameters and exists for the toy world only")
         if t.init_from is not None and t.stage != "base":
             raise ValueError("train.init_from continues a toy base model: it needs train.stage 'base'")
-        if t.init_from is not None and not (Path(t.init_from) / "config.json").is_file():
-            raise ValueError(f"train.init_from: {t.init_from} is not a saved model (no config.json)")
         if self.data.toy_question_types is not None:
             SceneSpec(question_types=self.data.toy_question_types)  # unknown types fail here, named
         for schedule in self.eval.schedules:

@@ -124,8 +124,9 @@ def toy_base_model(cfg: JobConfig, world: ToyWorld) -> str:
 def train_toy_base(cfg: JobConfig, world: ToyWorld) -> Path:
     """The ``base`` stage on the toy world: the initial toy model (or ``train.init_from``) trained into
     ``<toy_root>/base_model``, stamped with the world it learnt (``ToyWorld.trained_base`` uses no other)."""
-    start = cfg.train.init_from or str(world.init_model())
-    exported = train_stage(cfg, start, str(world.paths.train_json), str(world.paths.image_folder), world.base_model)
+    start = world.continued_model(cfg.train.init_from) if cfg.train.init_from else world.init_model()
+    data = str(world.paths.train_json), str(world.paths.image_folder)
+    exported = train_stage(cfg, str(start), *data, world.base_model)
     world.stamp_base_model()
     return exported
 

@@ -35,7 +35,7 @@ class DataSection(_Strict):
     max_length: int = Field(2048, gt=0)  # in tokens, after image expansion
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
     toy_root: str = "./toy"  # the toy world's data and its cached base model
-    toy_train_samples: int = Field(24000, gt=0)  # questions; 4 per scene, one conversation per scene
+    toy_train_samples: int = Field(24000, gt=0)  # questions; up to 4 per scene, one conversation per scene
     toy_test_samples: int = Field(800, gt=0)
     toy_question_types: tuple[str, ...] | None = None  # None: the toy world's own (SceneSpec.question_types)
     shuffle_buffer: int = Field(2048, ge=0)  # records per worker shuffled locally, reseeded every epoch; 0: off

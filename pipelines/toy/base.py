@@ -14,6 +14,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
 from pipelines.config import DataSection
 from pipelines.toy.model import build_toy_model, save_toy_model, toy_processor
 from pipelines.toy.scenes import SceneSpec
@@ -55,6 +57,18 @@ class ToyWorld:
     def stamp_base_model(self) -> None:
         """Mark ``base_model`` as trained on this world (after the ``base`` stage exported it)."""
         (self.base_model / WORLD_STAMP).write_text(json.dumps(scene_parameters(self.spec), indent=2) + "\n")
+
+    def continued_model(self, init_from: str | Path) -> Path:
+        """``init_from``'s weights with this world's processor, for the ``base`` stage to go on training (saved
+        under ``<toy_root>/continued_model``). A newer world's words take new token ids, so every word the saved
+        tokenizer knows must keep its id; otherwise this fails."""
+        model = LlavaForConditionalGeneration.from_pretrained(init_from)
+        processor = toy_processor(model.config)
+        known = AutoTokenizer.from_pretrained(init_from).get_vocab()
+        moved = sorted(w for w, i in known.items() if processor.tokenizer.get_vocab().get(w) != i)
+        if moved:
+            raise ValueError(f"train.init_from: {init_from}'s tokenizer gives other ids to {moved[:10]}")
+        return save_toy_model(self.root / "continued_model", model, processor)
 
     def init_model(self) -> Path:
         """The randomly initialised toy model (and its processor) that the ``base`` stage trains, saved once."""

@@ -103,7 +103,7 @@ def test_ray_job_submit_trains_base_then_decision_modules(head):
     _, _, tmp = head
     common = [
         f"data.toy_root={tmp / 'toy'}",
-        "data.toy_train_samples=48",  # 12 conversations: 3 steps of 4
+        "data.toy_train_samples=48",  # 12+ conversations (one per scene): 3 steps of 4
         "data.toy_test_samples=8",
         "train.global_batch_size=4",
         "train.micro_batch_size=2",

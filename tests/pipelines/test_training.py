@@ -26,7 +26,7 @@ from pipelines.training import export, fit, planned_steps, storage
 @pytest.fixture(scope="module")
 def cluster(s3_endpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("training")
-    world = write_toy_world(root / "world", seed=0, n_train=80, n_test=4)  # 20 conversations
+    world = write_toy_world(root / "world", seed=0, n_train=80, n_test=4)  # 20+ conversations
     model_path = save_toy_model(root / "init", build_toy_model(), toy_processor())
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="runs")
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {FAIL_AT_STEP_ENV: "3"}})

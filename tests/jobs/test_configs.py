@@ -43,6 +43,8 @@ def test_llava15_7b_config_has_the_papers_settings():
         ("train.adam_betas=[0.9,1.0]", "train.adam_betas"),
         ("train.adam_betas=[0.9]", "train.adam_betas"),
         ("data.shuffle_buffer=-1", "data.shuffle_buffer"),
+        ("data.toy_question_types=[color,colour]", "question_types"),
+        ("train.init_from=toy/base_model", "train.init_from"),  # stage pruning: nothing to go on training
     ],
 )
 def test_impossible_overrides_fail_naming_the_key(override, key):
@@ -73,3 +75,18 @@ def test_train_job_checks_the_toy_model_shape_before_any_cluster_work(tmp_path):
     assert done.returncode == 2
     assert "PruningConfig.layers" in done.stderr and "4 decoder layers" in done.stderr
     assert list(tmp_path.iterdir()) == []  # no toy world, no MLflow store, no Ray session written
+
+
+def test_train_job_checks_init_from_before_any_cluster_work(tmp_path):
+    train = Path(__file__).resolve().parents[2] / "jobs" / "train.py"
+    base = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "toy_base.yaml"
+    done = subprocess.run(
+        [sys.executable, str(train), "--config", str(base), "train.init_from=missing"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=99,
+    )
+    assert done.returncode == 2
+    assert "train.init_from" in done.stderr and "not a saved model" in done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -4,8 +4,14 @@ import json
 import logging
 from pathlib import Path
 
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from lvpruning.tiny import build_processor
 from pipelines.toy.base import SHIPPED_BASE_MODEL, WORLD_STAMP, ToyWorld
-from pipelines.toy.scenes import SceneSpec
+from pipelines.toy.model import build_toy_model, save_toy_model, toy_processor
+from pipelines.toy.scenes import SceneSpec, toy_words
 from pipelines.toy.writer import FORMAT_VERSION, ToyWorldPaths, scene_parameters
 
 
@@ -46,3 +52,22 @@ def test_no_base_model_without_weights(tmp_path):
     (world.base_model).mkdir(parents=True)
     world.stamp_base_model()  # a stamp alone is not a model
     assert world.trained_base() is None
+
+
+def test_a_continued_model_keeps_its_weights_and_learns_the_new_words(tmp_path):
+    """``train.init_from``: a model saved by an older world (fewer words) gets this world's processor."""
+    model = build_toy_model()
+    older = build_processor(model.config, words=toy_words()[:-2])  # before "bigger" and "than"
+    saved = save_toy_model(tmp_path / "older", model, older)
+    continued = world_at(tmp_path).continued_model(saved)
+    tokenizer = AutoProcessor.from_pretrained(continued).tokenizer
+    assert tokenizer.get_vocab() == toy_processor().tokenizer.get_vocab()
+    assert {w: tokenizer.get_vocab()[w] for w in older.tokenizer.get_vocab()} == older.tokenizer.get_vocab()
+    assert tokenizer.unk_token_id not in tokenizer("Is the ring bigger than the cross?").input_ids
+    again = LlavaForConditionalGeneration.from_pretrained(continued).state_dict()
+    assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
+
+    shuffled = build_processor(model.config, words=toy_words()[::-1])  # same words, other ids
+    other = save_toy_model(tmp_path / "shuffled", model, shuffled)
+    with pytest.raises(ValueError, match="other ids"):
+        world_at(tmp_path / "second").continued_model(other)

@@ -140,25 +140,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     connect_ray()
-    output = Path("outputs") / cfg.run.name
     if cfg.model.name_or_path == TOY:
         world = prepare_toy_world(cfg.data)
-        train_json, image_root = str(world.paths.train_json), str(world.paths.image_folder)
-        model_path = str(world.init_model()) if cfg.train.stage == "base" else toy_base_model(cfg, world)
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"toy_world": str(world.paths.root)})})
+    if cfg.train.stage == "base":  # the toy world only (JobConfig checks it)
+        model_path, modules = str(train_toy_base(cfg, world)), None
+        cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"methods": ("none",)})})
     else:
-        train_json, image_root, model_path = cfg.data.train_json, cfg.data.image_root, cfg.model.name_or_path
-    if cfg.train.stage == "base" and cfg.model.name_or_path == TOY:
-        exported = train_toy_base(cfg, world)
-    else:
-        exported = train_stage(cfg, model_path, train_json, image_root, output / cfg.train.stage)
-    if not args.no_eval:
-        if cfg.train.stage == "base":
-            cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"methods": ("none",)})})
-            results = evaluate(cfg, model_path=str(exported))
+        if cfg.model.name_or_path == TOY:
+            train_json, image_root = str(world.paths.train_json), str(world.paths.image_folder)
+            model_path = toy_base_model(cfg, world)
         else:
-            results = evaluate(cfg, model_path=model_path, modules=str(exported))
-        print(format_table(results))
+            train_json, image_root, model_path = cfg.data.train_json, cfg.data.image_root, cfg.model.name_or_path
+        output = Path("outputs") / cfg.run.name / cfg.train.stage
+        modules = str(train_stage(cfg, model_path, train_json, image_root, output))
+    if not args.no_eval:
+        print(format_table(evaluate(cfg, model_path=model_path, modules=modules)))
     uri = tracking_uri(cfg)
     print(f"\nMLflow: experiment '{cfg.mlflow.experiment}' at {uri}\n  {ui_hint(uri)}")
     return 0

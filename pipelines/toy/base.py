@@ -64,8 +64,8 @@ class ToyWorld:
         tokenizer knows must keep its id; otherwise this fails."""
         model = LlavaForConditionalGeneration.from_pretrained(init_from)
         processor = toy_processor(model.config)
-        known = AutoTokenizer.from_pretrained(init_from).get_vocab()
-        moved = sorted(w for w, i in known.items() if processor.tokenizer.get_vocab().get(w) != i)
+        known, wanted = AutoTokenizer.from_pretrained(init_from).get_vocab(), processor.tokenizer.get_vocab()
+        moved = sorted(w for w, i in known.items() if wanted.get(w) != i)
         if moved:
             raise ValueError(f"train.init_from: {init_from}'s tokenizer gives other ids to {moved[:10]}")
         return save_toy_model(self.root / "continued_model", model, processor)

@@ -282,8 +282,8 @@ def make_split(
     """
     rng = random.Random(f"toy-world/{seed}/{split}")
     types = spec.question_types
-    left = {c: n_questions // len(types) + (i < n_questions % len(types)) for i, c in enumerate(types)}
-    counts = dict.fromkeys(types, 0)
+    quota = {c: n_questions // len(types) + (i < n_questions % len(types)) for i, c in enumerate(types)}
+    left = dict(quota)
     out: list[tuple[Scene, list[Question]]] = []
     while any(left.values()):
         scene = sample_scene(rng, spec)
@@ -291,10 +291,9 @@ def make_split(
             scene = sample_scene(rng, spec)
         questions = []
         for category in (c for c in types if left[c]):
-            question = ask(rng, scene, category, counts[category])
+            question = ask(rng, scene, category, quota[category] - left[category])
             if question is not None:
                 questions.append(question)
-                counts[category] += 1
                 left[category] -= 1
         if questions:
             out.append((scene, questions))

@@ -1,7 +1,7 @@
 """Evaluate a LLaVA with and without LVPruning: accuracy, TFLOPs and latency per setting, one MLflow run each.
 
-    python jobs/evaluate.py --config eval.yaml --modules runs/toy/decision_modules \\
-        model.name_or_path=runs/toy/base_model eval.schedules='[[0.5,0.3,0.1],[0.3,0.1,0.05]]'
+    python jobs/evaluate.py --config eval.yaml --model toy/base_model --modules outputs/toy/pruning \\
+        eval.toy_world=toy/world eval.schedules='[[0.5,0.3,0.1],[0.3,0.1,0.05]]'
     ray job submit -- python jobs/evaluate.py --config eval_llava15_7b.yaml --modules /mnt/ckpt/decision_modules
 
 A setting is a method (``none``, ``lvpruning``, ``random``, ``fastv``) with a keep-ratio schedule; every setting
@@ -27,6 +27,7 @@ from pipelines.evaluation import evaluate, format_table
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML job config (default: the embedded defaults)")
+    parser.add_argument("--model", help="the base model: HF id or directory (overrides model.name_or_path)")
     parser.add_argument("--modules", help="trained decision modules (overrides eval.modules)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. eval.batch_size=8")
     return parser.parse_args(argv)
@@ -36,7 +37,8 @@ def setup(args: argparse.Namespace) -> JobConfig:
     """Read and validate the config: a typo or an impossible value fails here, before Ray starts."""
     config = load_config(args.config, args.overrides)
     ev = config.eval
-    print(f"evaluating {config.model.name_or_path} (modules: {args.modules or ev.modules}) on {list(ev.benchmarks)}")
+    model = args.model or config.model.name_or_path
+    print(f"evaluating {model} (modules: {args.modules or ev.modules}) on {list(ev.benchmarks)}")
     schedules = [list(s) for s in ev.schedules]
     print(f"methods {list(ev.methods)} x schedules {schedules}, answers under {config.answers_dir}")
     return config
@@ -52,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     connect_ray()
     try:
-        print(format_table(evaluate(config, modules=args.modules)))
+        print(format_table(evaluate(config, model_path=args.model, modules=args.modules)))
     finally:
         ray.shutdown()
     return 0

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoProcessor
 
 from pipelines.cluster import connect_ray
 from pipelines.config import TOY, JobConfig, load_config
-from pipelines.evaluation import evaluate, format_table
+from pipelines.evaluation import evaluate, evaluate_command, format_table
 from pipelines.instruct_data import build_instruct_dataset
 from pipelines.toy.base import ToyWorld, prepare_toy_world
 from pipelines.toy.model import toy_config
@@ -154,9 +154,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_json, image_root, model_path = cfg.data.train_json, cfg.data.image_root, cfg.model.name_or_path
         output = Path("outputs") / cfg.run.name / cfg.train.stage
         modules = str(train_stage(cfg, model_path, train_json, image_root, output))
-    if not args.no_eval:
-        print(format_table(evaluate(cfg, model_path=model_path, modules=modules)))
     uri = tracking_uri(cfg)
+    if not args.no_eval:
+        try:
+            print(format_table(evaluate(cfg, model_path=model_path, modules=modules)))
+        except Exception as e:  # the training is done and exported: say where, and how to evaluate only
+            logging.getLogger(__name__).exception("evaluation failed")
+            trained = f"decision modules: {Path(modules).resolve()}" if modules else f"base model: {model_path}"
+            print(
+                f"\nerror: the evaluation failed ({type(e).__name__}: {e}).\nThe training finished and is kept: "
+                f"{trained} (MLflow run FINISHED, experiment '{cfg.mlflow.experiment}' at {uri}).\n"
+                f"To evaluate only:\n  {evaluate_command(cfg, args.config, args.overrides, model_path, modules)}",
+                file=sys.stderr,
+            )
+            return 1
     print(f"\nMLflow: experiment '{cfg.mlflow.experiment}' at {uri}\n  {ui_hint(uri)}")
     return 0
 

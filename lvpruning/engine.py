@@ -49,7 +49,7 @@ class LVPruningOutput(ModelOutput):
     keep_fractions: torch.Tensor | None = None
     token_index: torch.Tensor | None = None
     kept_vision: tuple[torch.Tensor, ...] | None = None
-    past_key_values: PrunedCache | None = None
+    cache: PrunedCache | None = None
 
 
 class PrunedCache(DynamicCache):
@@ -282,7 +282,7 @@ class LVPruningModel(nn.Module):
                 attention_mask=mask,
                 position_embeddings=rope,
                 position_ids=seq.position_ids,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=use_cache,
             )
             if i not in self.config.layers:
@@ -313,7 +313,7 @@ class LVPruningModel(nn.Module):
             keep_fractions=torch.stack(fractions, dim=1),
             token_index=seq.index,
             kept_vision=tuple(kept_vision),
-            past_key_values=cache,
+            cache=cache,
         )
 
     # ------------------------------------------------------------------ generation
@@ -337,7 +337,7 @@ class LVPruningModel(nn.Module):
                 attention_mask=masks[segment],
                 position_embeddings=rope,
                 position_ids=cache.position_ids,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             )
             segment += i in self.config.layers

@@ -77,7 +77,7 @@ def generate(
         use_cache=True,
         logits_to_keep=1,
     )
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    cache, logits = out.cache, out.logits[:, -1]
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens = []
     for step in range(max_new_tokens):

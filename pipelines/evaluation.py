@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shlex
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -291,3 +292,22 @@ def _columns(table: list[list[str]]) -> list[str]:
         "  ".join(cell.rjust(w) if i > 1 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
         for row in table
     ]
+
+
+def evaluate_command(
+    config: JobConfig, config_path: str | None, overrides: Sequence[str], model_path: str, modules: str | None
+) -> str:
+    """The ``jobs/evaluate.py`` command line that runs only the evaluation a training job would have run after
+    training: the job's config file and overrides, then the trained model and modules, the same methods, toy world
+    and answers folder (answers written before a failure are reused). Credentials in URLs are left out."""
+
+    def local(path: str) -> str:  # absolute where it is a local path, so the command works from anywhere
+        return str(Path(path).resolve()) if Path(path).exists() else path
+
+    argv = ["python", "jobs/evaluate.py", *(["--config", config_path] if config_path else [])]
+    argv += ["--model", local(model_path), *(["--modules", local(modules)] if modules else [])]
+    argv += [redact(item) for item in overrides]
+    argv += [f"eval.methods=[{','.join(config.eval.methods)}]", f"eval.output_dir={local(config.answers_dir)}"]
+    if config.eval.toy_world is not None:
+        argv.append(f"eval.toy_world={config.eval.toy_world}")
+    return shlex.join(argv)

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Iterator
 
 import pytest
+
+
+class _DeprecationLogToWarning(logging.Handler):
+    """transformers logs some deprecations instead of warning (``logger.warning_once("... deprecated ...")``, e.g.
+    reading ``output.past_key_values`` since 5.24): re-issue them as a FutureWarning from their transformers module,
+    so that pyproject's ``filterwarnings`` fails the test that caused them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING and "deprecated" in message.lower():
+            warnings.warn_explicit(message, FutureWarning, record.pathname, record.lineno, module=record.name)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    logging.getLogger("transformers").addHandler(_DeprecationLogToWarning())
 
 
 @pytest.fixture(scope="module")

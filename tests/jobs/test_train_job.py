@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -54,8 +55,8 @@ def head(tmp_path_factory):
     subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def submit(head, *args: str, timeout: float = 600) -> tuple[str, str]:
-    """``ray job submit -- python jobs/train.py *args``, then wait for the job to end: its final status and logs.
+def submit(head, *args: str, timeout: float = 600, script: str = "jobs/train.py") -> tuple[str, str]:
+    """``ray job submit -- python <script> *args``, then wait for the job to end: its final status and logs.
 
     Waits by polling ``ray job status``: following the log stream (``submit`` without ``--no-wait``) can stop while
     the job still runs, as seen once on this 2-core box under load."""
@@ -73,7 +74,7 @@ def submit(head, *args: str, timeout: float = 600) -> tuple[str, str]:
         f"--runtime-env-json={json.dumps(runtime_env)}",
         "--",
         "python",
-        "jobs/train.py",
+        script,
         *args,
     ]
 
@@ -98,10 +99,8 @@ def submit(head, *args: str, timeout: float = 600) -> tuple[str, str]:
     return state, out + ray(*ray_job, "logs", f"--address={address}", job_id)
 
 
-@pytest.mark.timeout(1500)
-def test_ray_job_submit_trains_base_then_decision_modules(head):
-    _, _, tmp = head
-    common = [
+def common_args(tmp: Path) -> list[str]:
+    return [
         f"data.toy_root={tmp / 'toy'}",
         "data.toy_train_samples=48",  # 12+ conversations (one per scene): 3 steps of 4
         "data.toy_test_samples=8",
@@ -116,6 +115,12 @@ def test_ray_job_submit_trains_base_then_decision_modules(head):
         "eval.num_actors=1",
         f"eval.output_dir={tmp / 'eval'}",
     ]
+
+
+@pytest.mark.timeout(1500)
+def test_ray_job_submit_trains_base_then_decision_modules(head):
+    _, _, tmp = head
+    common = common_args(tmp)
     state, logs = submit(head, *common, "train.stage=base", "train.max_steps=2", "train.learning_rate=1e-3")
     assert state == "SUCCEEDED", logs[-4000:]
     assert (tmp / "toy" / "base_model" / "model.safetensors").is_file()
@@ -140,3 +145,35 @@ def test_ray_job_submit_trains_base_then_decision_modules(head):
     assert "pruning/decision_modules.safetensors" in artifacts
     methods = {r.data.params.get("method") for r in runs if "infer_ratios" in r.data.params}
     assert methods == {"none", "lvpruning", "random"}
+
+
+@pytest.mark.timeout(1200)
+def test_a_failed_evaluation_keeps_the_trained_modules_and_prints_the_evaluate_command(head):
+    """The evaluation after training reads a corrupt questions file: the job fails, but the decision modules are
+    exported, the training run is FINISHED, and the printed ``jobs/evaluate.py`` command evaluates only."""
+    _, _, tmp = head
+    bad = tmp / "corrupt_questions.jsonl"
+    bad.write_text('{"question_id": 0, "image": "0.png", "text": "What col')  # a file cut short mid-record
+    broken = f"eval.data={{toy: {{questions: {bad}, image_root: {tmp}, annotations: {bad}}}}}"
+    args = [*common_args(tmp), "run.name=evalfails", f"eval.output_dir={tmp / 'eval-evalfails'}", broken]
+    args += ["train.max_steps=1", "scaling.num_workers=1"]
+    state, logs = submit(head, *args)
+    assert state == "FAILED", logs[-4000:]
+    assert "error: the evaluation failed" in logs and str(bad) in logs, logs[-4000:]
+    modules = Path(re.search(r"decision modules: (\S+)", logs).group(1))
+    assert (modules / "decision_modules.safetensors").is_file() and (modules / "lvpruning_config.json").is_file()
+
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lvpruning").experiment_id
+    training = client.search_runs([experiment], "tags.`lvpruning.run_name` = 'evalfails'")
+    assert [r.info.status for r in training] == ["FINISHED"]
+    failed = [r for r in client.search_runs([experiment]) if r.info.status == "FAILED"]
+    assert [r.info.run_name for r in failed] == ["none"]  # the first setting, ended FAILED, not left RUNNING
+
+    command = shlex.split(logs.split("To evaluate only:\n", 1)[1].splitlines()[0])
+    assert command[:2] == ["python", "jobs/evaluate.py"] and command[command.index("--modules") + 1] == str(modules)
+    # the same command, with the questions repaired (the toy world's own again): evaluation only, no training
+    state, logs = submit(head, *command[2:], "eval.data={}", script="jobs/evaluate.py")
+    assert state == "SUCCEEDED", logs[-4000:]
+    assert re.search(r"^lvpruning\s+0\.5-0\.3-0\.1", logs, re.M), logs[-4000:]
+    assert len(client.search_runs([experiment], "tags.`lvpruning.run_name` = 'evalfails'")) == 1

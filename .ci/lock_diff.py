@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import sys
 from importlib.metadata import distributions
+from pathlib import Path
 
 
 def normalize(name: str) -> str:
@@ -16,7 +17,7 @@ def normalize(name: str) -> str:
 
 def read_lock(path: str) -> dict[str, str]:
     pins = {}
-    for line in open(path, encoding="utf-8"):
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
         match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s;#]+)", line)
         if match:
             pins[normalize(match[1])] = match[3]

@@ -309,5 +309,5 @@ def evaluate_command(
     argv += [redact(item) for item in overrides]
     argv += [f"eval.methods=[{','.join(config.eval.methods)}]", f"eval.output_dir={local(config.answers_dir)}"]
     if config.eval.toy_world is not None:
-        argv.append(f"eval.toy_world={config.eval.toy_world}")
+        argv.append(f"eval.toy_world={local(config.eval.toy_world)}")
     return shlex.join(argv)

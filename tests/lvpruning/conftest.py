@@ -66,6 +66,17 @@ def make_pruner(seed: int = 0, layers=(0, 1, 2), num_layers: int = 5, attn: str 
     return attach(model, pruning).eval()
 
 
+def generate_alone(pruner, batch: dict[str, torch.Tensor], i: int, **kwargs) -> torch.Tensor:
+    """Sample ``i`` of a left-padded batch generated on its own, its padding removed: (1, L_i + new)."""
+    keep = batch["attention_mask"][i].bool()
+    return pruner.generate(
+        input_ids=batch["input_ids"][i : i + 1, keep],
+        attention_mask=batch["attention_mask"][i : i + 1, keep],
+        pixel_values=batch["pixel_values"][i : i + 1],
+        **kwargs,
+    )
+
+
 @pytest.fixture
 def pruner():
     return make_pruner()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.lvpruning.conftest import make_batch, make_pruner
+from tests.lvpruning.conftest import generate_alone, make_batch, make_pruner
 
 RATIOS = (0.5, 0.3, 0.1)
 
@@ -47,14 +47,7 @@ def test_padded_batch_generates_what_each_prompt_generates_alone():
     batch = make_batch(shapes, seed=3)
     together = pruner.generate(**batch, max_new_tokens=5, eos_token_id=[])
     for i in range(len(shapes)):
-        keep = batch["attention_mask"][i].bool()
-        alone = pruner.generate(
-            input_ids=batch["input_ids"][i : i + 1, keep],
-            attention_mask=batch["attention_mask"][i : i + 1, keep],
-            pixel_values=batch["pixel_values"][i : i + 1],
-            max_new_tokens=5,
-            eos_token_id=[],
-        )
+        alone = generate_alone(pruner, batch, i, max_new_tokens=5, eos_token_id=[])
         assert torch.equal(together[i, -5:], alone[0, -5:])
 
 

@@ -14,6 +14,7 @@ from pipelines.conversation import build_prompt
 from pipelines.inference import question_text
 from pipelines.toy.base import SHIPPED_BASE_MODEL
 from pipelines.toy.scenes import SceneSpec, make_split, render
+from tests.lvpruning.conftest import generate_alone
 
 STAGES = (0, 1, 2)
 
@@ -71,14 +72,8 @@ def test_pruned_cached_generation_of_a_padded_batch_is_what_each_question_gets_a
     try:
         together = pruner.generate(**inputs, **common)
         for i in range(len(lengths)):
-            keep = inputs["attention_mask"][i].bool()
-            alone = pruner.generate(
-                input_ids=inputs["input_ids"][i : i + 1, keep],
-                attention_mask=inputs["attention_mask"][i : i + 1, keep],
-                pixel_values=inputs["pixel_values"][i : i + 1],
-                **common,
-            )
-            new_together, new_alone = together[i, inputs["input_ids"].shape[1] :], alone[0, int(keep.sum()) :]
+            alone = generate_alone(pruner, inputs, i, **common)
+            new_together, new_alone = together[i, inputs["input_ids"].shape[1] :], alone[0, int(lengths[i]) :]
             n = min(len(new_together), len(new_alone))  # a batch stops when all of it has ended
             assert torch.equal(new_together[:n], new_alone[:n])
     finally:

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lvpruning import PruningConfig
+from pipelines.stages import STAGES, Stage
 from pipelines.toy.scenes import SceneSpec
 
 TOY = "toy"  # the embedded default model and data: the toy world, built and cached locally
@@ -43,7 +44,7 @@ class DataSection(_Strict):
 
 
 class TrainSection(_Strict):
-    stage: Literal["pruning", "base"] = "pruning"  # base: train all parameters (toy world only)
+    stage: Literal[tuple(STAGES)] = "pruning"  # pipelines.stages; base: train all parameters (toy world only)
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)  # optimizer steps; caps epochs
     global_batch_size: int = Field(32, gt=0)
@@ -77,6 +78,7 @@ class ScalingSection(_Strict):
 class RunSection(_Strict):
     name: str = "lvpruning-toy"
     storage_path: str = "./runs"  # local folder or s3://bucket/prefix
+    output_dir: str = "./outputs"  # exported decision modules: <output_dir>/<name>/<stage> (local)
     max_failures: int = Field(2, ge=0)
     keep_checkpoints: int = Field(2, gt=0)
 
@@ -121,6 +123,96 @@ class EvalSection(_Strict):
         return value
 
 
+class SearchSpace(_Strict):
+    """What a sweep searches (Optuna, define-by-run: ``pipelines.search``). Ratios are fractions of the original
+    vision tokens, sampled on a grid of ``ratio_step``."""
+
+    layers: tuple[tuple[int, ...], ...] = ((0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))  # candidate stages
+    ratios: Literal["paper", "free"] = "paper"  # paper: [rho, rho - 0.2, rho - 0.4, ...]; free: one per stage
+    rho: tuple[float, float] = (0.3, 0.7)  # paper: the range of rho
+    rho_step: float = Field(0.2, ge=0)  # paper: the drop per stage
+    free_range: tuple[float, float] = (0.05, 0.9)  # free: each stage's ratio, then sorted non-increasing
+    ratio_step: float = Field(0.05, gt=0, le=1)
+    num_blocks: tuple[int, ...] = (1, 2)  # decision-module shape (PruningConfig)
+    num_heads: tuple[int, ...] = (2, 4)
+    ffn_dim: tuple[int | None, ...] = (None,)  # None: 2C
+    learning_rate: tuple[float, float] | None = None  # log-uniform range; None: train.learning_rate
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, value: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+        if not value:
+            raise ValueError("give at least one candidate list of layers")
+        for i, layers in enumerate(value):
+            if not 1 <= len(layers) <= 4:
+                raise ValueError(f"candidate {i} {list(layers)}: a sweep searches 1 to 4 stages")
+            if min(layers) < 0 or any(b <= a for a, b in zip(layers, layers[1:])):
+                raise ValueError(f"candidate {i} {list(layers)}: layers must be non-negative and strictly increasing")
+        return value
+
+    @field_validator("num_blocks", "num_heads", "ffn_dim")
+    @classmethod
+    def _choices(cls, value: tuple) -> tuple:
+        if not value or any(v is not None and v < 1 for v in value):
+            raise ValueError(f"{list(value)}: give at least one choice, each a positive integer")
+        return value
+
+    @model_validator(mode="after")
+    def _ratios(self) -> SearchSpace:
+        def check(key: str, low: float, high: float) -> None:
+            if not 0 < low <= high <= 1:
+                raise ValueError(f"sweep.space.{key}: [{low}, {high}] must satisfy 0 < low <= high <= 1")
+
+        check("free_range", *self.free_range)
+        if self.ratios == "paper":
+            check("rho", *self.rho)
+            for layers in self.layers:
+                low, high = self.rho_range(len(layers))
+                if low > high:
+                    raise ValueError(
+                        f"sweep.space.rho: {list(self.rho)} leaves no rho for {len(layers)} stages ({list(layers)}): "
+                        f"the last ratio rho - {self.rho_step} x {len(layers) - 1} must stay >= {self.ratio_step}"
+                    )
+        if self.learning_rate is not None and not 0 < self.learning_rate[0] <= self.learning_rate[1]:
+            raise ValueError(f"sweep.space.learning_rate: {list(self.learning_rate)} must be 0 < low <= high")
+        return self
+
+    def rho_range(self, num_stages: int) -> tuple[float, float]:
+        """The range of rho for ``num_stages`` stages (paper family): ``rho``, raised so that the last stage keeps
+        at least ``ratio_step``."""
+        return max(self.rho[0], round(self.rho_step * (num_stages - 1) + self.ratio_step, 6)), self.rho[1]
+
+
+class Baselines(_Strict):
+    """Training-free methods on the sweep's frontier: evaluation-only trials at ``pruning.layers``."""
+
+    methods: tuple[str, ...] = ("none", "fastv", "random")
+    schedules: tuple[tuple[float, ...], ...] = ((0.7, 0.5, 0.3), (0.5, 0.3, 0.1), (0.3, 0.1, 0.05))
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(value) - set(EVAL_METHODS) | ({"lvpruning"} & set(value)))
+        if unknown:
+            raise ValueError(f"{unknown} are not training-free methods; choose from {list(EVAL_METHODS[2:])}, none")
+        return value
+
+
+class SweepSection(_Strict):
+    """``jobs/sweep.py``: Ray Tune over the search space, multi-objective (``accuracy/mean`` up, ``tflops`` down)."""
+
+    space: SearchSpace = SearchSpace()
+    num_trials: int = Field(8, gt=0)  # searched LVPruning configurations (the baselines come on top)
+    concurrency: int = Field(2, gt=0)  # trials at once; each trains with the ``scaling`` section's workers
+    infer_shifts: tuple[float, ...] = (0.2, -0.2)  # extra schedules per trial: its own ratios + shift (no retraining)
+    guard_metric: str = "ratio_loss"  # ASHA's one metric, reported while training (README: why not lm_loss)
+    grace_steps: int = Field(20, gt=0)  # ASHA's one rung: the optimizer step where a lagging trial stops
+    reduction_factor: float = Field(1.25, gt=1)  # stops the worst 1 - 1/reduction_factor there (1.25: a fifth)
+    guard_min_trials: int = Field(4, ge=0)  # ASHA stops nothing before this many trials reached its rung
+    baselines: Baselines = Baselines()
+    seed: int = 0
+
+
 class JobConfig(_Strict):
     model: ModelSection = ModelSection()
     pruning: PruningConfig = PruningConfig(layers=TOY_LAYERS)
@@ -130,6 +222,7 @@ class JobConfig(_Strict):
     run: RunSection = RunSection()
     mlflow: MlflowSection = MlflowSection()
     eval: EvalSection = EvalSection()
+    sweep: SweepSection = SweepSection()
 
     @field_validator("pruning", mode="before")
     @classmethod
@@ -146,8 +239,8 @@ class JobConfig(_Strict):
                 f"train.global_batch_size {t.global_batch_size} is not a multiple of train.micro_batch_size x "
                 f"scaling.num_workers = {per_step}"
             )
-        if t.stage == "base" and self.model.name_or_path != TOY:
-            raise ValueError("train.stage 'base' trains all parameters and exists for the toy world only")
+        if self.stage.exports_model and self.model.name_or_path != TOY:
+            raise ValueError(f"train.stage {t.stage!r} trains all parameters and exists for the toy world only")
         if t.init_from is not None and t.stage != "base":
             raise ValueError("train.init_from continues a toy base model: it needs train.stage 'base'")
         if self.data.toy_question_types is not None:
@@ -157,9 +250,14 @@ class JobConfig(_Strict):
         return self
 
     @property
+    def stage(self) -> Stage:
+        """The training stage ``train.stage`` names (``pipelines.stages``)."""
+        return STAGES[self.train.stage]
+
+    @property
     def stage_run_name(self) -> str:
         """The run's name for this stage's checkpoints and answers: ``run.name``, ``<run.name>-base`` for the base."""
-        return self.run.name if self.train.stage == "pruning" else f"{self.run.name}-base"
+        return self.stage.run_name(self.run.name)
 
     @property
     def answers_dir(self) -> str:

@@ -172,15 +172,26 @@ def run_setting(
 ) -> SettingResult:
     """:func:`evaluate_setting` inside its own MLflow run (ended FINISHED, FAILED on an exception, KILLED on
     Ctrl-C). A client, not ``mlflow.start_run``: it works beside an active run (the training job's, which
-    ``parent_run_id`` names so the UI nests this one under it)."""
+    ``parent_run_id`` names so the UI nests this one under it).
+
+    Under a parent, a setting has one run: a FINISHED one is returned as it is (a resumed sweep trial does not
+    evaluate or log it twice), an unfinished one is continued."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
-    run_id = client.create_run(experiment_id, run_name=setting.name, tags=tags).info.run_id
+    earlier = child_run(client, experiment_id, parent_run_id, setting.name) if parent_run_id else None
+    if earlier is not None and earlier.info.status == "FINISHED":
+        logger.info("%s: already evaluated (run %s)", setting.name, earlier.info.run_id)
+        return SettingResult(setting, dict(earlier.data.metrics), run_id=earlier.info.run_id)
+    if earlier is not None:
+        run_id = earlier.info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+        run_id = client.create_run(experiment_id, run_name=setting.name, tags=tags).info.run_id
     try:
         params = setting_params(model, setting, benchmarks)
         client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
@@ -199,6 +210,17 @@ def run_setting(
     logger.info("%s (run %s): %s", setting.name, run_id, {k: float(f"{v:.4g}") for k, v in result.metrics.items()})
     result.run_id = run_id
     return result
+
+
+def child_run(client: Any, experiment_id: str, parent_run_id: str, name: str) -> Any:
+    """The run named ``name`` under ``parent_run_id``, if there is one (the oldest, were there several)."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.run_name = '{name}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
 
 
 def benchmarks_from_config(config: JobConfig) -> list[Benchmark]:

@@ -6,20 +6,28 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import JobConfig
+if TYPE_CHECKING:  # annotations only: the frontier job reads MLflow without the config schema
+    from pipelines.config import JobConfig
 
 RUN_NAME_TAG = "lvpruning.run_name"
+KIND_TAG = "lvpruning.kind"  # what a run is, where it is not an evaluated setting: sweep, trial, frontier
 
 
 def tracking_uri(cfg: JobConfig) -> str:
     """The config's URI, else ``$MLFLOW_TRACKING_URI``, else MLflow's default ``sqlite:///mlflow.db`` here (made
     absolute, so Ray workers on other processes write to the same store)."""
-    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    return resolve_uri(cfg.mlflow.tracking_uri)
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``; a relative SQLite path made absolute."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
     return uri
@@ -32,8 +40,8 @@ def ui_hint(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000"
 
 
-def resumable_run_id(cfg: JobConfig, uri: str) -> str | None:
-    """The unfinished training run of this run name, if a previous attempt left one (resume logs into it)."""
+def latest_training_run(cfg: JobConfig, uri: str) -> Run | None:
+    """The newest training run of this run name and stage, if any."""
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
     if experiment is None:
@@ -44,7 +52,13 @@ def resumable_run_id(cfg: JobConfig, uri: str) -> str | None:
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
-    return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None
+    return runs[0] if runs else None
+
+
+def resumable_run_id(cfg: JobConfig, uri: str) -> str | None:
+    """The unfinished training run of this run name, if a previous attempt left one (resume logs into it)."""
+    run = latest_training_run(cfg, uri)
+    return run.info.run_id if run is not None and run.info.status != "FINISHED" else None
 
 
 @contextmanager

@@ -1,9 +1,10 @@
-"""The Ray Train worker loop: DeepSpeed training of the LVPruning decision modules (stage ``pruning``, base model
-frozen, LM + ratio losses) or of the whole toy model (stage ``base``).
+"""The Ray Train worker loop: DeepSpeed training of what ``train.stage`` names (``pipelines.stages``): the LVPruning
+decision modules of a frozen base model (``pruning``), or the whole toy model (``base``).
 
 Everything reaches the workers through ``train_loop_config``: the resolved job config, the model path, the MLflow
-run to log into (rank 0 only) and the number of optimizer steps. Checkpoints go through ``ray.train.report``: the
-DeepSpeed engine state (for resuming) and the decision modules as safetensors (for use).
+run to log into (rank 0 only) and the number of optimizer steps. Every logged step is also a ``ray.train.report``
+(what Ray Tune's schedulers see in a sweep); at checkpoint steps it carries the DeepSpeed engine state (for resuming)
+and the stage's export (for use).
 """
 
 from __future__ import annotations
@@ -25,17 +26,15 @@ import torch
 import torch.distributed as dist
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
-from transformers import AutoProcessor, LlavaForConditionalGeneration, get_scheduler
+from transformers import LlavaForConditionalGeneration, get_scheduler
 
-from lvpruning import attach, save_decision_modules
 from pipelines.collate import PaddingCollateFn
 from pipelines.config import JobConfig
+from pipelines.stages import Stage
 
 logger = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.json"
 ENGINE_TAG = "deepspeed"
-MODULES_DIR = "decision_modules"
-MODEL_DIR = "model"
 # Chaos testing: kill one worker at this optimizer step, on a run that did not start from a checkpoint, so that
 # FailureConfig's restart-from-checkpoint path can be exercised on a real cluster (and in the tests).
 FAIL_AT_STEP_ENV = "LVPRUNING_FAIL_AT_STEP"
@@ -51,14 +50,11 @@ class TrainState:
 
 
 def setup_model(cfg: JobConfig, model_path: str, device: torch.device) -> tuple[torch.nn.Module, list]:
-    """The module DeepSpeed trains and its trainable parameters (decision modules only, unless stage base)."""
+    """The module DeepSpeed trains and its trainable parameters (the stage's: decision modules, or every one)."""
     model = LlavaForConditionalGeneration.from_pretrained(
         model_path, dtype=getattr(torch, cfg.model.dtype), attn_implementation=cfg.model.attn_implementation
     )
-    if cfg.train.stage == "base":
-        module = model.train()
-    else:
-        module = attach(model, cfg.pruning).train()
+    module = cfg.stage.trainable(model, cfg.pruning).train()
     module.to(device)
     return module, [p for p in module.parameters() if p.requires_grad]
 
@@ -103,16 +99,10 @@ def setup_engine(cfg: JobConfig, module: torch.nn.Module, params: list, total_st
     return engine, scheduler
 
 
-def forward(engine, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, dict[str, float]]:
+def forward(engine, batch: dict[str, torch.Tensor], stage: Stage) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch: the loss to back-propagate and the numbers to log."""
     out = engine(**batch)
-    metrics = {"loss": out.loss.detach().float()}
-    if stage == "pruning":
-        metrics["lm_loss"] = out.lm_loss.detach().float()
-        metrics["ratio_loss"] = out.ratio_loss.detach().float()
-        for s, fraction in enumerate(out.keep_fractions.mean(0)):
-            metrics[f"keep_fraction/stage{s}"] = fraction.float()
-    return out.loss, metrics
+    return out.loss, {"loss": out.loss.detach().float(), **stage.metrics(out)}
 
 
 def mean_across_workers(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
@@ -125,15 +115,11 @@ def mean_across_workers(sums: dict[str, torch.Tensor], count: int) -> dict[str, 
 
 def write_checkpoint(directory: str, engine, module, state: TrainState, cfg: JobConfig, model_path: str) -> None:
     """Every rank writes its DeepSpeed shard: trainable parameters and their optimizer state only, since frozen
-    weights (the whole base model in stage ``pruning``) are the model's own files. Rank 0 also writes the usable
-    export and the trainer state."""
+    weights (the whole base model in stage ``pruning``) are the model's own files. Rank 0 also writes the stage's
+    export (``<stage.export_dir>/``) and the trainer state."""
     engine.save_checkpoint(directory, tag=ENGINE_TAG, exclude_frozen_parameters=True)
     if engine.global_rank == 0:
-        if cfg.train.stage == "pruning":
-            save_decision_modules(module, Path(directory) / MODULES_DIR)
-        else:
-            module.save_pretrained(Path(directory) / MODEL_DIR)
-            AutoProcessor.from_pretrained(model_path).save_pretrained(Path(directory) / MODEL_DIR)
+        cfg.stage.save(module, Path(directory) / cfg.stage.export_dir, model_path)
         (Path(directory) / STATE_NAME).write_text(json.dumps(asdict(state)))
 
 
@@ -207,7 +193,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             local_shuffle_seed=cfg.data.seed + 1000 * state.epoch + rank,  # a new order every epoch, reproducible
         )
         for batch in batches:
-            loss, metrics = forward(engine, batch, cfg.train.stage)
+            loss, metrics = forward(engine, batch, cfg.stage)
             engine.backward(loss)
             engine.step()
             for name, value in metrics.items():
@@ -221,6 +207,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if state.step == fail_at:
                 raise RuntimeError(f"{FAIL_AT_STEP_ENV}={fail_at}: injected failure at step {state.step}")
             last = state.step == total_steps
+            report = None  # this step's numbers for Ray (and Tune): every logged step, with or without a checkpoint
             if state.step % cfg.train.log_every == 0 or last:
                 logged = mean_across_workers(sums, logged_micro)
                 sums, logged_micro = {}, 0
@@ -239,8 +226,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     if client is not None:
                         now = int(time.time() * 1000)
                         client.log_batch(run_id, metrics=[Metric(k, v, now, state.step) for k, v in logged.items()])
+                report = {"step": state.step, **logged}
             if state.step % cfg.train.checkpoint_every == 0 or last:
-                save_checkpoint(engine, module, state, cfg, loop_config["model_path"], {"step": state.step})
+                save_checkpoint(engine, module, state, cfg, loop_config["model_path"], report or {"step": state.step})
+            elif report is not None:
+                ray.train.report(report)
             if last:
                 break
         if micro == epoch_start:

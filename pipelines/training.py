@@ -9,16 +9,19 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow.fs
 import ray.data
 import ray.train
+from ray.train import UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipelines.config import JobConfig
+from pipelines.stages import Stage
 from pipelines.storage import is_s3
-from pipelines.train_loop import MODEL_DIR, MODULES_DIR, deepspeed_config, train_loop_per_worker
+from pipelines.train_loop import deepspeed_config, train_loop_per_worker
 
 
 def planned_steps(cfg: JobConfig, num_records: int) -> int:
@@ -53,8 +56,10 @@ def fit(
     total_steps: int,
     mlflow_tracking_uri: str,
     mlflow_run_id: str | None,
+    callbacks: Sequence[UserCallback] = (),
 ) -> ray.train.Result:
-    """Train on ``dataset`` with ``scaling.num_workers`` DeepSpeed workers; returns Ray's result (checkpoint)."""
+    """Train on ``dataset`` with ``scaling.num_workers`` DeepSpeed workers; returns Ray's result (checkpoint).
+    ``callbacks``: Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` in a sweep trial."""
     use_gpu = cfg.scaling.use_gpu
     storage_path, filesystem = storage(cfg.run.storage_path)
     trainer = TorchTrainer(
@@ -80,19 +85,18 @@ def fit(
             storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=list(callbacks),
         ),
         datasets={"train": dataset},
     )
     return trainer.fit()
 
 
-def export(result: ray.train.Result, stage: str, destination: str | Path) -> Path:
-    """Copy the usable part of the final checkpoint (decision modules, or the whole toy model) to a local folder."""
+def export(result: ray.train.Result, stage: Stage, destination: str | Path) -> Path:
+    """Copy the stage's export in the final checkpoint (decision modules, or the whole toy model) to a local folder."""
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     destination = Path(destination)
     with result.checkpoint.as_directory() as directory:
-        shutil.copytree(
-            Path(directory) / (MODULES_DIR if stage == "pruning" else MODEL_DIR), destination, dirs_exist_ok=True
-        )
+        shutil.copytree(Path(directory) / stage.export_dir, destination, dirs_exist_ok=True)
     return destination

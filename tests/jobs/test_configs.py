@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from lvpruning import paper_schedule
+from lvpruning.presets import load_llava_config
 from pipelines.config import load_config
+from pipelines.search import check_space
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("*.yaml"))
 
@@ -45,11 +47,48 @@ def test_llava15_7b_config_has_the_papers_settings():
         ("data.shuffle_buffer=-1", "data.shuffle_buffer"),
         ("data.toy_question_types=[color,colour]", "question_types"),
         ("train.init_from=toy/base_model", "train.init_from"),  # stage pruning: nothing to go on training
+        ("sweep.space.layers=[[1,0]]", "sweep.space.layers"),  # not strictly increasing
+        ("sweep.space.layers=[[0,1,2,3,4]]", "sweep.space.layers"),  # 1 to 4 stages
+        ("sweep.space.layers=[]", "sweep.space.layers"),
+        ("sweep.space.rho=[0.1,0.4]", "sweep.space.rho"),  # no rho leaves the third stage a ratio >= 0.05
+        ("sweep.space.rho=[0.8,0.6]", "sweep.space.rho"),
+        ("sweep.space.free_range=[0,0.5]", "sweep.space.free_range"),
+        ("sweep.space.num_blocks=[]", "sweep.space.num_blocks"),
+        ("sweep.space.learning_rate=[1e-3,1e-4]", "sweep.space.learning_rate"),
+        ("sweep.baselines.methods=[lvpruning]", "sweep.baselines.methods"),  # trained, not a baseline
+        ("sweep.num_trials=0", "sweep.num_trials"),
+        ("sweep.concurency=2", "sweep.concurency"),
     ],
 )
 def test_impossible_overrides_fail_naming_the_key(override, key):
     with pytest.raises(ValueError, match=key):
         load_config(None, [override])
+
+
+def test_sweep_configs_fit_their_models():
+    toy = load_config(CONFIGS[[p.name for p in CONFIGS].index("sweep_toy.yaml")])
+    check_space(toy, num_layers=4, hidden_size=128)
+    assert toy.sweep.num_trials >= 8 and len(toy.sweep.space.layers) > 1
+    big = load_config(CONFIGS[[p.name for p in CONFIGS].index("sweep_llava15_7b.yaml")])
+    text = load_llava_config("llava-1.5-7b").text_config  # the shape of llava-hf/llava-1.5-7b-hf, offline
+    check_space(big, text.num_hidden_layers, text.hidden_size)
+    assert big.model.name_or_path == "llava-hf/llava-1.5-7b-hf" and (1, 8, 16) in big.sweep.space.layers
+    assert big.sweep.space.rho == (0.3, 0.7) and big.sweep.space.ratios == "paper"
+    assert big.sweep.space.rho_range(3) == (0.45, 0.7) and big.sweep.space.rho_range(1) == (0.3, 0.7)
+
+
+def test_sweep_job_checks_the_space_before_any_cluster_work(tmp_path):
+    sweep = Path(__file__).resolve().parents[2] / "jobs" / "sweep.py"
+    done = subprocess.run(
+        [sys.executable, str(sweep), "sweep.space.layers=[[0,1],[1,3]]"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=99,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "sweep.space.layers[1]" in done.stderr and "4 decoder layers" in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no toy world, no MLflow store, no Ray session written
 
 
 def test_a_partial_pruning_section_keeps_the_jobs_default_layers():

@@ -4,10 +4,8 @@ few steps, then the pruning stage on 2 DeepSpeed workers, evaluation and MLflow,
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -21,46 +19,12 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """A local Ray head (token authentication as Ray sets it up), dashboard and job server on 127.0.0.1.
-
-    Teardown runs ``ray stop --force``, which stops every Ray cluster on the machine: run this suite where no
-    other Ray cluster is needed (as CI does)."""
-    tmp = tmp_path_factory.mktemp("head")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # the job's `python` is this environment's
-    env["RAY_AUTH_MODE"] = "token"
-    dashboard = free_port()
-    start = [
-        str(BIN / "ray"),
-        "start",
-        "--head",
-        "--node-ip-address=127.0.0.1",
-        f"--port={free_port()}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}",
-        "--num-cpus=2",
-        "--disable-usage-stats",
-        f"--temp-dir={tmp / 'ray'}",
-    ]
-    subprocess.run(start, check=True, env=env, cwd=tmp, capture_output=True, timeout=180)
-    yield f"http://127.0.0.1:{dashboard}", env, tmp
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
-
-
 def submit(head, *args: str, timeout: float = 600, script: str = "jobs/train.py") -> tuple[str, str]:
     """``ray job submit -- python <script> *args``, then wait for the job to end: its final status and logs.
 
     Waits by polling ``ray job status``: following the log stream (``submit`` without ``--no-wait``) can stop while
     the job still runs, as seen once on this 2-core box under load."""
-    address, env, tmp = head
+    address, env, tmp = head.dashboard, head.env, head.tmp
     ray_job = [str(BIN / "ray"), "job"]
     job_id = f"train-{uuid.uuid4().hex[:8]}"
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}}
@@ -119,7 +83,7 @@ def common_args(tmp: Path) -> list[str]:
 
 @pytest.mark.timeout(1500)
 def test_ray_job_submit_trains_base_then_decision_modules(head):
-    _, _, tmp = head
+    tmp = head.tmp
     common = common_args(tmp)
     state, logs = submit(head, *common, "train.stage=base", "train.max_steps=2", "train.learning_rate=1e-3")
     assert state == "SUCCEEDED", logs[-4000:]
@@ -151,7 +115,7 @@ def test_ray_job_submit_trains_base_then_decision_modules(head):
 def test_a_failed_evaluation_keeps_the_trained_modules_and_prints_the_evaluate_command(head):
     """The evaluation after training reads a corrupt questions file: the job fails, but the decision modules are
     exported, the training run is FINISHED, and the printed ``jobs/evaluate.py`` command evaluates only."""
-    _, _, tmp = head
+    tmp = head.tmp
     bad = tmp / "corrupt_questions.jsonl"
     bad.write_text('{"question_id": 0, "image": "0.png", "text": "What col')  # a file cut short mid-record
     broken = f"eval.data={{toy: {{questions: {bad}, image_root: {tmp}, annotations: {bad}}}}}"

@@ -80,7 +80,7 @@ def test_injected_failure_resumes_from_the_s3_checkpoint(cluster, s3_endpoint):
     assert again.error is None and again.metrics["step"] == 6
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4, 5, 6]
 
-    exported = export(again, "pruning", root / "exported")
+    exported = export(again, cfg.stage, root / "exported")
     pruner = load_decision_modules(LlavaForConditionalGeneration.from_pretrained(model_path), exported)
     assert pruner.config.layers == cfg.pruning.layers
 

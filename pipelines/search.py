@@ -1,0 +1,113 @@
+"""A sweep's trials: the search space as an Optuna define-by-run function, the training-free baselines, and the
+job config each trial trains and evaluates.
+
+A searched trial's parameters: ``layers`` (one of ``sweep.space.layers``), its keep-ratio schedule (``rho`` of the
+paper's family ``[rho, rho - 0.2, rho - 0.4, ...]``, or free ratios ``ratio0..``, sorted non-increasing), the
+decision-module shape (``num_blocks``, ``num_heads``, ``ffn_dim``) and optionally ``learning_rate``. It trains at
+its schedule and is evaluated there and at its schedule shifted by each of ``sweep.infer_shifts``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lvpruning import PruningConfig
+from lvpruning.config import paper_schedule
+from pipelines.config import JobConfig, SearchSpace
+
+LVPRUNING = "lvpruning"
+
+
+def on_grid(value: float, step: float) -> float:
+    return round(round(value / step) * step, 6)
+
+
+def grid_range(low: float, high: float, step: float) -> tuple[float, float]:
+    """``[low, high]`` shrunk to multiples of ``step`` (Optuna's stepped floats need both ends on the grid)."""
+    return round(math.ceil(low / step - 1e-9) * step, 6), round(math.floor(high / step + 1e-9) * step, 6)
+
+
+class DefineByRun:
+    """``OptunaSearch(space=DefineByRun(...))``: suggests one trial's parameters; returns the derived ones (the
+    stages as a list and the training schedule), which Tune merges into the trial's config."""
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.space = space
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        s = self.space
+        choice = trial.suggest_categorical("layers", [",".join(map(str, layers)) for layers in s.layers])
+        layers = [int(x) for x in choice.split(",")]
+        if s.ratios == "paper":
+            low, high = grid_range(*s.rho_range(len(layers)), s.ratio_step)
+            rho = trial.suggest_float("rho", low, high, step=s.ratio_step)
+            ratios = list(paper_schedule(rho, len(layers), s.rho_step))
+        else:
+            low, high = grid_range(*s.free_range, s.ratio_step)
+            free = [trial.suggest_float(f"ratio{i}", low, high, step=s.ratio_step) for i in range(len(layers))]
+            ratios = sorted((on_grid(r, s.ratio_step) for r in free), reverse=True)
+        trial.suggest_categorical("num_blocks", list(s.num_blocks))
+        trial.suggest_categorical("num_heads", list(s.num_heads))
+        trial.suggest_categorical("ffn_dim", list(s.ffn_dim))
+        if s.learning_rate is not None:
+            trial.suggest_float("learning_rate", *s.learning_rate, log=True)
+        return {"method": LVPRUNING, "layers": layers, "train_ratios": ratios}
+
+
+def baseline_trials(cfg: JobConfig) -> list[dict[str, Any]]:
+    """One evaluation-only trial per training-free method of ``sweep.baselines``, at ``pruning.layers``."""
+    return [{"method": m, "layers": list(cfg.pruning.layers)} for m in cfg.sweep.baselines.methods]
+
+
+def shifted_schedules(ratios: list[float], shifts: tuple[float, ...], step: float) -> list[tuple[float, ...]]:
+    """``ratios``, then ``ratios + shift`` per shift (each ratio kept within ``[step, 1]``), without repeats."""
+    out = [tuple(ratios)]
+    for shift in shifts:
+        schedule = tuple(min(1.0, max(step, on_grid(r + shift, step))) for r in ratios)
+        if schedule not in out:
+            out.append(schedule)
+    return out
+
+
+def trial_config(cfg: JobConfig, params: dict[str, Any], trial_id: str) -> JobConfig:
+    """The job config of one trial: its stages, schedule and module shape, ``<run.name>-<trial_id>`` as the run
+    name (its checkpoints, exports and MLflow runs), what to evaluate, and its own answers folder
+    ``<eval.output_dir>/<run name>`` (settings of different trials share names)."""
+    method, layers = params["method"], tuple(params["layers"])
+    run = cfg.run.model_copy(update={"name": f"{cfg.run.name}-{trial_id}"})
+    answers = f"{cfg.eval.output_dir or './eval'}/{run.name}"
+    update: dict[str, Any] = {"run": run}
+    if method == LVPRUNING:
+        ratios = tuple(params["train_ratios"])
+        shape = {k: params[k] for k in ("num_blocks", "num_heads", "ffn_dim")}
+        pruning = {**cfg.pruning.to_dict(), "layers": layers, "train_ratios": ratios, "infer_ratios": ratios, **shape}
+        update["pruning"] = PruningConfig.from_dict(pruning)
+        if "learning_rate" in params:
+            update["train"] = cfg.train.model_copy(update={"learning_rate": params["learning_rate"]})
+        schedules = shifted_schedules(list(ratios), cfg.sweep.infer_shifts, cfg.sweep.space.ratio_step)
+    else:
+        schedules = cfg.sweep.baselines.schedules
+    evaluated = {"methods": (method,), "schedules": tuple(schedules), "output_dir": answers}
+    update["eval"] = cfg.eval.model_copy(update=evaluated)
+    return cfg.model_copy(update=update)
+
+
+def check_space(cfg: JobConfig, num_layers: int, hidden_size: int) -> None:
+    """The baselines' schedules fit ``pruning.layers``, and every candidate of the space fits the model (layers
+    below the last, heads dividing the hidden size): fails before any cluster work, naming the key."""
+    for i, schedule in enumerate(cfg.sweep.baselines.schedules):
+        try:
+            cfg.pruning.check_ratios(schedule)
+        except ValueError as e:
+            raise ValueError(f"sweep.baselines.schedules[{i}] (at pruning.layers): {e}") from None
+    s = cfg.sweep.space
+    for i, layers in enumerate(s.layers):
+        for heads in s.num_heads:
+            ones = (1.0,) * len(layers)
+            stages = PruningConfig(layers=layers, train_ratios=ones, infer_ratios=ones, num_heads=heads)
+            try:
+                stages.check_model(num_layers, hidden_size)
+            except ValueError as e:
+                key = "num_heads" if "num_heads" in str(e) else f"layers[{i}]"
+                raise ValueError(f"sweep.space.{key}: {e}") from None

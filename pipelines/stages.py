@@ -1,0 +1,71 @@
+"""Training stages: what a run trains, the numbers it logs, and what it exports. One object per stage, chosen by
+``train.stage``, so the worker loop, the driver and the config have no branch on the stage's name.
+
+- ``pruning`` (the paper's recipe): decision modules attached to a frozen base model; LM + ratio losses (eq. 12);
+  exports the decision modules (safetensors + JSON).
+- ``base`` (the toy world only): every parameter of the tiny LLaVA, from scratch; LM loss; exports the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from lvpruning import PruningConfig, attach, save_decision_modules
+
+
+@dataclass(frozen=True)
+class PruningStage:
+    name: str = "pruning"
+    method: str = "lvpruning"  # the MLflow ``method`` param of the run
+    export_dir: str = "decision_modules"  # the usable part of a checkpoint
+    exports_model: bool = False  # its export is decision modules for the base model
+
+    def trainable(self, model: LlavaForConditionalGeneration, pruning: PruningConfig) -> nn.Module:
+        """The module DeepSpeed trains: fresh decision modules on the frozen model."""
+        return attach(model, pruning)
+
+    def metrics(self, out: Any) -> dict[str, Any]:
+        """What a micro-batch logs besides ``loss``: its two terms and each stage's kept fraction."""
+        metrics = {"lm_loss": out.lm_loss.detach().float(), "ratio_loss": out.ratio_loss.detach().float()}
+        for s, fraction in enumerate(out.keep_fractions.mean(0)):
+            metrics[f"keep_fraction/stage{s}"] = fraction.float()
+        return metrics
+
+    def save(self, module: nn.Module, directory: Path, model_path: str) -> None:
+        save_decision_modules(module, directory)
+
+    def run_name(self, name: str) -> str:
+        return name
+
+
+@dataclass(frozen=True)
+class BaseStage:
+    name: str = "base"
+    method: str = "none"
+    export_dir: str = "model"
+    exports_model: bool = True  # its export is a whole model, trained from scratch (so: the toy world only)
+
+    def trainable(self, model: LlavaForConditionalGeneration, pruning: PruningConfig) -> nn.Module:
+        """Every parameter of the model."""
+        return model
+
+    def metrics(self, out: Any) -> dict[str, Any]:
+        return {}
+
+    def save(self, module: nn.Module, directory: Path, model_path: str) -> None:
+        """The whole model with its processor, loadable by ``from_pretrained``."""
+        module.save_pretrained(directory)
+        AutoProcessor.from_pretrained(model_path).save_pretrained(directory)
+
+    def run_name(self, name: str) -> str:
+        """Its own checkpoints and answers folder, so a base run never resumes from a pruning one."""
+        return f"{name}-base"
+
+
+Stage = PruningStage | BaseStage
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (PruningStage(), BaseStage())}

@@ -1,0 +1,275 @@
+"""Ray Tune over LVPruning configurations: where the decision modules go, how hard they prune, their shape.
+
+- The search is multi-objective Optuna (``accuracy/mean`` up, ``tflops`` down, at each trial's own schedule);
+  ASHA stops trials whose ``sweep.guard_metric`` lags while they train (one metric: ASHA takes one).
+- A searched trial (:func:`run_trial`) trains with Ray Train + DeepSpeed (``pipelines.experiment.run_training``,
+  metrics forwarded by ``TuneReportCallback``), then is evaluated at its schedule and at shifted ones
+  (``sweep.infer_shifts``) with no retraining. The training-free methods of ``sweep.baselines`` are
+  evaluation-only trials of the same sweep, so they sit on the same frontier.
+- MLflow: one parent run per sweep (its config and search space); each trial a child run (its training metrics);
+  one child run per evaluated setting beneath it.
+- Resume: running the sweep again with the same ``run.name`` restores it (``Tuner.restore``): finished trials are
+  not redone, and every MLflow run is found again rather than logged twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.data
+from mlflow import MlflowClient
+from mlflow.entities import Param
+from optuna.samplers import TPESampler
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from pipelines.config import TOY, JobConfig
+from pipelines.evaluation import evaluate, redact
+from pipelines.experiment import check_config, finished_training, prepare_inputs, run_training, text_config
+from pipelines.search import LVPRUNING, DefineByRun, baseline_trials, check_space, trial_config
+from pipelines.storage import is_s3
+from pipelines.tracking import KIND_TAG, RUN_NAME_TAG, tracking_uri
+from pipelines.training import storage
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVES = {"accuracy/mean": "max", "tflops": "min"}
+TRIAL_TAG = "lvpruning.trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_CPUS = 0.01
+
+
+def check_sweep(cfg: JobConfig) -> JobConfig:
+    """The config of a sweep, checked before any cluster work (the base config as ``check_config`` does, every
+    candidate of the space against the model), with every local path made absolute: Tune runs each trial in its
+    own working directory."""
+    text = text_config(cfg)
+    check_space(cfg, text.num_hidden_layers, text.hidden_size)
+    cfg = check_config(cfg)
+
+    def local(path: str) -> str:
+        return path if is_s3(path) else str(Path(path).resolve())
+
+    update = {
+        "data": cfg.data.model_copy(update={"toy_root": local(cfg.data.toy_root)}),
+        "scaling": cfg.scaling.model_copy(update={"deepspeed_config": local(cfg.scaling.deepspeed_config)}),
+        "run": cfg.run.model_copy(
+            update={"storage_path": local(cfg.run.storage_path), "output_dir": local(cfg.run.output_dir)}
+        ),
+        "mlflow": cfg.mlflow.model_copy(update={"tracking_uri": tracking_uri(cfg)}),
+        "eval": cfg.eval.model_copy(update={"output_dir": local(cfg.eval.output_dir or "./eval")}),
+    }
+    if cfg.model.name_or_path != TOY and Path(cfg.model.name_or_path).exists():
+        update["model"] = cfg.model.model_copy(update={"name_or_path": local(cfg.model.name_or_path)})
+    return cfg.model_copy(update=update)
+
+
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_run_id: str) -> None:
+    """One Tune trial: train (searched trials) or not (baselines), evaluate every schedule of the trial, report
+    the objectives at the trial's own schedule (the first)."""
+    trial_id = tune.get_context().get_trial_id()
+    # Trials run side by side: their Ray Data progress bars would interleave into a flood; Tune's table and each
+    # trial's training steps say how far it is.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    cfg = trial_config(JobConfig.model_validate(base), params, trial_id)
+    tags = {PARENT_TAG: sweep_run_id, TRIAL_TAG: trial_id, KIND_TAG: "trial"}
+    client = MlflowClient(tracking_uri(cfg))
+    if params["method"] == LVPRUNING:
+        trained = finished_training(cfg) or run_training(cfg, tags=tags, callbacks=[TuneReportCallback()])
+        cfg, model_path, modules, parent = trained.config, trained.model_path, trained.modules, trained.run_id
+    else:
+        inputs = prepare_inputs(cfg)
+        cfg, model_path, modules = inputs.config, inputs.model_path, None
+        parent = trial_run(client, cfg, tags, params)
+    results = evaluate(cfg, model_path=model_path, modules=modules, parent_run_id=parent)
+    if params["method"] != LVPRUNING:
+        client.set_terminated(parent, "FINISHED")
+    own = results[0].metrics
+    tune.report({name: own[name] for name in OBJECTIVES} | {"settings": len(results), "mlflow_run_id": parent})
+
+
+def trial_run(client: MlflowClient, cfg: JobConfig, tags: dict[str, str], params: dict[str, Any]) -> str:
+    """The MLflow run of an evaluation-only trial: found again by its trial id when the trial is resumed."""
+    experiment_id = client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{tags[TRIAL_TAG]}'")
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment_id, run_name=f"{cfg.run.name}-{params['method']}", tags=tags)
+    values = {"method": params["method"], "layers": json.dumps(params["layers"])}
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in values.items()])
+    return run.info.run_id
+
+
+class BaselinesFirst(Searcher):
+    """Hands out the evaluation-only baseline trials first, then the wrapped searcher's. The baselines are not
+    the searcher's trials: their results do not reach it."""
+
+    def __init__(self, baselines: list[dict[str, Any]], searcher: Searcher) -> None:
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+        self.baselines, self.searcher, self.baseline_ids = list(baselines), searcher, set()
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return self.searcher.set_search_properties(metric, mode, config, **spec)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if self.baselines:
+            self.baseline_ids.add(trial_id)
+            return self.baselines.pop(0)
+        return self.searcher.suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self.baseline_ids:
+            self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self.baseline_ids:
+            return
+        if result is not None and not all(name in result for name in OBJECTIVES):
+            result = None  # stopped early (ASHA) before it was evaluated: Optuna records it as pruned
+        self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    def get_state(self) -> dict[str, Any]:  # Tune saves the wrapped searcher itself, beside this state
+        return {"baselines": list(self.baselines), "baseline_ids": set(self.baseline_ids)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.baselines, self.baseline_ids = state["baselines"], state["baseline_ids"]
+
+
+class TrialRunStatus(tune.Callback):
+    """Ends the MLflow runs of a trial that Tune ended while they ran: KILLED when stopped early, FAILED on an
+    error (a trial that ended normally has finished its runs itself)."""
+
+    def __init__(self, uri: str, experiment: str) -> None:
+        self.uri, self.experiment = uri, experiment
+
+    def _end(self, trial: Any, status: str) -> None:
+        client = MlflowClient(self.uri)
+        experiment_id = client.get_experiment_by_name(self.experiment).experiment_id
+        runs = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial.trial_id}'")
+        for run in runs:
+            children = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{run.info.run_id}'")
+            for r in [run, *children]:
+                if r.info.status == "RUNNING":
+                    client.set_terminated(r.info.run_id, status)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, "KILLED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, "FAILED")
+
+
+class GuardedASHA(ASHAScheduler):
+    """ASHA on one metric to minimise, with one rung at step ``rung``: a trial whose metric is among the worst
+    ``1 - 1/reduction_factor`` of those recorded there stops, the others train to the end (``max_t`` is the rung,
+    ``stop_last_trials=False``). It stops nothing until ``min_trials`` trials have reached the rung (their values
+    are recorded all the same): ASHA's cutoff over one or two values stops any trial worse than the first ones."""
+
+    def __init__(self, metric: str, rung: int, reduction_factor: float, min_trials: int, time_attr: str = "step"):
+        super().__init__(
+            time_attr=time_attr,
+            metric=metric,
+            mode="min",
+            max_t=rung,
+            grace_period=rung,
+            reduction_factor=reduction_factor,
+            stop_last_trials=False,
+        )
+        self.min_trials, self.rung, self.step = min_trials, rung, time_attr
+        self.reached: set[str] = set()
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if result.get(self.step, 0) >= self.rung:
+            self.reached.add(trial.trial_id)
+        return action if len(self.reached) > self.min_trials else self.CONTINUE
+
+
+def sweep_run(cfg: JobConfig) -> str:
+    """The sweep's parent MLflow run (created once; found again by the sweep's name when it is resumed)."""
+    client = MlflowClient(tracking_uri(cfg))
+    found = client.get_experiment_by_name(cfg.mlflow.experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(cfg.mlflow.experiment)
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}' and tags.`{KIND_TAG}` = 'sweep'"
+    )
+    if runs:
+        client.update_run(runs[0].info.run_id, status="RUNNING")
+        return runs[0].info.run_id
+    run = client.create_run(experiment_id, run_name=cfg.run.name, tags={RUN_NAME_TAG: cfg.run.name, KIND_TAG: "sweep"})
+    space = cfg.sweep.model_dump(mode="json")
+    params = {"num_trials": cfg.sweep.num_trials, "concurrency": cfg.sweep.concurrency, "objectives": OBJECTIVES}
+    client.log_batch(run.info.run_id, params=[Param(f"sweep.{k}", json.dumps(v)) for k, v in params.items()])
+    client.log_dict(run.info.run_id, redact(cfg.model_dump(mode="json")), "config.json")
+    client.log_dict(run.info.run_id, space, "search_space.json")
+    return run.info.run_id
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    grid: tune.ResultGrid
+    run_id: str  # the sweep's parent MLflow run
+    restored: bool
+
+
+def build_tuner(cfg: JobConfig, sweep_run_id: str) -> tuple[tune.Tuner, bool]:
+    """A fresh Tuner, or the interrupted one restored from ``<run.storage_path>/<run.name>``."""
+    storage_path, filesystem = storage(cfg.run.storage_path)
+    trainable = tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), sweep_run_id=sweep_run_id)
+    # A trial only drives Ray Train and Ray Data, which hold the CPUs (GPUs); Tune needs a non-empty request.
+    trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPUS})
+    path = f"{storage_path.rstrip('/')}/{cfg.run.name}"
+    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        tuner = tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=filesystem)
+        return tuner, True
+    optuna = OptunaSearch(
+        space=DefineByRun(cfg.sweep.space),
+        metric=list(OBJECTIVES),
+        mode=list(OBJECTIVES.values()),
+        sampler=TPESampler(seed=cfg.sweep.seed),
+    )
+    s = cfg.sweep
+    guard = GuardedASHA(s.guard_metric, s.grace_steps, s.reduction_factor, s.guard_min_trials)
+    baselines = baseline_trials(cfg)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=BaselinesFirst(baselines, optuna),
+            scheduler=guard,
+            num_samples=len(baselines) + cfg.sweep.num_trials,
+            max_concurrent_trials=cfg.sweep.concurrency,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            callbacks=[TrialRunStatus(tracking_uri(cfg), cfg.mlflow.experiment)],
+            failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+    )
+    return tuner, False
+
+
+def run_sweep(cfg: JobConfig) -> SweepResult:
+    """Run (or resume) the sweep of ``cfg`` (checked by :func:`check_sweep`). Ray must be initialized."""
+    # ASHA guards the training reports only: the baselines' and the evaluations' reports carry no training loss.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    prepare_inputs(cfg)  # the toy world and its base model, once, before the trials need them
+    sweep_run_id = sweep_run(cfg)
+    tuner, restored = build_tuner(cfg, sweep_run_id)
+    client = MlflowClient(tracking_uri(cfg))
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        client.set_terminated(sweep_run_id, "KILLED")
+        raise
+    client.set_terminated(sweep_run_id, "FINISHED" if not grid.errors else "FAILED")
+    return SweepResult(grid, sweep_run_id, restored)

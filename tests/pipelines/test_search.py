@@ -1,0 +1,136 @@
+"""The sweep's search space: every suggestion Optuna can make is a valid LVPruning config inside the space (checked
+against the space's definition on many random draws), shifted schedules by hand, and each trial's job config."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import optuna
+import pytest
+
+from lvpruning import PruningConfig
+from pipelines.config import load_config
+from pipelines.search import DefineByRun, baseline_trials, check_space, shifted_schedules, trial_config
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def suggestions(overrides: list[str], n: int, seed: int = 0) -> list[tuple[dict, dict]]:
+    """``n`` (Optuna params, returned values) of the space, drawn by a random sampler, each told a random value."""
+    cfg = load_config(None, overrides)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed))
+    out = []
+    for i in range(n):
+        trial = study.ask()
+        returned = DefineByRun(cfg.sweep.space)(trial)
+        study.tell(trial, [i % 7, i % 3])
+        out.append((trial.params, returned))
+    return out
+
+
+def on_grid(x: float, step: float) -> bool:
+    return abs(x / step - round(x / step)) < 1e-6
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_paper_family_suggestions_are_valid_configs_in_the_space(seed):
+    cfg = load_config(None, [])
+    space = cfg.sweep.space
+    seen_layers = set()
+    for params, returned in suggestions([], 150, seed):
+        layers, ratios = tuple(returned["layers"]), tuple(returned["train_ratios"])
+        assert layers in space.layers and params["layers"] == ",".join(map(str, layers))
+        seen_layers.add(layers)
+        rho = params["rho"]
+        assert on_grid(rho, space.ratio_step) and space.rho[0] - 1e-9 <= rho <= space.rho[1] + 1e-9
+        expected = tuple(round(rho - 0.2 * s, 6) for s in range(len(layers)))  # [rho, rho - 0.2, rho - 0.4]
+        assert ratios == pytest.approx(expected) and ratios[-1] >= space.ratio_step - 1e-9
+        assert params["num_blocks"] in space.num_blocks and params["num_heads"] in space.num_heads
+        PruningConfig(layers=layers, train_ratios=ratios, infer_ratios=ratios, num_heads=params["num_heads"])
+    assert seen_layers == set(space.layers)  # every candidate is reachable
+
+
+def test_free_ratios_are_sorted_non_increasing_on_the_grid_within_the_range():
+    overrides = ["sweep.space.ratios=free", "sweep.space.free_range=[0.1,0.8]", "sweep.space.ratio_step=0.1"]
+    overrides.append("sweep.space.learning_rate=[1e-4,1e-2]")
+    for params, returned in suggestions(overrides, 100):
+        ratios, n = returned["train_ratios"], len(returned["layers"])
+        drawn = sorted((params[f"ratio{i}"] for i in range(n)), reverse=True)
+        assert ratios == pytest.approx(drawn) and all(a >= b for a, b in itertools.pairwise(ratios))
+        assert all(0.1 - 1e-9 <= r <= 0.8 + 1e-9 and on_grid(r, 0.1) for r in ratios)
+        assert 1e-4 <= params["learning_rate"] <= 1e-2
+
+
+def test_shifted_schedules_by_hand():
+    assert shifted_schedules([0.5, 0.3, 0.1], (0.2, -0.2), 0.05) == [(0.5, 0.3, 0.1), (0.7, 0.5, 0.3), (0.3, 0.1, 0.05)]
+    assert shifted_schedules([0.9], (0.2, -0.2), 0.05) == [(0.9,), (1.0,), (0.7,)]
+    assert shifted_schedules([0.05], (-0.2, -0.3), 0.05) == [(0.05,)]  # clipped to the grid's floor, no repeats
+
+
+def test_a_trial_config_trains_its_own_setting_and_evaluates_its_schedules():
+    base = load_config(None, ["eval.output_dir=/answers", "run.name=sw"])
+    params = {"method": "lvpruning", "layers": [0, 2], "train_ratios": [0.6, 0.4], "num_blocks": 1}
+    params |= {"num_heads": 2, "ffn_dim": None, "learning_rate": 3e-4}
+    cfg = trial_config(base, params, "abc123")
+    assert cfg.pruning.layers == (0, 2) and cfg.pruning.train_ratios == cfg.pruning.infer_ratios == (0.6, 0.4)
+    assert (cfg.pruning.num_blocks, cfg.pruning.num_heads, cfg.train.learning_rate) == (1, 2, 3e-4)
+    assert cfg.run.name == "sw-abc123" and cfg.eval.output_dir == "/answers/sw-abc123"
+    assert cfg.eval.methods == ("lvpruning",) and cfg.eval.schedules == ((0.6, 0.4), (0.8, 0.6), (0.4, 0.2))
+
+    fastv = trial_config(base, baseline_trials(base)[1], "def456")
+    assert fastv.eval.methods == ("fastv",) and fastv.pruning == base.pruning
+    assert fastv.eval.schedules == base.sweep.baselines.schedules and fastv.eval.output_dir == "/answers/sw-def456"
+    assert [t["method"] for t in baseline_trials(base)] == ["none", "fastv", "random"]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("sweep.space.layers=[[0,3]]", "sweep.space.layers[0]"),  # the toy model has 4 layers: at most 2
+        ("sweep.space.num_heads=[2,3]", "sweep.space.num_heads"),  # 3 does not divide 128
+        ("sweep.baselines.schedules=[[0.5,0.3]]", "sweep.baselines.schedules[0]"),  # pruning.layers has 3 stages
+    ],
+)
+def test_a_space_that_does_not_fit_the_model_fails_naming_the_key(override, key):
+    with pytest.raises(ValueError, match=key.replace("[", r"\[")):
+        check_space(load_config(None, [override]), num_layers=4, hidden_size=128)
+
+
+def test_check_sweep_makes_local_paths_absolute_for_the_trials_and_keeps_the_toy_model(tmp_path, monkeypatch):
+    """Tune runs each trial in a folder of its own: relative paths would point elsewhere there. A ``./toy`` folder
+    (the toy world's data) once made ``model.name_or_path=toy`` a path, and the trials lost the toy world."""
+    from pipelines.sweep import check_sweep
+
+    deepspeed = Path(__file__).resolve().parents[2] / "cluster" / "deepspeed" / "zero2_cpu.json"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "toy").mkdir()
+    cfg = check_sweep(load_config(None, [f"scaling.deepspeed_config={deepspeed}", "run.storage_path=s3://bucket/runs"]))
+    assert cfg.model.name_or_path == "toy"
+    assert cfg.data.toy_root == str(tmp_path / "toy") and cfg.run.output_dir == str(tmp_path / "outputs")
+    assert cfg.eval.output_dir == str(tmp_path / "eval") and cfg.run.storage_path == "s3://bucket/runs"
+    assert cfg.mlflow.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert cfg.scaling.deepspeed_config == str(deepspeed)
+
+
+def test_the_guard_stops_nothing_before_its_minimum_of_trials_then_the_worst_at_its_rung():
+    """By hand: rung at step 20, reduction factor 2 (stop below the median of those recorded), 2 trials first."""
+    from types import SimpleNamespace
+
+    from pipelines.sweep import GuardedASHA
+
+    guard = GuardedASHA("ratio_loss", rung=20, reduction_factor=2, min_trials=2)
+    trials = [SimpleNamespace(trial_id=f"t{i}") for i in range(5)]
+    for t in trials:
+        guard.on_trial_add(None, t)
+
+    def at(trial, step: int, loss: float) -> str:
+        return guard.on_trial_result(None, trial, {"step": step, "ratio_loss": loss})
+
+    assert at(trials[0], 10, 9.0) == at(trials[0], 20, 0.1) == "CONTINUE"
+    assert at(trials[1], 20, 0.5) == "CONTINUE"  # worse than t0, but only the second trial at the rung
+    assert at(trials[2], 20, 0.9) == "STOP"  # the third: worse than the median of 0.1 and 0.5
+    assert at(trials[3], 20, 0.05) == "CONTINUE"
+    assert at(trials[0], 30, 5.0) == "CONTINUE"  # past the one rung: trains to the end
+    assert at(trials[4], 10, 0.9) == "CONTINUE"  # before the rung

@@ -218,10 +218,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 logged.update(lr=scheduler.get_last_lr()[0], samples_per_second=rate, epoch=state.epoch)
                 if rank == 0:
                     eta = (total_steps - state.step) * samples_per_step / max(rate, 1e-9)
-                    print(
+                    # A log record, not print: Train V2 sends a worker's prints to the console twice.
+                    logger.info(
                         f"step {state.step}/{total_steps}  loss {logged['loss']:.4f}  lr {logged['lr']:.2e}  "
-                        f"{rate:.1f} samples/s  ETA {eta / 60:.1f} min",
-                        flush=True,
+                        f"{rate:.1f} samples/s  ETA {eta / 60:.1f} min"
                     )
                     if client is not None:
                         now = int(time.time() * 1000)

@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     connect_ray()
     result = run_sweep(cfg)
     print(f"\n{'resumed' if result.restored else 'ran'} {len(result.grid)} trials, {len(result.grid.errors)} failed")
+    if result.interrupted:
+        print(f"interrupted before every trial ended: run the same command again to resume {cfg.run.name}")
+        return 130
     frontier = run_frontier(cfg.mlflow.tracking_uri, [cfg.mlflow.experiment])
     print(f"\nPareto frontier (accuracy/mean against TFLOPs), frontier run {frontier.run_id}:\n{frontier.table}")
     uri = cfg.mlflow.tracking_uri

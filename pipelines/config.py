@@ -6,6 +6,7 @@ Unknown keys and impossible values fail here, before any cluster work, with the 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -162,12 +163,17 @@ class SearchSpace(_Strict):
         def check(key: str, low: float, high: float) -> None:
             if not 0 < low <= high <= 1:
                 raise ValueError(f"sweep.space.{key}: [{low}, {high}] must satisfy 0 < low <= high <= 1")
+            on_grid = grid_range(low, high, self.ratio_step)
+            if on_grid[0] > on_grid[1]:
+                raise ValueError(
+                    f"sweep.space.{key}: [{low}, {high}] holds no multiple of ratio_step {self.ratio_step}"
+                )
 
         check("free_range", *self.free_range)
         if self.ratios == "paper":
             check("rho", *self.rho)
             for layers in self.layers:
-                low, high = self.rho_range(len(layers))
+                low, high = grid_range(*self.rho_range(len(layers)), self.ratio_step)
                 if low > high:
                     raise ValueError(
                         f"sweep.space.rho: {list(self.rho)} leaves no rho for {len(layers)} stages ({list(layers)}): "
@@ -181,6 +187,11 @@ class SearchSpace(_Strict):
         """The range of rho for ``num_stages`` stages (paper family): ``rho``, raised so that the last stage keeps
         at least ``ratio_step``."""
         return max(self.rho[0], round(self.rho_step * (num_stages - 1) + self.ratio_step, 6)), self.rho[1]
+
+
+def grid_range(low: float, high: float, step: float) -> tuple[float, float]:
+    """``[low, high]`` shrunk to multiples of ``step`` (Optuna's stepped floats need both ends on the grid)."""
+    return round(math.ceil(low / step - 1e-9) * step, 6), round(math.floor(high / step + 1e-9) * step, 6)
 
 
 class Baselines(_Strict):
@@ -197,6 +208,12 @@ class Baselines(_Strict):
             raise ValueError(f"{unknown} are not training-free methods; choose from {list(EVAL_METHODS[2:])}, none")
         return value
 
+    @model_validator(mode="after")
+    def _schedules(self) -> Baselines:
+        if set(self.methods) - {"none"} and not self.schedules:
+            raise ValueError("sweep.baselines.schedules: the pruning baselines need at least one schedule")
+        return self
+
 
 class SweepSection(_Strict):
     """``jobs/sweep.py``: Ray Tune over the search space, multi-objective (``accuracy/mean`` up, ``tflops`` down)."""
@@ -205,7 +222,7 @@ class SweepSection(_Strict):
     num_trials: int = Field(8, gt=0)  # searched LVPruning configurations (the baselines come on top)
     concurrency: int = Field(2, gt=0)  # trials at once; each trains with the ``scaling`` section's workers
     infer_shifts: tuple[float, ...] = (0.2, -0.2)  # extra schedules per trial: its own ratios + shift (no retraining)
-    guard_metric: str = "ratio_loss"  # ASHA's one metric, reported while training (README: why not lm_loss)
+    guard_metric: Literal["ratio_loss", "lm_loss", "loss"] = "ratio_loss"  # ASHA's (README: why not lm_loss)
     grace_steps: int = Field(20, gt=0)  # ASHA's one rung: the optimizer step where a lagging trial stops
     reduction_factor: float = Field(1.25, gt=1)  # stops the worst 1 - 1/reduction_factor there (1.25: a fifth)
     guard_min_trials: int = Field(4, ge=0)  # ASHA stops nothing before this many trials reached its rung
@@ -241,7 +258,7 @@ class JobConfig(_Strict):
             )
         if self.stage.exports_model and self.model.name_or_path != TOY:
             raise ValueError(f"train.stage {t.stage!r} trains all parameters and exists for the toy world only")
-        if t.init_from is not None and t.stage != "base":
+        if t.init_from is not None and not self.stage.exports_model:
             raise ValueError("train.init_from continues a toy base model: it needs train.stage 'base'")
         if self.data.toy_question_types is not None:
             SceneSpec(question_types=self.data.toy_question_types)  # unknown types fail here, named

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shlex
 import statistics
 import time
@@ -44,7 +43,8 @@ from pipelines.inference import (
     run_inference,
 )
 from pipelines.scoring import score
-from pipelines.tracking import tracking_uri
+from pipelines.tracking import PARENT_TAG, redact, tracking_uri
+from pipelines.tracking import experiment_id as get_experiment_id
 
 logger = logging.getLogger(__name__)
 
@@ -131,17 +131,6 @@ def evaluate_setting(
     return result
 
 
-def redact(value: Any) -> Any:
-    """``value`` with the ``user:password@`` part of every URL removed (configs are logged; secrets are not)."""
-    if isinstance(value, str):
-        return re.sub(r"(\w+://)[^/@\s]+@", r"\1", value)
-    if isinstance(value, Mapping):
-        return {k: redact(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact(v) for v in value]
-    return value
-
-
 def setting_params(model: ModelSpec, setting: Setting, benchmarks: Sequence[Benchmark]) -> dict[str, str]:
     """The MLflow params of one setting's run (lists as JSON; ``infer_ratios`` is "none" without pruning)."""
     params = {"method": setting.method, "model": redact(model.name_or_path)}
@@ -180,8 +169,7 @@ def run_setting(
     from mlflow.entities import Metric, Param
 
     client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = get_experiment_id(client, experiment)
     earlier = child_run(client, experiment_id, parent_run_id, setting.name) if parent_run_id else None
     if earlier is not None and earlier.info.status == "FINISHED":
         logger.info("%s: already evaluated (run %s)", setting.name, earlier.info.run_id)
@@ -190,7 +178,7 @@ def run_setting(
         run_id = earlier.info.run_id
         client.update_run(run_id, status="RUNNING")
     else:
-        tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+        tags = {PARENT_TAG: parent_run_id} if parent_run_id else {}
         run_id = client.create_run(experiment_id, run_name=setting.name, tags=tags).info.run_id
     try:
         params = setting_params(model, setting, benchmarks)
@@ -216,7 +204,7 @@ def child_run(client: Any, experiment_id: str, parent_run_id: str, name: str) ->
     """The run named ``name`` under ``parent_run_id``, if there is one (the oldest, were there several)."""
     runs = client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.run_name = '{name}'",
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.run_name = '{name}'",
         order_by=["attributes.start_time ASC"],
         max_results=1,
     )

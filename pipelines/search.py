@@ -9,23 +9,17 @@ its schedule and is evaluated there and at its schedule shifted by each of ``swe
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from lvpruning import PruningConfig
 from lvpruning.config import paper_schedule
-from pipelines.config import JobConfig, SearchSpace
+from pipelines.config import JobConfig, SearchSpace, grid_range
 
 LVPRUNING = "lvpruning"
 
 
 def on_grid(value: float, step: float) -> float:
     return round(round(value / step) * step, 6)
-
-
-def grid_range(low: float, high: float, step: float) -> tuple[float, float]:
-    """``[low, high]`` shrunk to multiples of ``step`` (Optuna's stepped floats need both ends on the grid)."""
-    return round(math.ceil(low / step - 1e-9) * step, 6), round(math.floor(high / step + 1e-9) * step, 6)
 
 
 class DefineByRun:

@@ -32,40 +32,65 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from pipelines.config import TOY, JobConfig
-from pipelines.evaluation import evaluate, redact
+from pipelines.evaluation import benchmarks_from_config, evaluate
 from pipelines.experiment import check_config, finished_training, prepare_inputs, run_training, text_config
+from pipelines.pareto import MEAN, TFLOPS
 from pipelines.search import LVPRUNING, DefineByRun, baseline_trials, check_space, trial_config
 from pipelines.storage import is_s3
-from pipelines.tracking import KIND_TAG, RUN_NAME_TAG, tracking_uri
+from pipelines.tracking import KIND_TAG, PARENT_TAG, RUN_NAME_TAG, TRIAL_TAG, redact, tracking_uri
+from pipelines.tracking import experiment_id as get_experiment_id
 from pipelines.training import storage
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVES = {"accuracy/mean": "max", "tflops": "min"}
-TRIAL_TAG = "lvpruning.trial_id"
-PARENT_TAG = "mlflow.parentRunId"
+OBJECTIVES = {MEAN: "max", TFLOPS: "min"}
 TRIAL_CPUS = 0.01
 
 
 def check_sweep(cfg: JobConfig) -> JobConfig:
     """The config of a sweep, checked before any cluster work (the base config as ``check_config`` does, every
-    candidate of the space against the model), with every local path made absolute: Tune runs each trial in its
-    own working directory."""
+    candidate of the space against the model, what only a sweep needs), with every local path made absolute:
+    Tune runs each trial in its own working directory."""
+    if cfg.stage.exports_model:
+        raise ValueError(f"train.stage: a sweep trains decision modules (stage 'pruning'), not {cfg.train.stage!r}")
+    if cfg.train.max_steps is not None and cfg.sweep.grace_steps >= cfg.train.max_steps:
+        raise ValueError(
+            f"sweep.grace_steps {cfg.sweep.grace_steps} is not before train.max_steps {cfg.train.max_steps}: "
+            "the guard would never stop a trial"
+        )
+    uri = tracking_uri(cfg)
+    if is_s3(cfg.run.storage_path) and uri.startswith(("sqlite:", "file:", "/")):
+        raise ValueError(
+            f"mlflow.tracking_uri: {redact(uri)} is a file on this machine, but trials run on the cluster's nodes "
+            "(run.storage_path is s3://): point it at an mlflow server"
+        )
     text = text_config(cfg)
     check_space(cfg, text.num_hidden_layers, text.hidden_size)
     cfg = check_config(cfg)
+    if cfg.model.name_or_path != TOY:
+        benchmarks_from_config(cfg)  # every benchmark has its files: found now, not after the first training
+    return absolute_paths(cfg).model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri})})
 
-    def local(path: str) -> str:
-        return path if is_s3(path) else str(Path(path).resolve())
 
+def absolute_paths(cfg: JobConfig) -> JobConfig:
+    """``cfg`` with its local paths absolute (``s3://`` ones and the model's hub id as they are)."""
+
+    def local(path: str | None) -> str | None:
+        return path if path is None or is_s3(path) else str(Path(path).resolve())
+
+    d, r, e = cfg.data, cfg.run, cfg.eval
+    data = {k: local(getattr(d, k)) for k in ("toy_root", "train_json", "image_root")}
+    benchmarks = {
+        name: b.model_copy(update={k: local(getattr(b, k)) for k in ("questions", "image_root", "annotations")})
+        for name, b in e.data.items()
+    }
+    evaluation = {"output_dir": local(e.output_dir or "./eval"), "data": benchmarks}
+    evaluation |= {"modules": local(e.modules), "toy_world": local(e.toy_world)}
     update = {
-        "data": cfg.data.model_copy(update={"toy_root": local(cfg.data.toy_root)}),
+        "data": d.model_copy(update=data),
         "scaling": cfg.scaling.model_copy(update={"deepspeed_config": local(cfg.scaling.deepspeed_config)}),
-        "run": cfg.run.model_copy(
-            update={"storage_path": local(cfg.run.storage_path), "output_dir": local(cfg.run.output_dir)}
-        ),
-        "mlflow": cfg.mlflow.model_copy(update={"tracking_uri": tracking_uri(cfg)}),
-        "eval": cfg.eval.model_copy(update={"output_dir": local(cfg.eval.output_dir or "./eval")}),
+        "run": r.model_copy(update={"storage_path": local(r.storage_path), "output_dir": local(r.output_dir)}),
+        "eval": e.model_copy(update=evaluation),
     }
     if cfg.model.name_or_path != TOY and Path(cfg.model.name_or_path).exists():
         update["model"] = cfg.model.model_copy(update={"name_or_path": local(cfg.model.name_or_path)})
@@ -98,11 +123,11 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_run_id: str
 
 def trial_run(client: MlflowClient, cfg: JobConfig, tags: dict[str, str], params: dict[str, Any]) -> str:
     """The MLflow run of an evaluation-only trial: found again by its trial id when the trial is resumed."""
-    experiment_id = client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{tags[TRIAL_TAG]}'")
+    experiment = get_experiment_id(client, cfg.mlflow.experiment)
+    found = client.search_runs([experiment], filter_string=f"tags.`{TRIAL_TAG}` = '{tags[TRIAL_TAG]}'")
     if found:
         return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=f"{cfg.run.name}-{params['method']}", tags=tags)
+    run = client.create_run(experiment, run_name=f"{cfg.run.name}-{params['method']}", tags=tags)
     values = {"method": params["method"], "layers": json.dumps(params["layers"])}
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in values.items()])
     return run.info.run_id
@@ -150,21 +175,24 @@ class TrialRunStatus(tune.Callback):
     def __init__(self, uri: str, experiment: str) -> None:
         self.uri, self.experiment = uri, experiment
 
-    def _end(self, trial: Any, status: str) -> None:
-        client = MlflowClient(self.uri)
-        experiment_id = client.get_experiment_by_name(self.experiment).experiment_id
-        runs = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial.trial_id}'")
-        for run in runs:
-            children = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{run.info.run_id}'")
-            for r in [run, *children]:
-                if r.info.status == "RUNNING":
-                    client.set_terminated(r.info.run_id, status)
-
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial, "KILLED")
+        end_trial_runs(MlflowClient(self.uri), self.experiment, trial.trial_id, "KILLED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial, "FAILED")
+        end_trial_runs(MlflowClient(self.uri), self.experiment, trial.trial_id, "FAILED")
+
+
+def end_trial_runs(client: MlflowClient, experiment: str, trial_id: str, status: str) -> int:
+    """End the still RUNNING runs of a trial (its own and those beneath them) with ``status``; how many."""
+    experiment_id = get_experiment_id(client, experiment)
+    ended = 0
+    for run in client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'"):
+        children = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{run.info.run_id}'")
+        for r in [run, *children]:
+            if r.info.status == "RUNNING":
+                client.set_terminated(r.info.run_id, status)
+                ended += 1
+    return ended
 
 
 class GuardedASHA(ASHAScheduler):
@@ -173,9 +201,9 @@ class GuardedASHA(ASHAScheduler):
     ``stop_last_trials=False``). It stops nothing until ``min_trials`` trials have reached the rung (their values
     are recorded all the same): ASHA's cutoff over one or two values stops any trial worse than the first ones."""
 
-    def __init__(self, metric: str, rung: int, reduction_factor: float, min_trials: int, time_attr: str = "step"):
+    def __init__(self, metric: str, rung: int, reduction_factor: float, min_trials: int) -> None:
         super().__init__(
-            time_attr=time_attr,
+            time_attr="step",
             metric=metric,
             mode="min",
             max_t=rung,
@@ -183,12 +211,12 @@ class GuardedASHA(ASHAScheduler):
             reduction_factor=reduction_factor,
             stop_last_trials=False,
         )
-        self.min_trials, self.rung, self.step = min_trials, rung, time_attr
+        self.min_trials, self.rung = min_trials, rung
         self.reached: set[str] = set()
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
-        if result.get(self.step, 0) >= self.rung:
+        if result.get("step", 0) >= self.rung:
             self.reached.add(trial.trial_id)
         return action if len(self.reached) > self.min_trials else self.CONTINUE
 
@@ -196,8 +224,7 @@ class GuardedASHA(ASHAScheduler):
 def sweep_run(cfg: JobConfig) -> str:
     """The sweep's parent MLflow run (created once; found again by the sweep's name when it is resumed)."""
     client = MlflowClient(tracking_uri(cfg))
-    found = client.get_experiment_by_name(cfg.mlflow.experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(cfg.mlflow.experiment)
+    experiment_id = get_experiment_id(client, cfg.mlflow.experiment)
     runs = client.search_runs(
         [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}' and tags.`{KIND_TAG}` = 'sweep'"
     )
@@ -216,8 +243,8 @@ def sweep_run(cfg: JobConfig) -> str:
 @dataclass(frozen=True)
 class SweepResult:
     grid: tune.ResultGrid
-    run_id: str  # the sweep's parent MLflow run
-    restored: bool
+    restored: bool  # resumed from an earlier, interrupted run of the sweep
+    interrupted: bool  # stopped (Ctrl-C) before every trial ended: run the same command again to resume
 
 
 def build_tuner(cfg: JobConfig, sweep_run_id: str) -> tuple[tune.Tuner, bool]:
@@ -271,5 +298,22 @@ def run_sweep(cfg: JobConfig) -> SweepResult:
     except BaseException:
         client.set_terminated(sweep_run_id, "KILLED")
         raise
-    client.set_terminated(sweep_run_id, "FINISHED" if not grid.errors else "FAILED")
-    return SweepResult(grid, sweep_run_id, restored)
+    ended = {r.metrics.get("trial_id") for r in grid if r.metrics} - {None}
+    if restored:  # trials started after Tune's last save of its state are not in it: their runs end KILLED
+        end_orphans(client, cfg.mlflow.experiment, sweep_run_id, ended)
+    expected = len(baseline_trials(cfg)) + cfg.sweep.num_trials
+    interrupted = len(grid) < expected or grid.num_terminated + grid.num_errors < len(grid)  # Ctrl-C: fit returns
+    status = "KILLED" if interrupted else "FAILED" if grid.errors else "FINISHED"
+    client.set_terminated(sweep_run_id, status)
+    return SweepResult(grid, restored, interrupted)
+
+
+def end_orphans(client: MlflowClient, experiment: str, sweep_run_id: str, trial_ids: set[str]) -> None:
+    """End the RUNNING trial runs of the sweep whose trial is not one of ``trial_ids`` (KILLED)."""
+    experiment_id = get_experiment_id(client, experiment)
+    query = f"tags.`{PARENT_TAG}` = '{sweep_run_id}' and attributes.status = 'RUNNING'"
+    for run in client.search_runs([experiment_id], filter_string=query):
+        trial_id = run.data.tags.get(TRIAL_TAG)
+        if trial_id is not None and trial_id not in trial_ids:
+            logger.warning("trial %s is not in the restored sweep (started after its last save): run KILLED", trial_id)
+            end_trial_runs(client, experiment, trial_id, "KILLED")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,25 @@ if TYPE_CHECKING:  # annotations only: the frontier job reads MLflow without the
 
 RUN_NAME_TAG = "lvpruning.run_name"
 KIND_TAG = "lvpruning.kind"  # what a run is, where it is not an evaluated setting: sweep, trial, frontier
+TRIAL_TAG = "lvpruning.trial_id"  # the Ray Tune trial a sweep's run belongs to
+PARENT_TAG = "mlflow.parentRunId"  # nests a run under another in the UI
+
+
+def redact(value: Any) -> Any:
+    """``value`` with the ``user:password@`` part of every URL removed (configs are logged; secrets are not)."""
+    if isinstance(value, str):
+        return re.sub(r"(\w+://)[^/@\s]+@", r"\1", value)
+    if isinstance(value, Mapping):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    return value
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of the experiment ``name``, created if it does not exist."""
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found else client.create_experiment(name)
 
 
 def tracking_uri(cfg: JobConfig) -> str:
@@ -70,6 +90,6 @@ def mlflow_run(
     mlflow.set_experiment(cfg.mlflow.experiment)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags) as run:
         if run_id is None:
-            mlflow.log_params({f"config.{k}": v for k, v in cfg.flat().items()} | params)
-            mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
+            mlflow.log_params(redact({f"config.{k}": v for k, v in cfg.flat().items()} | params))
+            mlflow.log_dict(redact(cfg.model_dump(mode="json")), "config.json")
         yield run

@@ -58,6 +58,10 @@ def test_llava15_7b_config_has_the_papers_settings():
         ("sweep.baselines.methods=[lvpruning]", "sweep.baselines.methods"),  # trained, not a baseline
         ("sweep.num_trials=0", "sweep.num_trials"),
         ("sweep.concurency=2", "sweep.concurency"),
+        ("sweep.space.rho=[0.32,0.34]", "sweep.space.rho"),  # no multiple of ratio_step 0.05 inside
+        ("sweep.space.free_range=[0.06,0.09]", "sweep.space.free_range"),
+        ("sweep.guard_metric=ratio-loss", "sweep.guard_metric"),
+        ("sweep.baselines.schedules=[]", "sweep.baselines.schedules"),
     ],
 )
 def test_impossible_overrides_fail_naming_the_key(override, key):

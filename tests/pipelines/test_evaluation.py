@@ -19,12 +19,12 @@ from pipelines.evaluation import (
     format_table,
     make_settings,
     modules_config,
-    redact,
     run_setting,
     setting_tflops,
 )
 from pipelines.inference import ModelSpec, Setting
 from pipelines.scoring import ScoringError, score
+from pipelines.tracking import redact
 from tests.pipelines.test_inference import OPTIONS, RATIOS, TinyWorld, direct_answers, write_tiny_world
 
 

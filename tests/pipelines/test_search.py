@@ -106,12 +106,28 @@ def test_check_sweep_makes_local_paths_absolute_for_the_trials_and_keeps_the_toy
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "toy").mkdir()
-    cfg = check_sweep(load_config(None, [f"scaling.deepspeed_config={deepspeed}", "run.storage_path=s3://bucket/runs"]))
+    overrides = [f"scaling.deepspeed_config={deepspeed}", "eval.modules=mods", "data.train_json=d/train.json"]
+    overrides += ["eval.data={pope: {questions: q.jsonl, image_root: s3://b/img, annotations: ann}}"]
+    cfg = check_sweep(load_config(None, overrides))
     assert cfg.model.name_or_path == "toy"
     assert cfg.data.toy_root == str(tmp_path / "toy") and cfg.run.output_dir == str(tmp_path / "outputs")
-    assert cfg.eval.output_dir == str(tmp_path / "eval") and cfg.run.storage_path == "s3://bucket/runs"
+    assert cfg.eval.output_dir == str(tmp_path / "eval") and cfg.run.storage_path == str(tmp_path / "runs")
     assert cfg.mlflow.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert cfg.scaling.deepspeed_config == str(deepspeed)
+    assert cfg.data.train_json == str(tmp_path / "d" / "train.json") and cfg.eval.modules == str(tmp_path / "mods")
+    pope = cfg.eval.data["pope"]
+    assert (pope.questions, pope.image_root, pope.annotations) == (
+        str(tmp_path / "q.jsonl"),
+        "s3://b/img",
+        str(tmp_path / "ann"),
+    )
+
+    with pytest.raises(ValueError, match="mlflow.tracking_uri"):  # a cluster's trials cannot reach this file
+        check_sweep(load_config(None, [f"scaling.deepspeed_config={deepspeed}", "run.storage_path=s3://b/runs"]))
+    with pytest.raises(ValueError, match="train.stage"):
+        check_sweep(load_config(None, [f"scaling.deepspeed_config={deepspeed}", "train.stage=base"]))
+    with pytest.raises(ValueError, match="sweep.grace_steps"):
+        check_sweep(load_config(None, [f"scaling.deepspeed_config={deepspeed}", "train.max_steps=20"]))
 
 
 def test_the_guard_stops_nothing_before_its_minimum_of_trials_then_the_worst_at_its_rung():
@@ -134,3 +150,74 @@ def test_the_guard_stops_nothing_before_its_minimum_of_trials_then_the_worst_at_
     assert at(trials[3], 20, 0.05) == "CONTINUE"
     assert at(trials[0], 30, 5.0) == "CONTINUE"  # past the one rung: trains to the end
     assert at(trials[4], 10, 0.9) == "CONTINUE"  # before the rung
+
+
+def test_baselines_come_first_and_never_reach_optuna_and_a_stopped_trial_is_pruned():
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pipelines.sweep import OBJECTIVES, BaselinesFirst, DefineByRun
+
+    cfg = load_config(None, [])
+    optuna_search = OptunaSearch(space=DefineByRun(cfg.sweep.space), metric=list(OBJECTIVES), mode=["max", "min"])
+    searcher = BaselinesFirst(baseline_trials(cfg), optuna_search)
+    suggested = [searcher.suggest(f"t{i}") for i in range(5)]
+    assert [s["method"] for s in suggested] == ["none", "fastv", "random", "lvpruning", "lvpruning"]
+    state = searcher.get_state()  # what Tune saves beside the wrapped searcher, and restores on resume
+    again = BaselinesFirst([], optuna_search)
+    again.set_state(state)
+    assert again.baselines == [] and again.baseline_ids == {"t0", "t1", "t2"}
+
+    searcher.on_trial_complete("t1", {"accuracy/mean": 50.0, "tflops": 1.0})  # a baseline: not Optuna's trial
+    searcher.on_trial_complete("t3", {"step": 20, "ratio_loss": 0.5})  # stopped while training
+    searcher.on_trial_complete("t4", {"accuracy/mean": 90.0, "tflops": 2.0})
+    trials = {t.number: t for t in optuna_search._ot_study.get_trials(deepcopy=False)}
+    assert len(trials) == 2  # only the searched trials are Optuna's
+    assert trials[0].state.name == "PRUNED" and trials[1].state.name == "COMPLETE"
+    assert trials[1].values == [90.0, 2.0]
+
+
+def test_trial_run_status_ends_the_runs_that_tune_ended_while_they_ran(tmp_path):
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from pipelines.sweep import TrialRunStatus
+    from pipelines.tracking import TRIAL_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("sweep")
+    stopped = client.create_run(experiment, tags={TRIAL_TAG: "a"}).info.run_id
+    setting = client.create_run(experiment, tags={"mlflow.parentRunId": stopped}).info.run_id
+    failed = client.create_run(experiment, tags={TRIAL_TAG: "b"}).info.run_id
+    done = client.create_run(experiment, tags={TRIAL_TAG: "c"}).info.run_id
+    client.set_terminated(done, "FINISHED")
+    callback = TrialRunStatus(uri, "sweep")
+    callback.on_trial_complete(0, [], SimpleNamespace(trial_id="a"))
+    callback.on_trial_error(0, [], SimpleNamespace(trial_id="b"))
+    callback.on_trial_complete(0, [], SimpleNamespace(trial_id="c"))
+    status = {run_id: client.get_run(run_id).info.status for run_id in (stopped, setting, failed, done)}
+    assert status == {stopped: "KILLED", setting: "KILLED", failed: "FAILED", done: "FINISHED"}
+
+
+def test_a_resumed_sweep_ends_the_runs_of_trials_it_does_not_know(tmp_path):
+    """Tune saves its state every 10 s or so: a trial started after the last save is not restored, and its runs
+    would stay RUNNING for good."""
+    from mlflow import MlflowClient
+
+    from pipelines.sweep import end_orphans
+    from pipelines.tracking import PARENT_TAG, TRIAL_TAG
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("sweep")
+    sweep = client.create_run(experiment).info.run_id
+
+    def trial(trial_id: str) -> str:
+        return client.create_run(experiment, tags={PARENT_TAG: sweep, TRIAL_TAG: trial_id}).info.run_id
+
+    known, lost, done = trial("known"), trial("lost"), trial("done")
+    setting = client.create_run(experiment, tags={PARENT_TAG: lost}).info.run_id
+    client.set_terminated(done, "FINISHED")
+    end_orphans(client, "sweep", sweep, {"known"})
+    status = {run_id: client.get_run(run_id).info.status for run_id in (known, lost, setting, done, sweep)}
+    assert status == {known: "RUNNING", lost: "KILLED", setting: "KILLED", done: "FINISHED", sweep: "RUNNING"}

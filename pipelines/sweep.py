@@ -176,20 +176,25 @@ class TrialRunStatus(tune.Callback):
         self.uri, self.experiment = uri, experiment
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        end_trial_runs(MlflowClient(self.uri), self.experiment, trial.trial_id, "KILLED")
+        # A trial that ended normally finished its runs; one stopped early may have had its training run end
+        # FAILED on the way out (its Train run was aborted).
+        end_trial_runs(MlflowClient(self.uri), self.experiment, trial.trial_id, "KILLED", ("RUNNING", "FAILED"))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         end_trial_runs(MlflowClient(self.uri), self.experiment, trial.trial_id, "FAILED")
 
 
-def end_trial_runs(client: MlflowClient, experiment: str, trial_id: str, status: str) -> int:
-    """End the still RUNNING runs of a trial (its own and those beneath them) with ``status``; how many."""
+def end_trial_runs(
+    client: MlflowClient, experiment: str, trial_id: str, status: str, ending: tuple[str, ...] = ("RUNNING",)
+) -> int:
+    """End the runs of a trial (its own and those beneath them) whose status is one of ``ending`` with ``status``;
+    how many."""
     experiment_id = get_experiment_id(client, experiment)
     ended = 0
     for run in client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'"):
         children = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{run.info.run_id}'")
         for r in [run, *children]:
-            if r.info.status == "RUNNING":
+            if r.info.status in ending:
                 client.set_terminated(r.info.run_id, status)
                 ended += 1
     return ended

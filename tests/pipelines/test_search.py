@@ -189,6 +189,8 @@ def test_trial_run_status_ends_the_runs_that_tune_ended_while_they_ran(tmp_path)
     experiment = client.create_experiment("sweep")
     stopped = client.create_run(experiment, tags={TRIAL_TAG: "a"}).info.run_id
     setting = client.create_run(experiment, tags={"mlflow.parentRunId": stopped}).info.run_id
+    aborted = client.create_run(experiment, tags={TRIAL_TAG: "a"}).info.run_id  # its Train run aborted: FAILED
+    client.set_terminated(aborted, "FAILED")
     failed = client.create_run(experiment, tags={TRIAL_TAG: "b"}).info.run_id
     done = client.create_run(experiment, tags={TRIAL_TAG: "c"}).info.run_id
     client.set_terminated(done, "FINISHED")
@@ -196,8 +198,8 @@ def test_trial_run_status_ends_the_runs_that_tune_ended_while_they_ran(tmp_path)
     callback.on_trial_complete(0, [], SimpleNamespace(trial_id="a"))
     callback.on_trial_error(0, [], SimpleNamespace(trial_id="b"))
     callback.on_trial_complete(0, [], SimpleNamespace(trial_id="c"))
-    status = {run_id: client.get_run(run_id).info.status for run_id in (stopped, setting, failed, done)}
-    assert status == {stopped: "KILLED", setting: "KILLED", failed: "FAILED", done: "FINISHED"}
+    status = {run_id: client.get_run(run_id).info.status for run_id in (stopped, setting, aborted, failed, done)}
+    assert status == {stopped: "KILLED", setting: "KILLED", aborted: "KILLED", failed: "FAILED", done: "FINISHED"}
 
 
 def test_a_resumed_sweep_ends_the_runs_of_trials_it_does_not_know(tmp_path):

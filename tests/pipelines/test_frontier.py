@@ -13,9 +13,9 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from PIL import Image
-from pipelines.pareto import excluded_count, pareto_mask
 
 from pipelines.frontier import run_frontier
+from pipelines.pareto import excluded_count, pareto_mask
 from pipelines.tracking import KIND_TAG
 
 ARTIFACTS = ("frontier.png", "frontier.html", "frontier.csv")

@@ -23,7 +23,7 @@ from pipelines.cluster import connect_ray
 from pipelines.config import load_config
 from pipelines.frontier import run_frontier
 from pipelines.sweep import check_sweep, run_sweep
-from pipelines.tracking import ui_hint
+from pipelines.tracking import redact, ui_hint
 
 DEFAULT = Path(__file__).parent / "configs" / "sweep_toy.yaml"
 
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     frontier = run_frontier(cfg.mlflow.tracking_uri, [cfg.mlflow.experiment])
     print(f"\nPareto frontier (accuracy/mean against TFLOPs), frontier run {frontier.run_id}:\n{frontier.table}")
-    uri = cfg.mlflow.tracking_uri
+    uri = redact(cfg.mlflow.tracking_uri)  # shown without the user:password@ a server URL may carry
     print(f"\nMLflow: experiment '{cfg.mlflow.experiment}' at {uri}\n  {ui_hint(uri)}")
     return 1 if result.grid.errors else 0
 

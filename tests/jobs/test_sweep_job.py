@@ -43,7 +43,8 @@ def sweep_args(tmp: Path, name: str) -> list[str]:
         "eval.max_new_tokens=2",
         "sweep.num_trials=2",
         "sweep.concurrency=2",
-        "sweep.grace_steps=4",  # = max_steps: ASHA stops nothing here (tests/pipelines/test_sweep_ray.py does)
+        "sweep.grace_steps=3",
+        "sweep.guard_min_trials=4",  # 2 searched trials: ASHA stops nothing here (tests/pipelines/test_sweep_ray.py)
         "sweep.infer_shifts=[-0.2]",
         "sweep.baselines.methods=[none,fastv]",
         "sweep.baselines.schedules=[[0.5,0.3,0.1]]",

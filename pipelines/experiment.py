@@ -15,8 +15,9 @@ from typing import Any
 
 import mlflow
 from ray.train import UserCallback
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoProcessor
 
+from lvpruning.presets import load_llava_config
 from pipelines.config import TOY, JobConfig, load_config
 from pipelines.instruct_data import build_instruct_dataset
 from pipelines.toy.base import ToyWorld, prepare_toy_world
@@ -67,7 +68,7 @@ def text_config(cfg: JobConfig) -> Any:
     """The language model's config (layers, hidden size) of ``model.name_or_path``: read without the weights."""
     if cfg.model.name_or_path == TOY:
         return toy_config().text_config
-    return AutoConfig.from_pretrained(cfg.model.name_or_path).text_config
+    return load_llava_config(cfg.model.name_or_path).text_config
 
 
 def prepare_inputs(cfg: JobConfig) -> Inputs:
@@ -129,10 +130,7 @@ def run_training(
         "layers": list(cfg.pruning.layers),
         "train_ratios": list(cfg.pruning.train_ratios),
     }
-    if stage.exports_model:
-        destination = inputs.world.base_model
-    else:
-        destination = Path(cfg.run.output_dir) / cfg.run.name / stage.name
+    destination = inputs.world.base_model if stage.exports_model else export_path(cfg)
     with mlflow_run(cfg, f"{cfg.run.name}-{stage.name}", tags, params, resumable_run_id(cfg, uri)) as run:
         print(f"MLflow run {run.info.run_id} in experiment '{cfg.mlflow.experiment}' at {uri}")
         result = fit(
@@ -155,11 +153,16 @@ def run_training(
     return TrainingResult(cfg, inputs.model_path, str(exported), run.info.run_id)
 
 
+def export_path(cfg: JobConfig) -> Path:
+    """Where ``run_training`` exports decision modules: ``<run.output_dir>/<run.name>/<stage>``."""
+    return Path(cfg.run.output_dir) / cfg.run.name / cfg.stage.name
+
+
 def finished_training(cfg: JobConfig) -> TrainingResult | None:
     """The result of an earlier ``run_training`` of this run name that FINISHED and whose export is still there
     (a resumed sweep trial does not train twice); None otherwise."""
     run = latest_training_run(cfg, tracking_uri(cfg))
-    exported = Path(cfg.run.output_dir) / cfg.run.name / cfg.stage.name
+    exported = export_path(cfg)
     if cfg.stage.exports_model or run is None or run.info.status != "FINISHED" or not exported.is_dir():
         return None
     inputs = prepare_inputs(cfg)

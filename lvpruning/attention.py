@@ -59,8 +59,9 @@ def masked_softmax_attention(
     # Shift by the max over the kept keys, so the denominator is >= 1 (no underflow), and cap the exponent of
     # pruned keys, whose scores may lie far above: their weight is exactly 0 either way (x * M_ij = 0), but an
     # overflow would make it inf * 0 = NaN, and the cap bounds their straight-through gradient (module docstring).
-    peak = visible.masked_fill(M <= 0, float("-inf")).amax(dim=-1, keepdim=True).detach()
-    peak = torch.nan_to_num(peak, neginf=0.0)  # rows with nothing visible (padding queries): weights become 0
+    with torch.no_grad():  # a constant shift: nothing of it is saved for backward
+        peak = visible.masked_fill(M <= 0, float("-inf")).amax(dim=-1, keepdim=True)
+        peak = torch.nan_to_num(peak, neginf=0.0)  # rows with nothing visible (padding queries): weights become 0
     weights = torch.exp((visible - peak).clamp(max=MAX_EXPONENT)) * M  # exp(A-bar) * M, eq. 9
     weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training).to(value.dtype)

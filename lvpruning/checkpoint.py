@@ -1,7 +1,8 @@
 """Save and load decision modules: ``decision_modules.safetensors`` plus ``lvpruning_config.json``. No pickle.
 
-The JSON records the pruning config and the shape of the model the modules were trained for, so that loading
-them onto a different model fails with a message instead of a shape error deep inside ``load_state_dict``.
+The JSON records the pruning config (its module shape included: ``decision_dim``, ``num_blocks``, ...) and the shape
+of the model the modules were trained for, so that loading them onto a different model or module shape fails with a
+message naming the field instead of a shape error deep inside ``load_state_dict``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from lvpruning.engine import LVPruningModel
 WEIGHTS_NAME = "decision_modules.safetensors"
 CONFIG_NAME = "lvpruning_config.json"
 FORMAT_VERSION = 1
+# The fields that decide what the modules compute; the schedules and loss weights may differ at load time.
+SHAPE_FIELDS = ("layers", "decision_dim", "num_blocks", "num_heads", "ffn_dim")
 
 
 def _model_signature(pruner_or_model: nn.Module) -> dict:
@@ -47,8 +50,13 @@ def save_decision_modules(pruner: LVPruningModel, directory: str | Path) -> Path
     return directory
 
 
-def load_decision_modules(model: nn.Module, directory: str | Path) -> LVPruningModel:
-    """Attach the decision modules saved in ``directory`` to ``model`` (a base LLaVA, loaded as usual)."""
+def load_decision_modules(
+    model: nn.Module, directory: str | Path, config: PruningConfig | None = None
+) -> LVPruningModel:
+    """Attach the decision modules saved in ``directory`` to ``model`` (a base LLaVA, loaded as usual).
+
+    ``config`` replaces the saved pruning config (other schedules, say); it must have the saved module shape
+    (``SHAPE_FIELDS``), else this fails naming the field."""
     directory = Path(directory)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
@@ -61,8 +69,23 @@ def load_decision_modules(model: nn.Module, directory: str | Path) -> LVPruningM
                 f"decision modules in {directory} were trained for a model with {key}={saved[key]}, "
                 f"but this model has {key}={actual[key]}"
             )
-    pruner = LVPruningModel(model, PruningConfig.from_dict(meta["pruning_config"]))
+    trained = PruningConfig.from_dict(meta["pruning_config"])
+    for key in SHAPE_FIELDS if config is not None else ():
+        if getattr(config, key) != getattr(trained, key):
+            raise ValueError(
+                f"decision modules in {directory} have {key}={getattr(trained, key)}, but the pruning config asks "
+                f"for {key}={getattr(config, key)}; give the saved {key} (or leave the config out)"
+            )
+    config = config or trained
     device = next(model.parameters()).device
     state = load_file(directory / WEIGHTS_NAME, device=str(device))
+    width = state["0.score.weight"].shape[1]  # W_O of the first module: (2, D)
+    if width != config.width(actual["hidden_size"]):
+        raise ValueError(
+            f"decision modules in {directory} are {width} wide, but their config says decision_dim="
+            f"{config.decision_dim} ({config.width(actual['hidden_size'])} wide): {CONFIG_NAME} does not match "
+            f"{WEIGHTS_NAME}"
+        )
+    pruner = LVPruningModel(model, config)
     pruner.decision_modules.load_state_dict(state, strict=True)
     return pruner

@@ -44,7 +44,9 @@ class PruningConfig:
         infer_ratios: default keep ratio per stage at inference (can be overridden per call).
         num_blocks: cross-attention blocks per decision module (paper: 2).
         num_heads: attention heads per block (paper: 8).
-        ffn_dim: FFN width; ``None`` means twice the model's hidden size (paper: Linear(C, 2C)).
+        ffn_dim: FFN width; ``None`` means twice the module's width (paper: Linear(C, 2C)).
+        decision_dim: the module's width D; ``None`` is the paper's full width (the LLM's hidden size C), a value
+            below C projects vision and text tokens down to D after the input LayerNorms (a slim module).
         gumbel_tau: Gumbel-Softmax temperature (eq. 5).
         lambda_causal: weight of the causal LM loss (eq. 12).
         lambda_ratio: weight of the ratio loss (eq. 12).
@@ -58,6 +60,7 @@ class PruningConfig:
     num_blocks: int = 2
     num_heads: int = 8
     ffn_dim: int | None = None
+    decision_dim: int | None = None
     gumbel_tau: float = 1.0
     lambda_causal: float = 1.0
     lambda_ratio: float = 2.0
@@ -82,8 +85,9 @@ class PruningConfig:
         for name in ("num_blocks", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PruningConfig.{name}: must be at least 1, got {getattr(self, name)}")
-        if self.ffn_dim is not None and self.ffn_dim < 1:
-            raise ValueError(f"PruningConfig.ffn_dim: must be positive or null, got {self.ffn_dim}")
+        for name in ("ffn_dim", "decision_dim"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"PruningConfig.{name}: must be positive or null, got {getattr(self, name)}")
         if self.gumbel_tau <= 0:
             raise ValueError(f"PruningConfig.gumbel_tau: must be positive, got {self.gumbel_tau}")
         for name in ("lambda_causal", "lambda_ratio"):
@@ -105,10 +109,18 @@ class PruningConfig:
                 f"PruningConfig.layers: {list(self.layers)} must be below {num_layers - 1}: the model has "
                 f"{num_layers} decoder layers and a decision module needs at least one layer after it"
             )
-        if hidden_size % self.num_heads:
+        if self.decision_dim is not None and self.decision_dim > hidden_size:
             raise ValueError(
-                f"PruningConfig.num_heads: {self.num_heads} heads do not divide the hidden size {hidden_size}"
+                f"PruningConfig.decision_dim: {self.decision_dim} exceeds the model's hidden size {hidden_size}; a "
+                "slim module projects down (null: the full width)"
             )
+        if self.width(hidden_size) % self.num_heads:
+            what = f"decision_dim {self.decision_dim}" if self.decision_dim else f"the hidden size {hidden_size}"
+            raise ValueError(f"PruningConfig.num_heads: {self.num_heads} heads do not divide {what}")
+
+    def width(self, hidden_size: int) -> int:
+        """The decision modules' width D on a model of this hidden size: ``decision_dim``, else C."""
+        return self.decision_dim or hidden_size
 
     def check_ratios(self, ratios: tuple[float, ...] | list[float]) -> tuple[float, ...]:
         """Validate per-call inference keep ratios against this config's stages."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 from transformers.utils import ModelOutput
 
@@ -112,14 +113,25 @@ class LVPruningModel(nn.Module):
         self.config = config
         self.model = model
         self.decision_modules = nn.ModuleList(
-            DecisionModule(text_config.hidden_size, config.num_blocks, config.num_heads, config.ffn_dim)
+            DecisionModule(
+                text_config.hidden_size, config.num_blocks, config.num_heads, config.ffn_dim, config.decision_dim
+            )
             for _ in config.layers
         )
         param = next(model.parameters())
         self.decision_modules.to(device=param.device)
         self._base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         model.requires_grad_(False)
+        self.activation_checkpointing = False
         self.train(model.training)
+
+    def activation_checkpointing_enable(self) -> None:
+        """Training mode: recompute each decoder layer after the first stage in the backward pass instead of keeping
+        its activations (the fp32 (B, h, N, N) attention of eq. 9 above all); same gradients, less memory."""
+        self.activation_checkpointing = True
+
+    def activation_checkpointing_disable(self) -> None:
+        self.activation_checkpointing = False
 
     def train(self, mode: bool = True) -> LVPruningModel:
         super().train(mode)
@@ -220,22 +232,30 @@ class LVPruningModel(nn.Module):
         keep = hidden.new_ones(B, num_vision, dtype=torch.float32)  # cumulative D over the vision tokens
         fractions = []
         token_keep = None  # (B, N): 1 on text tokens, D_j on vision tokens (eq. 7)
-        with attention_implementation(self.adapter.text_config, ATTN_IMPLEMENTATION):
-            for i in range(cfg.layers[0], len(layers)):
-                if i > cfg.layers[0]:
-                    seq.hidden = layers[i](
-                        seq.hidden,
-                        attention_mask=allowed,
-                        position_embeddings=rope,
-                        position_ids=seq.position_ids,
-                        token_keep=token_keep,
-                    )
-                if i in cfg.layers:
-                    text_pos, vision_pos = split_tokens(seq.vision, num_vision)
-                    gamma = self.decision_gamma(cfg.layers.index(i), seq, text_pos, vision_pos)
-                    keep = keep * gumbel_decisions(gamma, cfg.gumbel_tau)  # eqs. 5, 6, 10
-                    fractions.append(keep.mean(dim=1))
-                    token_keep = torch.ones(B, N, device=keep.device).scatter(1, vision_pos, keep)
+
+        def masked_layer(layer: nn.Module, hidden: torch.Tensor, token_keep: torch.Tensor) -> torch.Tensor:
+            # the attention switch inside, so that a checkpointed layer's recomputation in backward uses it too
+            with attention_implementation(self.adapter.text_config, ATTN_IMPLEMENTATION):
+                return layer(
+                    hidden,
+                    attention_mask=allowed,
+                    position_embeddings=rope,
+                    position_ids=seq.position_ids,
+                    token_keep=token_keep,
+                )
+
+        for i in range(cfg.layers[0], len(layers)):
+            if i > cfg.layers[0]:
+                if self.activation_checkpointing:
+                    seq.hidden = checkpoint(masked_layer, layers[i], seq.hidden, token_keep, use_reentrant=False)
+                else:
+                    seq.hidden = masked_layer(layers[i], seq.hidden, token_keep)
+            if i in cfg.layers:
+                text_pos, vision_pos = split_tokens(seq.vision, num_vision)
+                gamma = self.decision_gamma(cfg.layers.index(i), seq, text_pos, vision_pos)
+                keep = keep * gumbel_decisions(gamma, cfg.gumbel_tau)  # eqs. 5, 6, 10
+                fractions.append(keep.mean(dim=1))
+                token_keep = torch.ones(B, N, device=keep.device).scatter(1, vision_pos, keep)
 
         logits = self.adapter.logits(seq.hidden)
         keep_fractions = torch.stack(fractions, dim=1)  # (B, S)

@@ -72,16 +72,24 @@ def decoder_layer_flops(text_config: PreTrainedConfig, num_tokens: int) -> dict[
 
 
 def decision_module_flops(
-    hidden_size: int, num_queries: int, num_text: int, num_blocks: int = 2, ffn_dim: int | None = None
+    hidden_size: int,
+    num_queries: int,
+    num_text: int,
+    num_blocks: int = 2,
+    ffn_dim: int | None = None,
+    decision_dim: int | None = None,
 ) -> int:
     """One decision module (eqs. 1-4): ``num_queries`` vision tokens attend over ``num_text`` text tokens.
 
-    Per block: q = W_q x (eq. 1); k, v = W_k t, W_v t (eq. 2); softmax(q k^T) v (eq. 3, the total does not
-    depend on the head count); FFN Linear(C, F), Linear(F, C). Then the Linear(C, 2) head (eq. 4).
+    A slim module (``decision_dim`` D) first projects both inputs, Linear(C, D) each; a full-width one has D = C
+    and no projections. Per block: q = W_q x (eq. 1); k, v = W_k t, W_v t (eq. 2); softmax(q k^T) v (eq. 3, the
+    total does not depend on the head count); FFN Linear(D, F), Linear(F, D). Then the Linear(D, 2) head (eq. 4).
     """
-    c, f, q, t = hidden_size, ffn_dim or 2 * hidden_size, num_queries, num_text
-    block = 2 * q * c * c + 2 * 2 * t * c * c + 2 * 2 * q * t * c + 2 * 2 * q * c * f
-    return num_blocks * block + 2 * q * c * 2
+    d = decision_dim or hidden_size
+    f, q, t = ffn_dim or 2 * d, num_queries, num_text
+    projections = 2 * (q + t) * hidden_size * d if decision_dim else 0
+    block = 2 * q * d * d + 2 * 2 * t * d * d + 2 * 2 * q * t * d + 2 * 2 * q * d * f
+    return projections + num_blocks * block + 2 * q * d * 2
 
 
 def vision_and_projector_flops(config: LlavaConfig) -> tuple[dict[str, int], int]:
@@ -212,10 +220,8 @@ def analytic_flops(
         return parts
 
     # Stage s scores the vision tokens still kept (|I_V| at the first stage, then k_{s-1}) against the text.
-    decision = tuple(
-        decision_module_flops(text.hidden_size, q, n_text, pruning.num_blocks, pruning.ffn_dim)
-        for q in (n_vis, *kept[:-1])
-    )
+    shape = (pruning.num_blocks, pruning.ffn_dim, pruning.decision_dim)
+    decision = tuple(decision_module_flops(text.hidden_size, q, n_text, *shape) for q in (n_vis, *kept[:-1]))
     return FlopsReport(
         num_vision_tokens=n_vis,
         num_text_tokens=n_text,
@@ -323,7 +329,8 @@ def _parser() -> argparse.ArgumentParser:
     schedule.add_argument("--rho", type=float, help="paper schedule [rho, rho-0.2, rho-0.4]; default 0.5")
     add("--decision-blocks", type=int, default=2, help="cross-attention blocks per module")
     add("--decision-heads", type=int, default=8, help="heads per cross-attention block")
-    add("--decision-ffn", type=int, default=None, help="decision FFN width (default 2 * hidden)")
+    add("--decision-ffn", type=int, default=None, help="decision FFN width (default twice the module's width)")
+    add("--decision-dim", type=int, default=None, help="slim modules of this width (default: the hidden size)")
     add("--logits", choices=("all", "last"), default="all", help="lm_head positions counted")
     add("--no-measure", action="store_true", help="analytic count only")
     add("--json", action="store_true", help="print one JSON object")
@@ -370,6 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_blocks=args.decision_blocks,
             num_heads=args.decision_heads,
             ffn_dim=args.decision_ffn,
+            decision_dim=args.decision_dim,
         )
         report = analytic_flops(config, pruning, ratios, args.text_tokens, args.logits)
     except ValueError as err:

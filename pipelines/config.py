@@ -19,6 +19,9 @@ from pipelines.toy.scenes import SceneSpec
 
 TOY = "toy"  # the embedded default model and data: the toy world, built and cached locally
 TOY_LAYERS = (0, 1, 2)  # decision modules after these of the toy model's 4 layers; 7B: see llava15_7b.yaml
+# The toy world's decision modules: slim, 16 wide, one block of 2 heads (benchmarks/RESULTS.md, "Slim decision
+# modules"); any other model starts from the paper's full-width modules (PruningConfig's defaults).
+TOY_PRUNING = PruningConfig(layers=TOY_LAYERS, decision_dim=16, num_blocks=1, num_heads=2)
 
 
 class _Strict(BaseModel):
@@ -59,6 +62,7 @@ class TrainSection(_Strict):
     seed: int = 0
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(100, gt=0)  # optimizer steps
+    gradient_checkpointing: bool = False  # recompute the decoder layers in backward (pruning: those after stage 0)
     init_from: str | None = None  # stage base: go on training this saved toy model instead of the initial weights
 
     @field_validator("adam_betas")
@@ -114,6 +118,9 @@ class EvalSection(_Strict):
     use_gpu: bool = False  # one GPU per inference actor
     cpus_per_actor: float = Field(0.5, gt=0)  # 0.5 leaves a 2-CPU box room for the preprocessing tasks
     seed: int = 0  # the random policy's seed
+    latency_batch_size: int = Field(16, gt=0)  # requests per timed generate call (pipelines.latency)
+    latency_warmup: int = Field(2, ge=0)  # rounds over all settings left out
+    latency_repeats: int = Field(10, ge=0)  # rounds recorded (median, IQR); 0: no latency metrics
 
     @field_validator("methods")
     @classmethod
@@ -136,7 +143,9 @@ class SearchSpace(_Strict):
     ratio_step: float = Field(0.05, gt=0, le=1)
     num_blocks: tuple[int, ...] = (1, 2)  # decision-module shape (PruningConfig)
     num_heads: tuple[int, ...] = (2, 4)
-    ffn_dim: tuple[int | None, ...] = (None,)  # None: 2C
+    ffn_dim: tuple[int | None, ...] = (None,)  # None: twice the module's width
+    decision_dim: tuple[int | None, ...] | None = None  # module widths (None in the list: full width C); None:
+    # not searched, pruning.decision_dim
     learning_rate: tuple[float, float] | None = None  # log-uniform range; None: train.learning_rate
 
     @field_validator("layers")
@@ -151,9 +160,11 @@ class SearchSpace(_Strict):
                 raise ValueError(f"candidate {i} {list(layers)}: layers must be non-negative and strictly increasing")
         return value
 
-    @field_validator("num_blocks", "num_heads", "ffn_dim")
+    @field_validator("num_blocks", "num_heads", "ffn_dim", "decision_dim")
     @classmethod
-    def _choices(cls, value: tuple) -> tuple:
+    def _choices(cls, value: tuple | None) -> tuple | None:
+        if value is None:  # decision_dim only: not searched
+            return value
         if not value or any(v is not None and v < 1 for v in value):
             raise ValueError(f"{list(value)}: give at least one choice, each a positive integer")
         return value
@@ -232,7 +243,7 @@ class SweepSection(_Strict):
 
 class JobConfig(_Strict):
     model: ModelSection = ModelSection()
-    pruning: PruningConfig = PruningConfig(layers=TOY_LAYERS)
+    pruning: PruningConfig = TOY_PRUNING
     data: DataSection = DataSection()
     train: TrainSection = TrainSection()
     scaling: ScalingSection = ScalingSection()
@@ -241,11 +252,17 @@ class JobConfig(_Strict):
     eval: EvalSection = EvalSection()
     sweep: SweepSection = SweepSection()
 
-    @field_validator("pruning", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _pruning(cls, value: Any) -> PruningConfig:
-        # a section that names no layers (e.g. only pruning.lambda_ratio=...) keeps this job's default layers
-        return PruningConfig.from_dict({"layers": TOY_LAYERS, **value}) if isinstance(value, dict) else value
+    def _pruning(cls, data: Any) -> Any:
+        """A pruning section fills in from the defaults of its model: the toy world's (``TOY_PRUNING``) for the toy
+        model, else the paper's full-width modules; a section that names no layers keeps ``TOY_LAYERS``."""
+        if not isinstance(data, dict) or not isinstance(data.get("pruning", {}), dict):
+            return data
+        model = data.get("model") or {}
+        name = model.get("name_or_path", TOY) if isinstance(model, dict) else model.name_or_path
+        defaults = TOY_PRUNING.to_dict() if name == TOY else {"layers": list(TOY_LAYERS)}
+        return {**data, "pruning": PruningConfig.from_dict({**defaults, **data.get("pruning", {})})}
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:

@@ -8,8 +8,9 @@ Metrics of a setting (MLflow names):
 - ``tflops``: the analytic prefill TFLOPs (``lvpruning.flops``) in the paper's convention, 1 image + 30 text
   tokens: the base model for ``none``, with the decision modules for ``lvpruning``, without them for ``random``
   and ``fastv`` (they only rank tokens; FastV's one recomputed attention row is not counted).
-- ``latency/prefill_ms``, ``latency/e2e_ms``: medians per sample over every answer of the setting (see
-  ``pipelines.inference`` for what is timed); ``unanswered/<benchmark>``: questions with no usable image.
+- ``latency/prefill_ms``, ``latency/e2e_ms`` and their ``_iqr`` spreads: every setting of one evaluation timed in
+  one process on the first benchmark's first requests (``pipelines.latency``), before any answering;
+  ``unanswered/<benchmark>``: questions with no usable image.
 
 Params: ``method``, ``infer_ratios``, ``layers`` (pruning methods), ``train_ratios`` (``lvpruning``), ``model``,
 ``modules``, ``benchmarks``; the resolved config is the artifact ``config.json`` (URL credentials removed).
@@ -35,13 +36,13 @@ from pipelines.config import TOY, JobConfig
 from pipelines.inference import (
     InferenceOptions,
     InferenceReport,
-    ModelSpec,
-    Setting,
     answer_signature,
     read_answers,
     read_questions,
     run_inference,
 )
+from pipelines.latency import LatencyOptions, measure_latency
+from pipelines.models import ModelSpec, Setting
 from pipelines.scoring import score
 from pipelines.tracking import PARENT_TAG, redact, tracking_uri
 from pipelines.tracking import experiment_id as get_experiment_id
@@ -108,7 +109,6 @@ def evaluate_setting(
     options, result = options or InferenceOptions(), SettingResult(setting)
     # First, as it also checks the stages against the model: a bad setting fails before any inference.
     result.metrics["tflops"] = setting_tflops(load_llava_config(model.name_or_path), model.pruning, setting)
-    latencies: dict[str, list[float]] = {"prefill_ms": [], "e2e_ms": []}
     for bench in benchmarks:
         answers = Path(output_dir) / setting.name / f"{bench.name}.jsonl"
         report = run_inference(bench.name, bench.questions, bench.image_root, answers, model, setting, options)
@@ -122,12 +122,7 @@ def evaluate_setting(
         for category, value in (scored["breakdown"].get("category") or {}).items():
             result.metrics[f"accuracy/{bench.name}/{category}"] = value
         result.metrics[f"unanswered/{bench.name}"] = float(len(questions) - len(answered))
-        for key, values in latencies.items():
-            values += [a["metadata"][key] for a in answered]
     result.metrics["accuracy/mean"] = statistics.fmean(result.metrics[f"accuracy/{b.name}"] for b in benchmarks)
-    for key, values in latencies.items():
-        if values:
-            result.metrics[f"latency/{key}"] = statistics.median(values)
     return result
 
 
@@ -158,10 +153,12 @@ def run_setting(
     experiment: str = "lvpruning",
     config: Mapping[str, Any] | None = None,
     parent_run_id: str | None = None,
+    latency: Mapping[str, float] | None = None,
 ) -> SettingResult:
     """:func:`evaluate_setting` inside its own MLflow run (ended FINISHED, FAILED on an exception, KILLED on
     Ctrl-C). A client, not ``mlflow.start_run``: it works beside an active run (the training job's, which
-    ``parent_run_id`` names so the UI nests this one under it).
+    ``parent_run_id`` names so the UI nests this one under it). ``latency``: the setting's metrics from
+    :func:`pipelines.latency.measure_latency`, logged with the others.
 
     Under a parent, a setting has one run: a FINISHED one is returned as it is (a resumed sweep trial does not
     evaluate or log it twice), an unfinished one is continued."""
@@ -185,6 +182,7 @@ def run_setting(
         client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
         client.log_dict(run_id, redact(dict(config or {})), "config.json")
         result = evaluate_setting(model, setting, benchmarks, output_dir, options)
+        result.metrics |= latency or {}
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in result.metrics.items()])
         client.log_dict(run_id, result.scores, "scores.json")
@@ -258,6 +256,19 @@ def evaluate(
         cpus_per_actor=ev.cpus_per_actor,
         max_questions=ev.max_questions,
     )
+    settings = make_settings(ev.methods, ev.schedules, ev.seed)
+    latency: dict[str, dict[str, float]] = {}
+    if ev.latency_repeats:  # first, alone: nothing else of this evaluation runs beside it
+        timing = LatencyOptions(
+            batch_size=ev.latency_batch_size,
+            warmup=ev.latency_warmup,
+            repeats=ev.latency_repeats,
+            max_new_tokens=ev.max_new_tokens,
+            use_gpu=ev.use_gpu,
+            num_cpus=ev.cpus_per_actor,
+        )
+        first = benchmarks[0]
+        latency = measure_latency(model, settings, first.name, first.questions, first.image_root, timing)
     resolved = json.loads(config.model_dump_json())
     resolved["model"]["name_or_path"], resolved["eval"]["modules"] = model_path, modules
     resolved["eval"]["output_dir"] = config.answers_dir
@@ -272,8 +283,9 @@ def evaluate(
             experiment=config.mlflow.experiment,
             config=resolved,
             parent_run_id=parent_run_id,
+            latency=latency.get(setting.name),
         )
-        for setting in make_settings(ev.methods, ev.schedules, ev.seed)
+        for setting in settings
     ]
 
 

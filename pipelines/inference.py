@@ -10,11 +10,10 @@
 4. Driver: append each finished batch to the answers file (flushed, fsynced), so an interrupted run resumes from
    what was written; at the end, rewrite it in question order (POPE pairs answers with labels by order).
 
-Latency per sample (ms, in each answer's ``metadata``): ``e2e_ms`` is the wall time of the batch's generate call
-(prefill + decoding; image loading and preprocessing excluded), ``prefill_ms`` its part up to the end of the
-first forward pass (vision tower, projector, pruned LLM), timed by a forward hook so nothing runs twice. Both are
-divided by the batch size (``batch_size`` is recorded): the amortized cost per sample, or with ``batch_size=1``
-the latency of one request. On GPU the device is synchronized at each clock read.
+Timing per sample (ms, in each answer's ``metadata``): ``e2e_ms`` and ``prefill_ms`` of the batch's generate call
+(``pipelines.models.timed_generate``; image loading and preprocessing excluded), divided by the batch size
+(``batch_size`` is recorded): the amortized cost per sample while answering, beside other work. The latencies an
+evaluation logs are measured apart, all settings in one process: ``pipelines.latency``.
 """
 
 from __future__ import annotations
@@ -33,64 +32,21 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from torch import nn
 
-from lvpruning import LVPruningModel, PruningConfig, attach, load_decision_modules
+from lvpruning import LVPruningModel
 from lvpruning.policies import get_policy
 from pipelines import storage
 from pipelines.benchmarks import SHORT_ANSWER, build_prompt, with_suffix
 from pipelines.conversation import TEMPLATES, RecordError
 from pipelines.conversation import build_prompt as conversation_prompt
 from pipelines.instruct_data import expand_to_square
+from pipelines.models import ModelSpec, Setting, load_model, timed_generate
 from pipelines.scoring import TOY
 from pipelines.scoring.common import index_questions
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("none", "lvpruning", "random", "fastv")  # none: the plain Hugging Face model, no pruning
 SKIP_REASONS = ("no_image", "missing_image", "corrupt_image")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The model every actor loads. ``modules``: a directory of trained decision modules; ``pruning``: the
-    stages of fresh (untrained) modules for the training-free policies when there are no trained ones."""
-
-    name_or_path: str
-    modules: str | None = None
-    pruning: PruningConfig | None = None
-    dtype: str = "float32"
-    attn_implementation: str = "sdpa"
-
-    @property
-    def model_id(self) -> str:
-        return Path(self.name_or_path.rstrip("/")).name
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One inference setting: ``method`` in ``METHODS`` and, unless ``none``, a keep ratio per stage."""
-
-    method: str
-    keep_ratios: tuple[float, ...] | None = None
-    seed: int = 0  # the random policy's
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose from {list(METHODS)}")
-        ratios = None if self.keep_ratios is None else tuple(float(r) for r in self.keep_ratios)
-        if (self.method == "none") != (ratios is None) or ratios == ():
-            raise ValueError(f"method {self.method!r}: keep_ratios, one per stage, for the pruning methods only")
-        object.__setattr__(self, "keep_ratios", ratios)
-
-    @property
-    def name(self) -> str:
-        """A file-system safe name, e.g. ``lvpruning_0.5-0.3-0.1``."""
-        return "none" if self.keep_ratios is None else f"{self.method}_{'-'.join(f'{r:g}' for r in self.keep_ratios)}"
-
-    def metadata(self) -> dict[str, Any]:
-        meta: dict[str, Any] = {"method": self.method, "keep_ratios": list(self.keep_ratios or ())}
-        return meta | {"seed": self.seed} if self.method == "random" else meta
 
 
 @dataclass(frozen=True)
@@ -162,7 +118,7 @@ def read_answers(path: Path, expected: dict[str, Any]) -> dict[str, dict[str, An
 # ------------------------------------------------------------------------------------------- preprocessing
 
 
-class _Preprocessor:
+class Preprocessor:
     """Rows (index, image, prompt) -> model inputs, or the reason the image cannot be used."""
 
     def __init__(self, processor: Any, image_root: str, pad_to_square: bool) -> None:
@@ -204,37 +160,18 @@ class _Preprocessor:
         return expand_to_square(image, self.background) if self.pad_to_square else image
 
 
-_PREPROCESSORS: dict[tuple[str, str, bool], _Preprocessor] = {}
+_PREPROCESSORS: dict[tuple[str, str, bool], Preprocessor] = {}
 
 
 def _preprocess(batch: dict[str, np.ndarray], *, processor_ref: Any, image_root: str, pad: bool) -> dict[str, Any]:
     key = (processor_ref.hex(), image_root, pad)
     if key not in _PREPROCESSORS:  # Ray reuses worker processes: unpickle the processor once per process
         _PREPROCESSORS.clear()
-        _PREPROCESSORS[key] = _Preprocessor(ray.get(processor_ref), image_root, pad)
+        _PREPROCESSORS[key] = Preprocessor(ray.get(processor_ref), image_root, pad)
     return _PREPROCESSORS[key](batch)
 
 
 # ---------------------------------------------------------------------------------------------- generation
-
-
-def load_model(spec: ModelSpec, method: str, device: str | torch.device = "cpu") -> nn.Module:
-    """The base model (``none``), or it with decision modules in inference mode: the trained ones when given,
-    else, for the training-free policies (which only read the stages), fresh ones at ``spec.pruning``'s stages."""
-    from transformers import LlavaForConditionalGeneration
-
-    dtype, attn = getattr(torch, spec.dtype), spec.attn_implementation
-    model = LlavaForConditionalGeneration.from_pretrained(spec.name_or_path, dtype=dtype, attn_implementation=attn)
-    model = model.to(device).eval()
-    if method == "none":
-        return model
-    if spec.modules is not None:
-        return load_decision_modules(model, spec.modules).eval()
-    if method == "lvpruning":
-        raise ValueError("method 'lvpruning' needs trained decision modules: give ModelSpec.modules (--modules DIR)")
-    if spec.pruning is None:
-        raise ValueError(f"method {method!r} without trained modules needs ModelSpec.pruning (the stages)")
-    return attach(model, spec.pruning).eval()
 
 
 class Generator:
@@ -243,9 +180,9 @@ class Generator:
     def __init__(self, spec: ModelSpec, setting: Setting, processor: Any, max_new_tokens: int, use_gpu: bool):
         if isinstance(processor, ray.ObjectRef):
             processor = ray.get(processor)
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.setting, self.tokenizer, self.max_new_tokens = setting, processor.tokenizer, max_new_tokens
-        self.model = load_model(spec, setting.method, self.device)
+        self.model = load_model(spec, setting.method, device)
         self.policy = None if setting.method == "none" else get_policy(setting.method, setting.seed)
         if isinstance(self.model, LVPruningModel):
             self.model.config.check_ratios(setting.keep_ratios)
@@ -254,47 +191,13 @@ class Generator:
         n, ok = len(batch["index"]), [i for i, error in enumerate(batch["error"]) if not error]
         out = {"index": batch["index"], "error": batch["error"], "text": np.full(n, "", dtype=object)}
         out |= {"prefill_ms": np.zeros(n), "e2e_ms": np.zeros(n), "batch_size": np.full(n, len(ok))}
-        if ok:
-            texts, prefill_ms, e2e_ms = self.generate([batch["input_ids"][i] for i in ok], batch["pixel_values"][ok])
-            out["text"][ok], out["prefill_ms"][ok], out["e2e_ms"][ok] = texts, prefill_ms, e2e_ms
+        if ok:  # per sample: the batch's times amortized
+            prompts, pixels = [batch["input_ids"][i] for i in ok], batch["pixel_values"][ok]
+            texts, prefill_ms, e2e_ms = timed_generate(
+                self.model, self.tokenizer, prompts, pixels, self.setting, self.policy, self.max_new_tokens
+            )
+            out["text"][ok], out["prefill_ms"][ok], out["e2e_ms"][ok] = texts, prefill_ms / len(ok), e2e_ms / len(ok)
         return out
-
-    @torch.no_grad()
-    def generate(self, prompts: list[np.ndarray], pixel_values: np.ndarray) -> tuple[list[str], float, float]:
-        """Greedy answers for prompts (each (L_i,)) and images (B, 3, H, W); per-sample prefill/e2e ms."""
-        tok, B, N = self.tokenizer, len(prompts), max(len(p) for p in prompts)
-        input_ids = torch.full((B, N), tok.pad_token_id, dtype=torch.long)  # (B, N), padded on the left
-        attention_mask = torch.zeros(B, N, dtype=torch.long)
-        for b, prompt in enumerate(prompts):
-            input_ids[b, N - len(prompt) :] = torch.from_numpy(np.asarray(prompt, dtype=np.int64))
-            attention_mask[b, N - len(prompt) :] = 1
-        pixels = torch.from_numpy(np.asarray(pixel_values)).to(self.device, next(self.model.parameters()).dtype)
-        inputs = {"input_ids": input_ids.to(self.device), "pixel_values": pixels}
-        inputs |= {"attention_mask": attention_mask.to(self.device), "max_new_tokens": self.max_new_tokens}
-        inputs |= {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-        prefill_end: list[float] = []  # the first forward pass is the prefill (HF's and the pruner's generate)
-
-        def hook_fn(*_: Any) -> None:  # returns None: a forward hook's return value replaces the output
-            if not prefill_end:
-                prefill_end.append(self._clock())
-
-        hook = self.model.register_forward_hook(hook_fn)
-        try:
-            start = self._clock()
-            if isinstance(self.model, LVPruningModel):
-                tokens = self.model.generate(**inputs, keep_ratios=self.setting.keep_ratios, policy=self.policy)
-            else:
-                tokens = self.model.generate(**inputs, do_sample=False)
-            end = self._clock()
-        finally:
-            hook.remove()
-        texts = [t.strip() for t in tok.batch_decode(tokens[:, N:].cpu(), skip_special_tokens=True)]
-        return texts, 1e3 * (prefill_end[0] - start) / B, 1e3 * (end - start) / B
-
-    def _clock(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
 
 
 # ------------------------------------------------------------------------------------------------ pipeline

@@ -3,12 +3,14 @@ job config each trial trains and evaluates.
 
 A searched trial's parameters: ``layers`` (one of ``sweep.space.layers``), its keep-ratio schedule (``rho`` of the
 paper's family ``[rho, rho - 0.2, rho - 0.4, ...]``, or free ratios ``ratio0..``, sorted non-increasing), the
-decision-module shape (``num_blocks``, ``num_heads``, ``ffn_dim``) and optionally ``learning_rate``. It trains at
+decision-module shape (``num_blocks``, ``num_heads``, ``ffn_dim``, and ``decision_dim`` when the space has it)
+and optionally ``learning_rate``. It trains at
 its schedule and is evaluated there and at its schedule shifted by each of ``sweep.infer_shifts``.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from lvpruning import PruningConfig
@@ -44,6 +46,8 @@ class DefineByRun:
         trial.suggest_categorical("num_blocks", list(s.num_blocks))
         trial.suggest_categorical("num_heads", list(s.num_heads))
         trial.suggest_categorical("ffn_dim", list(s.ffn_dim))
+        if s.decision_dim is not None:
+            trial.suggest_categorical("decision_dim", list(s.decision_dim))
         if s.learning_rate is not None:
             trial.suggest_float("learning_rate", *s.learning_rate, log=True)
         return {"method": LVPRUNING, "layers": layers, "train_ratios": ratios}
@@ -74,7 +78,7 @@ def trial_config(cfg: JobConfig, params: dict[str, Any], trial_id: str) -> JobCo
     update: dict[str, Any] = {"run": run}
     if method == LVPRUNING:
         ratios = tuple(params["train_ratios"])
-        shape = {k: params[k] for k in ("num_blocks", "num_heads", "ffn_dim")}
+        shape = {k: params[k] for k in ("num_blocks", "num_heads", "ffn_dim", "decision_dim") if k in params}
         pruning = {**cfg.pruning.to_dict(), "layers": layers, "train_ratios": ratios, "infer_ratios": ratios, **shape}
         update["pruning"] = PruningConfig.from_dict(pruning)
         if "learning_rate" in params:
@@ -89,19 +93,23 @@ def trial_config(cfg: JobConfig, params: dict[str, Any], trial_id: str) -> JobCo
 
 def check_space(cfg: JobConfig, num_layers: int, hidden_size: int) -> None:
     """The baselines' schedules fit ``pruning.layers``, and every candidate of the space fits the model (layers
-    below the last, heads dividing the hidden size): fails before any cluster work, naming the key."""
+    below the last, widths within the hidden size, heads dividing each width): fails before any cluster work,
+    naming the key."""
     for i, schedule in enumerate(cfg.sweep.baselines.schedules):
         try:
             cfg.pruning.check_ratios(schedule)
         except ValueError as e:
             raise ValueError(f"sweep.baselines.schedules[{i}] (at pruning.layers): {e}") from None
     s = cfg.sweep.space
+    widths = s.decision_dim if s.decision_dim is not None else (cfg.pruning.decision_dim,)
     for i, layers in enumerate(s.layers):
-        for heads in s.num_heads:
+        for heads, width in itertools.product(s.num_heads, widths):
             ones = (1.0,) * len(layers)
-            stages = PruningConfig(layers=layers, train_ratios=ones, infer_ratios=ones, num_heads=heads)
+            stages = PruningConfig(
+                layers=layers, train_ratios=ones, infer_ratios=ones, num_heads=heads, decision_dim=width
+            )
             try:
                 stages.check_model(num_layers, hidden_size)
             except ValueError as e:
-                key = "num_heads" if "num_heads" in str(e) else f"layers[{i}]"
+                key = next((k for k in ("num_heads", "decision_dim") if f"PruningConfig.{k}" in str(e)), f"layers[{i}]")
                 raise ValueError(f"sweep.space.{key}: {e}") from None

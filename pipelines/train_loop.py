@@ -55,6 +55,8 @@ def setup_model(cfg: JobConfig, model_path: str, device: torch.device) -> tuple[
         model_path, dtype=getattr(torch, cfg.model.dtype), attn_implementation=cfg.model.attn_implementation
     )
     module = cfg.stage.trainable(model, cfg.pruning).train()
+    if cfg.train.gradient_checkpointing:  # LVPruningModel's, or Hugging Face's for the whole model (stage base)
+        module.activation_checkpointing_enable()
     module.to(device)
     return module, [p for p in module.parameters() if p.requires_grad]
 

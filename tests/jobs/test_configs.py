@@ -26,12 +26,25 @@ def test_llava15_7b_config_has_the_papers_settings():
     assert cfg.model.name_or_path == "llava-hf/llava-1.5-7b-hf"
     assert cfg.pruning.layers == (1, 8, 16)
     assert cfg.pruning.train_ratios == paper_schedule(0.5) == (0.5, 0.3, 0.1)
-    assert (cfg.pruning.num_blocks, cfg.pruning.num_heads) == (2, 8)
+    assert (cfg.pruning.num_blocks, cfg.pruning.num_heads, cfg.pruning.decision_dim) == (2, 8, None)  # full width
     t = cfg.train
     assert (t.learning_rate, t.warmup_ratio, t.lr_schedule, t.global_batch_size) == (2e-6, 0.03, "cosine", 64)
     assert (t.weight_decay, t.max_grad_norm, t.epochs, t.stage) == (0.0, 1.0, 1, "pruning")
     assert t.adam_betas == (0.9, 0.999)  # LLaVA's Trainer defaults
     assert cfg.scaling.use_gpu and cfg.scaling.deepspeed_config.endswith("zero2_bf16.json")
+
+
+def test_pruning_defaults_follow_the_model():
+    """The toy world's slim modules for the toy model, a section filling in from them; the paper's full-width ones
+    for any other model, however little its pruning section says."""
+    toy = load_config().pruning
+    assert (toy.layers, toy.decision_dim, toy.num_blocks, toy.num_heads) == ((0, 1, 2), 16, 1, 2)
+    partial = load_config(None, ["pruning.lambda_ratio=1.0", "pruning.gumbel_tau=0.5"]).pruning
+    assert (partial.decision_dim, partial.num_blocks, partial.lambda_ratio, partial.gumbel_tau) == (16, 1, 1.0, 0.5)
+    other = load_config(None, ["model.name_or_path=llava-hf/llava-1.5-7b-hf", "pruning.lambda_ratio=1.0"]).pruning
+    assert (other.decision_dim, other.num_blocks, other.num_heads, other.lambda_ratio) == (None, 2, 8, 1.0)
+    slim = load_config(None, ["model.name_or_path=llava-hf/llava-1.5-7b-hf", "pruning.decision_dim=512"]).pruning
+    assert slim.decision_dim == 512
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 from mlflow import MlflowClient
 
 from lvpruning import PruningConfig
@@ -22,25 +21,12 @@ from pipelines.evaluation import (
     run_setting,
     setting_tflops,
 )
-from pipelines.inference import ModelSpec, Setting
+from pipelines.models import ModelSpec, Setting
 from pipelines.scoring import ScoringError, score
 from pipelines.tracking import redact
-from tests.pipelines.test_inference import OPTIONS, RATIOS, TinyWorld, direct_answers, write_tiny_world
+from tests.pipelines.test_inference import OPTIONS, RATIOS, direct_answers
 
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> TinyWorld:
-    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def test_toy_scorer_exact_match_per_category(tmp_path):
@@ -106,7 +92,10 @@ def test_run_setting_logs_one_run_with_params_and_metrics(world, tmp_path, monke
     spec = ModelSpec(str(world.model), str(world.modules), modules_config(world.modules))
     bench = Benchmark("toy", str(world.questions), str(world.images), str(truth))
     config = {"mlflow": {"tracking_uri": "https://me:secret@mlflow.example.com"}}
-    result = run_setting(spec, setting, [bench], tmp_path / "eval", OPTIONS, experiment="t", uri=uri, config=config)
+    latency = {"latency/prefill_ms": 3.5, "latency/prefill_ms_iqr": 0.25, "latency/e2e_ms": 9.0}
+    result = run_setting(
+        spec, setting, [bench], tmp_path / "eval", OPTIONS, experiment="t", uri=uri, config=config, latency=latency
+    )
 
     run = MlflowClient(uri).get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "lvpruning_0.5-0.25"
@@ -120,7 +109,7 @@ def test_run_setting_logs_one_run_with_params_and_metrics(world, tmp_path, monke
     assert metrics["accuracy/toy/shape"] == 0.0 and metrics["unanswered/toy"] == 2
     assert metrics["accuracy/mean"] == metrics["accuracy/toy"]
     assert metrics["tflops"] == pytest.approx(setting_tflops(tiny_llava_config(), spec.pruning, setting))
-    assert 0 < metrics["latency/prefill_ms"] <= metrics["latency/e2e_ms"]
+    assert {k: metrics[k] for k in latency} == latency  # pipelines.latency's, logged as they are
     logged = Path(MlflowClient(uri).download_artifacts(result.run_id, "config.json", str(tmp_path)))
     assert "secret" not in logged.read_text() and "mlflow.example.com" in logged.read_text()
     assert (tmp_path / "eval" / "lvpruning_0.5-0.25" / "toy.jsonl").is_file()

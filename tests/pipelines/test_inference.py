@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -18,15 +17,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from lvpruning import PruningConfig, attach, load_decision_modules, save_decision_modules
 from lvpruning.policies import get_policy
 from lvpruning.tiny import build_processor, build_tokenizer, tiny_llava, tiny_llava_config
-from pipelines.inference import (
-    InferenceOptions,
-    ModelSpec,
-    Setting,
-    answer_signature,
-    question_text,
-    read_answers,
-    run_inference,
-)
+from pipelines.inference import InferenceOptions, answer_signature, question_text, read_answers, run_inference
+from pipelines.models import ModelSpec, Setting
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -86,19 +78,7 @@ def write_tiny_world(root: Path, n_good: int = 8) -> TinyWorld:
     )
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> TinyWorld:
-    return write_tiny_world(tmp_path_factory.mktemp("tiny_world"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    if started:
-        ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 def read_lines(path: Path) -> list[dict]:

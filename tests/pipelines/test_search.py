@@ -62,6 +62,18 @@ def test_free_ratios_are_sorted_non_increasing_on_the_grid_within_the_range():
         assert 1e-4 <= params["learning_rate"] <= 1e-2
 
 
+def test_module_widths_are_searched_when_the_space_has_them_and_reach_the_trial():
+    overrides = ["sweep.space.decision_dim=[8,32,null]", "sweep.space.num_heads=[2,4]"]
+    widths = {params["decision_dim"] for params, _ in suggestions(overrides, 60)}
+    assert widths == {8, 32, None}
+    assert all("decision_dim" not in params for params, _ in suggestions([], 5))  # not searched: pruning's
+    base = load_config(None, ["run.name=sw"])
+    params = {"method": "lvpruning", "layers": [0, 2], "train_ratios": [0.6, 0.4], "num_blocks": 1}
+    params |= {"num_heads": 2, "ffn_dim": None}
+    assert trial_config(base, params, "a").pruning.decision_dim == base.pruning.decision_dim == 16
+    assert trial_config(base, params | {"decision_dim": None}, "b").pruning.decision_dim is None
+
+
 def test_shifted_schedules_by_hand():
     assert shifted_schedules([0.5, 0.3, 0.1], (0.2, -0.2), 0.05) == [(0.5, 0.3, 0.1), (0.7, 0.5, 0.3), (0.3, 0.1, 0.05)]
     assert shifted_schedules([0.9], (0.2, -0.2), 0.05) == [(0.9,), (1.0,), (0.7,)]
@@ -88,7 +100,8 @@ def test_a_trial_config_trains_its_own_setting_and_evaluates_its_schedules():
     "override, key",
     [
         ("sweep.space.layers=[[0,3]]", "sweep.space.layers[0]"),  # the toy model has 4 layers: at most 2
-        ("sweep.space.num_heads=[2,3]", "sweep.space.num_heads"),  # 3 does not divide 128
+        ("sweep.space.num_heads=[2,3]", "sweep.space.num_heads"),  # 3 does not divide 16 (pruning.decision_dim)
+        ("sweep.space.decision_dim=[8,256]", "sweep.space.decision_dim"),  # wider than the hidden size 128
         ("sweep.baselines.schedules=[[0.5,0.3]]", "sweep.baselines.schedules[0]"),  # pruning.layers has 3 stages
     ],
 )

@@ -1,0 +1,152 @@
+"""Latency as a user feels it: every setting of one evaluation timed in one process, on the same requests, after
+warm-up, with repeats, so that the ratios between settings are stable.
+
+- The requests are the first ``batch_size`` questions of a benchmark that have a usable image, preprocessed as the
+  batch inference does (``pipelines.inference.Preprocessor``) and answered greedily (``timed_generate``).
+- One base model is loaded; the pruning settings share it through one set of decision modules, so the settings
+  differ only in what they compute.
+- Each round runs every setting once, the order rotated from round to round, so drift (other load, clocks) hits
+  all of them alike; the first ``warmup`` rounds are not recorded.
+- ``prefill_ms`` is the first forward pass (vision tower, projector, pruned LLM, decision modules), ``e2e_ms`` the
+  whole generate call: the wall time a request of the batch waits, not divided by the batch size.
+
+Metrics per setting (MLflow names): ``latency/prefill_ms`` and ``latency/e2e_ms``, medians over the rounds, and
+``latency/prefill_ms_iqr``, ``latency/e2e_ms_iqr``, their interquartile ranges (the spread).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from lvpruning.policies import get_policy
+from pipelines.conversation import TEMPLATES
+from pipelines.conversation import build_prompt as conversation_prompt
+from pipelines.inference import Preprocessor, question_text, read_questions
+from pipelines.models import ModelSpec, Setting, load_model, timed_generate, with_pruning
+
+logger = logging.getLogger(__name__)
+
+TIMES = ("prefill_ms", "e2e_ms")
+
+
+@dataclass(frozen=True)
+class LatencyOptions:
+    """What to time: requests per generate call, rounds left out and recorded, tokens, resources of the task."""
+
+    batch_size: int = 1
+    warmup: int = 2
+    repeats: int = 10
+    max_new_tokens: int = 8
+    use_gpu: bool = False
+    num_cpus: float = 0.5
+    template: str = "vicuna_v1"
+    pad_to_square: bool = True
+
+
+def summarize(times: Sequence[float]) -> tuple[float, float]:
+    """The median and the interquartile range (Python's ``statistics.quantiles``, exclusive method)."""
+    if len(times) < 2:
+        return float(times[0]), 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return statistics.median(times), q3 - q1
+
+
+def latency_requests(
+    benchmark: str, questions: str, image_root: str, processor: Any, options: LatencyOptions
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """The prompts (each (L,)) and images (B, 3, H, W) of the first ``batch_size`` questions with a usable image;
+    a benchmark with fewer fills the batch by repeating them."""
+    pre, template = Preprocessor(processor, image_root, options.pad_to_square), TEMPLATES[options.template]
+    prompts, pixels = [], []
+    for i, record in enumerate(read_questions(questions)):
+        prompt = conversation_prompt(question_text(benchmark, record), template=template)
+        batch = {"index": np.array([i]), "image": np.array([str(record.get("image") or "")]), "prompt": [prompt]}
+        row = pre(batch)
+        if not row["error"][0]:
+            prompts.append(row["input_ids"][0])
+            pixels.append(row["pixel_values"][0])
+        if len(prompts) == options.batch_size:
+            break
+    if not prompts:
+        raise ValueError(f"{questions}: no question with a usable image under {image_root} to time")
+    take = [i % len(prompts) for i in range(options.batch_size)]
+    return [prompts[i] for i in take], np.stack([pixels[i] for i in take])
+
+
+def time_settings(
+    spec: ModelSpec,
+    settings: Sequence[Setting],
+    prompts: list[np.ndarray],
+    pixel_values: np.ndarray,
+    tokenizer: Any,
+    options: LatencyOptions,
+) -> dict[str, dict[str, float]]:
+    """Time every setting in this process (see the module docstring): setting name -> metrics."""
+    device = torch.device("cuda" if options.use_gpu and torch.cuda.is_available() else "cpu")
+    base = load_model(spec, "none", device)
+    pruning = [s for s in settings if s.method != "none"]
+    pruner = with_pruning(base, spec, pruning[0].method) if pruning else None
+    for s in pruning:
+        pruner.config.check_ratios(s.keep_ratios)
+    policies = {s.name: None if s.method == "none" else get_policy(s.method, s.seed) for s in settings}
+    recorded: dict[str, dict[str, list[float]]] = {s.name: {k: [] for k in TIMES} for s in settings}
+    for r in range(options.warmup + options.repeats):
+        shift = r % len(settings)
+        for s in [*settings[shift:], *settings[:shift]]:
+            model = base if s.method == "none" else pruner
+            _, prefill, e2e = timed_generate(
+                model, tokenizer, prompts, pixel_values, s, policies[s.name], options.max_new_tokens
+            )
+            if r >= options.warmup:
+                recorded[s.name]["prefill_ms"].append(prefill)
+                recorded[s.name]["e2e_ms"].append(e2e)
+    out = {}
+    for name, times in recorded.items():
+        metrics = {}
+        for key in TIMES:
+            metrics[f"latency/{key}"], metrics[f"latency/{key}_iqr"] = summarize(times[key])
+        out[name] = metrics
+    return out
+
+
+def _measure(
+    spec: ModelSpec,
+    settings: Sequence[Setting],
+    benchmark: str,
+    questions: str,
+    image_root: str,
+    options: LatencyOptions,
+) -> dict[str, dict[str, float]]:
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(spec.name_or_path)
+    prompts, pixels = latency_requests(benchmark, questions, image_root, processor, options)
+    return time_settings(spec, settings, prompts, pixels, processor.tokenizer, options)
+
+
+def measure_latency(
+    spec: ModelSpec,
+    settings: Sequence[Setting],
+    benchmark: str,
+    questions: str,
+    image_root: str,
+    options: LatencyOptions = LatencyOptions(),
+) -> dict[str, dict[str, float]]:
+    """Latency metrics of every setting, on ``benchmark``'s first requests, measured in one Ray task (one process,
+    ``num_cpus`` and a GPU when ``use_gpu``): setting name -> ``latency/...`` metrics."""
+    if options.repeats < 1:
+        raise ValueError(f"LatencyOptions.repeats must be at least 1, got {options.repeats}")
+    rounds = f"{options.warmup} + {options.repeats} rounds"
+    logger.info("latency: %d settings, batch %d, %s, in one process", len(settings), options.batch_size, rounds)
+    # "DEFAULT": outside any placement group it was called from (a sweep trial's holds 0.01 CPU), as Ray Data's are
+    resources = {"num_cpus": options.num_cpus, "num_gpus": 1 if options.use_gpu else 0}
+    task = ray.remote(_measure).options(scheduling_strategy="DEFAULT", **resources)
+    return ray.get(task.remote(spec, list(settings), benchmark, questions, image_root, options))

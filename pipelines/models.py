@@ -1,0 +1,132 @@
+"""What an evaluation runs: the model (``ModelSpec``) and the inference setting (``Setting``: method and keep
+ratios), the model loaded for a setting, and one timed batch of greedy answers (``timed_generate``), shared by the
+batch inference (``pipelines.inference``) and the latency measurement (``pipelines.latency``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lvpruning import LVPruningModel, PruningConfig, attach, load_decision_modules
+
+METHODS = ("none", "lvpruning", "random", "fastv")  # none: the plain Hugging Face model, no pruning
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model every actor loads. ``modules``: a directory of trained decision modules; ``pruning``: the
+    stages of fresh (untrained) modules for the training-free policies when there are no trained ones."""
+
+    name_or_path: str
+    modules: str | None = None
+    pruning: PruningConfig | None = None
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+
+    @property
+    def model_id(self) -> str:
+        return Path(self.name_or_path.rstrip("/")).name
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One inference setting: ``method`` in ``METHODS`` and, unless ``none``, a keep ratio per stage."""
+
+    method: str
+    keep_ratios: tuple[float, ...] | None = None
+    seed: int = 0  # the random policy's
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {list(METHODS)}")
+        ratios = None if self.keep_ratios is None else tuple(float(r) for r in self.keep_ratios)
+        if (self.method == "none") != (ratios is None) or ratios == ():
+            raise ValueError(f"method {self.method!r}: keep_ratios, one per stage, for the pruning methods only")
+        object.__setattr__(self, "keep_ratios", ratios)
+
+    @property
+    def name(self) -> str:
+        """A file-system safe name, e.g. ``lvpruning_0.5-0.3-0.1``."""
+        return "none" if self.keep_ratios is None else f"{self.method}_{'-'.join(f'{r:g}' for r in self.keep_ratios)}"
+
+    def metadata(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"method": self.method, "keep_ratios": list(self.keep_ratios or ())}
+        return meta | {"seed": self.seed} if self.method == "random" else meta
+
+
+def load_model(spec: ModelSpec, method: str, device: str | torch.device = "cpu") -> nn.Module:
+    """The base model (``none``), or it with decision modules in inference mode (:func:`with_pruning`)."""
+    from transformers import LlavaForConditionalGeneration
+
+    dtype, attn = getattr(torch, spec.dtype), spec.attn_implementation
+    model = LlavaForConditionalGeneration.from_pretrained(spec.name_or_path, dtype=dtype, attn_implementation=attn)
+    model = model.to(device).eval()
+    return model if method == "none" else with_pruning(model, spec, method)
+
+
+def with_pruning(model: nn.Module, spec: ModelSpec, method: str) -> LVPruningModel:
+    """``model`` with the trained decision modules when given, else, for the training-free policies (which only
+    read the stages), fresh ones at ``spec.pruning``'s stages; in inference mode."""
+    if spec.modules is not None:
+        return load_decision_modules(model, spec.modules).eval()
+    if method == "lvpruning":
+        raise ValueError("method 'lvpruning' needs trained decision modules: give ModelSpec.modules (--modules DIR)")
+    if spec.pruning is None:
+        raise ValueError(f"method {method!r} without trained modules needs ModelSpec.pruning (the stages)")
+    return attach(model, spec.pruning).eval()
+
+
+@torch.no_grad()
+def timed_generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[np.ndarray],
+    pixel_values: np.ndarray,
+    setting: Setting,
+    policy: Any,
+    max_new_tokens: int,
+) -> tuple[list[str], float, float]:
+    """Greedy answers for prompts (each (L_i,)) and images (B, 3, H, W), left-padded into one batch, with the wall
+    times (ms) of the prefill and of the whole call. ``model``: the base model for ``none``, else an
+    :class:`LVPruningModel` (``policy`` ranks the tokens). On GPU the device is synchronized at each clock read."""
+    device = next(model.parameters()).device
+    B, N = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.full((B, N), tokenizer.pad_token_id, dtype=torch.long)  # (B, N), padded on the left
+    attention_mask = torch.zeros(B, N, dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        input_ids[b, N - len(prompt) :] = torch.from_numpy(np.asarray(prompt, dtype=np.int64))
+        attention_mask[b, N - len(prompt) :] = 1
+    pixels = torch.from_numpy(np.asarray(pixel_values)).to(device, next(model.parameters()).dtype)
+    inputs = {"input_ids": input_ids.to(device), "pixel_values": pixels}
+    inputs |= {"attention_mask": attention_mask.to(device), "max_new_tokens": max_new_tokens}
+    inputs |= {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    prefill_end: list[float] = []  # the first forward pass is the prefill (HF's and the pruner's generate)
+
+    def clock() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def hook_fn(*_: Any) -> None:  # returns None: a forward hook's return value replaces the output
+        if not prefill_end:
+            prefill_end.append(clock())
+
+    hook = model.register_forward_hook(hook_fn)
+    try:
+        start = clock()
+        if isinstance(model, LVPruningModel):
+            tokens = model.generate(**inputs, keep_ratios=setting.keep_ratios, policy=policy)
+        else:
+            tokens = model.generate(**inputs, do_sample=False)
+        end = clock()
+    finally:
+        hook.remove()
+    texts = [t.strip() for t in tokenizer.batch_decode(tokens[:, N:].cpu(), skip_special_tokens=True)]
+    return texts, 1e3 * (prefill_end[0] - start), 1e3 * (end - start)

@@ -31,6 +31,19 @@ def pytest_configure(config: pytest.Config) -> None:
     logging.getLogger("transformers").addHandler(_DeprecationLogToWarning())
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Tear down while the interpreter is whole: a Ray left up by a test, and the cycles holding autograd graphs
+    and saved-tensor hooks (activation checkpointing). Left to interpreter shutdown, their native destructors can
+    run after the modules they need are gone: CI once passed every test and then died of SIGSEGV at exit."""
+    import gc
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    gc.collect()
+
+
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
     """moto's S3 server on loopback, fake credentials in the environment (set before Ray starts workers)."""

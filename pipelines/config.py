@@ -36,7 +36,7 @@ class ModelSection(_Strict):
 
 class DataSection(_Strict):
     train_json: str | None = None  # LLaVA instruction JSON; None with the toy model: the toy world's
-    image_root: str | None = None  # local folder or s3://bucket/prefix
+    image_root: str | None = None  # local folder or s3://bucket/prefix; with the toy model: None, the toy world's
     max_length: int = Field(2048, gt=0)  # in tokens, after image expansion
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
     toy_root: str = "./toy"  # the toy world's data and its cached base model
@@ -78,13 +78,30 @@ class ScalingSection(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)  # on 2 cores, leaves a CPU for Ray Data preprocessing
     deepspeed_config: str = "cluster/deepspeed/zero2_cpu.json"
+    # How the workers' placement group spreads over nodes: PACK fills a node first; SPREAD puts them on different
+    # nodes where it can, so that losing a node costs the fewest workers.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    resources_per_worker: dict[str, float] = {}  # custom node resources each worker needs, e.g. {accelerator_a100: 1}
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom(cls, value: dict[str, float]) -> dict[str, float]:
+        builtin = sorted({"CPU", "GPU", "memory"} & set(value))
+        if builtin:
+            raise ValueError(f"{builtin} are set by cpus_per_worker and use_gpu; name only custom resources here")
+        if any(amount <= 0 for amount in value.values()):
+            raise ValueError(f"each amount must be positive, got {value}")
+        return value
 
 
 class RunSection(_Strict):
     name: str = "lvpruning-toy"
     storage_path: str = "./runs"  # local folder or s3://bucket/prefix
     output_dir: str = "./outputs"  # exported decision modules: <output_dir>/<name>/<stage> (local)
-    max_failures: int = Field(2, ge=0)
+    max_failures: int = Field(2, ge=0)  # worker failures restarted from the last checkpoint
+    # Worker-group starts that time out (waiting RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s, for the resources:
+    # autoscaled nodes coming up, a lost node replaced) before the run fails; -1: wait for ever.
+    max_start_failures: int = Field(5, ge=-1)
     keep_checkpoints: int = Field(2, gt=0)
 
 

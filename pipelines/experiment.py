@@ -8,16 +8,18 @@ cached or shipped one, else trained first by the ``base`` stage (``jobs/configs/
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from ray.train import UserCallback
+from ray.train import TrainingFailedError, UserCallback
 from transformers import AutoProcessor
 
 from lvpruning.presets import load_llava_config
+from pipelines.cluster import lost_nodes
 from pipelines.config import TOY, JobConfig, load_config
 from pipelines.instruct_data import build_instruct_dataset
 from pipelines.toy.base import ToyWorld, prepare_toy_world
@@ -82,7 +84,8 @@ def prepare_inputs(cfg: JobConfig) -> Inputs:
         model_path = world.continued_model(cfg.train.init_from) if cfg.train.init_from else world.init_model()
     else:
         model_path = toy_base_model(cfg, world)
-    return Inputs(cfg, str(model_path), str(world.paths.train_json), str(world.paths.image_folder), world)
+    image_root = cfg.data.image_root or str(world.paths.image_folder)  # e.g. a copy of the images on s3://
+    return Inputs(cfg, str(model_path), str(world.paths.train_json), image_root, world)
 
 
 def toy_base_model(cfg: JobConfig, world: ToyWorld) -> str:
@@ -133,11 +136,19 @@ def run_training(
     destination = inputs.world.base_model if stage.exports_model else export_path(cfg)
     with mlflow_run(cfg, f"{cfg.run.name}-{stage.name}", tags, params, resumable_run_id(cfg, uri)) as run:
         print(f"MLflow run {run.info.run_id} in experiment '{cfg.mlflow.experiment}' at {uri}")
-        result = fit(
-            cfg, dataset, inputs.model_path, processor.tokenizer.pad_token_id, steps, uri, run.info.run_id, callbacks
-        )
-        if result.error:
-            raise result.error
+        started_ms = int(time.time() * 1000)
+        try:
+            pad_token_id = processor.tokenizer.pad_token_id
+            result = fit(cfg, dataset, inputs.model_path, pad_token_id, steps, uri, run.info.run_id, callbacks)
+        except TrainingFailedError as error:
+            lost = lost_nodes(started_ms)
+            if lost:
+                raise RuntimeError(
+                    f"training failed after losing {len(lost)} node(s): {'; '.join(lost)}. Its checkpoints are "
+                    f"kept under {cfg.run.storage_path}/{cfg.stage_run_name}: re-run with run.name={cfg.run.name} "
+                    "to resume from the last one"
+                ) from error
+            raise
         stats = ledger.check()
         mlflow.log_metrics(
             {f"skipped/{reason}": n for reason, n in stats.counts.items()} | {"records/kept": stats.kept}
@@ -154,8 +165,9 @@ def run_training(
 
 
 def export_path(cfg: JobConfig) -> Path:
-    """Where ``run_training`` exports decision modules: ``<run.output_dir>/<run.name>/<stage>``."""
-    return Path(cfg.run.output_dir) / cfg.run.name / cfg.stage.name
+    """Where ``run_training`` exports decision modules: ``<run.output_dir>/<run.name>/<stage>``, absolute: the
+    evaluation's inference actors, which may run on other nodes, load them from there."""
+    return (Path(cfg.run.output_dir) / cfg.run.name / cfg.stage.name).resolve()
 
 
 def finished_training(cfg: JobConfig) -> TrainingResult | None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
-from mlflow.entities import Run
+from mlflow.entities import Metric, Run
 from mlflow.tracking import MlflowClient
 
 if TYPE_CHECKING:  # annotations only: the frontier job reads MLflow without the config schema
@@ -93,3 +94,30 @@ def mlflow_run(
             mlflow.log_params(redact({f"config.{k}": v for k, v in cfg.flat().items()} | params))
             mlflow.log_dict(redact(cfg.model_dump(mode="json")), "config.json")
         yield run
+
+
+class CheckpointedHistory:
+    """A training run's per-step metrics, sent to MLflow at checkpoints only, so that a resumed run's history holds
+    each step once: the steps a failed attempt did after its last checkpoint were never sent, and are sent when the
+    resumed attempt redoes them. Steps already in the history (an attempt killed between sending and checkpointing)
+    are not sent again."""
+
+    KEY = "loss"  # logged at every logged step: the last step of its history is the last step sent
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.client, self.run_id = MlflowClient(uri), run_id
+        self.sent_up_to = max((m.step for m in self.client.get_metric_history(run_id, self.KEY)), default=0)
+        self.pending: list[Metric] = []
+
+    def add(self, step: int, metrics: Mapping[str, float]) -> None:
+        if step > self.sent_up_to:
+            now = int(time.time() * 1000)
+            self.pending += [Metric(name, value, now, step) for name, value in metrics.items()]
+
+    def send(self) -> None:
+        """Send what was added since the last call (MLflow takes up to 1000 metrics per batch)."""
+        for start in range(0, len(self.pending), 1000):
+            self.client.log_batch(self.run_id, metrics=self.pending[start : start + 1000])
+        if self.pending:
+            self.sent_up_to = max(m.step for m in self.pending)
+        self.pending = []

@@ -2,9 +2,10 @@
 decision modules of a frozen base model (``pruning``), or the whole toy model (``base``).
 
 Everything reaches the workers through ``train_loop_config``: the resolved job config, the model path, the MLflow
-run to log into (rank 0 only) and the number of optimizer steps. Every logged step is also a ``ray.train.report``
-(what Ray Tune's schedulers see in a sweep); at checkpoint steps it carries the DeepSpeed engine state (for resuming)
-and the stage's export (for use).
+run to log into (rank 0 only) and the number of optimizer steps. Every logged step is printed and is a
+``ray.train.report`` (what Ray Tune's schedulers see in a sweep); at checkpoint steps it carries the DeepSpeed engine
+state (for resuming) and the stage's export (for use). MLflow's per-step history is sent at checkpoints
+(``CheckpointedHistory``), so that after a resume it holds each step once.
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
 from transformers import LlavaForConditionalGeneration, get_scheduler
 
 from pipelines.collate import PaddingCollateFn
 from pipelines.config import JobConfig
 from pipelines.stages import Stage
+from pipelines.tracking import CheckpointedHistory
 
 logger = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.json"
@@ -176,7 +176,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state = load_checkpoint(engine)
     fail_at = int(os.environ.get(FAIL_AT_STEP_ENV, 0)) if state.step == 0 else 0
     run_id = loop_config.get("mlflow_run_id") if rank == 0 else None
-    client = MlflowClient(loop_config["mlflow_tracking_uri"]) if run_id else None
+    history = CheckpointedHistory(loop_config["mlflow_tracking_uri"], run_id) if run_id else None
 
     shard = ray.train.get_dataset_shard("train")
     collate = PaddingCollateFn(loop_config["pad_token_id"], padding_side="right")
@@ -225,11 +225,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         f"step {state.step}/{total_steps}  loss {logged['loss']:.4f}  lr {logged['lr']:.2e}  "
                         f"{rate:.1f} samples/s  ETA {eta / 60:.1f} min"
                     )
-                    if client is not None:
-                        now = int(time.time() * 1000)
-                        client.log_batch(run_id, metrics=[Metric(k, v, now, state.step) for k, v in logged.items()])
+                    if history is not None:
+                        history.add(state.step, logged)
                 report = {"step": state.step, **logged}
             if state.step % cfg.train.checkpoint_every == 0 or last:
+                if history is not None:  # MLflow's history goes as far as the checkpoint a resume starts from
+                    history.send()
                 save_checkpoint(engine, module, state, cfg, loop_config["model_path"], report or {"step": state.step})
             elif report is not None:
                 ray.train.report(report)

@@ -75,6 +75,10 @@ def test_pruning_defaults_follow_the_model():
         ("sweep.space.free_range=[0.06,0.09]", "sweep.space.free_range"),
         ("sweep.guard_metric=ratio-loss", "sweep.guard_metric"),
         ("sweep.baselines.schedules=[]", "sweep.baselines.schedules"),
+        ("scaling.resources_per_worker={GPU: 1}", "set by cpus_per_worker and use_gpu"),
+        ("scaling.resources_per_worker={accelerator_a100: 0}", "must be positive"),
+        ("scaling.placement_strategy=spread", "scaling.placement_strategy"),
+        ("run.max_start_failures=-2", "run.max_start_failures"),
     ],
 )
 def test_impossible_overrides_fail_naming_the_key(override, key):

@@ -1,7 +1,7 @@
 """``python jobs/sweep.py`` end to end, as a user runs it: a small sweep of tiny trials through real Ray Tune + Train
-V2 + DeepSpeed on the shared 2-CPU head, logging to a real ``mlflow server`` on loopback. Its driver is killed
-(SIGKILL) mid-sweep and run again: the sweep resumes, finished trials are not redone, no MLflow run is duplicated.
-Then the frontier run's plot is opened in the MLflow UI in headless chromium (screenshot kept)."""
+V2 + DeepSpeed on the shared two-node cluster, logging to the team ``mlflow server`` (PostgreSQL, artifacts in S3).
+Its driver is killed (SIGKILL) mid-sweep and run again: the sweep resumes, finished trials are not redone, no MLflow
+run is duplicated. Then the frontier run's plot is opened in the MLflow UI in headless chromium (screenshot kept)."""
 
 from __future__ import annotations
 

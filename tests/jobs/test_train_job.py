@@ -1,66 +1,20 @@
-"""``ray job submit -- python jobs/train.py`` against a local head on loopback: the toy world's base stage for a
+"""``ray job submit -- python jobs/train.py`` against the two-node cluster on loopback: the toy world's base stage for a
 few steps, then the pruning stage on 2 DeepSpeed workers, evaluation and MLflow, both jobs SUCCEEDED."""
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
-import subprocess
-import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from tests.jobs import ray_jobs
 
 
 def submit(head, *args: str, timeout: float = 600, script: str = "jobs/train.py") -> tuple[str, str]:
-    """``ray job submit -- python <script> *args``, then wait for the job to end: its final status and logs.
-
-    Waits by polling ``ray job status``: following the log stream (``submit`` without ``--no-wait``) can stop while
-    the job still runs, as seen once on this 2-core box under load."""
-    address, env, tmp = head.dashboard, head.env, head.tmp
-    ray_job = [str(BIN / "ray"), "job"]
-    job_id = f"train-{uuid.uuid4().hex[:8]}"
-    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}}
-    command = [
-        *ray_job,
-        "submit",
-        f"--address={address}",
-        f"--submission-id={job_id}",
-        "--no-wait",
-        f"--working-dir={REPO}",
-        f"--runtime-env-json={json.dumps(runtime_env)}",
-        "--",
-        "python",
-        script,
-        *args,
-    ]
-
-    def ray(*command: str) -> str:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-        return done.stdout + done.stderr
-
-    for _ in range(30):  # the job agent may come up a little after the dashboard
-        out = ray(*command)
-        if "No available agent to submit job" not in out:
-            break
-        time.sleep(5)
-    deadline, state = time.monotonic() + timeout, f"not ended after {timeout} s"
-    while time.monotonic() < deadline:  # an ended job's status reads "Job '<id>' succeeded" (or failed, stopped)
-        ended = re.search(
-            rf"Job '{job_id}' (succeeded|failed|stopped)", ray(*ray_job, "status", f"--address={address}", job_id)
-        )
-        if ended:
-            state = ended.group(1).upper()
-            break
-        time.sleep(5)
-    return state, out + ray(*ray_job, "logs", f"--address={address}", job_id)
+    return ray_jobs.run(head, *args, timeout=timeout, script=script)
 
 
 def common_args(tmp: Path) -> list[str]:

@@ -22,6 +22,7 @@ from lvpruning.presets import load_llava_config
 from pipelines.cluster import lost_nodes
 from pipelines.config import TOY, JobConfig, load_config
 from pipelines.instruct_data import build_instruct_dataset
+from pipelines.storage import join
 from pipelines.toy.base import ToyWorld, prepare_toy_world
 from pipelines.toy.model import toy_config
 from pipelines.tracking import RUN_NAME_TAG, latest_training_run, mlflow_run, resumable_run_id, tracking_uri
@@ -137,15 +138,15 @@ def run_training(
     with mlflow_run(cfg, f"{cfg.run.name}-{stage.name}", tags, params, resumable_run_id(cfg, uri)) as run:
         print(f"MLflow run {run.info.run_id} in experiment '{cfg.mlflow.experiment}' at {uri}")
         started_ms = int(time.time() * 1000)
+        pad_token_id = processor.tokenizer.pad_token_id
         try:
-            pad_token_id = processor.tokenizer.pad_token_id
             result = fit(cfg, dataset, inputs.model_path, pad_token_id, steps, uri, run.info.run_id, callbacks)
         except TrainingFailedError as error:
             lost = lost_nodes(started_ms)
             if lost:
                 raise RuntimeError(
                     f"training failed after losing {len(lost)} node(s): {'; '.join(lost)}. Its checkpoints are "
-                    f"kept under {cfg.run.storage_path}/{cfg.stage_run_name}: re-run with run.name={cfg.run.name} "
+                    f"kept under {join(cfg.run.storage_path, cfg.stage_run_name)}: re-run with run.name={cfg.run.name} "
                     "to resume from the last one"
                 ) from error
             raise

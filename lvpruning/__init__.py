@@ -15,7 +15,8 @@ Example::
 from lvpruning.checkpoint import load_decision_modules, save_decision_modules
 from lvpruning.config import PruningConfig, paper_schedule
 from lvpruning.decision import DecisionModule
-from lvpruning.engine import LVPruningModel, LVPruningOutput, attach, keep_count
+from lvpruning.engine import LVPruningModel, LVPruningOutput, attach
+from lvpruning.stage import keep_count
 
 __all__ = [
     "DecisionModule",

@@ -59,27 +59,45 @@ class LlavaLlamaAdapter:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.decoder.norm(hidden))
 
-    def query_attention(
-        self, layer_index: int, layer_input: torch.Tensor, position_ids: torch.Tensor, query: torch.Tensor
+    def attention_rows(
+        self,
+        layer_index: int,
+        layer_input: torch.Tensor,
+        position_ids: torch.Tensor,
+        padding: torch.Tensor,
+        queries: torch.Tensor,
     ) -> torch.Tensor:
-        """The head-averaged softmax attention that the token at ``query`` (B,) pays every earlier token in
-        decoder layer ``layer_index``, recomputed from the layer's input (B, N, C) -> (B, N). Padding comes
-        before the query under left padding and is excluded by the caller; later tokens get 0 (causal)."""
+        """The softmax attention (B, h, Q, N) that the tokens at ``queries`` (B, Q) pay every token in decoder layer
+        ``layer_index``, recomputed from the layer's input (B, N, C) with its own weights: only these Q rows, in
+        fp32. Keys that are padding (``padding`` (B, N) False) or later than the query (causal) get 0."""
         attn = self.layers[layer_index].self_attn
         h = self.layers[layer_index].input_layernorm(layer_input)
         B, N, _ = h.shape
-        q_in = h.gather(1, query[:, None, None].expand(-1, 1, h.shape[-1]))  # (B, 1, C)
-        q = attn.q_proj(q_in).view(B, 1, -1, attn.head_dim).transpose(1, 2)  # (B, h, 1, d)
+        Q = queries.shape[1]
+        at_queries = lambda t: t.gather(1, queries[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+        q = attn.q_proj(at_queries(h)).view(B, Q, -1, attn.head_dim).transpose(1, 2)  # (B, h, Q, d)
         k = attn.k_proj(h).view(B, N, -1, attn.head_dim).transpose(1, 2)  # (B, h_kv, N, d)
         cos, sin = self.rotary(h, position_ids)  # (B, N, d)
-        q_cos, q_sin = (t.gather(1, query[:, None, None].expand(-1, 1, t.shape[-1])) for t in (cos, sin))
-        q, _ = apply_rotary_pos_emb(q, q, q_cos, q_sin)
+        q, _ = apply_rotary_pos_emb(q, q, at_queries(cos), at_queries(sin))
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, h, N, d)
-        scores = (q @ k.transpose(2, 3)).float().squeeze(2) * attn.scaling  # (B, h, N)
-        later = torch.arange(N, device=h.device)[None, :] > query[:, None]  # (B, N)
-        scores = scores.masked_fill(later[:, None, :], float("-inf"))
-        return scores.softmax(dim=-1).mean(dim=1)
+        scores = (q @ k.transpose(2, 3)).float() * attn.scaling  # (B, h, Q, N)
+        later = torch.arange(N, device=h.device)[None, None, :] > queries[..., None]  # (B, Q, N)
+        hidden = later | ~padding[:, None, :]
+        scores = scores.masked_fill(hidden[:, None], float("-inf"))
+        return torch.nan_to_num(scores.softmax(dim=-1))  # a padding query sees no key: a row of 0
+
+    def recorded_layer(self, layer_index: int, hidden: torch.Tensor, **kwargs) -> tuple[torch.Tensor, dict]:
+        """Decoder layer ``layer_index`` run sub-block by sub-block (as ``LlamaDecoderLayer.forward``), returning its
+        output and the sub-blocks' normed inputs and outputs: ``attn_in``, ``attn_out``, ``mlp_in``, ``mlp_out``."""
+        layer = self.layers[layer_index]
+        attn_in = layer.input_layernorm(hidden)
+        attn_out, _ = layer.self_attn(hidden_states=attn_in, **kwargs)
+        hidden = hidden + attn_out
+        mlp_in = layer.post_attention_layernorm(hidden)
+        mlp_out = layer.mlp(mlp_in)
+        parts = {"attn_in": attn_in, "attn_out": attn_out, "mlp_in": mlp_in, "mlp_out": mlp_out}
+        return hidden + mlp_out, parts
 
     def attention_mask(self, padding: torch.Tensor, q_length: int, dtype: torch.dtype):
         """A causal + padding mask for the last ``q_length`` of the ``padding.shape[1]`` keys, in the format of
@@ -121,3 +139,13 @@ def get_adapter(model: nn.Module) -> LlavaLlamaAdapter:
         f"LVPruning has no adapter for {type(model).__name__}; supported: LlavaForConditionalGeneration with a "
         f"Llama-family decoder (e.g. llava-hf/llava-1.5-7b-hf)"
     )
+
+
+def attention_rows_flops(text_config: PreTrainedConfig, num_queries: int, num_keys: int) -> int:
+    """Matmul FLOPs of :meth:`LlavaLlamaAdapter.attention_rows`: W_q on the queries, W_k on every key (GQA-aware),
+    and Q K^T for every query head."""
+    hidden, heads = text_config.hidden_size, text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None) or hidden // heads
+    projections = 2 * num_queries * hidden * heads * head_dim + 2 * num_keys * hidden * kv_heads * head_dim
+    return projections + 2 * num_queries * num_keys * heads * head_dim

@@ -34,6 +34,21 @@ def _check_ratios(name: str, ratios: tuple[float, ...], num_stages: int) -> None
         )
 
 
+def check_schedule(layers: tuple[int, ...], ratios: tuple[float, ...], num_layers: int) -> None:
+    """Fail with a clear message unless ``ratios`` (one per stage, non-increasing, in (0, 1]) prune after the strictly
+    increasing zero-based ``layers`` of a ``num_layers``-layer decoder, each followed by at least one layer."""
+    if not layers or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
+        raise ValueError(f"pruning layers {list(layers)}: give one or more non-negative integers")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"pruning layers {list(layers)} must be strictly increasing")
+    if layers[-1] >= num_layers - 1:
+        raise ValueError(
+            f"pruning layers {list(layers)} must be below {num_layers - 1}: the model has {num_layers} decoder "
+            "layers and a stage needs at least one layer after it"
+        )
+    _check_ratios("infer_ratios", tuple(ratios), len(layers))
+
+
 @dataclass(frozen=True)
 class PruningConfig:
     """LVPruning hyperparameters (paper section 3 and 4.1).

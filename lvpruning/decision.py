@@ -80,6 +80,16 @@ class DecisionModule(nn.Module):
         return self.score(x)
 
 
+def decide(
+    module: DecisionModule, hidden: torch.Tensor, text_pos: torch.Tensor, vision_pos: torch.Tensor, text_mask
+) -> torch.Tensor:
+    """Run ``module`` on a decoder layer's output ``hidden`` (B, N, C): the vision tokens at ``vision_pos`` (B, V)
+    against the text tokens at ``text_pos`` (B, T) where ``text_mask`` (B, T) is True -> gamma (B, V, 2)."""
+    dtype = module.score.weight.dtype
+    take = lambda index: hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])).to(dtype)  # noqa: E731
+    return module(take(vision_pos), take(text_pos), text_mask)
+
+
 def keep_scores(gamma: torch.Tensor) -> torch.Tensor:
     """The keep probability ``softmax(gamma)[..., 0]`` used to rank tokens at inference (eq. 13)."""
     return gamma.float().softmax(dim=-1)[..., 0]

@@ -16,8 +16,8 @@ Conventions:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,11 @@ from transformers.utils import ModelOutput
 
 from lvpruning.adapters import boolean_causal_mask, get_adapter
 from lvpruning.attention import ATTN_IMPLEMENTATION, attention_implementation
-from lvpruning.config import PruningConfig
-from lvpruning.decision import DecisionModule, gumbel_decisions
+from lvpruning.config import PruningConfig, check_schedule
+from lvpruning.decision import DecisionModule, decide, gumbel_decisions
+from lvpruning.generation import generate
 from lvpruning.policies import LearnedPolicy, PruningPolicy
+from lvpruning.stage import LayerRecord, StageInput, TokenSequence, keep_count, split_tokens
 
 
 @dataclass
@@ -59,43 +61,7 @@ class PrunedCache(DynamicCache):
 
     paddings: list[torch.Tensor]  # per segment, (B, cached length) bool
     position_ids: torch.Tensor  # (B, 1), the last original position seen
-
-
-@dataclass
-class _Sequence:
-    """The tokens of one segment (the layers between two stages), gathered from the original sequence."""
-
-    hidden: torch.Tensor  # (B, N, C)
-    index: torch.Tensor  # (B, N) original positions
-    padding: torch.Tensor  # (B, N) bool, True on real tokens
-    position_ids: torch.Tensor  # (B, N)
-    vision: torch.Tensor  # (B, N) bool
-    instruction: torch.Tensor  # (B, N) bool
-
-    def select(self, index: torch.Tensor) -> _Sequence:
-        """Keep the positions ``index`` (B, N') of this sequence, in order."""
-        take = lambda t: t.gather(1, index)  # noqa: E731
-        hidden = self.hidden.gather(1, index[..., None].expand(-1, -1, self.hidden.shape[-1]))
-        fields = (self.index, self.padding, self.position_ids, self.vision, self.instruction)
-        return _Sequence(hidden, *map(take, fields))
-
-
-def keep_count(ratio: float, num_vision: int) -> int:
-    """Vision tokens kept at a stage with keep ratio ``ratio`` (rounded down, at least one)."""
-    return max(1, math.floor(ratio * num_vision + 1e-6))
-
-
-def split_tokens(vision: torch.Tensor, num_vision: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions of the text tokens (B, N - V) and of the vision tokens (B, V), each in sequence order.
-
-    A stable sort of the vision mask keeps shapes static (no ``nonzero``), so this also runs on ``meta``."""
-    order = torch.argsort(vision.to(torch.int8), dim=1, stable=True)
-    split = vision.shape[1] - num_vision
-    return order[:, :split], order[:, split:]
-
-
-def gather_tokens(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, len(index), C)
+    stage_layers: tuple[int, ...]  # the layers a segment ends after
 
 
 class LVPruningModel(nn.Module):
@@ -165,18 +131,8 @@ class LVPruningModel(nn.Module):
             if not bool((instruction_mask & ~vision).any(1).all()):
                 raise ValueError("every sample needs at least one instruction token to guide the pruning")
         index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        seq = _Sequence(embeds, index, padding, position_ids, vision, instruction_mask & ~vision)
+        seq = TokenSequence(embeds, index, padding, position_ids, vision, instruction_mask & ~vision)
         return seq, num_vision
-
-    def decision_gamma(self, stage: int, seq: _Sequence, text_pos, vision_pos) -> torch.Tensor:
-        """Run the stage's decision module (eqs. 1-4): gamma (B, V, 2) for the vision tokens at ``vision_pos``."""
-        module = self.decision_modules[stage]
-        dtype = module.score.weight.dtype
-        return module(
-            gather_tokens(seq.hidden, vision_pos).to(dtype),  # (B, V, C)
-            gather_tokens(seq.hidden, text_pos).to(dtype),  # (B, T, C)
-            seq.instruction.gather(1, text_pos),  # (B, T)
-        )
 
     # ------------------------------------------------------------------ forward
 
@@ -189,30 +145,47 @@ class LVPruningModel(nn.Module):
         instruction_mask: torch.Tensor | None = None,
         keep_ratios: tuple[float, ...] | None = None,
         policy: PruningPolicy | None = None,
+        layers: tuple[int, ...] | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
     ) -> LVPruningOutput:
         """Training mode when ``self.training`` (the inference-only arguments are unused), inference mode
-        otherwise, where ``policy`` ranks the vision tokens (default: the learned decision modules).
+        otherwise, where ``policy`` ranks the vision tokens (default: the learned decision modules) at the stages
+        after ``layers`` (default: the decision modules' ``config.layers``), keeping ``keep_ratios`` (default:
+        ``config.infer_ratios``) of the original vision tokens.
 
         input_ids/attention_mask/labels: (B, N) with the image placeholders already expanded (as the llava-hf
         processor does); pixel_values: (B, 3, H, W); instruction_mask: (B, N) bool, the tokens that guide pruning.
         """
         if self.training:
             return self._forward_train(input_ids, pixel_values, attention_mask, labels, instruction_mask)
-        ratios = self.config.check_ratios(keep_ratios) if keep_ratios is not None else self.config.infer_ratios
-        policy = policy or LearnedPolicy()
+        policy = policy or LearnedPolicy(self.decision_modules)
+        layers, ratios = self.schedule(policy, layers, keep_ratios)
         return self._forward_infer(
             input_ids,
             pixel_values,
             attention_mask,
             labels,
             instruction_mask,
+            layers,
             ratios,
             policy,
             use_cache,
             logits_to_keep,
         )
+
+    def schedule(
+        self, policy: PruningPolicy, layers: tuple[int, ...] | None, keep_ratios: tuple[float, ...] | None
+    ) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """The checked (layers, keep ratios) of an inference call; the learned policy only at ``config.layers``."""
+        layers = self.config.layers if layers is None else tuple(layers)
+        ratios = self.config.infer_ratios if keep_ratios is None else tuple(keep_ratios)
+        if isinstance(policy, LearnedPolicy) and layers != self.config.layers:
+            raise ValueError(
+                f"the decision modules sit after layers {list(self.config.layers)}; they cannot prune at {list(layers)}"
+            )
+        check_schedule(layers, ratios, self.adapter.text_config.num_hidden_layers)
+        return layers, ratios
 
     def _forward_train(self, input_ids, pixel_values, attention_mask, labels, instruction_mask) -> LVPruningOutput:
         cfg = self.config
@@ -252,7 +225,8 @@ class LVPruningModel(nn.Module):
                     seq.hidden = masked_layer(layers[i], seq.hidden, token_keep)
             if i in cfg.layers:
                 text_pos, vision_pos = split_tokens(seq.vision, num_vision)
-                gamma = self.decision_gamma(cfg.layers.index(i), seq, text_pos, vision_pos)
+                module = self.decision_modules[cfg.layers.index(i)]
+                gamma = decide(module, seq.hidden, text_pos, vision_pos, seq.instruction.gather(1, text_pos))
                 keep = keep * gumbel_decisions(gamma, cfg.gumbel_tau)  # eqs. 5, 6, 10
                 fractions.append(keep.mean(dim=1))
                 token_keep = torch.ones(B, N, device=keep.device).scatter(1, vision_pos, keep)
@@ -284,33 +258,61 @@ class LVPruningModel(nn.Module):
         attention_mask,
         labels,
         instruction_mask,
+        layers,
         ratios,
         policy,
         use_cache,
         logits_to_keep,
     ) -> LVPruningOutput:
         seq, num_vision = self._prepare(input_ids, pixel_values, attention_mask, None, instruction_mask)
+        B, N0 = input_ids.shape
         cache = PrunedCache(config=self.adapter.text_config) if use_cache else None
         rope = self.adapter.rotary(seq.hidden, seq.position_ids)
         mask = self.adapter.attention_mask(seq.padding, seq.padding.shape[1], seq.hidden.dtype)
         kept_vision, fractions, paddings = [], [], [seq.padding]
-        vision_seen = torch.arange(num_vision, device=input_ids.device).expand(input_ids.shape[0], -1)
+        vision_seen = torch.arange(num_vision, device=input_ids.device).expand(B, -1)  # (B, V) indices into Nv
+        recorded, records = set(policy.recorded_layers(layers)), {}
         for i, layer in enumerate(self.adapter.layers):
             layer_input = seq.hidden
-            seq.hidden = layer(
-                layer_input,
-                attention_mask=mask,
-                position_embeddings=rope,
-                position_ids=seq.position_ids,
-                cache=cache,
-                use_cache=use_cache,
-            )
-            if i not in self.config.layers:
+            kwargs = {"attention_mask": mask, "position_embeddings": rope, "position_ids": seq.position_ids}
+            kwargs |= {"cache": cache, "use_cache": use_cache}
+            if i in recorded:
+                seq.hidden, parts = self.adapter.recorded_layer(i, layer_input, **kwargs)
+                values = policy.observe(
+                    LayerRecord(i, **parts, padding=seq.padding, vision=seq.vision, instruction=seq.instruction)
+                )  # (B, N)
+                records[i] = values.new_zeros(B, N0).scatter(1, seq.index, values)  # by original position
+            else:
+                seq.hidden = layer(layer_input, **kwargs)
+            if i not in layers:
                 continue
-            stage = self.config.layers.index(i)
             text_pos, vision_pos = split_tokens(seq.vision, vision_seen.shape[1])
-            scores = policy.scores(self, stage, seq, layer_input, text_pos, vision_pos)  # (B, V)
-            k = keep_count(ratios[stage], num_vision)
+            current = seq  # the stage's tokens, for the attention rows below (seq is replaced after pruning)
+            stage = StageInput(
+                stage=layers.index(i),
+                layer=i,
+                hidden_in=layer_input,
+                hidden_out=seq.hidden,
+                text_pos=text_pos,
+                vision_pos=vision_pos,
+                vision_index=vision_seen,
+                num_vision=num_vision,
+                token_index=seq.index,
+                instruction=seq.instruction,
+                padding=seq.padding,
+                position_ids=seq.position_ids,
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                records=MappingProxyType(records),
+                attention=lambda queries, i=i, x=layer_input, s=current: self.adapter.attention_rows(
+                    i, x, s.position_ids, s.padding, queries
+                ),
+                next_attention=lambda queries, i=i, s=current: self.adapter.attention_rows(
+                    i + 1, s.hidden, s.position_ids, s.padding, queries
+                ),
+            )
+            scores = policy.scores(stage)  # (B, V)
+            k = keep_count(ratios[stage.stage], num_vision)
             top = scores.topk(k, dim=1).indices.sort(dim=1).values  # eq. 13, (B, k)
             keep_pos = torch.cat([text_pos, vision_pos.gather(1, top)], dim=1).sort(dim=1).values
             seq = seq.select(keep_pos)  # remove the pruned tokens, keep original positions (eq. 14)
@@ -326,7 +328,7 @@ class LVPruningModel(nn.Module):
         if labels is not None:
             loss = causal_lm_loss(logits, labels.gather(1, seq.index[:, -logits.shape[1] :]))
         if cache is not None:
-            cache.paddings, cache.position_ids = paddings, seq.position_ids[:, -1:]
+            cache.paddings, cache.position_ids, cache.stage_layers = paddings, seq.position_ids[:, -1:], layers
         return LVPruningOutput(
             loss=loss,
             logits=logits,
@@ -360,14 +362,12 @@ class LVPruningModel(nn.Module):
                 cache=cache,
                 use_cache=True,
             )
-            segment += i in self.config.layers
+            segment += i in cache.stage_layers
         return self.adapter.logits(hidden)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
         """Pruned generation; see :func:`lvpruning.generation.generate` for the arguments."""
-        from lvpruning.generation import generate
-
         return generate(self, input_ids, pixel_values, **kwargs)
 
 

@@ -24,9 +24,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedConfig
 
-from lvpruning.config import PruningConfig, paper_schedule
-from lvpruning.engine import attach, keep_count
+from lvpruning.config import PruningConfig, check_schedule, paper_schedule
+from lvpruning.engine import attach
+from lvpruning.policies import POLICIES, get_policy
 from lvpruning.presets import load_llava_config
+from lvpruning.stage import StageShape, keep_count
 
 TOLERANCE = 0.02  # analytic and measured counts must agree within 2%
 LogitPositions = Literal["all", "last"]
@@ -120,8 +122,12 @@ def vision_and_projector_flops(config: LlavaConfig) -> tuple[dict[str, int], int
 
 @dataclass(frozen=True)
 class FlopsReport:
-    """Analytic FLOPs (not TFLOPs) of one prefill, baseline and with LVPruning."""
+    """Analytic FLOPs (not TFLOPs) of one prefill, baseline and pruned by ``method``. The method's own overhead is
+    the part ``decision`` (LVPruning's decision modules) or ``policy`` (a training-free method's recomputed
+    attention rows and arithmetic); ``decision_per_stage`` holds it per stage (recorded layers go to the next stage).
+    """
 
+    method: str
     num_vision_tokens: int
     num_text_tokens: int
     decision_layers: tuple[int, ...]
@@ -129,7 +135,7 @@ class FlopsReport:
     kept_vision_tokens: tuple[int, ...]  # k_s after each stage
     tokens_per_layer: tuple[int, ...]  # sequence length each decoder layer sees with pruning
     baseline_parts: dict[str, int]
-    pruned_parts: dict[str, int]  # includes "decision"
+    pruned_parts: dict[str, int]  # includes "decision" or "policy"
     decision_per_stage: tuple[int, ...]
     vision_unused: int  # inside "vision_layers": tower layers past the feature layer (they run, feed nothing)
     lm_head_positions: LogitPositions
@@ -144,7 +150,8 @@ class FlopsReport:
 
     @property
     def decision(self) -> int:
-        return self.pruned_parts["decision"]
+        """The method's own overhead (decision modules or policy)."""
+        return self.pruned_parts.get("decision", 0) + self.pruned_parts.get("policy", 0)
 
     @property
     def pruned_without_decision(self) -> int:
@@ -164,6 +171,7 @@ class FlopsReport:
         n_text = self.num_text_tokens
         vision = [self.num_vision_tokens, *self.kept_vision_tokens]
         return {
+            "method": self.method,
             "baseline_tflops": self.baseline / _TERA,
             "pruned_tflops": self.pruned / _TERA,
             "decision_tflops": self.decision / _TERA,
@@ -192,22 +200,32 @@ def analytic_flops(
     keep_ratios: Sequence[float] | None = None,
     num_text_tokens: int = 30,
     lm_head_positions: LogitPositions = "all",
+    method: str = "lvpruning",
+    layers: Sequence[int] | None = None,
 ) -> FlopsReport:
-    """Count one prefill of 1 image + ``num_text_tokens`` text tokens, with and without LVPruning.
+    """Count one prefill of 1 image + ``num_text_tokens`` text tokens, unpruned and pruned by ``method`` (a name in
+    ``lvpruning.policies.POLICIES``) after ``layers`` (default ``pruning.layers``; LVPruning only there) keeping
+    ``keep_ratios`` (default ``pruning.infer_ratios``). ``pruning`` also gives the decision modules' shape.
 
     ``lm_head_positions="all"``: logits at every position of the final sequence, as HF's forward computes by
     default (``logits_to_keep=0``); ``"last"``: only the last one, as ``generate()`` requests in the prefill.
     """
     text = config.text_config
-    ratios = pruning.check_ratios(keep_ratios if keep_ratios is not None else pruning.infer_ratios)
+    if method not in POLICIES:
+        raise ValueError(f"unknown method {method!r}; choose from {list(POLICIES)}")
+    layers = pruning.layers if layers is None else tuple(layers)
+    ratios = tuple(keep_ratios if keep_ratios is not None else pruning.infer_ratios)
+    check_schedule(layers, ratios, text.num_hidden_layers)
     pruning.check_model(text.num_hidden_layers, text.hidden_size)
+    if method == "lvpruning" and layers != pruning.layers:
+        raise ValueError(f"LVPruning's decision modules sit after layers {list(pruning.layers)}, not {list(layers)}")
     if num_text_tokens < 1:
         raise ValueError(f"num_text_tokens must be at least 1 (the decision keys), got {num_text_tokens}")
     if lm_head_positions not in ("all", "last"):
         raise ValueError(f"lm_head_positions must be 'all' or 'last', got {lm_head_positions!r}")
     n_vis, n_text = num_vision_tokens(config), num_text_tokens
     kept = tuple(keep_count(r, n_vis) for r in ratios)  # k_s of eq. 13, fractions of the ORIGINAL |I_V|
-    per_layer = tokens_per_layer(text.num_hidden_layers, pruning.layers, kept, n_vis, n_text)
+    per_layer = tokens_per_layer(text.num_hidden_layers, layers, kept, n_vis, n_text)
     front, unused = vision_and_projector_flops(config)
 
     def llm_parts(counts: Sequence[int]) -> dict[str, int]:
@@ -219,19 +237,34 @@ def analytic_flops(
         parts["lm_head"] = 2 * positions * text.hidden_size * text.vocab_size
         return parts
 
-    # Stage s scores the vision tokens still kept (|I_V| at the first stage, then k_{s-1}) against the text.
-    shape = (pruning.num_blocks, pruning.ffn_dim, pruning.decision_dim)
-    decision = tuple(decision_module_flops(text.hidden_size, q, n_text, *shape) for q in (n_vis, *kept[:-1]))
+    if method == "lvpruning":  # stage s scores the vision tokens still kept (|I_V|, then k_{s-1}) against the text
+        shape = (pruning.num_blocks, pruning.ffn_dim, pruning.decision_dim)
+        overhead = [decision_module_flops(text.hidden_size, q, n_text, *shape) for q in (n_vis, *kept[:-1])]
+    else:
+        policy = POLICIES[method]()
+
+        def at(layer: int) -> StageShape:
+            stage = next(s for s, after in enumerate(layers) if layer <= after)
+            return StageShape(stage, layer, per_layer[layer], per_layer[layer] - n_text, n_text)
+
+        overhead = [policy.overhead_flops(text, at(layer)) for layer in layers]
+        for layer in policy.recorded_layers(layers):
+            overhead[at(layer).stage] += policy.record_flops(text, at(layer))
     return FlopsReport(
+        method=method,
         num_vision_tokens=n_vis,
         num_text_tokens=n_text,
-        decision_layers=pruning.layers,
+        decision_layers=layers,
         keep_ratios=ratios,
         kept_vision_tokens=kept,
         tokens_per_layer=per_layer,
         baseline_parts={**front, **llm_parts([n_vis + n_text] * text.num_hidden_layers)},
-        pruned_parts={**front, **llm_parts(per_layer), "decision": sum(decision)},
-        decision_per_stage=decision,
+        pruned_parts={
+            **front,
+            **llm_parts(per_layer),
+            "decision" if method == "lvpruning" else "policy": sum(overhead),
+        },
+        decision_per_stage=tuple(overhead),
         vision_unused=unused,
         lm_head_positions=lm_head_positions,
     )
@@ -299,15 +332,20 @@ def measure_flops(
     num_text_tokens: int = 30,
     lm_head_positions: LogitPositions = "all",
     device: str = "meta",
+    method: str = "lvpruning",
+    layers: Sequence[int] | None = None,
 ) -> int:
     """FlopCounterMode's count of one prefill on the dummy input: the plain HF forward when ``pruning`` is
-    None, else ``attach(model, pruning)`` in eval mode (tokens physically removed) with ``keep_ratios``."""
+    None, else ``attach(model, pruning)`` in eval mode (tokens physically removed), pruned by ``method`` after
+    ``layers`` (default ``pruning.layers``) with ``keep_ratios``."""
     module: nn.Module = build_model(config, device)
     kwargs: dict[str, Any] = {"logits_to_keep": 1 if lm_head_positions == "last" else 0}
     if pruning is not None:
         with torch.device(device):  # the decision modules are created on the model's device
             module = attach(module, pruning).eval()
         kwargs["keep_ratios"] = tuple(keep_ratios if keep_ratios is not None else pruning.infer_ratios)
+        kwargs["policy"] = get_policy(method, decision_modules=module.decision_modules)
+        kwargs["layers"] = tuple(layers) if layers is not None else pruning.layers
     return count_flops(module, dummy_inputs(config, num_text_tokens, device), **kwargs)
 
 
@@ -323,10 +361,11 @@ def _parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--model", default="llava-1.5-7b", help="preset, HF model id or local path (config only)")
     add("--text-tokens", type=int, default=30, help="text tokens beside the image (paper: 30)")
-    add("--layers", type=int, nargs="+", default=[1, 8, 16], help="zero-based decoder layers")
+    add("--method", choices=list(POLICIES), default="lvpruning", help="pruning method (default: LVPruning)")
+    add("--layers", type=int, nargs="+", help="zero-based decoder layers (default: the method's published ones)")
     schedule = parser.add_mutually_exclusive_group()
     schedule.add_argument("--ratios", type=float, nargs="+", help="keep ratio per stage (of |I_V|)")
-    schedule.add_argument("--rho", type=float, help="paper schedule [rho, rho-0.2, rho-0.4]; default 0.5")
+    schedule.add_argument("--rho", type=float, help="paper schedule [rho, rho-0.2, rho-0.4] (default: published)")
     add("--decision-blocks", type=int, default=2, help="cross-attention blocks per module")
     add("--decision-heads", type=int, default=8, help="heads per cross-attention block")
     add("--decision-ffn", type=int, default=None, help="decision FFN width (default twice the module's width)")
@@ -342,7 +381,7 @@ def _table(name: str, report: FlopsReport, result: dict[str, Any]) -> str:
     lines = [
         f"{name}: 1 image ({report.num_vision_tokens} vision tokens) + {report.num_text_tokens} text tokens, "
         f"prefill, matmuls only (2 FLOPs per multiply-add), logits at {report.lm_head_positions} positions",
-        f"decision modules after layers {list(report.decision_layers)}, "
+        f"{report.method} after layers {list(report.decision_layers)}, "
         f"keep ratios {list(report.keep_ratios)}: vision tokens {vision}",
         "",
         f"{'part':<22}{'baseline TFLOPs':>17}{'pruned TFLOPs':>15}",
@@ -351,7 +390,7 @@ def _table(name: str, report: FlopsReport, result: dict[str, Any]) -> str:
         lines.append(f"{part:<22}{report.baseline_parts.get(part, 0) / _TERA:>17.4f}{value / _TERA:>15.4f}")
     lines += [
         f"{'total':<22}{report.baseline / _TERA:>17.4f}{report.pruned / _TERA:>15.4f}",
-        f"reduction {report.reduction:.1%} (without the decision modules "
+        f"reduction {report.reduction:.1%} (without the method's overhead "
         f"{report.reduction_without_decision:.1%}); unused vision layers {report.vision_unused / _TERA:.4f}",
     ]
     for kind in ("baseline", "pruned"):
@@ -368,10 +407,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_llava_config(args.model)
-        rho = 0.5 if args.rho is None else args.rho
-        ratios = tuple(args.ratios) if args.ratios else paper_schedule(rho, num_stages=len(args.layers))
+        published = POLICIES[args.method].published.on(config.text_config.num_hidden_layers)
+        layers = tuple(args.layers) if args.layers else published.layers
+        if args.ratios:
+            ratios = tuple(args.ratios)
+        elif args.rho is not None:
+            ratios = paper_schedule(args.rho, num_stages=len(layers))
+        else:
+            ratios = published.ratios if layers == published.layers else paper_schedule(0.5, len(layers))
         pruning = PruningConfig(
-            layers=tuple(args.layers),
+            layers=layers,
             train_ratios=ratios,
             infer_ratios=ratios,
             num_blocks=args.decision_blocks,
@@ -379,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ffn_dim=args.decision_ffn,
             decision_dim=args.decision_dim,
         )
-        report = analytic_flops(config, pruning, ratios, args.text_tokens, args.logits)
+        report = analytic_flops(config, pruning, ratios, args.text_tokens, args.logits, args.method)
     except ValueError as err:
         parser.error(str(err))
     result = report.to_dict()
@@ -387,7 +432,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_measure:
         measured["baseline"] = measure_flops(config, None, None, args.text_tokens, args.logits)
         try:
-            measured["pruned"] = measure_flops(config, pruning, ratios, args.text_tokens, args.logits)
+            measured["pruned"] = measure_flops(
+                config, pruning, ratios, args.text_tokens, args.logits, method=args.method
+            )
         except (RuntimeError, NotImplementedError) as err:  # a data-dependent op the meta device cannot run
             result["measured_pruned_error"] = f"{type(err).__name__}: {err}"
     for kind, value in measured.items():

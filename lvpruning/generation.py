@@ -6,9 +6,8 @@ Hugging Face ``generate``. Sampling uses transformers' own logits warpers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
+from torch import nn
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -16,12 +15,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-if TYPE_CHECKING:
-    from lvpruning.engine import LVPruningModel
-    from lvpruning.policies import PruningPolicy
+from lvpruning.policies import PruningPolicy
 
 
-def _eos_ids(pruner: LVPruningModel, eos_token_id: int | list[int] | None) -> torch.Tensor:
+def _eos_ids(pruner: nn.Module, eos_token_id: int | list[int] | None) -> torch.Tensor:
     if eos_token_id is None:
         eos_token_id = pruner.model.generation_config.eos_token_id
         if eos_token_id is None:
@@ -32,12 +29,13 @@ def _eos_ids(pruner: LVPruningModel, eos_token_id: int | list[int] | None) -> to
 
 @torch.no_grad()
 def generate(
-    pruner: LVPruningModel,
+    pruner: nn.Module,
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     keep_ratios: tuple[float, ...] | None = None,
     policy: PruningPolicy | None = None,
+    layers: tuple[int, ...] | None = None,
     max_new_tokens: int = 32,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -46,8 +44,10 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
 ) -> torch.Tensor:
-    """Greedy (default) or sampled decoding. Returns (B, N + new) token ids: the prompt followed by the new
-    tokens; a sample that finished early is filled with ``pad_token_id``, like Hugging Face ``generate``."""
+    """Greedy (default) or sampled decoding with an :class:`~lvpruning.engine.LVPruningModel` ``pruner``, pruning
+    with ``policy`` after ``layers`` at ``keep_ratios`` (its forward's defaults). Returns (B, N + new) token ids: the
+    prompt followed by the new tokens; a sample that finished early is filled with ``pad_token_id``, like Hugging
+    Face ``generate``."""
     if pruner.training:
         raise RuntimeError("generate() runs in inference mode: call .eval() first")
     if max_new_tokens < 1:
@@ -74,6 +74,7 @@ def generate(
         attention_mask=attention_mask,
         keep_ratios=keep_ratios,
         policy=policy,
+        layers=layers,
         use_cache=True,
         logits_to_keep=1,
     )

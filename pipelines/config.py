@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lvpruning import PruningConfig
+from lvpruning.policies import POLICIES
 from pipelines.stages import STAGES, Stage
 from pipelines.toy.scenes import SceneSpec
 
@@ -116,7 +117,7 @@ class BenchmarkData(_Strict):
     annotations: str | None = None  # the benchmark's ground truth where it has its own (local)
 
 
-EVAL_METHODS = ("none", "lvpruning", "random", "fastv")
+EVAL_METHODS = ("none", *POLICIES)  # none: the unpruned model
 
 
 class EvalSection(_Strict):
@@ -233,7 +234,8 @@ class Baselines(_Strict):
     def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         unknown = sorted(set(value) - set(EVAL_METHODS) | ({"lvpruning"} & set(value)))
         if unknown:
-            raise ValueError(f"{unknown} are not training-free methods; choose from {list(EVAL_METHODS[2:])}, none")
+            free = [m for m in EVAL_METHODS if m != "lvpruning"]
+            raise ValueError(f"{unknown} are not training-free methods; choose from {free}")
         return value
 
     @model_validator(mode="after")

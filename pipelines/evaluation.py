@@ -6,8 +6,8 @@ Metrics of a setting (MLflow names):
 - ``accuracy/<benchmark>``: the scorer's headline score in percent; ``accuracy/<benchmark>/<category>`` where the
   scorer splits it by question type (the toy world); ``accuracy/mean`` over the benchmarks.
 - ``tflops``: the analytic prefill TFLOPs (``lvpruning.flops``) in the paper's convention, 1 image + 30 text
-  tokens: the base model for ``none``, with the decision modules for ``lvpruning``, without them for ``random``
-  and ``fastv`` (they only rank tokens; FastV's one recomputed attention row is not counted).
+  tokens: the base model for ``none``; for a pruning method with its own overhead counted (LVPruning's decision
+  modules, the training-free methods' recomputed attention rows and arithmetic).
 - ``latency/prefill_ms``, ``latency/e2e_ms`` and their ``_iqr`` spreads: every setting of one evaluation timed in
   one process on the first benchmark's first requests (``pipelines.latency``), before any answering;
   ``unanswered/<benchmark>``: questions with no usable image.
@@ -93,8 +93,10 @@ def setting_tflops(llava_config: Any, pruning: PruningConfig | None, setting: Se
         return analytic_flops(llava_config, one_stage, num_text_tokens=PAPER_TEXT_TOKENS).baseline / 1e12
     if pruning is None:
         raise ValueError(f"method {setting.method!r}: the FLOPs count needs the pruning stages (ModelSpec.pruning)")
-    report = analytic_flops(llava_config, pruning, setting.keep_ratios, PAPER_TEXT_TOKENS)
-    return (report.pruned if setting.method == "lvpruning" else report.pruned_without_decision) / 1e12
+    report = analytic_flops(
+        llava_config, pruning, setting.keep_ratios, PAPER_TEXT_TOKENS, method=setting.method, layers=setting.layers
+    )
+    return report.pruned / 1e12
 
 
 def evaluate_setting(
@@ -134,7 +136,7 @@ def setting_params(model: ModelSpec, setting: Setting, benchmarks: Sequence[Benc
         return params
     params["infer_ratios"] = json.dumps(list(setting.keep_ratios or ()))
     if model.pruning is not None:
-        params["layers"] = json.dumps(list(model.pruning.layers))
+        params["layers"] = json.dumps(list(setting.layers or model.pruning.layers))
     if model.modules:
         params["modules"] = redact(model.modules)
     if setting.method == "lvpruning" and model.pruning is not None:

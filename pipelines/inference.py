@@ -33,14 +33,12 @@ import numpy as np
 import ray
 import torch
 
-from lvpruning import LVPruningModel
-from lvpruning.policies import get_policy
 from pipelines import storage
 from pipelines.benchmarks import SHORT_ANSWER, build_prompt, with_suffix
 from pipelines.conversation import TEMPLATES, RecordError
 from pipelines.conversation import build_prompt as conversation_prompt
 from pipelines.instruct_data import expand_to_square
-from pipelines.models import ModelSpec, Setting, load_model, timed_generate
+from pipelines.models import ModelSpec, Setting, load_model, setting_policy, timed_generate
 from pipelines.scoring import TOY
 from pipelines.scoring.common import index_questions
 
@@ -183,9 +181,7 @@ class Generator:
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.setting, self.tokenizer, self.max_new_tokens = setting, processor.tokenizer, max_new_tokens
         self.model = load_model(spec, setting.method, device)
-        self.policy = None if setting.method == "none" else get_policy(setting.method, setting.seed)
-        if isinstance(self.model, LVPruningModel):
-            self.model.config.check_ratios(setting.keep_ratios)
+        self.policy = setting_policy(self.model, setting)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n, ok = len(batch["index"]), [i for i, error in enumerate(batch["error"]) if not error]

@@ -26,11 +26,10 @@ import numpy as np
 import ray
 import torch
 
-from lvpruning.policies import get_policy
 from pipelines.conversation import TEMPLATES
 from pipelines.conversation import build_prompt as conversation_prompt
 from pipelines.inference import Preprocessor, question_text, read_questions
-from pipelines.models import ModelSpec, Setting, load_model, timed_generate, with_pruning
+from pipelines.models import ModelSpec, Setting, load_model, setting_policy, timed_generate, with_pruning
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +93,7 @@ def time_settings(
     base = load_model(spec, "none", device)
     pruning = [s for s in settings if s.method != "none"]
     pruner = with_pruning(base, spec, pruning[0].method) if pruning else None
-    for s in pruning:
-        pruner.config.check_ratios(s.keep_ratios)
-    policies = {s.name: None if s.method == "none" else get_policy(s.method, s.seed) for s in settings}
+    policies = {s.name: setting_policy(base if s.method == "none" else pruner, s) for s in settings}
     recorded: dict[str, dict[str, list[float]]] = {s.name: {k: [] for k in TIMES} for s in settings}
     for r in range(options.warmup + options.repeats):
         shift = r % len(settings)

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from lvpruning import LVPruningModel, PruningConfig, attach, load_decision_modules
+from lvpruning.policies import POLICIES, PruningPolicy, get_policy
 
-METHODS = ("none", "lvpruning", "random", "fastv")  # none: the plain Hugging Face model, no pruning
+METHODS = ("none", *POLICIES)  # none: the plain Hugging Face model, no pruning
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,13 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Setting:
-    """One inference setting: ``method`` in ``METHODS`` and, unless ``none``, a keep ratio per stage."""
+    """One inference setting: ``method`` in ``METHODS`` and, unless ``none``, a keep ratio per stage, after
+    ``layers`` (None: the model's ``pruning.layers``, where LVPruning's decision modules sit)."""
 
     method: str
     keep_ratios: tuple[float, ...] | None = None
     seed: int = 0  # the random policy's
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -49,16 +52,34 @@ class Setting:
         ratios = None if self.keep_ratios is None else tuple(float(r) for r in self.keep_ratios)
         if (self.method == "none") != (ratios is None) or ratios == ():
             raise ValueError(f"method {self.method!r}: keep_ratios, one per stage, for the pruning methods only")
+        if self.layers is not None and (ratios is None or len(self.layers) != len(ratios)):
+            raise ValueError(f"method {self.method!r}: layers {self.layers} need one keep ratio each, got {ratios}")
         object.__setattr__(self, "keep_ratios", ratios)
+        object.__setattr__(self, "layers", None if self.layers is None else tuple(int(i) for i in self.layers))
 
     @property
     def name(self) -> str:
-        """A file-system safe name, e.g. ``lvpruning_0.5-0.3-0.1``."""
-        return "none" if self.keep_ratios is None else f"{self.method}_{'-'.join(f'{r:g}' for r in self.keep_ratios)}"
+        """A file-system safe name, e.g. ``lvpruning_0.5-0.3-0.1``, or ``fastv_L1_0.5`` at its own layers."""
+        if self.keep_ratios is None:
+            return "none"
+        at = "" if self.layers is None else f"L{'-'.join(map(str, self.layers))}_"
+        return f"{self.method}_{at}{'-'.join(f'{r:g}' for r in self.keep_ratios)}"
 
     def metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"method": self.method, "keep_ratios": list(self.keep_ratios or ())}
+        if self.layers is not None:
+            meta["layers"] = list(self.layers)
         return meta | {"seed": self.seed} if self.method == "random" else meta
+
+
+def setting_policy(model: nn.Module, setting: Setting) -> PruningPolicy | None:
+    """The policy that ranks the tokens under ``setting`` on ``model`` (None for ``none``), its schedule checked
+    against the model (a bad setting fails before any answering)."""
+    if setting.method == "none":
+        return None
+    policy = get_policy(setting.method, setting.seed, decision_modules=model.decision_modules)
+    model.schedule(policy, setting.layers, setting.keep_ratios)
+    return policy
 
 
 def load_model(spec: ModelSpec, method: str, device: str | torch.device = "cpu") -> nn.Module:
@@ -122,7 +143,7 @@ def timed_generate(
     try:
         start = clock()
         if isinstance(model, LVPruningModel):
-            tokens = model.generate(**inputs, keep_ratios=setting.keep_ratios, policy=policy)
+            tokens = model.generate(**inputs, keep_ratios=setting.keep_ratios, policy=policy, layers=setting.layers)
         else:
             tokens = model.generate(**inputs, do_sample=False)
         end = clock()

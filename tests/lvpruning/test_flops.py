@@ -23,6 +23,7 @@ from lvpruning.flops import (
     num_vision_tokens,
     tokens_per_layer,
 )
+from lvpruning.policies import POLICIES
 from lvpruning.presets import PRESETS, llava_15_7b_config, llava_15_13b_config, load_llava_config
 from lvpruning.tiny import tiny_llava_config
 
@@ -172,3 +173,34 @@ def test_cli_rejects_bad_input(argv, message, capsys):
         main([*argv, "--no-measure"])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", [m for m in POLICIES if m != "lvpruning"])
+def test_each_method_analytic_matches_measured_with_its_overhead(method):
+    """A training-free method's recomputed attention rows and TTV arithmetic are counted as the part ``policy``."""
+    config = tiny_llava_config(num_kv_heads=2, num_layers=5)
+    pruning = pruning_config(layers=(0, 1, 2), ratios=(0.7, 0.35, 0.1), num_heads=4)
+    layers, ratios = (1, 2, 3), (0.75, 0.5, 0.25)
+    report = analytic_flops(config, pruning, ratios, 12, method=method, layers=layers)
+    assert report.method == method and "decision" not in report.pruned_parts
+    assert (report.pruned_parts["policy"] > 0) == (method != "random")
+    assert_close(measure_flops(config, pruning, ratios, 12, method=method, layers=layers), report.pruned)
+
+
+def test_fastv_overhead_by_hand():
+    """One recomputed row after layer 1 of 5: W_q on one token, W_k on every key, q k^T per head."""
+    config = tiny_llava_config(num_kv_heads=2, num_layers=5)  # hidden 64, 4 heads of 16, 2 KV heads
+    report = analytic_flops(config, pruning_config(layers=(1,), ratios=(0.5,)), method="fastv")
+    n = 64 + 30
+    assert report.pruned_parts["policy"] == 2 * 64 * 64 + 2 * n * 64 * 32 + 2 * n * 64
+
+
+@pytest.mark.parametrize("method", list(POLICIES))
+def test_each_method_at_its_published_7b_setting_on_meta(method, capsys):
+    assert main(["--method", method, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    published = POLICIES[method].published
+    assert out["method"] == method and out["keep_ratios"] == pytest.approx(list(published.ratios))
+    assert tuple(out["layers"]) == published.layers
+    assert abs(out["agreement"]["pruned"]) < TOLERANCE
+    assert out["pruned_tflops"] < out["baseline_tflops"]

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lvpruning.policies import get_policy
 from tests.lvpruning.conftest import generate_alone, make_batch, make_pruner
 
 RATIOS = (0.5, 0.3, 0.1)
 
 
-def reference_generate(pruner, batch, steps):
+def reference_generate(pruner, batch, steps, **prune):
     """Re-run the pruned forward on the whole growing sequence, without a cache, and take the argmax.
 
     The instruction tokens stay those of the prompt, since generation prunes once, in the prefill."""
@@ -23,6 +24,7 @@ def reference_generate(pruner, batch, steps):
             pixel_values=batch["pixel_values"],
             instruction_mask=instruction,
             keep_ratios=RATIOS,
+            **prune,
         )
         next_token = out.logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, next_token], 1)
@@ -38,6 +40,17 @@ def test_cached_generation_matches_full_recompute(seed):
     with torch.no_grad():
         expected = reference_generate(pruner, batch, steps=6)
     generated = pruner.generate(**batch, keep_ratios=RATIOS, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(generated, expected)
+
+
+@pytest.mark.parametrize("name", ["random", "fastv", "transprune", "adaptinfer", "star"])
+def test_cached_generation_matches_full_recompute_for_every_method(name):
+    pruner = make_pruner(5)
+    batch = make_batch([(3, 6), (1, 11)], seed=5)
+    policy = get_policy(name, seed=2)
+    with torch.no_grad():
+        expected = reference_generate(pruner, batch, steps=5, policy=policy)
+    generated = pruner.generate(**batch, keep_ratios=RATIOS, policy=policy, max_new_tokens=5, eos_token_id=[])
     assert torch.equal(generated, expected)
 
 

@@ -1,13 +1,18 @@
-"""Training-free policies through the same engine: FastV against eager attention maps, random is seeded."""
+"""Every policy through the same engine: FastV against eager attention maps, random seeded per sample, padding
+invariance, SDPA kept, and the sub-block recording of ``recorded_layer``. The other methods' formulas are checked
+in ``test_references.py``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import transformers.models.llama.modeling_llama as modeling_llama
 
-from lvpruning.engine import keep_count
-from lvpruning.policies import FastVPolicy, RandomPolicy, get_policy
-from tests.lvpruning.conftest import NUM_VISION, make_batch, make_pruner
+from lvpruning.policies import POLICIES, FastVPolicy, RandomPolicy, get_policy
+from lvpruning.stage import keep_count
+from tests.lvpruning.conftest import NUM_VISION, generate_alone, make_batch, make_pruner
+
+TRAINING_FREE = [name for name in POLICIES if name != "lvpruning"]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -33,8 +38,104 @@ def test_random_policy_is_seeded_and_differs_from_learned():
     with torch.no_grad():
         a = pruner(**batch, policy=RandomPolicy(3)).kept_vision
         b = pruner(**batch, policy=RandomPolicy(3)).kept_vision
-        c = pruner(**batch, policy=get_policy("lvpruning")).kept_vision
+        c = pruner(**batch, policy=get_policy("lvpruning", decision_modules=pruner.decision_modules)).kept_vision
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
     with pytest.raises(ValueError, match="unknown pruning policy"):
         get_policy("topk")
+    with pytest.raises(ValueError, match="decision_modules"):
+        get_policy("lvpruning")
+
+
+def test_random_policy_keeps_the_same_tokens_alone_and_in_any_batch():
+    """Issue 16: seeded per sample, so batch size and position do not change a sample's tokens."""
+    pruner = make_pruner()
+    batch = make_batch([(2, 4), (3, 6), (1, 9)], seed=5)
+    with torch.no_grad():
+        together = pruner(**batch, policy=RandomPolicy(7)).kept_vision
+        flipped = {k: v.flip(0) for k, v in batch.items()}
+        reversed_order = pruner(**flipped, policy=RandomPolicy(7)).kept_vision
+        for i in range(3):
+            keep = batch["attention_mask"][i].bool()
+            alone = {k: batch[k][i : i + 1, keep] for k in ("input_ids", "attention_mask")}
+            alone["pixel_values"] = batch["pixel_values"][i : i + 1]
+            single = pruner(**alone, policy=RandomPolicy(7)).kept_vision
+            for stage in range(3):
+                assert torch.equal(single[stage][0], together[stage][i])
+                assert torch.equal(reversed_order[stage][2 - i], together[stage][i])
+
+
+@pytest.mark.parametrize("name", TRAINING_FREE)
+def test_every_method_prunes_a_padded_batch_as_each_sample_alone(name):
+    pruner = make_pruner(layers=(0, 1, 2))
+    batch = make_batch([(2, 4), (3, 7)], seed=2)
+    policy = get_policy(name, seed=1)
+    with torch.no_grad():
+        together = pruner(**batch, policy=policy)
+        for i in range(2):
+            keep = batch["attention_mask"][i].bool()
+            alone = {k: batch[k][i : i + 1, keep] for k in ("input_ids", "attention_mask")}
+            alone["pixel_values"] = batch["pixel_values"][i : i + 1]
+            single = pruner(**alone, policy=policy)
+            for stage in range(3):
+                assert torch.equal(single.kept_vision[stage][0], together.kept_vision[stage][i])
+            torch.testing.assert_close(single.logits[0, -1], together.logits[i, -1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_every_method_generates_for_a_padded_batch_what_each_sample_generates_alone(name):
+    pruner = make_pruner(6, layers=(0, 1, 2))
+    batch = make_batch([(2, 8), (4, 3), (1, 1)], seed=6)
+    policy = get_policy(name, seed=3, decision_modules=pruner.decision_modules)
+    together = pruner.generate(**batch, policy=policy, max_new_tokens=4, eos_token_id=[])
+    for i in range(3):
+        alone = generate_alone(pruner, batch, i, policy=policy, max_new_tokens=4, eos_token_id=[])
+        assert torch.equal(together[i, -4:], alone[0, -4:])
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_every_method_keeps_sdpa_on(name, monkeypatch):
+    """No switch to eager: every decoder attention call goes through SDPA, in the prefill and in decoding."""
+    pruner = make_pruner(layers=(0, 1, 2))
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return sdpa(*args, **kwargs)
+
+    def no_eager(*args, **kwargs):
+        raise AssertionError("eager attention was called")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", no_eager)
+    batch = make_batch([(2, 4), (3, 6)], seed=1)
+    policy = get_policy(name, decision_modules=pruner.decision_modules)
+    pruner.generate(**batch, policy=policy, max_new_tokens=3, eos_token_id=[])
+    num_layers = pruner.adapter.text_config.num_hidden_layers
+    assert sum(shape[2] > 1 for shape in calls) >= num_layers  # the prefill's decoder layers (plus the ViT's)
+    assert sum(shape[2] == 1 for shape in calls) == 2 * num_layers  # two cached decoding steps
+    assert pruner.model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_recorded_layer_is_the_decoder_layer():
+    """The sub-block-by-sub-block run that records TTV's inputs returns exactly what the layer itself returns."""
+    pruner = make_pruner(layers=(0, 1, 2))
+    hidden = torch.randn(2, 9, pruner.adapter.text_config.hidden_size)
+    padding = torch.ones(2, 9, dtype=torch.bool)
+    padding[0, :3] = False
+    position_ids = (padding.long().cumsum(-1) - 1).clamp_min(0)
+    kwargs = {
+        "attention_mask": pruner.adapter.attention_mask(padding, 9, hidden.dtype),
+        "position_embeddings": pruner.adapter.rotary(hidden, position_ids),
+        "position_ids": position_ids,
+    }
+    layer = pruner.adapter.layers[2]
+    with torch.no_grad():
+        expected = layer(hidden, **kwargs)
+        out, parts = pruner.adapter.recorded_layer(2, hidden, **kwargs)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        torch.testing.assert_close(parts["attn_in"], layer.input_layernorm(hidden))
+        residual = hidden + parts["attn_out"]
+        torch.testing.assert_close(parts["mlp_out"], layer.mlp(layer.post_attention_layernorm(residual)))
+        torch.testing.assert_close(out, residual + parts["mlp_out"])

@@ -50,8 +50,10 @@ def test_tflops_follow_the_flops_api():
     assert setting_tflops(config, None, Setting("none")) == pytest.approx(report.baseline / 1e12)
     assert setting_tflops(config, pruning, Setting("lvpruning", RATIOS)) == pytest.approx(report.pruned / 1e12)
     without = report.pruned_without_decision / 1e12
-    assert setting_tflops(config, pruning, Setting("random", RATIOS)) == pytest.approx(without)
-    assert setting_tflops(config, pruning, Setting("fastv", RATIOS)) == pytest.approx(without)
+    assert setting_tflops(config, pruning, Setting("random", RATIOS)) == pytest.approx(without)  # no overhead
+    fastv = analytic_flops(config, pruning, RATIOS, num_text_tokens=30, method="fastv")
+    assert fastv.pruned > without * 1e12  # its recomputed attention row is counted
+    assert setting_tflops(config, pruning, Setting("fastv", RATIOS)) == pytest.approx(fastv.pruned / 1e12)
 
 
 def test_settings_config_and_redaction(tmp_path):

@@ -1,0 +1,54 @@
+"""Pruning policies: how the inference engine ranks the vision tokens at each stage.
+
+LVPruning's learned decision modules are one policy; the training-free methods it is compared with plug into the
+same engine, so they prune with the same stages, keep counts, batching, attention implementation and FLOPs
+accounting. A policy reads a :class:`~lvpruning.stage.StageInput` and returns keep scores (B, V).
+
+``POLICIES`` is the one list of methods (``eval.methods`` and MLflow's ``method`` param take these names; ``none``,
+the unpruned model, comes on top in the pipelines).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lvpruning.policies.adaptinfer import AdaptInferPolicy
+from lvpruning.policies.base import PruningPolicy, Schedule, scaled_layers
+from lvpruning.policies.baselines import FastVPolicy, LearnedPolicy, RandomPolicy
+from lvpruning.policies.star import StarPolicy
+from lvpruning.policies.transprune import TransPrunePolicy
+
+POLICIES: dict[str, type[PruningPolicy]] = {
+    "lvpruning": LearnedPolicy,
+    "random": RandomPolicy,
+    "fastv": FastVPolicy,
+    "transprune": TransPrunePolicy,
+    "adaptinfer": AdaptInferPolicy,
+    "star": StarPolicy,
+}
+
+
+def get_policy(name: str, seed: int = 0, decision_modules: nn.ModuleList | None = None) -> PruningPolicy:
+    """A policy by its name in ``POLICIES``; ``seed`` is the random baseline's, ``decision_modules`` LVPruning's."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown pruning policy {name!r}; choose from {list(POLICIES)}")
+    if name == "lvpruning":
+        if decision_modules is None:
+            raise ValueError("policy 'lvpruning' scores with trained decision modules: pass decision_modules")
+        return POLICIES[name](decision_modules)
+    return POLICIES[name](seed) if name == "random" else POLICIES[name]()
+
+
+__all__ = [
+    "POLICIES",
+    "AdaptInferPolicy",
+    "FastVPolicy",
+    "LearnedPolicy",
+    "PruningPolicy",
+    "RandomPolicy",
+    "Schedule",
+    "StarPolicy",
+    "TransPrunePolicy",
+    "get_policy",
+    "scaled_layers",
+]

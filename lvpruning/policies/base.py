@@ -1,0 +1,78 @@
+"""The policy interface (``PruningPolicy``), published schedules and their mapping onto smaller decoders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lvpruning.stage import LayerRecord, StageInput, StageShape
+
+REFERENCE_LAYERS = 32  # LLaVA-1.5-7B's decoder, where the published settings apply
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Where a method prunes and how much: after zero-based decoder ``layers``, keeping ``ratios`` of the original
+    vision tokens (one per stage, non-increasing)."""
+
+    layers: tuple[int, ...]
+    ratios: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.layers) != len(self.ratios):
+            raise ValueError(f"Schedule: {len(self.layers)} layers for {len(self.ratios)} ratios")
+
+    def on(self, num_layers: int) -> Schedule:
+        """This published (32-layer) schedule on a decoder of ``num_layers`` (:func:`scaled_layers`)."""
+        return Schedule(scaled_layers(self.layers, num_layers), self.ratios)
+
+
+def scaled_layers(layers: tuple[int, ...], num_layers: int, reference: int = REFERENCE_LAYERS) -> tuple[int, ...]:
+    """Map pruning layers of a ``reference``-layer decoder proportionally onto ``num_layers`` layers.
+
+    Pruning after layer ``l`` (zero-based) happens at depth ``(l + 1) / reference``; on the smaller model that is
+    after layer ``round((l + 1) * num_layers / reference) - 1``. The result is then made strictly increasing within
+    ``[0, num_layers - 2]`` (a stage needs a layer after it), moving collided stages up, then down. On the 4-layer toy
+    model TransPrune's (7, 9, 12) and AdaptInfer's (1, 10, 20) both become (0, 1, 2).
+    """
+    if num_layers == reference:
+        return tuple(layers)
+    if len(layers) > num_layers - 1:
+        raise ValueError(f"{len(layers)} stages do not fit a {num_layers}-layer decoder (at most {num_layers - 1})")
+    out = [min(max(round((l + 1) * num_layers / reference) - 1, 0), num_layers - 2) for l in layers]  # noqa: E741
+    for s in range(1, len(out)):
+        out[s] = max(out[s], out[s - 1] + 1)
+    out[-1] = min(out[-1], num_layers - 2)
+    for s in range(len(out) - 2, -1, -1):
+        out[s] = min(out[s], out[s + 1] - 1)
+    return tuple(out)
+
+
+class PruningPolicy:
+    """The interface. ``scores`` is required; a policy that reads earlier layers lists them in ``recorded_layers``
+    and reduces each one's :class:`LayerRecord` to per-token values (B, N) in ``observe``; ``overhead_flops`` counts
+    the matmuls it adds (``lvpruning.flops``' convention: 2 FLOPs per multiply-add)."""
+
+    name: str
+    published: Schedule  # the method's LLaVA-1.5-7B setting
+
+    def scores(self, stage: StageInput) -> torch.Tensor:
+        """Keep scores (B, V) for the vision tokens at ``stage.vision_pos``; the top-k are kept."""
+        raise NotImplementedError
+
+    def recorded_layers(self, layers: tuple[int, ...]) -> tuple[int, ...]:
+        """Decoder layers whose sub-blocks the engine records, given the schedule's pruning ``layers``."""
+        return ()
+
+    def observe(self, record: LayerRecord) -> torch.Tensor:
+        """Per-token values (B, N) kept from a recorded layer; ``StageInput.records`` hands them back."""
+        raise NotImplementedError(f"{type(self).__name__} records no layers")
+
+    def overhead_flops(self, text_config, stage: StageShape) -> int:
+        """Matmul FLOPs this policy adds at a stage, beyond the decoder layers."""
+        return 0
+
+    def record_flops(self, text_config, layer: StageShape) -> int:
+        """Matmul FLOPs of ``observe`` on one recorded layer."""
+        return 0

@@ -1,0 +1,125 @@
+"""What a pruning stage sees: the public input of every policy (``StageInput``), and the token bookkeeping the
+engine keeps between stages (``TokenSequence``).
+
+Shapes: B batch, N0 tokens of the prompt, N tokens still in the sequence, Nv vision tokens per sample, V vision
+tokens still kept, T text (non-vision) tokens (padding included, masked), Q queries, h heads, C hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+
+def keep_count(ratio: float, num_vision: int) -> int:
+    """Vision tokens kept at a stage with keep ratio ``ratio`` (rounded down, at least one)."""
+    return max(1, math.floor(ratio * num_vision + 1e-6))
+
+
+def gather_tokens(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``hidden`` (B, N, C) at the positions ``index`` (B, K) -> (B, K, C)."""
+    return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def split_tokens(vision: torch.Tensor, num_vision: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the text tokens (B, N - V) and of the vision tokens (B, V), each in sequence order.
+
+    A stable sort of the vision mask keeps shapes static (no ``nonzero``), so this also runs on ``meta``."""
+    order = torch.argsort(vision.to(torch.int8), dim=1, stable=True)
+    split = vision.shape[1] - num_vision
+    return order[:, :split], order[:, split:]
+
+
+@dataclass
+class TokenSequence:
+    """The tokens of one segment (the layers between two stages), gathered from the original sequence."""
+
+    hidden: torch.Tensor  # (B, N, C)
+    index: torch.Tensor  # (B, N) original positions
+    padding: torch.Tensor  # (B, N) bool, True on real tokens
+    position_ids: torch.Tensor  # (B, N)
+    vision: torch.Tensor  # (B, N) bool
+    instruction: torch.Tensor  # (B, N) bool
+
+    def select(self, index: torch.Tensor) -> TokenSequence:
+        """Keep the positions ``index`` (B, N') of this sequence, in order."""
+        fields = (self.index, self.padding, self.position_ids, self.vision, self.instruction)
+        return TokenSequence(gather_tokens(self.hidden, index), *(t.gather(1, index) for t in fields))
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """A decoder layer's sub-blocks, recorded for a policy that asked (``PruningPolicy.recorded_layers``).
+
+    ``attn_in``/``mlp_in`` are the normed inputs of the attention and MLP sub-blocks (the outputs of
+    ``input_layernorm`` and ``post_attention_layernorm``), ``attn_out``/``mlp_out`` their outputs before the residual
+    adds; all (B, N, C) over the tokens the layer saw."""
+
+    layer: int
+    attn_in: torch.Tensor
+    attn_out: torch.Tensor
+    mlp_in: torch.Tensor
+    mlp_out: torch.Tensor
+    padding: torch.Tensor  # (B, N) bool
+    vision: torch.Tensor  # (B, N) bool
+    instruction: torch.Tensor  # (B, N) bool
+
+
+@dataclass(frozen=True)
+class StageShape:
+    """The sizes a policy's FLOPs overhead depends on, at one stage (or one recorded layer) of a prefill."""
+
+    stage: int  # index in the schedule (for a recorded layer: the stage it precedes)
+    layer: int  # the decoder layer
+    num_tokens: int  # N, the sequence the layer sees
+    num_vision: int  # V, vision tokens in it
+    num_text: int  # T
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """Everything a policy may read at one stage. The policy returns keep scores (B, V) for the vision tokens at
+    ``vision_pos``; the engine keeps the top-k.
+
+    ``records`` maps each recorded layer to what the policy's ``observe`` returned for it, (B, N0) per original
+    position (read-only). ``attention(queries)`` recomputes the stage layer's attention rows of chosen queries from
+    ``hidden_in`` with the model's own weights (no switch to eager attention); ``next_attention(queries)`` those of
+    the following layer from ``hidden_out``, for a method that ranks by the attention of the layer it prunes
+    before."""
+
+    stage: int  # index in the schedule
+    layer: int  # the decoder layer after which this stage prunes (zero-based)
+    hidden_in: torch.Tensor  # (B, N, C) the layer's input
+    hidden_out: torch.Tensor  # (B, N, C) the layer's output
+    text_pos: torch.Tensor  # (B, T) positions of the text tokens, padding included
+    vision_pos: torch.Tensor  # (B, V) positions of the kept vision tokens
+    vision_index: torch.Tensor  # (B, V) index of each kept vision token among the image's Nv (0..Nv-1)
+    num_vision: int  # Nv
+    token_index: torch.Tensor  # (B, N) original position of each token
+    instruction: torch.Tensor  # (B, N) bool, the instruction tokens that guide pruning
+    padding: torch.Tensor  # (B, N) bool, True on real tokens
+    position_ids: torch.Tensor  # (B, N)
+    input_ids: torch.Tensor  # (B, N0) the prompt (``input_ids.gather(1, token_index)``: the tokens at this stage)
+    pixel_values: torch.Tensor  # (B, 3, H, W)
+    records: Mapping[int, torch.Tensor]
+    # queries (B, Q) -> the softmax attention (B, h, Q, N) that those tokens pay every token in this stage's layer,
+    # 0 on padding keys and on later (causal) keys
+    attention: Callable[[torch.Tensor], torch.Tensor]
+    # the same for the next layer, from ``hidden_out``: the attention it would pay before this stage prunes
+    next_attention: Callable[[torch.Tensor], torch.Tensor]
+
+    def text_mask(self) -> torch.Tensor:
+        """(B, T) True where ``text_pos`` holds an instruction token (not padding, not a supervised answer)."""
+        return self.instruction.gather(1, self.text_pos)
+
+    def after_image(self) -> torch.Tensor:
+        """(B, T) True where ``text_pos`` holds an instruction token that follows the image (the question)."""
+        last_vision = self.vision_pos.max(dim=1, keepdim=True).values  # (B, 1)
+        return self.text_mask() & (self.text_pos > last_vision)
+
+    def recorded(self, layer: int) -> torch.Tensor:
+        """What ``observe`` returned for ``layer``, at the kept vision tokens: (B, V)."""
+        return self.records[layer].gather(1, self.token_index.gather(1, self.vision_pos))

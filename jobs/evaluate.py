@@ -4,9 +4,10 @@
         eval.toy_world=toy/world eval.schedules='[[0.5,0.3,0.1],[0.3,0.1,0.05]]'
     ray job submit -- python jobs/evaluate.py --config eval_llava15_7b.yaml --modules /mnt/ckpt/decision_modules
 
-A setting is a method (``none``, ``lvpruning``, ``random``, ``fastv``) with a keep-ratio schedule; every setting
-runs on every benchmark of ``eval.benchmarks`` (files in ``eval.data``, or ``eval.toy_world``) by Ray Data batch
-inference, resumable, and the script ends with a table of them all. MLflow: ``mlflow.tracking_uri``, else
+A setting is a method (``none``, ``lvpruning`` or a training-free one of ``lvpruning.policies.POLICIES``:
+``random``, ``fastv``, ``transprune``, ``adaptinfer``, ``star``) with a keep-ratio schedule; every setting runs on
+every benchmark of ``eval.benchmarks`` (files in ``eval.data``, or ``eval.toy_world``) by Ray Data batch inference,
+resumable, and the script ends with a table of them all. MLflow: ``mlflow.tracking_uri``, else
 ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` here.
 """
 

@@ -226,7 +226,7 @@ def grid_range(low: float, high: float, step: float) -> tuple[float, float]:
 class Baselines(_Strict):
     """Training-free methods on the sweep's frontier: evaluation-only trials at ``pruning.layers``."""
 
-    methods: tuple[str, ...] = ("none", "fastv", "random")
+    methods: tuple[str, ...] = ("none", *(m for m in POLICIES if m != "lvpruning"))
     schedules: tuple[tuple[float, ...], ...] = ((0.7, 0.5, 0.3), (0.5, 0.3, 0.1), (0.3, 0.1, 0.05))
 
     @field_validator("methods")

@@ -10,12 +10,18 @@ from lvpruning.stage import StageInput, StageShape
 
 
 class StarPolicy(PruningPolicy):
-    """STAR (stage-wise attention-guided token reduction; no public code: this follows the paper).
+    """STAR (Guo et al., 2025, "Stage-Wise Attention-Guided Token Reduction", arXiv 2505.12359; no public code, so
+    this follows the paper's description).
 
     Stage 1, early: each vision token's score is the attention it receives from the other vision tokens,
     ``s_j = (1 / H) sum_h sum_{i in V, i != j} A_h[i, j]``. Later stages: the cross-modal attention from the
-    instruction tokens after the image, ``s_j = (1 / H|I|) sum_h sum_{t in I} A_h[t, j]``. Our reading: both at the
-    stage's own layer, the sum over receivers (not the mean), the instruction = the text after the image.
+    instruction tokens after the image, ``s_j = (1 / H|I|) sum_h sum_{t in I} A_h[t, j]``.
+
+    Our reading, where the paper leaves room: both scores come from the stage layer's own attention heads (the
+    paper's summaries describe a dot-product softmax over the visual embeddings right after the vision encoder for
+    stage 1, which needs the vision-tower stage of part 2); the sum over receivers; the instruction is the text
+    after the image; the schedule (after layers 1 and 15, keeping 0.5 then 0.25) is ours, as the seed text gives
+    no layers or ratios.
     """
 
     name = "star"

@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 
 from lvpruning import PruningConfig
 from lvpruning.flops import analytic_flops
+from lvpruning.presets import llava_15_7b_config
 from lvpruning.tiny import tiny_llava_config
 from pipelines.config import load_config
 from pipelines.evaluation import (
@@ -54,6 +55,19 @@ def test_tflops_follow_the_flops_api():
     fastv = analytic_flops(config, pruning, RATIOS, num_text_tokens=30, method="fastv")
     assert fastv.pruned > without * 1e12  # its recomputed attention row is counted
     assert setting_tflops(config, pruning, Setting("fastv", RATIOS)) == pytest.approx(fastv.pruned / 1e12)
+
+
+def test_a_setting_at_its_own_layers():
+    """A training-free method at its published 7B layers, not the decision modules': counted there, named apart."""
+    config, pruning = llava_15_7b_config(), PruningConfig()  # decision modules after 1, 8, 16
+    setting = Setting("transprune", (0.875, 0.625, 0.125), layers=(6, 8, 11))
+    assert setting.name == "transprune_L6-8-11_0.875-0.625-0.125" and setting.metadata()["layers"] == [6, 8, 11]
+    report = analytic_flops(config, pruning, setting.keep_ratios, 30, method="transprune", layers=(6, 8, 11))
+    assert report.tokens_per_layer[6:8] == (606, 534)  # 576 + 30 tokens up to layer 6, 504 + 30 after it
+    assert setting_tflops(config, pruning, setting) == pytest.approx(report.pruned / 1e12)
+    assert setting_tflops(config, pruning, setting) == pytest.approx(3.9986, abs=1e-4)  # docs/methods.md
+    with pytest.raises(ValueError, match="one keep ratio each"):
+        Setting("fastv", (0.5,), layers=(1, 2))
 
 
 def test_settings_config_and_redaction(tmp_path):

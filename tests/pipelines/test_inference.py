@@ -105,7 +105,7 @@ def direct_answers(world: TinyWorld, setting: Setting, records: list[dict]) -> d
         if pruner is None:
             tokens = model.generate(enc["input_ids"], pixel_values=enc["pixel_values"], do_sample=False, **kwargs)
         else:
-            policy = get_policy(setting.method, setting.seed)
+            policy = get_policy(setting.method, setting.seed, decision_modules=pruner.decision_modules)
             tokens = pruner.generate(enc["input_ids"], enc["pixel_values"], keep_ratios=RATIOS, policy=policy, **kwargs)
         out[r["question_id"]] = tok.decode(tokens[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     return out

@@ -90,10 +90,17 @@ def test_a_trial_config_trains_its_own_setting_and_evaluates_its_schedules():
     assert cfg.run.name == "sw-abc123" and cfg.eval.output_dir == "/answers/sw-abc123"
     assert cfg.eval.methods == ("lvpruning",) and cfg.eval.schedules == ((0.6, 0.4), (0.8, 0.6), (0.4, 0.2))
 
-    fastv = trial_config(base, baseline_trials(base)[1], "def456")
+    fastv = trial_config(base, baseline_trials(base)[2], "def456")
     assert fastv.eval.methods == ("fastv",) and fastv.pruning == base.pruning
     assert fastv.eval.schedules == base.sweep.baselines.schedules and fastv.eval.output_dir == "/answers/sw-def456"
-    assert [t["method"] for t in baseline_trials(base)] == ["none", "fastv", "random"]
+    assert [t["method"] for t in baseline_trials(base)] == [
+        "none",
+        "random",
+        "fastv",
+        "transprune",
+        "adaptinfer",
+        "star",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -170,7 +177,7 @@ def test_baselines_come_first_and_never_reach_optuna_and_a_stopped_trial_is_prun
 
     from pipelines.sweep import OBJECTIVES, BaselinesFirst, DefineByRun
 
-    cfg = load_config(None, [])
+    cfg = load_config(None, ["sweep.baselines.methods=[none,fastv,random]"])
     optuna_search = OptunaSearch(space=DefineByRun(cfg.sweep.space), metric=list(OBJECTIVES), mode=["max", "min"])
     searcher = BaselinesFirst(baseline_trials(cfg), optuna_search)
     suggested = [searcher.suggest(f"t{i}") for i in range(5)]

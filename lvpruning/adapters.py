@@ -81,7 +81,7 @@ class LlavaLlamaAdapter:
         q, _ = apply_rotary_pos_emb(q, q, at_queries(cos), at_queries(sin))
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, h, N, d)
-        scores = (q @ k.transpose(2, 3)).float() * attn.scaling  # (B, h, Q, N)
+        scores = (q.float() @ k.float().transpose(2, 3)) * attn.scaling  # (B, h, Q, N), fp32 as in eager
         later = torch.arange(N, device=h.device)[None, None, :] > queries[..., None]  # (B, Q, N)
         hidden = later | ~padding[:, None, :]
         scores = scores.masked_fill(hidden[:, None], float("-inf"))

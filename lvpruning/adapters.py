@@ -14,6 +14,8 @@ from transformers import LlavaForConditionalGeneration, PreTrainedConfig
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from lvpruning.stage import gather_tokens
+
 
 class LlavaLlamaAdapter:
     """Hugging Face ``LlavaForConditionalGeneration`` with a Llama-family decoder (LLaVA-1.5)."""
@@ -74,11 +76,10 @@ class LlavaLlamaAdapter:
         h = self.layers[layer_index].input_layernorm(layer_input)
         B, N, _ = h.shape
         Q = queries.shape[1]
-        at_queries = lambda t: t.gather(1, queries[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
-        q = attn.q_proj(at_queries(h)).view(B, Q, -1, attn.head_dim).transpose(1, 2)  # (B, h, Q, d)
+        q = attn.q_proj(gather_tokens(h, queries)).view(B, Q, -1, attn.head_dim).transpose(1, 2)  # (B, h, Q, d)
         k = attn.k_proj(h).view(B, N, -1, attn.head_dim).transpose(1, 2)  # (B, h_kv, N, d)
         cos, sin = self.rotary(h, position_ids)  # (B, N, d)
-        q, _ = apply_rotary_pos_emb(q, q, at_queries(cos), at_queries(sin))
+        q, _ = apply_rotary_pos_emb(q, q, gather_tokens(cos, queries), gather_tokens(sin, queries))
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, h, N, d)
         scores = (q.float() @ k.float().transpose(2, 3)) * attn.scaling  # (B, h, Q, N), fp32 as in eager

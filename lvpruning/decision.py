@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lvpruning.stage import gather_tokens
+
 
 class CrossAttentionBlock(nn.Module):
     """``O = softmax(Q K^T / sqrt(D / h)) V + Q`` (eq. 3), then the FFN [LN, Linear(D, F), SiLU, Linear(F, D), LN]."""
@@ -86,8 +88,7 @@ def decide(
     """Run ``module`` on a decoder layer's output ``hidden`` (B, N, C): the vision tokens at ``vision_pos`` (B, V)
     against the text tokens at ``text_pos`` (B, T) where ``text_mask`` (B, T) is True -> gamma (B, V, 2)."""
     dtype = module.score.weight.dtype
-    take = lambda index: hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1])).to(dtype)  # noqa: E731
-    return module(take(vision_pos), take(text_pos), text_mask)
+    return module(gather_tokens(hidden, vision_pos).to(dtype), gather_tokens(hidden, text_pos).to(dtype), text_mask)
 
 
 def keep_scores(gamma: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from pathlib import Path
 from pipelines.cluster import connect_ray
 from pipelines.config import load_config
 from pipelines.frontier import run_frontier
-from pipelines.sweep import check_sweep, run_sweep
+from pipelines.sweep import check_sweep, report_calibration, run_sweep
 from pipelines.tracking import redact, ui_hint
 
 DEFAULT = Path(__file__).parent / "configs" / "sweep_toy.yaml"
@@ -44,17 +44,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = cfg.sweep
-    print(
-        f"sweep {cfg.run.name}: {s.num_trials} searched trials + {len(s.baselines.methods)} baselines "
-        f"({', '.join(s.baselines.methods)}), {s.concurrency} at a time, {cfg.scaling.num_workers} training "
-        f"worker(s) each; results under {cfg.run.storage_path}/{cfg.run.name}"
-    )
+    if s.objective == "hidden_similarity":
+        c = s.calibration
+        print(
+            f"calibration {cfg.run.name}: {s.num_trials} trials of {c.method} at retention {c.budget}, "
+            f"{c.num_questions} unlabeled questions each, {s.concurrency} at a time"
+        )
+    else:
+        print(
+            f"sweep {cfg.run.name}: {s.num_trials} searched trials + {len(s.baselines.methods)} baselines "
+            f"({', '.join(s.baselines.methods)}), {s.concurrency} at a time, {cfg.scaling.num_workers} training "
+            f"worker(s) each; results under {cfg.run.storage_path}/{cfg.run.name}"
+        )
     connect_ray()
     result = run_sweep(cfg)
     print(f"\n{'resumed' if result.restored else 'ran'} {len(result.grid)} trials, {len(result.grid.errors)} failed")
     if result.interrupted:
         print(f"interrupted before every trial ended: run the same command again to resume {cfg.run.name}")
         return 130
+    if s.objective == "hidden_similarity":
+        print(f"\nlabel-free calibration of {s.calibration.method}, best similarity first:\n")
+        print(report_calibration(cfg, result.grid))
+        return 1 if result.grid.errors else 0
     frontier = run_frontier(cfg.mlflow.tracking_uri, [cfg.mlflow.experiment])
     print(f"\nPareto frontier (accuracy/mean against TFLOPs), frontier run {frontier.run_id}:\n{frontier.table}")
     uri = redact(cfg.mlflow.tracking_uri)  # shown without the user:password@ a server URL may carry

@@ -39,18 +39,65 @@ class LlavaLlamaAdapter:
     def layers(self) -> nn.ModuleList:
         return self.decoder.layers
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        """The vision tower's encoder layers (CLIP)."""
+        return self.model.model.vision_tower.encoder.layers
+
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor, tower_states: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[torch.Tensor, ...] | None]:
         """Token embeddings with the projected image features scattered in (HF's ``get_image_features`` ->
         ``get_placeholder_mask`` -> ``masked_scatter`` hand-off). Returns embeddings (B, N, C), the vision mask
-        (B, N) and the number of vision tokens per sample, known from shapes alone (so ``meta`` tensors work)."""
+        (B, N), the number of vision tokens per sample, known from shapes alone (so ``meta`` tensors work), and with
+        ``tower_states`` the vision tower's hidden states (each (B, M, C_v), CLS first: index ``l`` is encoder layer
+        ``l``'s input; otherwise ``None``)."""
         inputs_embeds = self.model.get_input_embeddings()(input_ids)  # (B, N, C)
-        features = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
-        features = torch.cat(list(features), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)  # (I * P, C)
+        image = self.model.model.get_image_features(
+            pixel_values=pixel_values, return_dict=True, output_hidden_states=tower_states
+        )
+        features = torch.cat(list(image.pooler_output), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
         placeholder = self.model.model.get_placeholder_mask(input_ids, inputs_embeds, features)  # (B, N, C)
         inputs_embeds = inputs_embeds.masked_scatter(placeholder, features)
         vision_mask = input_ids == self.model.config.image_token_id  # (B, N)
         num_vision = features.shape[0] // input_ids.shape[0]
-        return inputs_embeds, vision_mask, num_vision
+        return inputs_embeds, vision_mask, num_vision, tuple(image.hidden_states) if tower_states else None
+
+    def feature_layer(self) -> int:
+        """The encoder layer whose output LLaVA projects (``hidden_states[-2]``: layer 22 of 24 in LLaVA-1.5). The
+        vision-tower stage maps vision token ``j`` to tower token ``j + 1``: LLaVA-1.5's feature selection only."""
+        config = self.model.config
+        layer = config.vision_feature_layer
+        if config.vision_feature_select_strategy != "default" or not isinstance(layer, int):
+            raise ValueError(
+                "a vision-tower stage (layer -1) needs LLaVA-1.5's feature selection (one vision_feature_layer, "
+                f"strategy 'default'); got {layer!r}, {config.vision_feature_select_strategy!r}"
+            )
+        return (layer % (len(self.vision_layers) + 1)) - 1
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """LLaVA's projector on tower features (B, n, C_v) -> (B, n, C)."""
+        return self.model.model.multi_modal_projector(features)
+
+    def vision_keys(self, layer_index: int, states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Encoder layer ``layer_index``'s keys (B, h, M, d) from its input ``states[layer_index]``."""
+        layer = self.vision_layers[layer_index]
+        h = layer.layer_norm1(states[layer_index])
+        return layer.self_attn.k_proj(h).view(*h.shape[:2], -1, layer.self_attn.head_dim).transpose(1, 2)
+
+    def vision_attention_rows(
+        self, layer_index: int, states: tuple[torch.Tensor, ...], queries: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The softmax attention (B, h, Q, M) that the tower tokens ``queries`` (B, Q) (all M when ``None``) pay every
+        tower token in encoder layer ``layer_index``, recomputed in fp32 from that layer's input ``states[layer_index]``
+        with its own weights (CLIP: bidirectional, no mask), so the tower keeps its SDPA attention."""
+        layer = self.vision_layers[layer_index]
+        attn = layer.self_attn
+        h = layer.layer_norm1(states[layer_index])  # (B, M, C_v)
+        rows = h if queries is None else gather_tokens(h, queries)
+        q = attn.q_proj(rows).view(*rows.shape[:2], -1, attn.head_dim).transpose(1, 2)  # (B, h, Q, d)
+        k = self.vision_keys(layer_index, states)  # (B, h, M, d)
+        return ((q.float() @ k.float().transpose(2, 3)) * attn.scale).softmax(dim=-1)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
@@ -58,8 +105,12 @@ class LlavaLlamaAdapter:
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.decoder.rotary_emb(hidden, position_ids=position_ids)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.decoder.norm(hidden))
+    def norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder's final norm: the last hidden state the LM head reads."""
+        return self.decoder.norm(hidden)
+
+    def logits(self, hidden: torch.Tensor, normed: bool = False) -> torch.Tensor:
+        return self.model.lm_head(hidden if normed else self.decoder.norm(hidden))
 
     def attention_rows(
         self,
@@ -140,6 +191,24 @@ def get_adapter(model: nn.Module) -> LlavaLlamaAdapter:
         f"LVPruning has no adapter for {type(model).__name__}; supported: LlavaForConditionalGeneration with a "
         f"Llama-family decoder (e.g. llava-hf/llava-1.5-7b-hf)"
     )
+
+
+def vision_attention_rows_flops(vision_config: PreTrainedConfig, num_queries: int, num_keys: int) -> int:
+    """Matmul FLOPs of :meth:`LlavaLlamaAdapter.vision_attention_rows`: q_proj on the queries, k_proj on every
+    tower token, and Q K^T for every head (together the width)."""
+    d = vision_config.hidden_size
+    return 2 * num_queries * d * d + 2 * num_keys * d * d + 2 * num_queries * num_keys * d
+
+
+def vision_keys_flops(vision_config: PreTrainedConfig, num_keys: int) -> int:
+    """Matmul FLOPs of :meth:`LlavaLlamaAdapter.vision_keys`: k_proj on every tower token."""
+    return 2 * num_keys * vision_config.hidden_size**2
+
+
+def projector_flops(config: PreTrainedConfig, num_tokens: int) -> int:
+    """Matmul FLOPs of LLaVA's projector (Linear(C_v, C), GELU, Linear(C, C)) on ``num_tokens`` tower features."""
+    c = config.text_config.hidden_size
+    return 2 * num_tokens * config.vision_config.hidden_size * c + 2 * num_tokens * c * c
 
 
 def attention_rows_flops(text_config: PreTrainedConfig, num_queries: int, num_keys: int) -> int:

@@ -36,9 +36,12 @@ def _check_ratios(name: str, ratios: tuple[float, ...], num_stages: int) -> None
 
 def check_schedule(layers: tuple[int, ...], ratios: tuple[float, ...], num_layers: int) -> None:
     """Fail with a clear message unless ``ratios`` (one per stage, non-increasing, in (0, 1]) prune after the strictly
-    increasing zero-based ``layers`` of a ``num_layers``-layer decoder, each followed by at least one layer."""
-    if not layers or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
-        raise ValueError(f"pruning layers {list(layers)}: give one or more non-negative integers")
+    increasing zero-based ``layers`` of a ``num_layers``-layer decoder, each followed by at least one layer. A first
+    layer ``-1`` is the vision-tower stage (on the projector's output, before decoder layer 0)."""
+    if not layers or any(not isinstance(i, int) or isinstance(i, bool) or i < -1 for i in layers):
+        raise ValueError(
+            f"pruning layers {list(layers)}: give one or more non-negative integers (-1 first: the vision tower)"
+        )
     if any(b <= a for a, b in zip(layers, layers[1:])):
         raise ValueError(f"pruning layers {list(layers)} must be strictly increasing")
     if layers[-1] >= num_layers - 1:

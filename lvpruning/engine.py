@@ -16,6 +16,7 @@ Conventions:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -32,7 +33,7 @@ from lvpruning.config import PruningConfig, check_schedule
 from lvpruning.decision import DecisionModule, decide, gumbel_decisions
 from lvpruning.generation import generate
 from lvpruning.policies import LearnedPolicy, PruningPolicy
-from lvpruning.stage import LayerRecord, StageInput, TokenSequence, keep_count, split_tokens
+from lvpruning.stage import LayerRecord, StageInput, TokenSequence, gather_tokens, keep_count, split_tokens
 
 
 @dataclass
@@ -43,6 +44,7 @@ class LVPruningOutput(ModelOutput):
     keep_fractions: (B, S) realized fraction of the original vision tokens kept after each stage.
     token_index: (B, N_out) original position of each output position (inference removes tokens).
     kept_vision: per stage, (B, k_s) indices (into the Nv vision tokens) of the tokens kept (inference).
+    last_hidden_state: (B, n, C) the final-normed hidden states the logits come from (inference).
     """
 
     loss: torch.Tensor | None = None
@@ -53,6 +55,7 @@ class LVPruningOutput(ModelOutput):
     token_index: torch.Tensor | None = None
     kept_vision: tuple[torch.Tensor, ...] | None = None
     cache: PrunedCache | None = None
+    last_hidden_state: torch.Tensor | None = None
 
 
 class PrunedCache(DynamicCache):
@@ -61,7 +64,7 @@ class PrunedCache(DynamicCache):
 
     paddings: list[torch.Tensor]  # per segment, (B, cached length) bool
     position_ids: torch.Tensor  # (B, 1), the last original position seen
-    stage_layers: tuple[int, ...]  # the layers a segment ends after
+    stage_layers: tuple[int, ...]  # the decoder layers a segment ends after (a vision-tower stage ends none)
 
 
 class LVPruningModel(nn.Module):
@@ -112,8 +115,8 @@ class LVPruningModel(nn.Module):
 
     # ------------------------------------------------------------------ inputs
 
-    def _prepare(self, input_ids, pixel_values, attention_mask, labels, instruction_mask):
-        embeds, vision, num_vision = self.adapter.embed(input_ids, pixel_values)
+    def _prepare(self, input_ids, pixel_values, attention_mask, labels, instruction_mask, tower_states=False):
+        embeds, vision, num_vision, vision_states = self.adapter.embed(input_ids, pixel_values, tower_states)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         padding = attention_mask.bool()
@@ -132,7 +135,7 @@ class LVPruningModel(nn.Module):
                 raise ValueError("every sample needs at least one instruction token to guide the pruning")
         index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         seq = TokenSequence(embeds, index, padding, position_ids, vision, instruction_mask & ~vision)
-        return seq, num_vision
+        return seq, num_vision, vision_states
 
     # ------------------------------------------------------------------ forward
 
@@ -192,7 +195,7 @@ class LVPruningModel(nn.Module):
         layers = self.adapter.layers
         # No backward work through the vision tower or the layers before the first decision module.
         with torch.no_grad():
-            seq, num_vision = self._prepare(input_ids, pixel_values, attention_mask, labels, instruction_mask)
+            seq, num_vision, _ = self._prepare(input_ids, pixel_values, attention_mask, labels, instruction_mask)
             rope = self.adapter.rotary(seq.hidden, seq.position_ids)
             mask = self.adapter.attention_mask(seq.padding, seq.padding.shape[1], seq.hidden.dtype)
             hidden = seq.hidden
@@ -264,30 +267,30 @@ class LVPruningModel(nn.Module):
         use_cache,
         logits_to_keep,
     ) -> LVPruningOutput:
-        seq, num_vision = self._prepare(input_ids, pixel_values, attention_mask, None, instruction_mask)
+        seq, num_vision, vision_states = self._prepare(
+            input_ids, pixel_values, attention_mask, None, instruction_mask, tower_states=layers[0] == -1
+        )
         B, N0 = input_ids.shape
         cache = PrunedCache(config=self.adapter.text_config) if use_cache else None
-        rope = self.adapter.rotary(seq.hidden, seq.position_ids)
-        mask = self.adapter.attention_mask(seq.padding, seq.padding.shape[1], seq.hidden.dtype)
-        kept_vision, fractions, paddings = [], [], [seq.padding]
+        kept_vision, fractions, paddings = [], [], []
         vision_seen = torch.arange(num_vision, device=input_ids.device).expand(B, -1)  # (B, V) indices into Nv
         recorded, records = set(policy.recorded_layers(layers)), {}
-        for i, layer in enumerate(self.adapter.layers):
-            layer_input = seq.hidden
-            kwargs = {"attention_mask": mask, "position_embeddings": rope, "position_ids": seq.position_ids}
-            kwargs |= {"cache": cache, "use_cache": use_cache}
-            if i in recorded:
-                seq.hidden, parts = self.adapter.recorded_layer(i, layer_input, **kwargs)
-                values = policy.observe(
-                    LayerRecord(i, **parts, padding=seq.padding, vision=seq.vision, instruction=seq.instruction)
-                )  # (B, N)
-                records[i] = values.new_zeros(B, N0).scatter(1, seq.index, values)  # by original position
-            else:
-                seq.hidden = layer(layer_input, **kwargs)
-            if i not in layers:
-                continue
+
+        def prune(seq: TokenSequence, i: int, layer_input: torch.Tensor) -> TokenSequence:
+            """The stage after layer ``i`` (-1: the vision tower) on ``seq`` (its output): keep, merge, remove."""
+            nonlocal vision_seen
             text_pos, vision_pos = split_tokens(seq.vision, vision_seen.shape[1])
-            current = seq  # the stage's tokens, for the attention rows below (seq is replaced after pruning)
+            tower = {}
+            if i == -1:
+                tower = {
+                    "vision_states": vision_states,
+                    "vision_attention": lambda layer, queries=None: self.adapter.vision_attention_rows(
+                        layer, vision_states, queries
+                    ),
+                    "vision_keys": lambda layer: self.adapter.vision_keys(layer, vision_states),
+                    "project": self.adapter.project,
+                    "feature_layer": self.adapter.feature_layer(),
+                }
             stage = StageInput(
                 stage=layers.index(i),
                 layer=i,
@@ -304,31 +307,67 @@ class LVPruningModel(nn.Module):
                 input_ids=input_ids,
                 pixel_values=pixel_values,
                 records=MappingProxyType(records),
-                attention=lambda queries, i=i, x=layer_input, s=current: self.adapter.attention_rows(
+                attention=no_decoder_attention
+                if i < 0
+                else lambda queries, x=layer_input, s=seq: self.adapter.attention_rows(
                     i, x, s.position_ids, s.padding, queries
                 ),
-                next_attention=lambda queries, i=i, s=current: self.adapter.attention_rows(
+                next_attention=lambda queries, s=seq: self.adapter.attention_rows(
                     i + 1, s.hidden, s.position_ids, s.padding, queries
                 ),
+                **tower,
             )
-            scores = policy.scores(stage)  # (B, V)
             k = keep_count(ratios[stage.stage], num_vision)
-            top = scores.topk(k, dim=1).indices.sort(dim=1).values  # eq. 13, (B, k)
-            keep_pos = torch.cat([text_pos, vision_pos.gather(1, top)], dim=1).sort(dim=1).values
-            seq = seq.select(keep_pos)  # remove the pruned tokens, keep original positions (eq. 14)
+            plan = policy.plan(stage, k)
+            top, order = plan.keep.sort(dim=1)  # (B, k), eq. 13
+            kept_pos = vision_pos.gather(1, top)
+            hidden = seq.hidden
+            if plan.hidden is not None:  # merged tokens replace the kept ones in their slots (positions unchanged)
+                merged = gather_tokens(plan.hidden, order).to(hidden.dtype)
+                hidden = hidden.scatter(1, kept_pos[..., None].expand_as(merged), merged)
+            if plan.values is not None:  # read back by later stages as StageInput.recorded(i)
+                kept_index = seq.index.gather(1, kept_pos)
+                records[i] = plan.values.new_zeros(B, N0).scatter(1, kept_index, plan.values.gather(1, order))
+            keep_pos = torch.cat([text_pos, kept_pos], dim=1).sort(dim=1).values
+            seq = dataclasses.replace(seq, hidden=hidden).select(keep_pos)  # eq. 14: original positions
             vision_seen = vision_seen.gather(1, top)
             kept_vision.append(vision_seen)
             fractions.append(torch.full_like(vision_seen[:, 0], k, dtype=torch.float32) / num_vision)
+            return seq
+
+        if layers[0] == -1:
+            seq = prune(seq, -1, seq.hidden)
+        vision_states = None  # the tower's hidden states serve only the vision-tower stage
+        paddings.append(seq.padding)
+        rope = self.adapter.rotary(seq.hidden, seq.position_ids)
+        mask = self.adapter.attention_mask(seq.padding, seq.padding.shape[1], seq.hidden.dtype)
+        for i, layer in enumerate(self.adapter.layers):
+            layer_input = seq.hidden
+            kwargs = {"attention_mask": mask, "position_embeddings": rope, "position_ids": seq.position_ids}
+            kwargs |= {"cache": cache, "use_cache": use_cache}
+            if i in recorded:
+                seq.hidden, parts = self.adapter.recorded_layer(i, layer_input, **kwargs)
+                values = policy.observe(
+                    LayerRecord(i, **parts, padding=seq.padding, vision=seq.vision, instruction=seq.instruction)
+                )  # (B, N)
+                records[i] = values.new_zeros(B, N0).scatter(1, seq.index, values)  # by original position
+            else:
+                seq.hidden = layer(layer_input, **kwargs)
+            if i not in layers:
+                continue
+            seq = prune(seq, i, layer_input)
             paddings.append(seq.padding)
             rope = self.adapter.rotary(seq.hidden, seq.position_ids)
             mask = self.adapter.attention_mask(seq.padding, seq.padding.shape[1], seq.hidden.dtype)
 
-        logits = self.adapter.logits(seq.hidden[:, -logits_to_keep:])
+        last_hidden_state = self.adapter.norm(seq.hidden[:, -logits_to_keep:])
+        logits = self.adapter.logits(last_hidden_state, normed=True)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels.gather(1, seq.index[:, -logits.shape[1] :]))
         if cache is not None:
-            cache.paddings, cache.position_ids, cache.stage_layers = paddings, seq.position_ids[:, -1:], layers
+            cache.paddings, cache.position_ids = paddings, seq.position_ids[:, -1:]
+            cache.stage_layers = tuple(i for i in layers if i >= 0)
         return LVPruningOutput(
             loss=loss,
             logits=logits,
@@ -336,6 +375,7 @@ class LVPruningModel(nn.Module):
             token_index=seq.index,
             kept_vision=tuple(kept_vision),
             cache=cache,
+            last_hidden_state=last_hidden_state,
         )
 
     # ------------------------------------------------------------------ generation
@@ -369,6 +409,10 @@ class LVPruningModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
         """Pruned generation; see :func:`lvpruning.generation.generate` for the arguments."""
         return generate(self, input_ids, pixel_values, **kwargs)
+
+
+def no_decoder_attention(queries: torch.Tensor) -> torch.Tensor:
+    raise ValueError("the vision-tower stage (layer -1) follows no decoder layer: read vision_attention instead")
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

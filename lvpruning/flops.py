@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -47,8 +47,11 @@ def num_vision_tokens(config: LlavaConfig) -> int:
 def tokens_per_layer(
     num_layers: int, layers: Sequence[int], kept: Sequence[int], num_vision: int, num_text: int
 ) -> tuple[int, ...]:
-    """Sequence length each decoder layer sees; stage ``s`` prunes AFTER layer ``layers[s]`` (zero-based)."""
+    """Sequence length each decoder layer sees; stage ``s`` prunes AFTER layer ``layers[s]`` (zero-based; -1: the
+    vision-tower stage, before layer 0)."""
     counts, vision, stage = [], num_vision, 0
+    if layers and layers[0] == -1:
+        vision, stage = kept[0], 1
     for i in range(num_layers):
         counts.append(vision + num_text)
         if stage < len(layers) and i == layers[stage]:
@@ -202,10 +205,12 @@ def analytic_flops(
     lm_head_positions: LogitPositions = "all",
     method: str = "lvpruning",
     layers: Sequence[int] | None = None,
+    params: Mapping[str, float] | None = None,
 ) -> FlopsReport:
     """Count one prefill of 1 image + ``num_text_tokens`` text tokens, unpruned and pruned by ``method`` (a name in
     ``lvpruning.policies.POLICIES``) after ``layers`` (default ``pruning.layers``; LVPruning only there) keeping
-    ``keep_ratios`` (default ``pruning.infer_ratios``). ``pruning`` also gives the decision modules' shape.
+    ``keep_ratios`` (default ``pruning.infer_ratios``), with the method's own ``params``. ``pruning`` also gives the
+    decision modules' shape.
 
     ``lm_head_positions="all"``: logits at every position of the final sequence, as HF's forward computes by
     default (``logits_to_keep=0``); ``"last"``: only the last one, as ``generate()`` requests in the prefill.
@@ -241,13 +246,17 @@ def analytic_flops(
         shape = (pruning.num_blocks, pruning.ffn_dim, pruning.decision_dim)
         overhead = [decision_module_flops(text.hidden_size, q, n_text, *shape) for q in (n_vis, *kept[:-1])]
     else:
-        policy = POLICIES[method]()
+        policy = get_policy(method, params=params)
 
         def at(layer: int) -> StageShape:
             stage = next(s for s, after in enumerate(layers) if layer <= after)
-            return StageShape(stage, layer, per_layer[layer], per_layer[layer] - n_text, n_text)
+            n = per_layer[layer] if layer >= 0 else n_vis + n_text  # the tower stage sees the whole prompt
+            return StageShape(stage, layer, n, n - n_text, n_text, kept[stage])
 
-        overhead = [policy.overhead_flops(text, at(layer)) for layer in layers]
+        overhead = [
+            policy.overhead_flops(text, at(layer)) + (policy.tower_flops(config, at(layer)) if layer < 0 else 0)
+            for layer in layers
+        ]
         for layer in policy.recorded_layers(layers):
             overhead[at(layer).stage] += policy.record_flops(text, at(layer))
     return FlopsReport(
@@ -334,6 +343,7 @@ def measure_flops(
     device: str = "meta",
     method: str = "lvpruning",
     layers: Sequence[int] | None = None,
+    params: Mapping[str, float] | None = None,
 ) -> int:
     """FlopCounterMode's count of one prefill on the dummy input: the plain HF forward when ``pruning`` is
     None, else ``attach(model, pruning)`` in eval mode (tokens physically removed), pruned by ``method`` after
@@ -344,7 +354,7 @@ def measure_flops(
         with torch.device(device):  # the decision modules are created on the model's device
             module = attach(module, pruning).eval()
         kwargs["keep_ratios"] = tuple(keep_ratios if keep_ratios is not None else pruning.infer_ratios)
-        kwargs["policy"] = get_policy(method, decision_modules=module.decision_modules)
+        kwargs["policy"] = get_policy(method, decision_modules=module.decision_modules, params=params)
         kwargs["layers"] = tuple(layers) if layers is not None else pruning.layers
     return count_flops(module, dummy_inputs(config, num_text_tokens, device), **kwargs)
 
@@ -415,16 +425,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             ratios = paper_schedule(args.rho, num_stages=len(layers))
         else:
             ratios = published.ratios if layers == published.layers else paper_schedule(0.5, len(layers))
-        pruning = PruningConfig(
-            layers=layers,
-            train_ratios=ratios,
-            infer_ratios=ratios,
-            num_blocks=args.decision_blocks,
-            num_heads=args.decision_heads,
-            ffn_dim=args.decision_ffn,
-            decision_dim=args.decision_dim,
-        )
-        report = analytic_flops(config, pruning, ratios, args.text_tokens, args.logits, args.method)
+        shape = {"num_blocks": args.decision_blocks, "num_heads": args.decision_heads}
+        shape |= {"ffn_dim": args.decision_ffn, "decision_dim": args.decision_dim}
+        if args.method == "lvpruning":
+            pruning = PruningConfig(layers=layers, train_ratios=ratios, infer_ratios=ratios, **shape)
+        else:  # the decision modules' config is unused; its layers need not be the method's (-1 included)
+            pruning = PruningConfig(**shape)
+        report = analytic_flops(config, pruning, ratios, args.text_tokens, args.logits, args.method, layers)
     except ValueError as err:
         parser.error(str(err))
     result = report.to_dict()
@@ -433,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         measured["baseline"] = measure_flops(config, None, None, args.text_tokens, args.logits)
         try:
             measured["pruned"] = measure_flops(
-                config, pruning, ratios, args.text_tokens, args.logits, method=args.method
+                config, pruning, ratios, args.text_tokens, args.logits, method=args.method, layers=layers
             )
         except (RuntimeError, NotImplementedError) as err:  # a data-dependent op the meta device cannot run
             result["measured_pruned_error"] = f"{type(err).__name__}: {err}"

@@ -2,7 +2,11 @@
 engine keeps between stages (``TokenSequence``).
 
 Shapes: B batch, N0 tokens of the prompt, N tokens still in the sequence, Nv vision tokens per sample, V vision
-tokens still kept, T text (non-vision) tokens (padding included, masked), Q queries, h heads, C hidden size.
+tokens still kept, T text (non-vision) tokens (padding included, masked), Q queries, h heads, C hidden size; at the
+vision tower: M = 1 + P tower tokens (CLS, then the P patches), d its width.
+
+A stage after decoder layer ``-1`` is the vision-tower stage: it acts on the projector's output, before decoder
+layer 0, and may read the tower's attention (``StageInput.vision_attention``).
 """
 
 from __future__ import annotations
@@ -77,18 +81,43 @@ class StageShape:
     num_tokens: int  # N, the sequence the layer sees
     num_vision: int  # V, vision tokens in it
     num_text: int  # T
+    kept: int = 0  # k, the vision tokens the stage keeps
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """A stage's outcome: the vision tokens kept and, for a merging ("recycling") method, their new hidden states.
+
+    ``keep`` (B, k) indexes the stage's V vision tokens (``StageInput.vision_pos``), in any order; every kept token
+    keeps its original position (eq. 14), so a token built from several (a merge, or an aggregate of dropped tokens
+    placed at a representative) takes the position of the token whose slot it fills. ``hidden`` (B, k, C), in
+    ``keep``'s order, replaces the kept tokens' hidden states (the stage layer's output); ``None`` keeps them.
+    ``values`` (B, k), optional, are per-token values that later stages of the same prefill read back with
+    ``StageInput.recorded(layer)``, ``layer`` this stage's, like a recorded layer's."""
+
+    keep: torch.Tensor
+    hidden: torch.Tensor | None = None
+    values: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class StageInput:
     """Everything a policy may read at one stage. The policy returns keep scores (B, V) for the vision tokens at
-    ``vision_pos``; the engine keeps the top-k.
+    ``vision_pos``, and the engine keeps the top-k, or a :class:`MergePlan`.
 
     ``records`` maps each recorded layer to what the policy's ``observe`` returned for it, (B, N0) per original
     position (read-only). ``attention(queries)`` recomputes the stage layer's attention rows of chosen queries from
     ``hidden_in`` with the model's own weights (no switch to eager attention); ``next_attention(queries)`` those of
     the following layer from ``hidden_out``, for a method that ranks by the attention of the layer it prunes
-    before."""
+    before.
+
+    At the vision-tower stage (``layer == -1``) ``hidden_in`` and ``hidden_out`` are both the embeddings (the
+    projector's output in the vision slots), ``attention`` does not exist, and the tower is readable:
+    ``vision_states`` are its hidden states (``vision_states[l]`` is the input of encoder layer ``l``, CLS
+    included, which LLaVA's feature selection drops), ``vision_attention(l, queries)`` recomputes encoder layer
+    ``l``'s attention rows, ``vision_keys(l)`` its keys, ``project`` is LLaVA's projector (tower features to the
+    decoder's width) and ``feature_layer`` the encoder layer whose output LLaVA projects (22 of 24 in LLaVA-1.5).
+    Vision token ``j`` of the image (``vision_index``) is tower token ``j + 1``."""
 
     stage: int  # index in the schedule
     layer: int  # the decoder layer after which this stage prunes (zero-based)
@@ -110,6 +139,13 @@ class StageInput:
     attention: Callable[[torch.Tensor], torch.Tensor]
     # the same for the next layer, from ``hidden_out``: the attention it would pay before this stage prunes
     next_attention: Callable[[torch.Tensor], torch.Tensor]
+    # the vision-tower stage only: the tower's hidden states, each (B, M, C_v), and
+    # (layer, queries (B, Q) tower tokens, or None for all M) -> the softmax attention (B, h_v, Q, M) of that layer
+    vision_states: tuple[torch.Tensor, ...] | None = None
+    vision_attention: Callable[[int, torch.Tensor | None], torch.Tensor] | None = None
+    vision_keys: Callable[[int], torch.Tensor] | None = None  # layer -> (B, h_v, M, d_v)
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None  # (B, n, C_v) -> (B, n, C)
+    feature_layer: int | None = None
 
     def text_mask(self) -> torch.Tensor:
         """(B, T) True where ``text_pos`` holds an instruction token (not padding, not a supervised answer)."""
@@ -119,6 +155,11 @@ class StageInput:
         """(B, T) True where ``text_pos`` holds an instruction token that follows the image (the question)."""
         last_vision = self.vision_pos.max(dim=1, keepdim=True).values  # (B, 1)
         return self.text_mask() & (self.text_pos > last_vision)
+
+    def last_instruction(self) -> torch.Tensor:
+        """(B, 1) position of each sample's last instruction token (the last prompt token in generation)."""
+        positions = torch.arange(self.instruction.shape[1], device=self.instruction.device)
+        return (self.instruction * positions).argmax(dim=1, keepdim=True)
 
     def recorded(self, layer: int) -> torch.Tensor:
         """What ``observe`` returned for ``layer``, at the kept vision tokens: (B, V)."""

@@ -14,7 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lvpruning import PruningConfig
-from lvpruning.policies import POLICIES
+from lvpruning.config import check_schedule
+from lvpruning.policies import POLICIES, get_policy
 from pipelines.stages import STAGES, Stage
 from pipelines.toy.scenes import SceneSpec
 
@@ -120,6 +121,42 @@ class BenchmarkData(_Strict):
 EVAL_METHODS = ("none", *POLICIES)  # none: the unpruned model
 
 
+TOWER_METHODS = tuple(m for m in POLICIES if POLICIES[m].published.layers[0] == -1)  # start at the vision tower
+
+
+def check_at_model_stages(methods: tuple[str, ...], where: str) -> None:
+    """The methods evaluated at the model's decision-module stages cannot be those that start at the tower."""
+    tower = [m for m in methods if m in TOWER_METHODS]
+    if tower:
+        raise ValueError(
+            f"{tower} prune at the vision tower (their schedules start at layer -1), not at pruning.layers: list them "
+            f"under {where}.at_own_layers with their layers, e.g. {{method: {tower[0]}, layers: [-1, 1], "
+            "schedules: [[0.3, 0.1]]}"
+        )
+
+
+class OwnLayers(_Strict):
+    """A method at its own stages (``layers``, zero-based decoder layers; -1 first: the vision tower), at each of
+    its keep-ratio ``schedules``, with its own ``params`` (the policy's keyword arguments)."""
+
+    method: str
+    layers: tuple[int, ...]
+    schedules: tuple[tuple[float, ...], ...]
+    params: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _valid(self) -> OwnLayers:
+        if self.method not in POLICIES or self.method == "lvpruning":
+            free = [m for m in POLICIES if m != "lvpruning"]
+            raise ValueError(f"{self.method!r} is not a training-free method; choose from {free}")
+        if not self.schedules:
+            raise ValueError(f"{self.method} at layers {list(self.layers)}: give at least one schedule")
+        for schedule in self.schedules:
+            check_schedule(self.layers, schedule, max(self.layers) + 2)  # the model's depth is checked later
+        get_policy(self.method, params=self.params)  # unknown or impossible parameters fail here
+        return self
+
+
 class EvalSection(_Strict):
     benchmarks: tuple[str, ...] = ("toy",)
     schedules: tuple[tuple[float, ...], ...] = ((0.5, 0.3, 0.1),)
@@ -140,12 +177,15 @@ class EvalSection(_Strict):
     latency_warmup: int = Field(2, ge=0)  # rounds over all settings left out
     latency_repeats: int = Field(10, ge=0)  # rounds recorded (median, IQR); 0: no latency metrics
 
+    at_own_layers: tuple[OwnLayers, ...] = ()  # methods at their own stages (the vision-tower methods: here)
+
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         unknown = sorted(set(value) - set(EVAL_METHODS))
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {list(EVAL_METHODS)}")
+        check_at_model_stages(value, "eval")
         return value
 
 
@@ -226,8 +266,9 @@ def grid_range(low: float, high: float, step: float) -> tuple[float, float]:
 class Baselines(_Strict):
     """Training-free methods on the sweep's frontier: evaluation-only trials at ``pruning.layers``."""
 
-    methods: tuple[str, ...] = ("none", *(m for m in POLICIES if m != "lvpruning"))
+    methods: tuple[str, ...] = ("none", *(m for m in POLICIES if m != "lvpruning" and m not in TOWER_METHODS))
     schedules: tuple[tuple[float, ...], ...] = ((0.7, 0.5, 0.3), (0.5, 0.3, 0.1), (0.3, 0.1, 0.05))
+    at_own_layers: tuple[OwnLayers, ...] = ()  # one evaluation-only trial each, at its layers and schedules
 
     @field_validator("methods")
     @classmethod
@@ -236,6 +277,7 @@ class Baselines(_Strict):
         if unknown:
             free = [m for m in EVAL_METHODS if m != "lvpruning"]
             raise ValueError(f"{unknown} are not training-free methods; choose from {free}")
+        check_at_model_stages(value, "sweep.baselines")
         return value
 
     @model_validator(mode="after")
@@ -245,8 +287,47 @@ class Baselines(_Strict):
         return self
 
 
+class Calibration(_Strict):
+    """``sweep.objective: hidden_similarity``: VFlowOpt's label-free calibration of one method
+    (``pipelines.calibration``).
+
+    Each trial runs ``method`` at ``layers`` with searched ``params`` (the policy's keyword arguments, each a
+    ``[low, high]`` range) and keep ratios (each stage's in ``ratio_range`` where the budget stays reachable, the
+    last one solved so that the vision tokens kept, averaged over the decoder layers, are ``budget`` of the
+    image's) on ``num_questions`` unlabeled questions (the first human turns of the training
+    data, sampled with ``seed``); the objective is the mean cosine similarity of the last prompt token's final
+    hidden state with and without pruning. ``lvpruning`` calibrates the inference ratios of ``eval.modules``.
+    With ``evaluate``, each trial is also scored on the labelled benchmarks, to compare the two choices."""
+
+    method: str = "vflowopt"
+    layers: tuple[int, ...] | None = None  # None: the method's published layers on the model (lvpruning: its modules')
+    budget: float = Field(0.3, gt=0, le=1)
+    params: dict[str, tuple[float, float]] = {}
+    ratio_range: tuple[float, float] = (0.1, 1.0)
+    ratio_step: float = Field(1 / 64, gt=0, le=1)  # the ratios' grid (the toy world's 64 tokens: one token)
+    num_questions: int = Field(32, gt=0)
+    batch_size: int = Field(16, gt=0)
+    evaluate: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _valid(self) -> Calibration:
+        if self.method not in POLICIES:
+            raise ValueError(f"sweep.calibration.method: unknown {self.method!r}; choose from {list(POLICIES)}")
+        for name, (low, high) in self.params.items():
+            if low > high:
+                raise ValueError(f"sweep.calibration.params.{name}: [{low}, {high}] is empty")
+        if self.method != "lvpruning":  # unknown parameter names fail now
+            get_policy(self.method, params={k: low for k, (low, _) in self.params.items()})
+        low, high = self.ratio_range
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"sweep.calibration.ratio_range: {list(self.ratio_range)} must lie within (0, 1]")
+        return self
+
+
 class SweepSection(_Strict):
-    """``jobs/sweep.py``: Ray Tune over the search space, multi-objective (``accuracy/mean`` up, ``tflops`` down)."""
+    """``jobs/sweep.py``: Ray Tune over the search space, multi-objective (``accuracy/mean`` up, ``tflops`` down), or
+    with ``objective: hidden_similarity`` a label-free calibration of one method (``calibration``)."""
 
     space: SearchSpace = SearchSpace()
     num_trials: int = Field(8, gt=0)  # searched LVPruning configurations (the baselines come on top)
@@ -257,6 +338,8 @@ class SweepSection(_Strict):
     reduction_factor: float = Field(1.25, gt=1)  # stops the worst 1 - 1/reduction_factor there (1.25: a fifth)
     guard_min_trials: int = Field(4, ge=0)  # ASHA stops nothing before this many trials reached its rung
     baselines: Baselines = Baselines()
+    objective: Literal["accuracy", "hidden_similarity"] = "accuracy"
+    calibration: Calibration = Calibration()
     seed: int = 0
 
 

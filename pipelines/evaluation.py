@@ -32,7 +32,7 @@ from lvpruning import PruningConfig
 from lvpruning.checkpoint import CONFIG_NAME
 from lvpruning.flops import analytic_flops
 from lvpruning.presets import load_llava_config
-from pipelines.config import TOY, JobConfig
+from pipelines.config import TOY, JobConfig, OwnLayers
 from pipelines.inference import (
     InferenceOptions,
     InferenceReport,
@@ -71,10 +71,19 @@ class SettingResult:
     run_id: str | None = None
 
 
-def make_settings(methods: Sequence[str], schedules: Sequence[Sequence[float]], seed: int = 0) -> list[Setting]:
-    """``none`` once, every pruning method once per keep-ratio schedule."""
+def make_settings(
+    methods: Sequence[str],
+    schedules: Sequence[Sequence[float]],
+    seed: int = 0,
+    at_own_layers: Sequence[OwnLayers] = (),
+) -> list[Setting]:
+    """``none`` once, every pruning method once per keep-ratio schedule (at the model's stages), then each method
+    of ``at_own_layers`` at its layers, once per its schedules."""
     out = [Setting("none")] if "none" in methods else []
-    return out + [Setting(m, tuple(r), seed) for m in methods if m != "none" for r in schedules]
+    out += [Setting(m, tuple(r), seed) for m in methods if m != "none" for r in schedules]
+    return out + [
+        Setting(o.method, r, seed, o.layers, tuple(o.params.items())) for o in at_own_layers for r in o.schedules
+    ]
 
 
 def modules_config(directory: str | Path) -> PruningConfig:
@@ -94,7 +103,13 @@ def setting_tflops(llava_config: Any, pruning: PruningConfig | None, setting: Se
     if pruning is None:
         raise ValueError(f"method {setting.method!r}: the FLOPs count needs the pruning stages (ModelSpec.pruning)")
     report = analytic_flops(
-        llava_config, pruning, setting.keep_ratios, PAPER_TEXT_TOKENS, method=setting.method, layers=setting.layers
+        llava_config,
+        pruning,
+        setting.keep_ratios,
+        PAPER_TEXT_TOKENS,
+        method=setting.method,
+        layers=setting.layers,
+        params=dict(setting.params),
     )
     return report.pruned / 1e12
 
@@ -137,6 +152,8 @@ def setting_params(model: ModelSpec, setting: Setting, benchmarks: Sequence[Benc
     params["infer_ratios"] = json.dumps(list(setting.keep_ratios or ()))
     if model.pruning is not None:
         params["layers"] = json.dumps(list(setting.layers or model.pruning.layers))
+    if setting.params:
+        params["policy_params"] = json.dumps(dict(setting.params))
     if model.modules:
         params["modules"] = redact(model.modules)
     if setting.method == "lvpruning" and model.pruning is not None:
@@ -258,7 +275,7 @@ def evaluate(
         cpus_per_actor=ev.cpus_per_actor,
         max_questions=ev.max_questions,
     )
-    settings = make_settings(ev.methods, ev.schedules, ev.seed)
+    settings = make_settings(ev.methods, ev.schedules, ev.seed, ev.at_own_layers)
     latency: dict[str, dict[str, float]] = {}
     if ev.latency_repeats:  # first, alone: nothing else of this evaluation runs beside it
         timing = LatencyOptions(

@@ -39,12 +39,14 @@ class ModelSpec:
 @dataclass(frozen=True)
 class Setting:
     """One inference setting: ``method`` in ``METHODS`` and, unless ``none``, a keep ratio per stage, after
-    ``layers`` (None: the model's ``pruning.layers``, where LVPruning's decision modules sit)."""
+    ``layers`` (None: the model's ``pruning.layers``, where LVPruning's decision modules sit; -1 first: the vision
+    tower), with the method's own ``params`` (e.g. VFlowOpt's ``t``, ``alpha``, ``cell``; a mapping or pairs)."""
 
     method: str
     keep_ratios: tuple[float, ...] | None = None
     seed: int = 0  # the random policy's
     layers: tuple[int, ...] | None = None
+    params: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -54,21 +56,27 @@ class Setting:
             raise ValueError(f"method {self.method!r}: keep_ratios, one per stage, for the pruning methods only")
         if self.layers is not None and (ratios is None or len(self.layers) != len(ratios)):
             raise ValueError(f"method {self.method!r}: layers {self.layers} need one keep ratio each, got {ratios}")
+        params = dict(self.params)
         object.__setattr__(self, "keep_ratios", ratios)
         object.__setattr__(self, "layers", None if self.layers is None else tuple(int(i) for i in self.layers))
+        object.__setattr__(self, "params", tuple(sorted((str(k), float(v)) for k, v in params.items())))
 
     @property
     def name(self) -> str:
-        """A file-system safe name, e.g. ``lvpruning_0.5-0.3-0.1``, or ``fastv_L1_0.5`` at its own layers."""
+        """A file-system safe name, e.g. ``lvpruning_0.5-0.3-0.1``, ``fastv_L1_0.5`` at its own layers, or
+        ``vflowopt_L-1-0-1_0.3-0.3-0.2_alpha0.5-t2`` with its own parameters."""
         if self.keep_ratios is None:
             return "none"
         at = "" if self.layers is None else f"L{'-'.join(map(str, self.layers))}_"
-        return f"{self.method}_{at}{'-'.join(f'{r:g}' for r in self.keep_ratios)}"
+        own = "".join(f"-{k}{v:g}" for k, v in self.params)
+        return f"{self.method}_{at}{'-'.join(f'{r:g}' for r in self.keep_ratios)}" + (f"_{own[1:]}" if own else "")
 
     def metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"method": self.method, "keep_ratios": list(self.keep_ratios or ())}
         if self.layers is not None:
             meta["layers"] = list(self.layers)
+        if self.params:
+            meta["params"] = dict(self.params)
         return meta | {"seed": self.seed} if self.method == "random" else meta
 
 
@@ -77,7 +85,7 @@ def setting_policy(model: nn.Module, setting: Setting) -> PruningPolicy | None:
     against the model (a bad setting fails before any answering)."""
     if setting.method == "none":
         return None
-    policy = get_policy(setting.method, setting.seed, decision_modules=model.decision_modules)
+    policy = get_policy(setting.method, setting.seed, model.decision_modules, dict(setting.params))
     model.schedule(policy, setting.layers, setting.keep_ratios)
     return policy
 
@@ -104,6 +112,17 @@ def with_pruning(model: nn.Module, spec: ModelSpec, method: str) -> LVPruningMod
     return attach(model, spec.pruning).eval()
 
 
+def left_padded(prompts: list[np.ndarray], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts (each (L_i,)) padded on the left into one batch: input_ids and attention_mask, (B, N)."""
+    B, N = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.full((B, N), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, N, dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        input_ids[b, N - len(prompt) :] = torch.from_numpy(np.asarray(prompt, dtype=np.int64))
+        attention_mask[b, N - len(prompt) :] = 1
+    return input_ids, attention_mask
+
+
 @torch.no_grad()
 def timed_generate(
     model: nn.Module,
@@ -118,12 +137,8 @@ def timed_generate(
     times (ms) of the prefill and of the whole call. ``model``: the base model for ``none``, else an
     :class:`LVPruningModel` (``policy`` ranks the tokens). On GPU the device is synchronized at each clock read."""
     device = next(model.parameters()).device
-    B, N = len(prompts), max(len(p) for p in prompts)
-    input_ids = torch.full((B, N), tokenizer.pad_token_id, dtype=torch.long)  # (B, N), padded on the left
-    attention_mask = torch.zeros(B, N, dtype=torch.long)
-    for b, prompt in enumerate(prompts):
-        input_ids[b, N - len(prompt) :] = torch.from_numpy(np.asarray(prompt, dtype=np.int64))
-        attention_mask[b, N - len(prompt) :] = 1
+    input_ids, attention_mask = left_padded(prompts, tokenizer.pad_token_id)
+    N = input_ids.shape[1]
     pixels = torch.from_numpy(np.asarray(pixel_values)).to(device, next(model.parameters()).dtype)
     inputs = {"input_ids": input_ids.to(device), "pixel_values": pixels}
     inputs |= {"attention_mask": attention_mask.to(device), "max_new_tokens": max_new_tokens}

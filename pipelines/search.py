@@ -14,8 +14,8 @@ import itertools
 from typing import Any
 
 from lvpruning import PruningConfig
-from lvpruning.config import paper_schedule
-from pipelines.config import JobConfig, SearchSpace, grid_range
+from lvpruning.config import check_schedule, paper_schedule
+from pipelines.config import JobConfig, OwnLayers, SearchSpace, grid_range
 
 LVPRUNING = "lvpruning"
 
@@ -54,8 +54,12 @@ class DefineByRun:
 
 
 def baseline_trials(cfg: JobConfig) -> list[dict[str, Any]]:
-    """One evaluation-only trial per training-free method of ``sweep.baselines``, at ``pruning.layers``."""
-    return [{"method": m, "layers": list(cfg.pruning.layers)} for m in cfg.sweep.baselines.methods]
+    """One evaluation-only trial per training-free method of ``sweep.baselines``, at ``pruning.layers``, then one per
+    entry of ``sweep.baselines.at_own_layers`` (its layers, schedules and parameters)."""
+    b = cfg.sweep.baselines
+    trials = [{"method": m, "layers": list(cfg.pruning.layers)} for m in b.methods]
+    own = [o.model_dump(mode="json") for o in b.at_own_layers]
+    return trials + [{**o, "schedules": [list(r) for r in o["schedules"]]} for o in own]
 
 
 def shifted_schedules(ratios: list[float], shifts: tuple[float, ...], step: float) -> list[tuple[float, ...]]:
@@ -84,9 +88,14 @@ def trial_config(cfg: JobConfig, params: dict[str, Any], trial_id: str) -> JobCo
         if "learning_rate" in params:
             update["train"] = cfg.train.model_copy(update={"learning_rate": params["learning_rate"]})
         schedules = shifted_schedules(list(ratios), cfg.sweep.infer_shifts, cfg.sweep.space.ratio_step)
+    elif "schedules" in params:  # a baseline at its own layers
+        own = OwnLayers.model_validate({k: params[k] for k in ("method", "layers", "schedules", "params")})
+        evaluated = {"methods": (), "schedules": (), "at_own_layers": (own,), "output_dir": answers}
+        update["eval"] = cfg.eval.model_copy(update=evaluated)
+        return cfg.model_copy(update=update)
     else:
         schedules = cfg.sweep.baselines.schedules
-    evaluated = {"methods": (method,), "schedules": tuple(schedules), "output_dir": answers}
+    evaluated = {"methods": (method,), "schedules": tuple(schedules), "output_dir": answers, "at_own_layers": ()}
     update["eval"] = cfg.eval.model_copy(update=evaluated)
     return cfg.model_copy(update=update)
 
@@ -100,6 +109,12 @@ def check_space(cfg: JobConfig, num_layers: int, hidden_size: int) -> None:
             cfg.pruning.check_ratios(schedule)
         except ValueError as e:
             raise ValueError(f"sweep.baselines.schedules[{i}] (at pruning.layers): {e}") from None
+    for i, own in enumerate(cfg.sweep.baselines.at_own_layers):
+        for schedule in own.schedules:
+            try:
+                check_schedule(own.layers, schedule, num_layers)
+            except ValueError as e:
+                raise ValueError(f"sweep.baselines.at_own_layers[{i}] ({own.method}): {e}") from None
     s = cfg.sweep.space
     widths = s.decision_dim if s.decision_dim is not None else (cfg.pruning.decision_dim,)
     for i, layers in enumerate(s.layers):

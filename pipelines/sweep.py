@@ -17,23 +17,38 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray.data
 from mlflow import MlflowClient
-from mlflow.entities import Param
+from mlflow.entities import Metric, Param
 from optuna.samplers import TPESampler
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
+from transformers import AutoProcessor
 
+from pipelines.calibration import (
+    RETENTION,
+    SIMILARITY,
+    CalibrationSpace,
+    calibration_layers,
+    calibration_report,
+    calibration_requests,
+    check_calibration,
+    hidden_similarity,
+    retention,
+    trial_setting,
+)
 from pipelines.config import TOY, JobConfig
-from pipelines.evaluation import benchmarks_from_config, evaluate
+from pipelines.evaluation import benchmarks_from_config, evaluate, modules_config
 from pipelines.experiment import check_config, finished_training, prepare_inputs, run_training, text_config
+from pipelines.models import ModelSpec
 from pipelines.pareto import MEAN, TFLOPS
 from pipelines.search import LVPRUNING, DefineByRun, baseline_trials, check_space, trial_config
 from pipelines.storage import is_s3
@@ -65,7 +80,10 @@ def check_sweep(cfg: JobConfig) -> JobConfig:
             "(run.storage_path is s3://): point it at an mlflow server"
         )
     text = text_config(cfg)
-    check_space(cfg, text.num_hidden_layers, text.hidden_size)
+    if cfg.sweep.objective == SIMILARITY:
+        check_calibration(cfg, text.num_hidden_layers)
+    else:
+        check_space(cfg, text.num_hidden_layers, text.hidden_size)
     cfg = check_config(cfg)
     if cfg.model.name_or_path != TOY:
         benchmarks_from_config(cfg)  # every benchmark has its files: found now, not after the first training
@@ -104,8 +122,10 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_run_id: str
     # Trials run side by side: their Ray Data progress bars would interleave into a flood; Tune's table and each
     # trial's training steps say how far it is.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg = trial_config(JobConfig.model_validate(base), params, trial_id)
     tags = {PARENT_TAG: sweep_run_id, TRIAL_TAG: trial_id, KIND_TAG: "trial"}
+    if JobConfig.model_validate(base).sweep.objective == SIMILARITY:
+        return calibration_trial(JobConfig.model_validate(base), params, trial_id, tags)
+    cfg = trial_config(JobConfig.model_validate(base), params, trial_id)
     client = MlflowClient(tracking_uri(cfg))
     if params["method"] == LVPRUNING:
         trained = finished_training(cfg) or run_training(cfg, tags=tags, callbacks=[TuneReportCallback()])
@@ -119,6 +139,35 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_run_id: str
         client.set_terminated(parent, "FINISHED")
     own = results[0].metrics
     tune.report({name: own[name] for name in OBJECTIVES} | {"settings": len(results), "mlflow_run_id": parent})
+
+
+def calibration_trial(cfg: JobConfig, params: dict[str, Any], trial_id: str, tags: dict[str, str]) -> None:
+    """One label-free calibration trial: the hidden-state similarity on the calibration set, then (with
+    ``sweep.calibration.evaluate``) the labelled benchmarks at the same setting, beneath the trial's run."""
+    c = cfg.sweep.calibration
+    run = cfg.run.model_copy(update={"name": f"{cfg.run.name}-{trial_id}"})
+    answers = f"{cfg.eval.output_dir or './eval'}/{run.name}"
+    cfg = cfg.model_copy(update={"run": run, "eval": cfg.eval.model_copy(update={"output_dir": answers})})
+    inputs = prepare_inputs(cfg)
+    setting, evaluated = trial_setting(inputs.config, params)
+    modules = cfg.eval.modules if c.method == LVPRUNING else None
+    spec = ModelSpec(inputs.model_path, modules, cfg.pruning, cfg.model.dtype, cfg.model.attn_implementation)
+    processor = AutoProcessor.from_pretrained(inputs.model_path)
+    prompts, pixels, skipped = calibration_requests(inputs.train_json, inputs.image_root, processor, c)
+    similarity = hidden_similarity(spec, setting, prompts, pixels, processor.tokenizer.pad_token_id, c.batch_size)
+    num_layers = text_config(cfg).num_hidden_layers
+    layers = setting.layers or modules_config(modules).layers
+    report = {SIMILARITY: similarity, RETENTION: retention(layers, setting.keep_ratios, num_layers)}
+    report |= {"calibration_questions": float(len(prompts)), "calibration_skipped": float(skipped)}
+    client = MlflowClient(tracking_uri(cfg))
+    parent = trial_run(client, cfg, tags, {"method": c.method, "layers": list(layers)})
+    client.log_batch(parent, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in report.items()])
+    client.log_param(parent, "setting", setting.name)
+    if c.evaluate:
+        own = evaluate(evaluated, model_path=inputs.model_path, modules=modules, parent_run_id=parent)[0].metrics
+        report |= {name: own[name] for name in OBJECTIVES}
+    client.set_terminated(parent, "FINISHED")
+    tune.report(report | {"setting": setting.name, "mlflow_run_id": parent})
 
 
 def trial_run(client: MlflowClient, cfg: JobConfig, tags: dict[str, str], params: dict[str, Any]) -> str:
@@ -262,6 +311,23 @@ def build_tuner(cfg: JobConfig, sweep_run_id: str) -> tuple[tune.Tuner, bool]:
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=filesystem)
         return tuner, True
+    run_config = tune.RunConfig(
+        name=cfg.run.name,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        callbacks=[TrialRunStatus(tracking_uri(cfg), cfg.mlflow.experiment)],
+        failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
+    )
+    if cfg.sweep.objective == SIMILARITY:  # evaluation-only trials: no baselines, no training to guard
+        c = cfg.sweep.calibration
+        num_layers = text_config(cfg).num_hidden_layers
+        modules = modules_config(cfg.eval.modules).layers if c.method == LVPRUNING else None
+        space = CalibrationSpace(c, calibration_layers(cfg, num_layers, modules), num_layers)
+        search = OptunaSearch(space=space, metric=SIMILARITY, mode="max", sampler=TPESampler(seed=cfg.sweep.seed))
+        tune_config = tune.TuneConfig(
+            search_alg=search, num_samples=cfg.sweep.num_trials, max_concurrent_trials=cfg.sweep.concurrency
+        )
+        return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config), False
     optuna = OptunaSearch(
         space=DefineByRun(cfg.sweep.space),
         metric=list(OBJECTIVES),
@@ -279,13 +345,7 @@ def build_tuner(cfg: JobConfig, sweep_run_id: str) -> tuple[tune.Tuner, bool]:
             num_samples=len(baselines) + cfg.sweep.num_trials,
             max_concurrent_trials=cfg.sweep.concurrency,
         ),
-        run_config=tune.RunConfig(
-            name=cfg.run.name,
-            storage_path=storage_path,
-            storage_filesystem=filesystem,
-            callbacks=[TrialRunStatus(tracking_uri(cfg), cfg.mlflow.experiment)],
-            failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
-        ),
+        run_config=run_config,
     )
     return tuner, False
 
@@ -306,7 +366,7 @@ def run_sweep(cfg: JobConfig) -> SweepResult:
     ended = {r.metrics.get("trial_id") for r in grid if r.metrics} - {None}
     if restored:  # trials started after Tune's last save of its state are not in it: their runs end KILLED
         end_orphans(client, cfg.mlflow.experiment, sweep_run_id, ended)
-    expected = len(baseline_trials(cfg)) + cfg.sweep.num_trials
+    expected = cfg.sweep.num_trials + (len(baseline_trials(cfg)) if cfg.sweep.objective != SIMILARITY else 0)
     interrupted = len(grid) < expected or grid.num_terminated + grid.num_errors < len(grid)  # Ctrl-C: fit returns
     status = "KILLED" if interrupted else "FAILED" if grid.errors else "FINISHED"
     client.set_terminated(sweep_run_id, status)
@@ -322,3 +382,23 @@ def end_orphans(client: MlflowClient, experiment: str, sweep_run_id: str, trial_
         if trial_id is not None and trial_id not in trial_ids:
             logger.warning("trial %s is not in the restored sweep (started after its last save): run KILLED", trial_id)
             end_trial_runs(client, experiment, trial_id, "KILLED")
+
+
+def report_calibration(cfg: JobConfig, grid: tune.ResultGrid) -> str:
+    """The calibration sweep's table and how the label-free choice matches the labelled optimum
+    (:func:`pipelines.calibration.calibration_report`), logged on the sweep's MLflow run."""
+    keys = (SIMILARITY, RETENTION, *OBJECTIVES)
+    rows = [
+        {k: r.metrics[k] for k in keys if k in r.metrics} | {"config": r.metrics["setting"]}
+        for r in grid
+        if r.metrics and SIMILARITY in r.metrics
+    ]
+    if not rows:
+        return "no calibration trial finished"
+    table, metrics = calibration_report(rows)
+    client, run_id = MlflowClient(tracking_uri(cfg)), sweep_run(cfg)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if v == v])  # no NaN
+    client.log_text(run_id, table, "calibration.txt")
+    client.set_terminated(run_id, "FINISHED")
+    return table

@@ -10,6 +10,9 @@ the unpruned model, comes on top in the pipelines).
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
+
 from torch import nn
 
 from lvpruning.policies.adaptinfer import AdaptInferPolicy
@@ -17,6 +20,9 @@ from lvpruning.policies.base import PruningPolicy, Schedule, scaled_layers
 from lvpruning.policies.baselines import FastVPolicy, LearnedPolicy, RandomPolicy
 from lvpruning.policies.star import StarPolicy
 from lvpruning.policies.transprune import TransPrunePolicy
+from lvpruning.policies.vflowopt import VFlowOptPolicy
+from lvpruning.policies.visionzip import VisionZipPolicy
+from lvpruning.policies.vscan import VScanPolicy
 
 POLICIES: dict[str, type[PruningPolicy]] = {
     "lvpruning": LearnedPolicy,
@@ -25,18 +31,32 @@ POLICIES: dict[str, type[PruningPolicy]] = {
     "transprune": TransPrunePolicy,
     "adaptinfer": AdaptInferPolicy,
     "star": StarPolicy,
+    "vscan": VScanPolicy,
+    "vflowopt": VFlowOptPolicy,
+    "visionzip": VisionZipPolicy,
 }
 
 
-def get_policy(name: str, seed: int = 0, decision_modules: nn.ModuleList | None = None) -> PruningPolicy:
-    """A policy by its name in ``POLICIES``; ``seed`` is the random baseline's, ``decision_modules`` LVPruning's."""
+def get_policy(
+    name: str,
+    seed: int = 0,
+    decision_modules: nn.ModuleList | None = None,
+    params: Mapping[str, float] | None = None,
+) -> PruningPolicy:
+    """A policy by its name in ``POLICIES``; ``seed`` is the random baseline's, ``decision_modules`` LVPruning's,
+    ``params`` a method's own keyword arguments (e.g. VFlowOpt's ``t``, ``alpha``, ``cell``)."""
     if name not in POLICIES:
         raise ValueError(f"unknown pruning policy {name!r}; choose from {list(POLICIES)}")
     if name == "lvpruning":
         if decision_modules is None:
             raise ValueError("policy 'lvpruning' scores with trained decision modules: pass decision_modules")
         return POLICIES[name](decision_modules)
-    return POLICIES[name](seed) if name == "random" else POLICIES[name]()
+    kwargs = {"seed": seed} if name == "random" else {}
+    accepted = set(inspect.signature(POLICIES[name]).parameters) - set(kwargs)
+    unknown = sorted(set(params or {}) - accepted)
+    if unknown:
+        raise ValueError(f"policy {name!r} has no parameters {unknown}; it takes {sorted(accepted) or 'none'}")
+    return POLICIES[name](**kwargs, **(params or {}))
 
 
 __all__ = [
@@ -49,6 +69,9 @@ __all__ = [
     "Schedule",
     "StarPolicy",
     "TransPrunePolicy",
+    "VFlowOptPolicy",
+    "VScanPolicy",
+    "VisionZipPolicy",
     "get_policy",
     "scaled_layers",
 ]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lvpruning.stage import LayerRecord, StageInput, StageShape
+from lvpruning.stage import LayerRecord, MergePlan, StageInput, StageShape
 
 REFERENCE_LAYERS = 32  # LLaVA-1.5-7B's decoder, where the published settings apply
 
@@ -34,25 +34,30 @@ def scaled_layers(layers: tuple[int, ...], num_layers: int, reference: int = REF
     Pruning after layer ``l`` (zero-based) happens at depth ``(l + 1) / reference``; on the smaller model that is
     after layer ``round((l + 1) * num_layers / reference) - 1``. The result is then made strictly increasing within
     ``[0, num_layers - 2]`` (a stage needs a layer after it), moving collided stages up, then down. On the 4-layer toy
-    model TransPrune's (7, 9, 12) and AdaptInfer's (1, 10, 20) both become (0, 1, 2).
+    model TransPrune's (7, 9, 12) and AdaptInfer's (1, 10, 20) both become (0, 1, 2). The vision-tower stage ``-1``
+    stays first at ``-1``.
     """
     if num_layers == reference:
         return tuple(layers)
+    tower = tuple(layers[:1]) if layers and layers[0] == -1 else ()
+    layers = layers[len(tower) :]
     if len(layers) > num_layers - 1:
         raise ValueError(f"{len(layers)} stages do not fit a {num_layers}-layer decoder (at most {num_layers - 1})")
     out = [min(max(round((l + 1) * num_layers / reference) - 1, 0), num_layers - 2) for l in layers]  # noqa: E741
     for s in range(1, len(out)):
         out[s] = max(out[s], out[s - 1] + 1)
-    out[-1] = min(out[-1], num_layers - 2)
+    if out:
+        out[-1] = min(out[-1], num_layers - 2)
     for s in range(len(out) - 2, -1, -1):
         out[s] = min(out[s], out[s + 1] - 1)
-    return tuple(out)
+    return tower + tuple(out)
 
 
 class PruningPolicy:
     """The interface. ``scores`` is required; a policy that reads earlier layers lists them in ``recorded_layers``
-    and reduces each one's :class:`LayerRecord` to per-token values (B, N) in ``observe``; ``overhead_flops`` counts
-    the matmuls it adds (``lvpruning.flops``' convention: 2 FLOPs per multiply-add)."""
+    and reduces each one's :class:`LayerRecord` to per-token values (B, N) in ``observe``; a merging policy
+    overrides ``plan``; ``overhead_flops`` (and ``tower_flops`` at the vision-tower stage) count the matmuls it adds
+    (``lvpruning.flops``' convention: 2 FLOPs per multiply-add)."""
 
     name: str
     published: Schedule  # the method's LLaVA-1.5-7B setting
@@ -60,6 +65,10 @@ class PruningPolicy:
     def scores(self, stage: StageInput) -> torch.Tensor:
         """Keep scores (B, V) for the vision tokens at ``stage.vision_pos``; the top-k are kept."""
         raise NotImplementedError
+
+    def plan(self, stage: StageInput, k: int) -> MergePlan:
+        """The ``k`` vision tokens kept at this stage (default: the top-k of ``scores``, eq. 13, nothing merged)."""
+        return MergePlan(self.scores(stage).topk(k, dim=1).indices)
 
     def recorded_layers(self, layers: tuple[int, ...]) -> tuple[int, ...]:
         """Decoder layers whose sub-blocks the engine records, given the schedule's pruning ``layers``."""
@@ -71,6 +80,11 @@ class PruningPolicy:
 
     def overhead_flops(self, text_config, stage: StageShape) -> int:
         """Matmul FLOPs this policy adds at a stage, beyond the decoder layers."""
+        return 0
+
+    def tower_flops(self, config, stage: StageShape) -> int:
+        """Matmul FLOPs this policy adds at the vision-tower stage (``stage.layer == -1``), given the whole
+        ``LlavaConfig`` (tower, projector and decoder widths)."""
         return 0
 
     def record_flops(self, text_config, layer: StageShape) -> int:

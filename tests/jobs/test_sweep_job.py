@@ -48,6 +48,7 @@ def sweep_args(tmp: Path, name: str) -> list[str]:
         "sweep.infer_shifts=[-0.2]",
         "sweep.baselines.methods=[none,fastv]",
         "sweep.baselines.schedules=[[0.5,0.3,0.1]]",
+        "sweep.baselines.at_own_layers=[]",
     ]
 
 

@@ -80,3 +80,25 @@ def generate_alone(pruner, batch: dict[str, torch.Tensor], i: int, **kwargs) -> 
 @pytest.fixture
 def pruner():
     return make_pruner()
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch) -> list[torch.Size]:
+    """The query shapes of every SDPA call from here on; eager attention (Llama's and CLIP's) patched to fail."""
+    from transformers.models.clip import modeling_clip
+    from transformers.models.llama import modeling_llama
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return sdpa(*args, **kwargs)
+
+    def no_eager(*args, **kwargs):
+        raise AssertionError("eager attention was called")
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", no_eager)
+    monkeypatch.setattr(modeling_clip, "eager_attention_forward", no_eager)
+    return calls

@@ -11,7 +11,7 @@ from tests.lvpruning.conftest import generate_alone, make_batch, make_pruner
 RATIOS = (0.5, 0.3, 0.1)
 
 
-def reference_generate(pruner, batch, steps, **prune):
+def reference_generate(pruner, batch, steps, keep_ratios=RATIOS, **prune):
     """Re-run the pruned forward on the whole growing sequence, without a cache, and take the argmax.
 
     The instruction tokens stay those of the prompt, since generation prunes once, in the prefill."""
@@ -23,7 +23,7 @@ def reference_generate(pruner, batch, steps, **prune):
             attention_mask=mask,
             pixel_values=batch["pixel_values"],
             instruction_mask=instruction,
-            keep_ratios=RATIOS,
+            keep_ratios=keep_ratios,
             **prune,
         )
         next_token = out.logits[:, -1].argmax(-1, keepdim=True)

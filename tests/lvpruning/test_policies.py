@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers.models.llama.modeling_llama as modeling_llama
 
 from lvpruning.policies import POLICIES, FastVPolicy, RandomPolicy, get_policy
 from lvpruning.stage import keep_count
 from tests.lvpruning.conftest import NUM_VISION, generate_alone, make_batch, make_pruner
 
-TRAINING_FREE = [name for name in POLICIES if name != "lvpruning"]
+# the methods that prune in the LLM only (the vision-tower methods: test_tower.py)
+LLM_METHODS = [name for name in POLICIES if POLICIES[name].published.layers[0] >= 0]
+TRAINING_FREE = [name for name in LLM_METHODS if name != "lvpruning"]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -82,7 +83,7 @@ def test_every_method_prunes_a_padded_batch_as_each_sample_alone(name):
             torch.testing.assert_close(single.logits[0, -1], together.logits[i, -1], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("name", LLM_METHODS)
 def test_every_method_generates_for_a_padded_batch_what_each_sample_generates_alone(name):
     pruner = make_pruner(6, layers=(0, 1, 2))
     batch = make_batch([(2, 8), (4, 3), (1, 1)], seed=6)
@@ -93,22 +94,11 @@ def test_every_method_generates_for_a_padded_batch_what_each_sample_generates_al
         assert torch.equal(together[i, -4:], alone[0, -4:])
 
 
-@pytest.mark.parametrize("name", POLICIES)
-def test_every_method_keeps_sdpa_on(name, monkeypatch):
+@pytest.mark.parametrize("name", LLM_METHODS)
+def test_every_method_keeps_sdpa_on(name, sdpa_calls):
     """No switch to eager: every decoder attention call goes through SDPA, in the prefill and in decoding."""
     pruner = make_pruner(layers=(0, 1, 2))
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape)
-        return sdpa(*args, **kwargs)
-
-    def no_eager(*args, **kwargs):
-        raise AssertionError("eager attention was called")
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
-    monkeypatch.setattr(modeling_llama, "eager_attention_forward", no_eager)
+    calls = sdpa_calls
     batch = make_batch([(2, 4), (3, 6)], seed=1)
     policy = get_policy(name, decision_modules=pruner.decision_modules)
     pruner.generate(**batch, policy=policy, max_new_tokens=3, eos_token_id=[])

@@ -1,0 +1,88 @@
+"""VisionZip: dominant tokens by the CLS attention, the rest merged into a few contextual tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from lvpruning.adapters import projector_flops, vision_attention_rows_flops, vision_keys_flops
+from lvpruning.merging import group_sum, group_sum_flops, nearest, nearest_flops
+from lvpruning.policies.base import PruningPolicy, Schedule
+from lvpruning.stage import MergePlan, StageInput, StageShape, gather_tokens
+
+CONTEXTUAL_SHARE = 10 / 64  # published 54 + 10, 108 + 20, 162 + 30
+
+
+def contextual_count(k: int) -> int:
+    """Contextual tokens in a budget of ``k``: 10 of 64 (20 of 128, 30 of 192), at most ``k - 1``."""
+    return min(k - 1, round(k * CONTEXTUAL_SHARE))
+
+
+class VisionZipPolicy(PruningPolicy):
+    """VisionZip (Yang et al., CVPR 2025, "Longer is Better but Not Necessary"; dvlab-research/VisionZip,
+    ``visionzip/clip_encoder.py``, ``visionzip/utils.py``). One stage at the vision tower, on the encoder layer
+    whose output LLaVA projects (22 of 24), with A its attention and H its output (CLS included):
+
+        s_j = sum_h A_h[CLS, j]                       dominant: CLS + the top D - 1 patches by s
+        keys  kbar_j = mean_h K_h[j] / ||.||           of that layer, for similarity
+        Nf = 577 - D remaining patches in raster order; targets t_c = c * max(1, Nf // K), c < K
+        each other remaining token i joins c(i) = argmax_c <kbar_i, kbar_{t_c}>
+        contextual_c = H[t_c] + mean_{i: c(i) = c} H[i]
+
+    and the D + K tokens go through the projector (the dominant patches' projections are the embeddings already).
+    The CLS token, which LLaVA drops, is fed to the LLM. Published (LLaVA-1.5-7B): 64 / 128 / 192 tokens =
+    54 + 10, 108 + 20, 162 + 30 (D counts the CLS token). Slots: here every token keeps an original position
+    (eq. 14; the reference renumbers): a dominant patch its own, a contextual token its target's, the CLS token the
+    image's first free slot (VisionZip places it first).
+    """
+
+    name = "visionzip"
+    published = Schedule(layers=(-1,), ratios=(64 / 576,))
+
+    def plan(self, stage: StageInput, k: int) -> MergePlan:
+        if stage.layer != -1:
+            raise ValueError("visionzip prunes at the vision tower only: schedule layers [-1]")
+        B, P = stage.vision_pos.shape
+        if k >= P:
+            return MergePlan(torch.arange(P, device=stage.vision_pos.device).expand(B, P))
+        num_contextual = contextual_count(k)
+        num_dominant = k - num_contextual - 1  # patches; the CLS token is the last dominant one
+        layer = stage.feature_layer
+        features = stage.vision_states[layer + 1]  # (B, M, C_v): LLaVA's features, CLS first
+        cls_query = torch.zeros(B, 1, dtype=torch.long, device=features.device)
+        s = stage.vision_attention(layer, cls_query).sum(dim=1)[:, 0, 1:]  # (B, P), summed over heads
+        dominant = s.topk(num_dominant, dim=1).indices  # (B, D - 1) patches
+        is_dominant = torch.zeros_like(s, dtype=torch.bool).scatter(1, dominant, True)
+        remaining = torch.argsort(is_dominant.to(torch.int8), dim=1, stable=True)[:, : P - num_dominant]  # (B, Nf)
+        slots = [dominant]
+        hidden = [gather_tokens(stage.hidden_out, stage.vision_pos.gather(1, dominant))]
+        news = [features[:, :1]]  # the CLS token
+        if num_contextual:
+            num_rest = remaining.shape[1]
+            targets = torch.arange(0, num_rest, max(1, num_rest // num_contextual))[:num_contextual]
+            others = torch.ones(num_rest, dtype=torch.bool)
+            others[targets] = False
+            targets, others = targets.to(features.device), others.nonzero()[:, 0].to(features.device)
+            keys = stage.vision_keys(layer).mean(dim=1)[:, 1:]  # (B, P, d): the head-mean keys of the patches
+            rest_keys, rest = gather_tokens(keys, remaining), gather_tokens(features[:, 1:], remaining)
+            join = nearest(rest_keys[:, others], rest_keys[:, targets])  # (B, Nf - K)
+            sums, counts = group_sum(rest[:, others], join, num_contextual)
+            news.append(rest[:, targets] + (sums / counts.clamp_min(1)[..., None]).to(rest.dtype))
+            slots.append(remaining[:, targets])
+        taken = is_dominant.scatter(1, slots[-1], True)
+        slots.append(torch.argmax((~taken).to(torch.int8), dim=1, keepdim=True))  # the CLS token's slot
+        projected = stage.project(torch.cat(news[1:] + news[:1], dim=1))  # contextual..., CLS
+        return MergePlan(torch.cat(slots, dim=1), torch.cat([*hidden, projected.to(stage.hidden_out.dtype)], 1))
+
+    def tower_flops(self, config, stage: StageShape) -> int:
+        v = config.vision_config
+        patches, k = stage.num_vision, stage.kept
+        if k >= patches:
+            return 0
+        num_contextual = contextual_count(k)
+        num_rest = patches - (k - num_contextual - 1)
+        flops = vision_attention_rows_flops(v, 1, patches + 1) + vision_keys_flops(v, patches + 1)
+        if num_contextual:
+            others, head_dim = num_rest - num_contextual, v.hidden_size // v.num_attention_heads
+            flops += nearest_flops(others, num_contextual, head_dim)
+            flops += group_sum_flops(others, num_contextual, v.hidden_size)
+        return flops + projector_flops(config, num_contextual + 1)

@@ -19,10 +19,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipelines.calibration import report_calibration
 from pipelines.cluster import connect_ray
 from pipelines.config import load_config
 from pipelines.frontier import run_frontier
-from pipelines.sweep import check_sweep, report_calibration, run_sweep
+from pipelines.sweep import check_sweep, run_sweep
 from pipelines.tracking import redact, ui_hint
 
 DEFAULT = Path(__file__).parent / "configs" / "sweep_toy.yaml"
@@ -64,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     if s.objective == "hidden_similarity":
         print(f"\nlabel-free calibration of {s.calibration.method}, best similarity first:\n")
-        print(report_calibration(cfg, result.grid))
+        print(report_calibration(cfg, result.grid, result.run_id))
         return 1 if result.grid.errors else 0
     frontier = run_frontier(cfg.mlflow.tracking_uri, [cfg.mlflow.experiment])
     print(f"\nPareto frontier (accuracy/mean against TFLOPs), frontier run {frontier.run_id}:\n{frontier.table}")

@@ -188,6 +188,7 @@ class LVPruningModel(nn.Module):
                 f"the decision modules sit after layers {list(self.config.layers)}; they cannot prune at {list(layers)}"
             )
         check_schedule(layers, ratios, self.adapter.text_config.num_hidden_layers)
+        policy.check_layers(layers)
         return layers, ratios
 
     def _forward_train(self, input_ids, pixel_values, attention_mask, labels, instruction_mask) -> LVPruningOutput:
@@ -412,6 +413,7 @@ class LVPruningModel(nn.Module):
 
 
 def no_decoder_attention(queries: torch.Tensor) -> torch.Tensor:
+    """``StageInput.attention`` at the vision-tower stage, which follows no decoder layer."""
     raise ValueError("the vision-tower stage (layer -1) follows no decoder layer: read vision_attention instead")
 
 

@@ -429,8 +429,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         shape |= {"ffn_dim": args.decision_ffn, "decision_dim": args.decision_dim}
         if args.method == "lvpruning":
             pruning = PruningConfig(layers=layers, train_ratios=ratios, infer_ratios=ratios, **shape)
-        else:  # the decision modules' config is unused; its layers need not be the method's (-1 included)
-            pruning = PruningConfig(**shape)
+        else:  # only the modules' shape is read; their stages are the method's decoder ones (a tower stage aside)
+            stages = tuple(i for i in layers if i >= 0) or (0,)
+            ones = (1.0,) * len(stages)
+            pruning = PruningConfig(layers=stages, train_ratios=ones, infer_ratios=ones, **shape)
         report = analytic_flops(config, pruning, ratios, args.text_tokens, args.logits, args.method, layers)
     except ValueError as err:
         parser.error(str(err))

@@ -14,22 +14,32 @@ import json
 import math
 import random
 import statistics
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 import torch.nn.functional as F
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from ray import tune
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from transformers import AutoProcessor
 
 from lvpruning.config import check_schedule
+from lvpruning.policies import POLICIES
 from pipelines.config import Calibration, JobConfig, OwnLayers
 from pipelines.conversation import TEMPLATES
 from pipelines.conversation import build_prompt as conversation_prompt
-from pipelines.evaluation import modules_config
+from pipelines.evaluation import evaluate, modules_config
+from pipelines.experiment import prepare_inputs, text_config
 from pipelines.inference import Preprocessor
 from pipelines.models import ModelSpec, Setting, left_padded, load_model, setting_policy
 from pipelines.pareto import MEAN, TFLOPS
 from pipelines.storage import read_bytes
+from pipelines.tracking import tracking_uri, trial_run
 
 SIMILARITY = "hidden_similarity"
 RETENTION = "retention"
@@ -93,8 +103,6 @@ class CalibrationSpace:
 
 def calibration_layers(cfg: JobConfig, num_layers: int, modules_layers: tuple[int, ...] | None) -> tuple[int, ...]:
     """The calibrated stages: ``sweep.calibration.layers``, LVPruning's modules', or the method's published ones."""
-    from lvpruning.policies import POLICIES
-
     c = cfg.sweep.calibration
     if c.method == "lvpruning":
         if c.layers is not None and modules_layers is not None and tuple(c.layers) != modules_layers:
@@ -113,6 +121,8 @@ def check_calibration(cfg: JobConfig, num_layers: int) -> None:
         modules = modules_config(cfg.eval.modules).layers
     layers = calibration_layers(cfg, num_layers, modules)
     check_schedule(layers, (1.0,) * len(layers), num_layers)
+    if c.method != "lvpruning":
+        POLICIES[c.method]().check_layers(layers)
     if c.budget < retention(layers, (c.ratio_step,) * len(layers), num_layers):
         raise ValueError(f"sweep.calibration.budget {c.budget} is below what layers {list(layers)} can reach")
 
@@ -148,11 +158,18 @@ def calibration_requests(
 
 @torch.no_grad()
 def hidden_similarity(
-    spec: ModelSpec, setting: Setting, prompts: list[np.ndarray], pixels: np.ndarray, pad_id: int, batch_size: int
+    spec: ModelSpec,
+    setting: Setting,
+    prompts: list[np.ndarray],
+    pixels: np.ndarray,
+    pad_id: int,
+    batch_size: int,
+    device: str = "cpu",
 ) -> float:
     """Mean over the prompts of the cosine similarity between the last prompt token's final hidden state without
-    and with ``setting``'s pruning (left-padded batches of ``batch_size``, fp32 cosine)."""
-    model = load_model(spec, setting.method)
+    and with ``setting``'s pruning (left-padded batches of ``batch_size``, fp32 cosine; a NaN one counts 0, as in
+    VFlowOpt's optimiser), with the model on ``device``."""
+    model = load_model(spec, setting.method, device)
     policy = setting_policy(model, setting)
     base = model.model.model  # the Hugging Face LlavaModel: its last_hidden_state is after the final norm
     param = next(model.parameters())
@@ -161,9 +178,10 @@ def hidden_similarity(
         input_ids, attention_mask = left_padded(prompts[start : start + batch_size], pad_id)
         inputs = {"input_ids": input_ids.to(param.device), "attention_mask": attention_mask.to(param.device)}
         inputs["pixel_values"] = torch.from_numpy(pixels[start : start + batch_size]).to(param.device, param.dtype)
-        full = base(**inputs).last_hidden_state[:, -1]  # (B, C)
+        full = base(**inputs, use_cache=False).last_hidden_state[:, -1]  # (B, C)
         out = model(**inputs, keep_ratios=setting.keep_ratios, policy=policy, layers=setting.layers, logits_to_keep=1)
-        similarities += F.cosine_similarity(full.float(), out.last_hidden_state[:, -1].float(), dim=-1).tolist()
+        cosine = F.cosine_similarity(full.float(), out.last_hidden_state[:, -1].float(), dim=-1)
+        similarities += cosine.nan_to_num(0.0).tolist()
     return statistics.fmean(similarities)
 
 
@@ -230,3 +248,66 @@ def calibration_report(rows: Sequence[dict[str, Any]]) -> tuple[str, dict[str, f
             f"Spearman's rho of similarity and accuracy over {len(scored)} trials: {rho:.3f}"
         )
     return "\n".join(lines), metrics
+
+
+def calibration_trial(cfg: JobConfig, params: dict[str, Any], trial_id: str, tags: dict[str, str]) -> None:
+    """One label-free calibration trial: the hidden-state similarity on the calibration set (a Ray task with the
+    evaluation's resources: a GPU with ``eval.use_gpu``), then (with ``sweep.calibration.evaluate``) the labelled
+    benchmarks at the same setting, beneath the trial's run. A resumed trial reuses what its run already holds."""
+    c = cfg.sweep.calibration
+    run = cfg.run.model_copy(update={"name": f"{cfg.run.name}-{trial_id}"})
+    answers = f"{cfg.eval.output_dir or './eval'}/{run.name}"
+    cfg = cfg.model_copy(update={"run": run, "eval": cfg.eval.model_copy(update={"output_dir": answers})})
+    inputs = prepare_inputs(cfg)
+    setting, evaluated = trial_setting(inputs.config, params)
+    modules = cfg.eval.modules if c.method == "lvpruning" else None
+    layers = setting.layers or modules_config(modules).layers
+    client = MlflowClient(tracking_uri(cfg))
+    parent = trial_run(client, cfg, tags, {"method": c.method, "layers": list(layers)})
+    keys = (SIMILARITY, RETENTION, "calibration_questions", "calibration_skipped")
+    report = {k: v for k, v in client.get_run(parent).data.metrics.items() if k in keys}
+    if len(report) < len(keys):  # not measured yet (a resumed trial measured before keeps its values)
+        spec = ModelSpec(inputs.model_path, modules, cfg.pruning, cfg.model.dtype, cfg.model.attn_implementation)
+        processor = AutoProcessor.from_pretrained(inputs.model_path)
+        prompts, pixels, skipped = calibration_requests(inputs.train_json, inputs.image_root, processor, c)
+        ev = cfg.eval
+        task = ray.remote(hidden_similarity).options(
+            num_cpus=ev.cpus_per_actor,
+            num_gpus=1 if ev.use_gpu else 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),  # not the trial's own group
+        )
+        pad, device = processor.tokenizer.pad_token_id, "cuda" if ev.use_gpu else "cpu"
+        similarity = ray.get(task.remote(spec, setting, prompts, pixels, pad, c.batch_size, device))
+        report = {
+            SIMILARITY: similarity,
+            RETENTION: retention(layers, setting.keep_ratios, text_config(cfg).num_hidden_layers),
+        }
+        report |= {"calibration_questions": float(len(prompts)), "calibration_skipped": float(skipped)}
+        client.log_batch(parent, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in report.items()])
+        client.log_param(parent, "setting", setting.name)
+    if c.evaluate:
+        own = evaluate(evaluated, model_path=inputs.model_path, modules=modules, parent_run_id=parent)[0].metrics
+        report |= {name: own[name] for name in (MEAN, TFLOPS)}
+    client.set_terminated(parent, "FINISHED")
+    tune.report(report | {"setting": setting.name, "mlflow_run_id": parent})
+
+
+def report_calibration(cfg: JobConfig, grid: Any, run_id: str) -> str:
+    """The calibration sweep's table (its Tune ``grid``) and how the label-free choice matches the labelled optimum
+    (:func:`calibration_report`), logged on the sweep's MLflow run (a resumed sweep logs only
+    the values that changed; the run's status stays as :func:`run_sweep` set it)."""
+    keys = (SIMILARITY, RETENTION, MEAN, TFLOPS)
+    rows = [
+        {k: r.metrics[k] for k in keys if k in r.metrics} | {"config": r.metrics["setting"]}
+        for r in grid
+        if r.metrics and SIMILARITY in r.metrics
+    ]
+    if not rows:
+        return "no calibration trial finished"
+    table, metrics = calibration_report(rows)
+    client = MlflowClient(tracking_uri(cfg))
+    logged, now = client.get_run(run_id).data.metrics, int(time.time() * 1000)
+    changed = {k: v for k, v in metrics.items() if v == v and logged.get(k) != v}  # NaN (no rank) is not logged
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in changed.items()])
+    client.log_text(run_id, table, "calibration.txt")
+    return table

@@ -149,11 +149,11 @@ class OwnLayers(_Strict):
         if self.method not in POLICIES or self.method == "lvpruning":
             free = [m for m in POLICIES if m != "lvpruning"]
             raise ValueError(f"{self.method!r} is not a training-free method; choose from {free}")
-        if not self.schedules:
-            raise ValueError(f"{self.method} at layers {list(self.layers)}: give at least one schedule")
+        if not self.layers or not self.schedules:
+            raise ValueError(f"{self.method}: give its layers and at least one schedule")
         for schedule in self.schedules:
             check_schedule(self.layers, schedule, max(self.layers) + 2)  # the model's depth is checked later
-        get_policy(self.method, params=self.params)  # unknown or impossible parameters fail here
+        get_policy(self.method, params=self.params).check_layers(self.layers)  # parameters and stages fail here
         return self
 
 
@@ -317,8 +317,12 @@ class Calibration(_Strict):
         for name, (low, high) in self.params.items():
             if low > high:
                 raise ValueError(f"sweep.calibration.params.{name}: [{low}, {high}] is empty")
+        if self.method == "lvpruning" and self.params:
+            raise ValueError("sweep.calibration.params: lvpruning has no parameters to calibrate, only its ratios")
         if self.method != "lvpruning":  # unknown parameter names fail now
-            get_policy(self.method, params={k: low for k, (low, _) in self.params.items()})
+            policy = get_policy(self.method, params={k: low for k, (low, _) in self.params.items()})
+            if self.layers is not None:
+                policy.check_layers(self.layers)
         low, high = self.ratio_range
         if not 0 < low <= high <= 1:
             raise ValueError(f"sweep.calibration.ratio_range: {list(self.ratio_range)} must lie within (0, 1]")

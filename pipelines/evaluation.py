@@ -30,6 +30,7 @@ from typing import Any
 
 from lvpruning import PruningConfig
 from lvpruning.checkpoint import CONFIG_NAME
+from lvpruning.config import check_schedule
 from lvpruning.flops import analytic_flops
 from lvpruning.presets import load_llava_config
 from pipelines.config import TOY, JobConfig, OwnLayers
@@ -265,6 +266,13 @@ def evaluate(
     pruning = modules_config(modules) if modules else config.pruning
     for schedule in ev.schedules:
         pruning.check_ratios(schedule)
+    depth = load_llava_config(model_path).text_config.num_hidden_layers
+    for i, own in enumerate(ev.at_own_layers):
+        for schedule in own.schedules:
+            try:
+                check_schedule(own.layers, schedule, depth)
+            except ValueError as e:
+                raise ValueError(f"eval.at_own_layers[{i}] ({own.method}): {e}") from None
     model = ModelSpec(model_path, modules, pruning, config.model.dtype, config.model.attn_implementation)
     benchmarks = benchmarks_from_config(config)
     options = InferenceOptions(

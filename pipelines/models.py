@@ -64,12 +64,12 @@ class Setting:
     @property
     def name(self) -> str:
         """A file-system safe name, e.g. ``lvpruning_0.5-0.3-0.1``, ``fastv_L1_0.5`` at its own layers, or
-        ``vflowopt_L-1-0-1_0.3-0.3-0.2_alpha0.5-t2`` with its own parameters."""
+        ``vflowopt_L-1-0-1_0.3-0.3-0.2_alpha=0.5_t=2`` with its own parameters."""
         if self.keep_ratios is None:
             return "none"
         at = "" if self.layers is None else f"L{'-'.join(map(str, self.layers))}_"
-        own = "".join(f"-{k}{v:g}" for k, v in self.params)
-        return f"{self.method}_{at}{'-'.join(f'{r:g}' for r in self.keep_ratios)}" + (f"_{own[1:]}" if own else "")
+        own = "".join(f"_{k}={v:g}" for k, v in self.params)
+        return f"{self.method}_{at}{'-'.join(f'{r:g}' for r in self.keep_ratios)}{own}"
 
     def metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"method": self.method, "keep_ratios": list(self.keep_ratios or ())}

@@ -17,42 +17,35 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.data
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Param
 from optuna.samplers import TPESampler
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
-from transformers import AutoProcessor
 
 from pipelines.calibration import (
-    RETENTION,
     SIMILARITY,
     CalibrationSpace,
     calibration_layers,
-    calibration_report,
-    calibration_requests,
+    calibration_trial,
     check_calibration,
-    hidden_similarity,
-    retention,
-    trial_setting,
 )
 from pipelines.config import TOY, JobConfig
 from pipelines.evaluation import benchmarks_from_config, evaluate, modules_config
 from pipelines.experiment import check_config, finished_training, prepare_inputs, run_training, text_config
-from pipelines.models import ModelSpec
 from pipelines.pareto import MEAN, TFLOPS
 from pipelines.search import LVPRUNING, DefineByRun, baseline_trials, check_space, trial_config
 from pipelines.storage import is_s3
-from pipelines.tracking import KIND_TAG, PARENT_TAG, RUN_NAME_TAG, TRIAL_TAG, redact, tracking_uri
+from pipelines.tracking import KIND_TAG, PARENT_TAG, RUN_NAME_TAG, TRIAL_TAG, redact, tracking_uri, trial_run
 from pipelines.tracking import experiment_id as get_experiment_id
 from pipelines.training import storage
 
@@ -139,47 +132,6 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], sweep_run_id: str
         client.set_terminated(parent, "FINISHED")
     own = results[0].metrics
     tune.report({name: own[name] for name in OBJECTIVES} | {"settings": len(results), "mlflow_run_id": parent})
-
-
-def calibration_trial(cfg: JobConfig, params: dict[str, Any], trial_id: str, tags: dict[str, str]) -> None:
-    """One label-free calibration trial: the hidden-state similarity on the calibration set, then (with
-    ``sweep.calibration.evaluate``) the labelled benchmarks at the same setting, beneath the trial's run."""
-    c = cfg.sweep.calibration
-    run = cfg.run.model_copy(update={"name": f"{cfg.run.name}-{trial_id}"})
-    answers = f"{cfg.eval.output_dir or './eval'}/{run.name}"
-    cfg = cfg.model_copy(update={"run": run, "eval": cfg.eval.model_copy(update={"output_dir": answers})})
-    inputs = prepare_inputs(cfg)
-    setting, evaluated = trial_setting(inputs.config, params)
-    modules = cfg.eval.modules if c.method == LVPRUNING else None
-    spec = ModelSpec(inputs.model_path, modules, cfg.pruning, cfg.model.dtype, cfg.model.attn_implementation)
-    processor = AutoProcessor.from_pretrained(inputs.model_path)
-    prompts, pixels, skipped = calibration_requests(inputs.train_json, inputs.image_root, processor, c)
-    similarity = hidden_similarity(spec, setting, prompts, pixels, processor.tokenizer.pad_token_id, c.batch_size)
-    num_layers = text_config(cfg).num_hidden_layers
-    layers = setting.layers or modules_config(modules).layers
-    report = {SIMILARITY: similarity, RETENTION: retention(layers, setting.keep_ratios, num_layers)}
-    report |= {"calibration_questions": float(len(prompts)), "calibration_skipped": float(skipped)}
-    client = MlflowClient(tracking_uri(cfg))
-    parent = trial_run(client, cfg, tags, {"method": c.method, "layers": list(layers)})
-    client.log_batch(parent, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in report.items()])
-    client.log_param(parent, "setting", setting.name)
-    if c.evaluate:
-        own = evaluate(evaluated, model_path=inputs.model_path, modules=modules, parent_run_id=parent)[0].metrics
-        report |= {name: own[name] for name in OBJECTIVES}
-    client.set_terminated(parent, "FINISHED")
-    tune.report(report | {"setting": setting.name, "mlflow_run_id": parent})
-
-
-def trial_run(client: MlflowClient, cfg: JobConfig, tags: dict[str, str], params: dict[str, Any]) -> str:
-    """The MLflow run of an evaluation-only trial: found again by its trial id when the trial is resumed."""
-    experiment = get_experiment_id(client, cfg.mlflow.experiment)
-    found = client.search_runs([experiment], filter_string=f"tags.`{TRIAL_TAG}` = '{tags[TRIAL_TAG]}'")
-    if found:
-        return found[0].info.run_id
-    run = client.create_run(experiment, run_name=f"{cfg.run.name}-{params['method']}", tags=tags)
-    values = {"method": params["method"], "layers": json.dumps(params["layers"])}
-    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in values.items()])
-    return run.info.run_id
 
 
 class BaselinesFirst(Searcher):
@@ -299,6 +251,7 @@ class SweepResult:
     grid: tune.ResultGrid
     restored: bool  # resumed from an earlier, interrupted run of the sweep
     interrupted: bool  # stopped (Ctrl-C) before every trial ended: run the same command again to resume
+    run_id: str  # the sweep's MLflow run
 
 
 def build_tuner(cfg: JobConfig, sweep_run_id: str) -> tuple[tune.Tuner, bool]:
@@ -370,7 +323,7 @@ def run_sweep(cfg: JobConfig) -> SweepResult:
     interrupted = len(grid) < expected or grid.num_terminated + grid.num_errors < len(grid)  # Ctrl-C: fit returns
     status = "KILLED" if interrupted else "FAILED" if grid.errors else "FINISHED"
     client.set_terminated(sweep_run_id, status)
-    return SweepResult(grid, restored, interrupted)
+    return SweepResult(grid, restored, interrupted, sweep_run_id)
 
 
 def end_orphans(client: MlflowClient, experiment: str, sweep_run_id: str, trial_ids: set[str]) -> None:
@@ -382,23 +335,3 @@ def end_orphans(client: MlflowClient, experiment: str, sweep_run_id: str, trial_
         if trial_id is not None and trial_id not in trial_ids:
             logger.warning("trial %s is not in the restored sweep (started after its last save): run KILLED", trial_id)
             end_trial_runs(client, experiment, trial_id, "KILLED")
-
-
-def report_calibration(cfg: JobConfig, grid: tune.ResultGrid) -> str:
-    """The calibration sweep's table and how the label-free choice matches the labelled optimum
-    (:func:`pipelines.calibration.calibration_report`), logged on the sweep's MLflow run."""
-    keys = (SIMILARITY, RETENTION, *OBJECTIVES)
-    rows = [
-        {k: r.metrics[k] for k in keys if k in r.metrics} | {"config": r.metrics["setting"]}
-        for r in grid
-        if r.metrics and SIMILARITY in r.metrics
-    ]
-    if not rows:
-        return "no calibration trial finished"
-    table, metrics = calibration_report(rows)
-    client, run_id = MlflowClient(tracking_uri(cfg)), sweep_run(cfg)
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if v == v])  # no NaN
-    client.log_text(run_id, table, "calibration.txt")
-    client.set_terminated(run_id, "FINISHED")
-    return table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
-from mlflow.entities import Metric, Run
+from mlflow.entities import Metric, Param, Run
 from mlflow.tracking import MlflowClient
 
 if TYPE_CHECKING:  # annotations only: the frontier job reads MLflow without the config schema
@@ -121,3 +122,15 @@ class CheckpointedHistory:
         if self.pending:
             self.sent_up_to = max(m.step for m in self.pending)
         self.pending = []
+
+
+def trial_run(client: MlflowClient, cfg: JobConfig, tags: dict[str, str], params: dict[str, Any]) -> str:
+    """The MLflow run of an evaluation-only trial: found again by its trial id when the trial is resumed."""
+    experiment = experiment_id(client, cfg.mlflow.experiment)
+    found = client.search_runs([experiment], filter_string=f"tags.`{TRIAL_TAG}` = '{tags[TRIAL_TAG]}'")
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment, run_name=f"{cfg.run.name}-{params['method']}", tags=tags)
+    values = {"method": params["method"], "layers": json.dumps(params["layers"])}
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in values.items()])
+    return run.info.run_id

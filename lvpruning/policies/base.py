@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import LlavaConfig, PreTrainedConfig
 
 from lvpruning.stage import LayerRecord, MergePlan, StageInput, StageShape
 
@@ -61,6 +62,15 @@ class PruningPolicy:
 
     name: str
     published: Schedule  # the method's LLaVA-1.5-7B setting
+    tower_stage: bool = False  # whether it can prune at the vision-tower stage (it reads no decoder layer there)
+
+    def check_layers(self, layers: tuple[int, ...]) -> None:
+        """Fail with a clear message when this method cannot prune after ``layers`` (before any model work)."""
+        if layers and layers[0] == -1 and not self.tower_stage:
+            raise ValueError(
+                f"{getattr(self, 'name', type(self).__name__)} ranks by what a decoder layer computes: it cannot "
+                "prune at the vision tower (layer -1)"
+            )
 
     def scores(self, stage: StageInput) -> torch.Tensor:
         """Keep scores (B, V) for the vision tokens at ``stage.vision_pos``; the top-k are kept."""
@@ -78,15 +88,15 @@ class PruningPolicy:
         """Per-token values (B, N) kept from a recorded layer; ``StageInput.records`` hands them back."""
         raise NotImplementedError(f"{type(self).__name__} records no layers")
 
-    def overhead_flops(self, text_config, stage: StageShape) -> int:
+    def overhead_flops(self, text_config: PreTrainedConfig, stage: StageShape) -> int:
         """Matmul FLOPs this policy adds at a stage, beyond the decoder layers."""
         return 0
 
-    def tower_flops(self, config, stage: StageShape) -> int:
+    def tower_flops(self, config: LlavaConfig, stage: StageShape) -> int:
         """Matmul FLOPs this policy adds at the vision-tower stage (``stage.layer == -1``), given the whole
         ``LlavaConfig`` (tower, projector and decoder widths)."""
         return 0
 
-    def record_flops(self, text_config, layer: StageShape) -> int:
+    def record_flops(self, text_config: PreTrainedConfig, layer: StageShape) -> int:
         """Matmul FLOPs of ``observe`` on one recorded layer."""
         return 0

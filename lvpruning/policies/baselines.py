@@ -41,6 +41,7 @@ class RandomPolicy(PruningPolicy):
 
     name = "random"
     published = PAPER
+    tower_stage = True
 
     def __init__(self, seed: int = 0):
         self.seed = seed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers import LlavaConfig
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from lvpruning.adapters import vision_attention_rows_flops
@@ -20,8 +21,8 @@ def patch_entropy(pixel_values: torch.Tensor, grid: int) -> torch.Tensor:
     """Base-2 entropy (B, P) of the 256-bin grey-level histogram of each of the ``grid x grid`` patches (raster
     order) of the preprocessed image (B, 3, H, W), un-normalised with CLIP's mean and std to [0, 255] and greyed as
     the mean of the channels (VFlowOpt's weights)."""
-    mean = pixel_values.new_tensor(OPENAI_CLIP_MEAN)[:, None, None]
-    std = pixel_values.new_tensor(OPENAI_CLIP_STD)[:, None, None]
+    mean = pixel_values.new_tensor(OPENAI_CLIP_MEAN, dtype=torch.float32)[:, None, None]
+    std = pixel_values.new_tensor(OPENAI_CLIP_STD, dtype=torch.float32)[:, None, None]
     grey = ((pixel_values.float() * std + mean) * 255).mean(dim=1).round().clamp(0, 255).long()  # (B, H, W)
     B, H, W = grey.shape
     p = H // grid
@@ -46,9 +47,10 @@ class VFlowOptPolicy(PruningPolicy):
         s_j = c_j + alpha * softmax_j(H_j)            H: entropy of patch j's 256-bin grey histogram
 
     Recycling: the pruned patches are grouped in cells of m x m patches; each non-empty cell becomes one token, the
-    s-weighted mean of its members (x = the projector's output), in the slot and with the score of its best member;
-    the directly kept tokens and the recycled ones make k. The LLM stages drop the tokens of lowest s (carried from
-    the tower, the recycled ones with their representative's), nothing merged.
+    s-weighted mean of its members (x = the projector's output; a negative s, possible with alpha < 0, weighs 0), in
+    the slot and with the score of its best member; the directly kept tokens and the recycled ones make k. The LLM
+    stages drop the tokens of lowest s (carried from the tower, the recycled ones with their representative's),
+    nothing merged.
 
     The published settings are for LLaVA-OneVision-7B (no LLaVA-1.5 setting exists): its 10% row, t = 39.265,
     alpha = 0, m = 17.387, retention r_v = 0.11662 at the tower, r_1 = 1.0 before layer 9 and r_2 = 0.6011 before
@@ -60,6 +62,7 @@ class VFlowOptPolicy(PruningPolicy):
 
     name = "vflowopt"
     published = Schedule(layers=(-1, 8, 17), ratios=(0.11662, 0.11662, 0.11662 * 0.6011))
+    tower_stage = True
 
     def __init__(self, t: float = 39.265, alpha: float = 0.0, cell: float = 17.387):
         if t < 0 or cell <= 0:
@@ -92,8 +95,7 @@ class VFlowOptPolicy(PruningPolicy):
 
     def plan(self, stage: StageInput, k: int) -> MergePlan:
         if stage.layer != -1:
-            scores = self.scores(stage)
-            return MergePlan(scores.topk(k, dim=1).indices, values=None)
+            return super().plan(stage, k)
         B, P = stage.vision_pos.shape
         s = self.importance(stage)  # (B, P)
         if k >= P:
@@ -113,25 +115,36 @@ class VFlowOptPolicy(PruningPolicy):
         is_direct = rank < direct  # (B, P)
         groups = torch.where(is_direct, -1, cell.expand(B, P))
         x = gather_tokens(stage.hidden_out, stage.vision_pos)  # (B, P, C) the projector's output
-        sums, weights = group_sum(x, groups, num_cells, weights=s)  # (B, cells, C), (B, cells)
+        # s-weighted means; a negative score (alpha < 0) weighs 0, and a cell of no positive weight is a plain mean
+        sums, weights = group_sum(x, groups, num_cells, weights=s.clamp_min(0))  # (B, cells, C), (B, cells)
+        plain, counts = group_sum(x, groups, num_cells)
+        means = torch.where(
+            weights[..., None] > 0, sums / weights.clamp_min(1e-12)[..., None], plain / counts.clamp_min(1)[..., None]
+        )
         member_s = s.masked_fill(is_direct, float("-inf"))
         best = torch.stack([member_s.masked_fill(cell != c, float("-inf")).argmax(dim=1) for c in range(num_cells)], 1)
         filled = (groups[..., None] == torch.arange(num_cells, device=s.device)).any(dim=1)  # (B, cells)
-        is_best = torch.zeros_like(is_direct).scatter(1, best, filled)  # the recycled tokens' slots
+        slots = torch.where(filled, best, P)  # an empty cell writes to a spare column
+        is_best = torch.zeros(B, P + 1, dtype=torch.bool, device=s.device).scatter(1, slots, True)[:, :P]
         priority = torch.where(is_direct, float("inf"), torch.where(is_best, s, float("-inf")))
         keep = priority.topk(k, dim=1).indices  # the direct tokens, then the best-scored recycled ones
-        recycled = gather_tokens(sums / weights.clamp_min(1e-12)[..., None], cell.expand(B, P))  # (B, P, C)
+        recycled = gather_tokens(means, cell.expand(B, P))  # (B, P, C)
         merged = torch.where(is_direct[..., None], x.float(), recycled)
         return MergePlan(keep, gather_tokens(merged, keep), values=s.gather(1, keep))
 
+    def check_layers(self, layers: tuple[int, ...]) -> None:
+        if not layers or layers[0] != -1:
+            raise ValueError(
+                f"vflowopt's LLM stages rank by the tower's importance: its layers start at -1, not {list(layers)}"
+            )
+
     def scores(self, stage: StageInput) -> torch.Tensor:
-        if -1 not in stage.records:
-            raise ValueError("vflowopt's LLM stages rank by the tower's importance: its schedule starts at layer -1")
         return stage.recorded(-1)
 
-    def tower_flops(self, config, stage: StageShape) -> int:
+    def tower_flops(self, config: LlavaConfig, stage: StageShape) -> int:
         tower = stage.num_vision + 1
         flops = vision_attention_rows_flops(config.vision_config, tower, tower) + 2 * tower * tower
         if stage.kept < stage.num_vision:
-            flops += group_sum_flops(stage.num_vision, self.cells(stage.num_vision)[1], config.text_config.hidden_size)
+            cells, width = self.cells(stage.num_vision)[1], config.text_config.hidden_size
+            flops += 2 * group_sum_flops(stage.num_vision, cells, width)  # the weighted and the plain means
         return flops

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import LlavaConfig
 
 from lvpruning.adapters import projector_flops, vision_attention_rows_flops, vision_keys_flops
 from lvpruning.merging import group_sum, group_sum_flops, nearest, nearest_flops
@@ -37,10 +38,13 @@ class VisionZipPolicy(PruningPolicy):
 
     name = "visionzip"
     published = Schedule(layers=(-1,), ratios=(64 / 576,))
+    tower_stage = True
+
+    def check_layers(self, layers: tuple[int, ...]) -> None:
+        if tuple(layers) != (-1,):
+            raise ValueError(f"visionzip prunes at the vision tower only: layers [-1], not {list(layers)}")
 
     def plan(self, stage: StageInput, k: int) -> MergePlan:
-        if stage.layer != -1:
-            raise ValueError("visionzip prunes at the vision tower only: schedule layers [-1]")
         B, P = stage.vision_pos.shape
         if k >= P:
             return MergePlan(torch.arange(P, device=stage.vision_pos.device).expand(B, P))
@@ -73,7 +77,7 @@ class VisionZipPolicy(PruningPolicy):
         projected = stage.project(torch.cat(news[1:] + news[:1], dim=1))  # contextual..., CLS
         return MergePlan(torch.cat(slots, dim=1), torch.cat([*hidden, projected.to(stage.hidden_out.dtype)], 1))
 
-    def tower_flops(self, config, stage: StageShape) -> int:
+    def tower_flops(self, config: LlavaConfig, stage: StageShape) -> int:
         v = config.vision_config
         patches, k = stage.num_vision, stage.kept
         if k >= patches:

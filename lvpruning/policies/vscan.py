@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers import LlavaConfig, PreTrainedConfig
 
 from lvpruning.adapters import attention_rows_flops, vision_attention_rows_flops
 from lvpruning.merging import group_sum, group_sum_flops, nearest, nearest_flops
@@ -35,6 +36,7 @@ class VScanPolicy(PruningPolicy):
 
     name = "vscan"
     published = Schedule(layers=(-1, 15), ratios=(96 / 576, 32 / 576))
+    tower_stage = True
 
     def plan(self, stage: StageInput, k: int) -> MergePlan:
         if stage.layer != -1:
@@ -69,10 +71,10 @@ class VScanPolicy(PruningPolicy):
         rows = stage.next_attention(stage.last_instruction()).mean(dim=1)[:, 0]  # (B, N), mean over heads
         return rows.gather(1, stage.vision_pos)
 
-    def overhead_flops(self, text_config, stage: StageShape) -> int:
+    def overhead_flops(self, text_config: PreTrainedConfig, stage: StageShape) -> int:
         return attention_rows_flops(text_config, 1, stage.num_tokens) if stage.layer >= 0 else 0
 
-    def tower_flops(self, config, stage: StageShape) -> int:
+    def tower_flops(self, config: LlavaConfig, stage: StageShape) -> int:
         patches, k, width = stage.num_vision, stage.kept, config.text_config.hidden_size
         if k >= patches:
             return 0

@@ -119,3 +119,45 @@ def test_sweep_resumes_after_its_driver_is_killed_and_its_frontier_renders_in_th
     print(f"screenshot: {shot} ({facts['url']})")
     assert facts["complete"] and facts["natural_width"] > 0 and facts["width"] > 200 and facts["height"] > 100
     assert os.path.getsize(shot) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_label_free_calibration_sweep_reports_its_choice_against_the_labelled_optimum(head, mlflow_server, tmp_path):
+    """``sweep.objective: hidden_similarity`` end to end: evaluation-only trials of VFlowOpt's parameters under a
+    retention budget, each with its similarity on unlabeled training questions and its labelled accuracy."""
+    name = f"calibrate-{uuid.uuid4().hex[:6]}"
+    args = [
+        "--config",
+        "jobs/configs/calibrate_toy.yaml",
+        *sweep_args(tmp_path, name)[:3],  # run name, experiment, toy root
+        "data.toy_train_samples=48",
+        "data.toy_test_samples=8",
+        f"run.storage_path={tmp_path / 'runs'}",
+        f"eval.output_dir={tmp_path / 'eval'}",
+        "eval.max_questions=4",
+        "eval.batch_size=4",
+        "eval.max_new_tokens=2",
+        "sweep.num_trials=3",
+        "sweep.calibration.num_questions=6",
+        "sweep.calibration.batch_size=4",
+    ]
+    done = start(head, mlflow_server, args, tmp_path / "calibrate.log")
+    assert done.wait(timeout=800) == 0, (tmp_path / "calibrate.log").read_text()[-6000:]
+    out = (tmp_path / "calibrate.log").read_text()
+    assert "label-free calibration of vflowopt" in out and "label-free choice: accuracy" in out
+
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=100)
+    trials = [r for r in runs if r.data.tags.get("lvpruning.kind") == "trial"]
+    assert len(trials) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    for trial in trials:
+        assert -1.0 <= trial.data.metrics["hidden_similarity"] <= 1.0
+        assert abs(trial.data.metrics["retention"] - 0.33) <= 1 / 128 + 1e-9
+        assert trial.data.metrics["calibration_questions"] == 6
+        settings = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == trial.info.run_id]
+        assert len(settings) == 1 and "accuracy/mean" in settings[0].data.metrics
+        assert "alpha" in settings[0].data.params["policy_params"]
+    sweep = next(r for r in runs if r.data.tags.get("lvpruning.kind") == "sweep")
+    assert {"calibration/chosen_accuracy", "calibration/best_accuracy"} <= set(sweep.data.metrics)
+    assert "calibration.txt" in {a.path for a in client.list_artifacts(sweep.info.run_id)}

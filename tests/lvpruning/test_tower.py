@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -124,9 +126,9 @@ def test_methods_that_need_the_tower_or_a_decoder_layer_say_so():
     batch = make_batch([(2, 4)], seed=3)
     with torch.no_grad(), pytest.raises(ValueError, match="vision tower only"):
         pruner(**batch, policy=get_policy("visionzip"), layers=(0,), keep_ratios=(0.5,))
-    with torch.no_grad(), pytest.raises(ValueError, match="starts at layer -1"):
+    with torch.no_grad(), pytest.raises(ValueError, match="start at -1"):
         pruner(**batch, policy=get_policy("vflowopt"), layers=(0, 1), keep_ratios=(0.5, 0.3))
-    with torch.no_grad(), pytest.raises(ValueError, match="follows no decoder layer"):
+    with torch.no_grad(), pytest.raises(ValueError, match="cannot prune at the vision tower"):
         pruner(**batch, policy=get_policy("fastv"), layers=(-1, 1), keep_ratios=(0.5, 0.3))
     with torch.no_grad():  # a method that needs no attention prunes at the tower too
         out = pruner(**batch, policy=get_policy("random"), layers=(-1, 1), keep_ratios=(0.5, 0.3))
@@ -145,3 +147,30 @@ def test_tower_methods_overhead_is_exactly_the_measured_difference(name):
     plain = measure_flops(config, pruning, ratios, 12, method="random", layers=layers)
     assert measured == report.pruned
     assert measured - plain == report.pruned_parts["policy"] > 0
+
+
+def test_vflowopt_recycles_every_filled_cell_when_a_cell_is_kept_whole():
+    """9 cells of 3 x 3 patches on the 8 x 8 grid; cell 8 (patches 54, 55, 62, 63) scores highest and is kept
+    directly, so no pruned patch is in it: every other cell still gives its best pruned patch's slot."""
+
+    class Fixed(VFlowOptPolicy):
+        def importance(self, stage):
+            return scores
+
+    scores = torch.linspace(0.5, 0.01, 64)[None].clone()
+    scores[0, [54, 55, 62, 63]], scores[0, 20] = 10.0, 9.0
+    stage = SimpleNamespace(layer=-1, vision_pos=torch.arange(64)[None], hidden_out=torch.randn(1, 64, 8))
+    policy = Fixed(cell=9.0)
+    cell, num_cells = policy.cells(64)
+    plan = policy.plan(stage, 13)
+    direct = [54, 55, 62, 63, 20]  # D = 13 - 8 filled cells
+    pruned = [j for j in range(64) if j not in direct]
+    filled = [c for c in range(num_cells) if any(cell[j] == c for j in pruned)]
+    best = {c: max((j for j in pruned if cell[j] == c), key=lambda j: scores[0, j]) for c in filled}
+    assert len(best) == 8 and best[0] == 0
+    assert sorted(plan.keep[0].tolist()) == sorted(direct + list(best.values()))
+    for c, j in best.items():  # each slot holds its cell's s-weighted mean
+        members = [i for i in pruned if cell[i] == c]
+        w = scores[0, members]
+        expected = (w[:, None] * stage.hidden_out[0, members]).sum(0) / w.sum()
+        torch.testing.assert_close(plan.hidden[0, plan.keep[0].tolist().index(j)], expected)

@@ -36,6 +36,9 @@ class Recording(PruningPolicy):
     def recorded_layers(self, layers):
         return self.inner.recorded_layers(layers)
 
+    def check_layers(self, layers):
+        self.inner.check_layers(layers)
+
     def plan(self, stage: StageInput, k: int):
         plan = self.inner.plan(stage, k)
         self.plans.append((stage.vision_index.gather(1, plan.keep), plan.hidden, plan.values))
@@ -172,7 +175,8 @@ def vflowopt_reference(model, pixels, k, t, alpha, cell, variant=""):
     recycled = {}
     for g in {cell_of[j] for j in order[D:]}:
         group = [j for j in order[D:] if cell_of[j] == g]
-        w = [1.0] * len(group) if variant == "unweighted cells" else [s[j] for j in group]
+        w = [1.0] * len(group) if variant == "unweighted cells" else [max(s[j], 0.0) for j in group]
+        w = w if sum(w) > 0 else [1.0] * len(group)  # no positive weight (alpha < 0): a plain mean
         recycled[max(group, key=lambda j: s[j])] = sum(wi * x[j] for wi, j in zip(w, group)) / sum(w)
     for j in sorted(recycled, key=lambda j: s[j], reverse=True)[: k - D]:
         out[j] = recycled[j]
@@ -241,16 +245,24 @@ def test_vscan_matches_the_literal_formula(seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_vflowopt_matches_the_literal_formula(seed):
-    t, alpha, cell = 9.0, 0.5, 17.387  # G: the tokens above ~1.01x the mean; 4 cells of 8 x 8
-    batch, rec = run_engine(VFlowOptPolicy(t=t, alpha=alpha, cell=cell), seed, (-1, 1), (0.25, 0.125))
+@pytest.mark.parametrize(
+    "alpha, cell, ratios",
+    [
+        (0.5, 17.387, (0.25, 0.125)),  # 4 cells of the 8 x 8 grid, k = 16 then 8
+        (-0.5, 9.0, (0.75, 0.5)),  # 9 cells of 3 x 3, k = 48: cells left with no pruned member; alpha < 0
+    ],
+)
+def test_vflowopt_matches_the_literal_formula(seed, alpha, cell, ratios):
+    t = 9.0  # G: the tokens above ~1.01x the mean
+    batch, rec = run_engine(VFlowOptPolicy(t=t, alpha=alpha, cell=cell), seed, (-1, 1), ratios)
     eager = build(seed, "eager").double()
+    k, k2 = (int(r * P) for r in ratios)
     for b in range(len(LENGTHS)):
-        tower, s = vflowopt_reference(eager, sample(batch, b)[1], 16, t, alpha, cell)
+        tower, s = vflowopt_reference(eager, sample(batch, b)[1], k, t, alpha, cell)
         assert_plan(rec.plans[0], b, tower)
         values = dict(zip(rec.plans[0][0][b].tolist(), rec.plans[0][2][b].double().tolist()))
         assert values == pytest.approx(s, rel=1e-4, abs=1e-7)
-        assert set(rec.plans[1][0][b].tolist()) == set(sorted(s, key=s.get, reverse=True)[:8])  # carried s
+        assert set(rec.plans[1][0][b].tolist()) == set(sorted(s, key=s.get, reverse=True)[:k2])  # carried s
 
 
 @pytest.mark.parametrize(

@@ -168,7 +168,7 @@ def test_a_calibration_trial_evaluates_its_own_setting():
     calibration = Calibration(params={"t": (0.0, 9.0), "alpha": (-1.0, 1.0)})
     cfg = with_calibration(load_config(None, ["sweep.objective=hidden_similarity"]), calibration)
     setting, evaluated = trial_setting(cfg, params)
-    assert setting.name == "vflowopt_L-1-0-1_0.5-0.4-0.2_alpha0.5-t3"
+    assert setting.name == "vflowopt_L-1-0-1_0.5-0.4-0.2_alpha=0.5_t=3"
     assert make_settings(evaluated.eval.methods, evaluated.eval.schedules, 0, evaluated.eval.at_own_layers) == [setting]
 
 

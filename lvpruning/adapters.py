@@ -86,17 +86,22 @@ class LlavaLlamaAdapter:
         return layer.self_attn.k_proj(h).view(*h.shape[:2], -1, layer.self_attn.head_dim).transpose(1, 2)
 
     def vision_attention_rows(
-        self, layer_index: int, states: tuple[torch.Tensor, ...], queries: torch.Tensor | None = None
+        self,
+        layer_index: int,
+        states: tuple[torch.Tensor, ...],
+        queries: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The softmax attention (B, h, Q, M) that the tower tokens ``queries`` (B, Q) (all M when ``None``) pay every
         tower token in encoder layer ``layer_index``, recomputed in fp32 from that layer's input ``states[layer_index]``
-        with its own weights (CLIP: bidirectional, no mask), so the tower keeps its SDPA attention."""
+        with its own weights (CLIP: bidirectional, no mask), so the tower keeps its SDPA attention. ``keys``: that
+        layer's :meth:`vision_keys`, when the caller has them already."""
         layer = self.vision_layers[layer_index]
         attn = layer.self_attn
         h = layer.layer_norm1(states[layer_index])  # (B, M, C_v)
         rows = h if queries is None else gather_tokens(h, queries)
         q = attn.q_proj(rows).view(*rows.shape[:2], -1, attn.head_dim).transpose(1, 2)  # (B, h, Q, d)
-        k = self.vision_keys(layer_index, states)  # (B, h, M, d)
+        k = self.vision_keys(layer_index, states) if keys is None else keys  # (B, h, M, d)
         return ((q.float() @ k.float().transpose(2, 3)) * attn.scale).softmax(dim=-1)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -109,8 +114,12 @@ class LlavaLlamaAdapter:
         """The decoder's final norm: the last hidden state the LM head reads."""
         return self.decoder.norm(hidden)
 
-    def logits(self, hidden: torch.Tensor, normed: bool = False) -> torch.Tensor:
-        return self.model.lm_head(hidden if normed else self.decoder.norm(hidden))
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        """The LM head on final-normed hidden states."""
+        return self.model.lm_head(normed)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(hidden))
 
     def attention_rows(
         self,
@@ -198,11 +207,6 @@ def vision_attention_rows_flops(vision_config: PreTrainedConfig, num_queries: in
     tower token, and Q K^T for every head (together the width)."""
     d = vision_config.hidden_size
     return 2 * num_queries * d * d + 2 * num_keys * d * d + 2 * num_queries * num_keys * d
-
-
-def vision_keys_flops(vision_config: PreTrainedConfig, num_keys: int) -> int:
-    """Matmul FLOPs of :meth:`LlavaLlamaAdapter.vision_keys`: k_proj on every tower token."""
-    return 2 * num_keys * vision_config.hidden_size**2
 
 
 def projector_flops(config: PreTrainedConfig, num_tokens: int) -> int:

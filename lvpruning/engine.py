@@ -17,6 +17,7 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -283,12 +284,13 @@ class LVPruningModel(nn.Module):
             text_pos, vision_pos = split_tokens(seq.vision, vision_seen.shape[1])
             tower = {}
             if i == -1:
+                keys = functools.cache(lambda layer: self.adapter.vision_keys(layer, vision_states))  # once a layer
                 tower = {
                     "vision_states": vision_states,
                     "vision_attention": lambda layer, queries=None: self.adapter.vision_attention_rows(
-                        layer, vision_states, queries
+                        layer, vision_states, queries, keys(layer)
                     ),
-                    "vision_keys": lambda layer: self.adapter.vision_keys(layer, vision_states),
+                    "vision_keys": keys,
                     "project": self.adapter.project,
                     "feature_layer": self.adapter.feature_layer(),
                 }
@@ -362,7 +364,7 @@ class LVPruningModel(nn.Module):
             mask = self.adapter.attention_mask(seq.padding, seq.padding.shape[1], seq.hidden.dtype)
 
         last_hidden_state = self.adapter.norm(seq.hidden[:, -logits_to_keep:])
-        logits = self.adapter.logits(last_hidden_state, normed=True)
+        logits = self.adapter.head(last_hidden_state)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels.gather(1, seq.index[:, -logits.shape[1] :]))

@@ -10,7 +10,6 @@ With ``sweep.calibration.evaluate`` each trial is also scored on the labelled be
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import statistics
@@ -36,9 +35,9 @@ from pipelines.conversation import build_prompt as conversation_prompt
 from pipelines.evaluation import evaluate, modules_config
 from pipelines.experiment import prepare_inputs, text_config
 from pipelines.inference import Preprocessor
+from pipelines.instruct_data import read_records
 from pipelines.models import ModelSpec, Setting, left_padded, load_model, setting_policy
 from pipelines.pareto import MEAN, TFLOPS
-from pipelines.storage import read_bytes
 from pipelines.tracking import tracking_uri, trial_run
 
 SIMILARITY = "hidden_similarity"
@@ -101,25 +100,24 @@ class CalibrationSpace:
         return {"method": c.method, "layers": list(self.layers), "ratios": list(ratios)}
 
 
-def calibration_layers(cfg: JobConfig, num_layers: int, modules_layers: tuple[int, ...] | None) -> tuple[int, ...]:
-    """The calibrated stages: ``sweep.calibration.layers``, LVPruning's modules', or the method's published ones."""
+def calibration_layers(cfg: JobConfig, num_layers: int) -> tuple[int, ...]:
+    """The calibrated stages: ``sweep.calibration.layers``, LVPruning's modules' (``eval.modules``), or the
+    method's published ones on the model."""
     c = cfg.sweep.calibration
     if c.method == "lvpruning":
-        if c.layers is not None and modules_layers is not None and tuple(c.layers) != modules_layers:
-            raise ValueError(f"sweep.calibration.layers: the decision modules sit after {list(modules_layers)}")
-        return modules_layers or cfg.pruning.layers
+        if cfg.eval.modules is None:
+            raise ValueError("sweep.calibration.method lvpruning calibrates trained modules: set eval.modules")
+        modules = modules_config(cfg.eval.modules).layers
+        if c.layers is not None and tuple(c.layers) != modules:
+            raise ValueError(f"sweep.calibration.layers: the decision modules sit after {list(modules)}")
+        return modules
     return tuple(c.layers) if c.layers is not None else POLICIES[c.method].published.on(num_layers).layers
 
 
 def check_calibration(cfg: JobConfig, num_layers: int) -> None:
     """A calibration sweep's method, stages and budget against the model, before any cluster work."""
     c = cfg.sweep.calibration
-    modules = None
-    if c.method == "lvpruning":
-        if cfg.eval.modules is None:
-            raise ValueError("sweep.calibration.method lvpruning calibrates trained modules: set eval.modules")
-        modules = modules_config(cfg.eval.modules).layers
-    layers = calibration_layers(cfg, num_layers, modules)
+    layers = calibration_layers(cfg, num_layers)
     check_schedule(layers, (1.0,) * len(layers), num_layers)
     if c.method != "lvpruning":
         POLICIES[c.method]().check_layers(layers)
@@ -132,14 +130,14 @@ def calibration_requests(
 ) -> tuple[list[np.ndarray], np.ndarray, int]:
     """The prompts (each (L,)) and images (B, 3, H, W) of ``num_questions`` training conversations (their first
     human turn, no answer), sampled with ``seed``; records without a usable image are skipped and counted (third)."""
-    records = json.loads(read_bytes(train_json))
+    records = read_records(train_json)
     order = list(range(len(records)))
     random.Random(calibration.seed).shuffle(order)
     pre, prompts, pixels, skipped = Preprocessor(processor, image_root, True), [], [], 0
     for i in order:
         record = records[i]
-        turns = record.get("conversations") or []
-        if not turns or not record.get("image"):
+        turns = record.get("conversations") if isinstance(record, dict) else None
+        if not isinstance(turns, list) or not turns or not isinstance(turns[0], dict) or not record.get("image"):
             skipped += 1
             continue
         prompt = conversation_prompt(str(turns[0]["value"]), template=TEMPLATES[template])

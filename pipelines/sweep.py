@@ -40,7 +40,7 @@ from pipelines.calibration import (
     check_calibration,
 )
 from pipelines.config import TOY, JobConfig
-from pipelines.evaluation import benchmarks_from_config, evaluate, modules_config
+from pipelines.evaluation import benchmarks_from_config, evaluate
 from pipelines.experiment import check_config, finished_training, prepare_inputs, run_training, text_config
 from pipelines.pareto import MEAN, TFLOPS
 from pipelines.search import LVPRUNING, DefineByRun, baseline_trials, check_space, trial_config
@@ -274,8 +274,7 @@ def build_tuner(cfg: JobConfig, sweep_run_id: str) -> tuple[tune.Tuner, bool]:
     if cfg.sweep.objective == SIMILARITY:  # evaluation-only trials: no baselines, no training to guard
         c = cfg.sweep.calibration
         num_layers = text_config(cfg).num_hidden_layers
-        modules = modules_config(cfg.eval.modules).layers if c.method == LVPRUNING else None
-        space = CalibrationSpace(c, calibration_layers(cfg, num_layers, modules), num_layers)
+        space = CalibrationSpace(c, calibration_layers(cfg, num_layers), num_layers)
         search = OptunaSearch(space=space, metric=SIMILARITY, mode="max", sampler=TPESampler(seed=cfg.sweep.seed))
         tune_config = tune.TuneConfig(
             search_alg=search, num_samples=cfg.sweep.num_trials, max_concurrent_trials=cfg.sweep.concurrency

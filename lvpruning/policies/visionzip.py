@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LlavaConfig
 
-from lvpruning.adapters import projector_flops, vision_attention_rows_flops, vision_keys_flops
+from lvpruning.adapters import projector_flops, vision_attention_rows_flops
 from lvpruning.merging import group_sum, group_sum_flops, nearest, nearest_flops
 from lvpruning.policies.base import PruningPolicy, Schedule
 from lvpruning.stage import MergePlan, StageInput, StageShape, gather_tokens
@@ -84,7 +84,7 @@ class VisionZipPolicy(PruningPolicy):
             return 0
         num_contextual = contextual_count(k)
         num_rest = patches - (k - num_contextual - 1)
-        flops = vision_attention_rows_flops(v, 1, patches + 1) + vision_keys_flops(v, patches + 1)
+        flops = vision_attention_rows_flops(v, 1, patches + 1)  # its keys serve the similarity too
         if num_contextual:
             others, head_dim = num_rest - num_contextual, v.hidden_size // v.num_attention_heads
             flops += nearest_flops(others, num_contextual, head_dim)

@@ -16,6 +16,11 @@ WINDOWS = 4  # per side: 6 x 6 windows on LLaVA-1.5's 24 x 24 grid
 SHALLOW = 6 / 24  # the local scan reads encoder layer 5 (zero-based) of 24
 
 
+def shallow_layer(num_layers: int) -> int:
+    """The local scan's encoder layer: 5 of 24, proportionally on a tower of ``num_layers``."""
+    return max(0, round(SHALLOW * num_layers) - 1)
+
+
 class VScanPolicy(PruningPolicy):
     """VScan (Zhang et al., 2025, "Rethinking Visual Token Reduction for Efficient LVLMs"; Tencent/SelfEvolvingAgent,
     ``VScan/llava/model/llava_arch.py``, ``modeling_llama_x.py``).
@@ -46,7 +51,7 @@ class VScanPolicy(PruningPolicy):
             return MergePlan(torch.arange(P, device=stage.vision_pos.device).expand(B, P))
         num_layers, grid = len(stage.vision_states) - 1, math.isqrt(P)
         cls_query = torch.zeros(B, 1, dtype=torch.long, device=stage.vision_pos.device)
-        shallow = max(0, round(SHALLOW * num_layers) - 1)
+        shallow = shallow_layer(num_layers)
         local_rows = stage.vision_attention(shallow, cls_query).mean(dim=1)[:, 0, 1:]  # (B, P)
         global_rows = stage.vision_attention(stage.feature_layer, cls_query).mean(dim=1)[:, 0, 1:]
         patch = torch.arange(P)
@@ -78,5 +83,9 @@ class VScanPolicy(PruningPolicy):
         patches, k, width = stage.num_vision, stage.kept, config.text_config.hidden_size
         if k >= patches:
             return 0
-        rows = 2 * vision_attention_rows_flops(config.vision_config, 1, patches + 1)
+        v = config.vision_config
+        rows = 2 * vision_attention_rows_flops(v, 1, patches + 1)
+        feature = config.vision_feature_layer % (v.num_hidden_layers + 1) - 1
+        if shallow_layer(v.num_hidden_layers) == feature:  # one layer (a small tower): its keys computed once
+            rows -= 2 * (patches + 1) * v.hidden_size**2
         return rows + nearest_flops(patches - k, k, width) + group_sum_flops(patches - k, k, width)

@@ -22,7 +22,7 @@ import ray
 
 from pipelines.cluster import connect_ray
 from pipelines.config import JobConfig, load_config
-from pipelines.evaluation import evaluate, format_table
+from pipelines.eval.evaluation import evaluate, format_table
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

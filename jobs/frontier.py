@@ -16,7 +16,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pipelines.frontier import FrontierResult, run_frontier
+from pipelines.frontier.run import FrontierResult, run_frontier
 from pipelines.tracking import resolve_uri, ui_hint
 
 

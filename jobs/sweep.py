@@ -19,11 +19,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipelines.calibration import report_calibration
 from pipelines.cluster import connect_ray
 from pipelines.config import load_config
-from pipelines.frontier import run_frontier
-from pipelines.sweep import check_sweep, run_sweep
+from pipelines.frontier.run import run_frontier
+from pipelines.sweep.calibration import report_calibration
+from pipelines.sweep.tuner import check_sweep, run_sweep
 from pipelines.tracking import redact, ui_hint
 
 DEFAULT = Path(__file__).parent / "configs" / "sweep_toy.yaml"

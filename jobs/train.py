@@ -19,9 +19,9 @@ from pathlib import Path
 
 from pipelines.cluster import connect_ray
 from pipelines.config import load_config
-from pipelines.evaluation import evaluate, evaluate_command, format_table
-from pipelines.experiment import check_config, run_training
+from pipelines.eval.evaluation import evaluate, evaluate_command, format_table
 from pipelines.tracking import tracking_uri, ui_hint
+from pipelines.train.experiment import check_config, run_training
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

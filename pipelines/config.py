@@ -173,7 +173,7 @@ class EvalSection(_Strict):
     use_gpu: bool = False  # one GPU per inference actor
     cpus_per_actor: float = Field(0.5, gt=0)  # 0.5 leaves a 2-CPU box room for the preprocessing tasks
     seed: int = 0  # the random policy's seed
-    latency_batch_size: int = Field(16, gt=0)  # requests per timed generate call (pipelines.latency)
+    latency_batch_size: int = Field(16, gt=0)  # requests per timed generate call (pipelines.eval.latency)
     latency_warmup: int = Field(2, ge=0)  # rounds over all settings left out
     latency_repeats: int = Field(10, ge=0)  # rounds recorded (median, IQR); 0: no latency metrics
 
@@ -190,7 +190,7 @@ class EvalSection(_Strict):
 
 
 class SearchSpace(_Strict):
-    """What a sweep searches (Optuna, define-by-run: ``pipelines.search``). Ratios are fractions of the original
+    """What a sweep searches (Optuna, define-by-run: ``pipelines.sweep.space``). Ratios are fractions of the original
     vision tokens, sampled on a grid of ``ratio_step``."""
 
     layers: tuple[tuple[int, ...], ...] = ((0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))  # candidate stages
@@ -289,7 +289,7 @@ class Baselines(_Strict):
 
 class Calibration(_Strict):
     """``sweep.objective: hidden_similarity``: VFlowOpt's label-free calibration of one method
-    (``pipelines.calibration``).
+    (``pipelines.sweep.calibration``).
 
     Each trial runs ``method`` at ``layers`` with searched ``params`` (the policy's keyword arguments, each a
     ``[low, high]`` range) and keep ratios (each stage's in ``ratio_range`` where the budget stays reachable, the

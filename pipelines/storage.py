@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 S3_SCHEME = "s3://"
@@ -33,10 +34,15 @@ def split_s3(path: str) -> tuple[str, str]:
     return bucket, key
 
 
+def s3_endpoint() -> str | None:
+    """The S3-compatible endpoint the environment names (``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``); None:
+    AWS's own."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
 def s3_client() -> Any:
     """A boto3 S3 client for the endpoint the environment names now (AWS's default when none)."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-    return _client(endpoint)
+    return _client(s3_endpoint())
 
 
 @cache
@@ -44,6 +50,23 @@ def _client(endpoint: str | None) -> Any:
     import boto3  # cached per endpoint: clients are thread-safe and slow to build
 
     return boto3.client("s3", endpoint_url=endpoint)
+
+
+def ray_storage(path: str) -> tuple[str, Any]:
+    """Ray's ``storage_path`` and ``storage_filesystem`` (a ``pyarrow.fs.FileSystem``, or None: Ray's default)
+    for ``path``: local paths made absolute; ``s3://`` honours ``AWS_ENDPOINT_URL`` (MinIO, moto)."""
+    if not is_s3(path):
+        return str(Path(path).resolve()), None
+    endpoint = s3_endpoint()
+    if endpoint is None:
+        return path, None
+    import pyarrow.fs
+
+    scheme, _, host = endpoint.partition("://")
+    fs = pyarrow.fs.S3FileSystem(
+        endpoint_override=host, scheme=scheme, region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+    )
+    return path.removeprefix("s3://"), fs
 
 
 def read_bytes(path: str) -> bytes:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-from pipelines.config import DataSection
 from pipelines.toy.model import build_toy_model, save_toy_model, toy_processor
 from pipelines.toy.scenes import SceneSpec
 from pipelines.toy.writer import ToyWorldPaths, scene_parameters, write_toy_world
@@ -78,11 +77,12 @@ class ToyWorld:
         return path
 
 
-def prepare_toy_world(data: DataSection) -> ToyWorld:
-    """Write (or reuse) the toy world under ``data.toy_root``."""
-    root = Path(data.toy_root)
-    spec = SceneSpec() if data.toy_question_types is None else SceneSpec(question_types=data.toy_question_types)
-    paths = write_toy_world(
-        root / "world", seed=data.seed, n_train=data.toy_train_samples, n_test=data.toy_test_samples, spec=spec
-    )
-    return ToyWorld(paths, root, data.seed, spec)
+def prepare_toy_world(
+    root: str | Path, *, seed: int, n_train: int, n_test: int, question_types: tuple[str, ...] | None = None
+) -> ToyWorld:
+    """Write (or reuse) the toy world under ``root``: ``n_train`` training and ``n_test`` test questions of
+    ``question_types`` (None: the toy world's own, ``SceneSpec.question_types``)."""
+    root = Path(root)
+    spec = SceneSpec() if question_types is None else SceneSpec(question_types=question_types)
+    paths = write_toy_world(root / "world", seed=seed, n_train=n_train, n_test=n_test, spec=spec)
+    return ToyWorld(paths, root, seed, spec)

@@ -13,7 +13,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from pipelines.config import load_config
-from pipelines.train_loop import deepspeed_config
+from pipelines.train.worker import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"

@@ -11,7 +11,7 @@ import pytest
 from lvpruning import paper_schedule
 from lvpruning.presets import load_llava_config
 from pipelines.config import load_config
-from pipelines.search import check_space
+from pipelines.sweep.space import check_space
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("*.yaml"))
 

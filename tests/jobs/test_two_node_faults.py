@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipelines.config import DataSection
 from pipelines.toy.base import prepare_toy_world
 from tests.jobs import ray_jobs
 from tests.jobs.conftest import BUCKET, RAY_AUTH_TOKEN, SECRETS, pg_dump
@@ -29,12 +28,11 @@ STEPS = 30  # optimizer steps of each training run here, checkpointed every 10
 @pytest.fixture(scope="module")
 def toy(head, s3) -> dict[str, str]:
     """The toy world written once (reused by every job), its images copied to ``s3://lvpruning/toy/images``."""
-    data = DataSection(toy_root=str(head.tmp / "faults-toy"), toy_train_samples=480, toy_test_samples=48)
-    world = prepare_toy_world(data)
+    world = prepare_toy_world(head.tmp / "faults-toy", seed=0, n_train=480, n_test=48)
     client, folder = s3.client(), world.paths.image_folder
     for image in folder.rglob("*.png"):
         client.upload_file(str(image), BUCKET, f"toy/images/{image.relative_to(folder)}")
-    return {"toy_root": data.toy_root, "image_root": f"s3://{BUCKET}/toy/images"}
+    return {"toy_root": str(world.root), "image_root": f"s3://{BUCKET}/toy/images"}
 
 
 def train_args(toy: dict[str, str], mlflow_uri: str, name: str, *extra: str) -> list[str]:

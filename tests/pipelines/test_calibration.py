@@ -15,7 +15,10 @@ import torch.nn.functional as F
 from transformers import AutoProcessor
 
 from lvpruning.policies import POLICIES, get_policy
-from pipelines.calibration import (
+from pipelines.config import Calibration, load_config
+from pipelines.eval.evaluation import make_settings
+from pipelines.eval.models import ModelSpec, Setting, left_padded, load_model
+from pipelines.sweep.calibration import (
     CalibrationSpace,
     budget_ratios,
     calibration_report,
@@ -26,10 +29,7 @@ from pipelines.calibration import (
     spearman,
     trial_setting,
 )
-from pipelines.config import Calibration, load_config
-from pipelines.evaluation import make_settings
-from pipelines.models import ModelSpec, Setting, left_padded, load_model
-from pipelines.search import baseline_trials, trial_config
+from pipelines.sweep.space import baseline_trials, trial_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -13,7 +13,7 @@ from lvpruning.flops import analytic_flops
 from lvpruning.presets import llava_15_7b_config
 from lvpruning.tiny import tiny_llava_config
 from pipelines.config import load_config
-from pipelines.evaluation import (
+from pipelines.eval.evaluation import (
     Benchmark,
     benchmarks_from_config,
     format_table,
@@ -22,8 +22,8 @@ from pipelines.evaluation import (
     run_setting,
     setting_tflops,
 )
-from pipelines.models import ModelSpec, Setting
-from pipelines.scoring import ScoringError, score
+from pipelines.eval.models import ModelSpec, Setting
+from pipelines.eval.scoring import ScoringError, score
 from pipelines.tracking import redact
 from tests.pipelines.test_inference import OPTIONS, RATIOS, direct_answers
 
@@ -125,7 +125,7 @@ def test_run_setting_logs_one_run_with_params_and_metrics(world, tmp_path, monke
     assert metrics["accuracy/toy/shape"] == 0.0 and metrics["unanswered/toy"] == 2
     assert metrics["accuracy/mean"] == metrics["accuracy/toy"]
     assert metrics["tflops"] == pytest.approx(setting_tflops(tiny_llava_config(), spec.pruning, setting))
-    assert {k: metrics[k] for k in latency} == latency  # pipelines.latency's, logged as they are
+    assert {k: metrics[k] for k in latency} == latency  # pipelines.eval.latency's, logged as they are
     logged = Path(MlflowClient(uri).download_artifacts(result.run_id, "config.json", str(tmp_path)))
     assert "secret" not in logged.read_text() and "mlflow.example.com" in logged.read_text()
     assert (tmp_path / "eval" / "lvpruning_0.5-0.25" / "toy.jsonl").is_file()

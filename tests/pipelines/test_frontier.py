@@ -1,4 +1,4 @@
-"""``pipelines.frontier``: the Pareto mask against the definition, and the frontier of a real MLflow store (SQLite)."""
+"""``pipelines.frontier.run``: the Pareto mask against the definition, and the frontier of a real MLflow store."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from PIL import Image
 
-from pipelines.frontier import run_frontier
-from pipelines.pareto import excluded_count, pareto_mask
+from pipelines.frontier.pareto import excluded_count, pareto_mask
+from pipelines.frontier.run import run_frontier
 from pipelines.tracking import KIND_TAG
 
 ARTIFACTS = ("frontier.png", "frontier.html", "frontier.csv")
@@ -98,7 +98,7 @@ def test_pareto_mask_rejects_mismatched_lengths():
 
 
 def log_setting(client, experiment_id, name, method, metrics, *, ratios=None, tags=None, status="FINISHED"):
-    """A run shaped like ``pipelines.evaluation.run_setting``'s."""
+    """A run shaped like ``pipelines.eval.evaluation.run_setting``'s."""
     run_id = client.create_run(experiment_id, run_name=name, tags=tags or {}).info.run_id
     params = {"method": method, "infer_ratios": json.dumps(ratios) if ratios else "none"}
     if method != "none":

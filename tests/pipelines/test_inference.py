@@ -17,8 +17,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from lvpruning import PruningConfig, attach, load_decision_modules, save_decision_modules
 from lvpruning.policies import get_policy
 from lvpruning.tiny import build_processor, build_tokenizer, tiny_llava, tiny_llava_config
-from pipelines.inference import InferenceOptions, answer_signature, question_text, read_answers, run_inference
-from pipelines.models import ModelSpec, Setting
+from pipelines.eval.inference import InferenceOptions, answer_signature, question_text, read_answers, run_inference
+from pipelines.eval.models import ModelSpec, Setting
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "

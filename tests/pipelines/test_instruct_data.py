@@ -16,9 +16,10 @@ from PIL import Image
 from transformers import LlavaProcessor
 
 from lvpruning.tiny import build_processor, tiny_llava_config
-from pipelines.collate import PaddingCollateFn, collate
 from pipelines.conversation import IGNORE_INDEX, encode, parse_turns, render, split_supervised
-from pipelines.instruct_data import SKIP_REASONS, build_instruct_dataset, expand_to_square
+from pipelines.images import expand_to_square
+from pipelines.train.collate import PaddingCollateFn, collate
+from pipelines.train.data import SKIP_REASONS, build_instruct_dataset
 
 WORDS = "what color is cube how many spheres there red green blue two three".split()
 MAX_LENGTH = 256

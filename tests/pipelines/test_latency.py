@@ -7,10 +7,10 @@ import itertools
 import pytest
 from transformers import AutoProcessor
 
-import pipelines.latency as latency
-from pipelines.evaluation import modules_config
-from pipelines.latency import LatencyOptions, latency_requests, measure_latency, summarize, time_settings
-from pipelines.models import ModelSpec, Setting
+import pipelines.eval.latency as latency
+from pipelines.eval.evaluation import modules_config
+from pipelines.eval.latency import LatencyOptions, latency_requests, measure_latency, summarize, time_settings
+from pipelines.eval.models import ModelSpec, Setting
 from tests.pipelines.test_inference import RATIOS, TinyWorld
 
 pytestmark = pytest.mark.usefixtures("local_ray")

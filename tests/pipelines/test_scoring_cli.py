@@ -1,4 +1,4 @@
-"""``python -m pipelines.score``: end to end on LLaVA-1.5-13B's released answers, and its error messages."""
+"""``python -m pipelines.eval.score``: end to end on LLaVA-1.5-13B's released answers, and its error messages."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.score import main
+from pipelines.eval.score import main
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / ".." / "shared" / "fixtures" / "llava-v1.5-13b"
@@ -24,7 +24,7 @@ def fixture_dir(name: str) -> Path:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.score", *args],
+        [sys.executable, "-m", "pipelines.eval.score", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

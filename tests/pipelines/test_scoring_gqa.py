@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.scoring import ScoringError, score
-from pipelines.scoring.gqa import normalize_prediction
+from pipelines.eval.scoring import ScoringError, score
+from pipelines.eval.scoring.gqa import normalize_prediction
 
 
 @pytest.mark.parametrize(

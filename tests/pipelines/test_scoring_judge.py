@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from pipelines.score import main
-from pipelines.scoring import JudgeClient, JudgeError, ScoringError, score
-from pipelines.scoring.llava_bench import RULE_PROMPT, SYSTEM_PROMPT, parse_scores, review_content
-from pipelines.scoring.mmvet import RETRY_SUFFIX, grader_message, parse_grade
+from pipelines.eval.score import main
+from pipelines.eval.scoring import JudgeClient, JudgeError, ScoringError, score
+from pipelines.eval.scoring.llava_bench import RULE_PROMPT, SYSTEM_PROMPT, parse_scores, review_content
+from pipelines.eval.scoring.mmvet import RETRY_SUFFIX, grader_message, parse_grade
 
 SECRET = "sk-test-do-not-print-0123456789"
 Reply = tuple[int, str]  # (HTTP status, assistant content; the raw body for errors or when prefixed "RAW:")

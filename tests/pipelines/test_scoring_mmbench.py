@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.scoring import ScoringError, score
-from pipelines.scoring.mmbench import extract_option
+from pipelines.eval.scoring import ScoringError, score
+from pipelines.eval.scoring.mmbench import extract_option
 
 CHOICES = {"A": "dog", "B": "cat", "C": "bird", "D": "fish"}
 COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "image"]

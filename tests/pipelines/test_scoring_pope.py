@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.scoring import ScoringError, score
-from pipelines.scoring.pope import binary_metrics, parse_yes_no
+from pipelines.eval.scoring import ScoringError, score
+from pipelines.eval.scoring.pope import binary_metrics, parse_yes_no
 
 FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "llava-v1.5-13b"
 

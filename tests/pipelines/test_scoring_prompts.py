@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.benchmarks import (
+from pipelines.eval.datasets import (
     BENCHMARKS,
     OPTION_LETTER,
     OPTION_LETTER_CN,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.scoring import ScoringError, score
-from pipelines.scoring.scienceqa import FAILED, parse_letter
+from pipelines.eval.scoring import ScoringError, score
+from pipelines.eval.scoring.scienceqa import FAILED, parse_letter
 
 FIXTURES = Path(__file__).resolve().parents[2] / ".." / "shared" / "fixtures" / "llava-v1.5-13b"
 

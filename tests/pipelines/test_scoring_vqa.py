@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.benchmarks import SHORT_ANSWER
-from pipelines.scoring import ScoringError, score
-from pipelines.scoring.vqa import evalai_answer, normalize_answer, textvqa_question, vqa_accuracy
+from pipelines.eval.datasets import SHORT_ANSWER
+from pipelines.eval.scoring import ScoringError, score
+from pipelines.eval.scoring.vqa import evalai_answer, normalize_answer, textvqa_question, vqa_accuracy
 
 
 @pytest.mark.parametrize(

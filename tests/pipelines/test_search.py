@@ -11,7 +11,7 @@ import pytest
 
 from lvpruning import PruningConfig
 from pipelines.config import load_config
-from pipelines.search import DefineByRun, baseline_trials, check_space, shifted_schedules, trial_config
+from pipelines.sweep.space import DefineByRun, baseline_trials, check_space, shifted_schedules, trial_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -120,7 +120,7 @@ def test_a_space_that_does_not_fit_the_model_fails_naming_the_key(override, key)
 def test_check_sweep_makes_local_paths_absolute_for_the_trials_and_keeps_the_toy_model(tmp_path, monkeypatch):
     """Tune runs each trial in a folder of its own: relative paths would point elsewhere there. A ``./toy`` folder
     (the toy world's data) once made ``model.name_or_path=toy`` a path, and the trials lost the toy world."""
-    from pipelines.sweep import check_sweep
+    from pipelines.sweep.tuner import check_sweep
 
     deepspeed = Path(__file__).resolve().parents[2] / "cluster" / "deepspeed" / "zero2_cpu.json"
     monkeypatch.chdir(tmp_path)
@@ -154,7 +154,7 @@ def test_the_guard_stops_nothing_before_its_minimum_of_trials_then_the_worst_at_
     """By hand: rung at step 20, reduction factor 2 (stop below the median of those recorded), 2 trials first."""
     from types import SimpleNamespace
 
-    from pipelines.sweep import GuardedASHA
+    from pipelines.sweep.tuner import GuardedASHA
 
     guard = GuardedASHA("ratio_loss", rung=20, reduction_factor=2, min_trials=2)
     trials = [SimpleNamespace(trial_id=f"t{i}") for i in range(5)]
@@ -175,7 +175,7 @@ def test_the_guard_stops_nothing_before_its_minimum_of_trials_then_the_worst_at_
 def test_baselines_come_first_and_never_reach_optuna_and_a_stopped_trial_is_pruned():
     from ray.tune.search.optuna import OptunaSearch
 
-    from pipelines.sweep import OBJECTIVES, BaselinesFirst, DefineByRun
+    from pipelines.sweep.tuner import OBJECTIVES, BaselinesFirst, DefineByRun
 
     cfg = load_config(None, ["sweep.baselines.methods=[none,fastv,random]"])
     optuna_search = OptunaSearch(space=DefineByRun(cfg.sweep.space), metric=list(OBJECTIVES), mode=["max", "min"])
@@ -201,7 +201,7 @@ def test_trial_run_status_ends_the_runs_that_tune_ended_while_they_ran(tmp_path)
 
     from mlflow import MlflowClient
 
-    from pipelines.sweep import TrialRunStatus
+    from pipelines.sweep.tuner import TrialRunStatus
     from pipelines.tracking import TRIAL_TAG
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -227,7 +227,7 @@ def test_a_resumed_sweep_ends_the_runs_of_trials_it_does_not_know(tmp_path):
     would stay RUNNING for good."""
     from mlflow import MlflowClient
 
-    from pipelines.sweep import end_orphans
+    from pipelines.sweep.tuner import end_orphans
     from pipelines.tracking import PARENT_TAG, TRIAL_TAG
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -35,7 +35,7 @@ def endless_training(config: dict) -> None:
 
 
 def trial_driving_train(config: dict) -> None:
-    """As ``pipelines.sweep.run_trial`` does: a Tune trial that builds and fits a Train V2 ``TorchTrainer``."""
+    """As ``pipelines.sweep.tuner.run_trial`` does: a Tune trial that builds and fits a Train V2 ``TorchTrainer``."""
     trainer = TorchTrainer(
         endless_training,
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1.5}),

@@ -11,7 +11,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from lvpruning import PruningConfig, attach
 from pipelines.conversation import build_prompt
-from pipelines.inference import question_text
+from pipelines.eval.inference import question_text
 from pipelines.toy.base import SHIPPED_BASE_MODEL
 from pipelines.toy.scenes import SceneSpec, make_split, render
 from tests.lvpruning.conftest import generate_alone

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 import lvpruning.engine
 from pipelines.config import JobConfig, load_config
 from pipelines.toy.model import build_toy_model, save_toy_model, toy_processor
-from pipelines.train_loop import (
+from pipelines.train.worker import (
     ENGINE_TAG,
     TrainState,
     deepspeed_config,

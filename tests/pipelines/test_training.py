@@ -13,14 +13,15 @@ import ray
 from mlflow import MlflowClient
 from transformers import LlavaForConditionalGeneration
 
-import pipelines.train_loop
+import pipelines.train.worker
 from lvpruning import load_decision_modules
 from pipelines.config import load_config
-from pipelines.instruct_data import build_instruct_dataset
+from pipelines.storage import ray_storage
 from pipelines.toy.model import build_toy_model, save_toy_model, toy_processor
 from pipelines.toy.writer import write_toy_world
-from pipelines.train_loop import FAIL_AT_STEP_ENV, TrainState, load_checkpoint
-from pipelines.training import export, fit, planned_steps, storage
+from pipelines.train.data import build_instruct_dataset
+from pipelines.train.driver import export, fit, planned_steps
+from pipelines.train.worker import FAIL_AT_STEP_ENV, TrainState, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_a_worker_resuming_later_does_not_rewrite_the_files_another_is_reading(s
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     s3.create_bucket(Bucket=bucket)
     s3.put_object(Bucket=bucket, Key="ckpt/deepspeed/mp_rank_00_model_states.pt", Body=b"x" * 1024)
-    path, filesystem = storage(f"s3://{bucket}/ckpt")
+    path, filesystem = ray_storage(f"s3://{bucket}/ckpt")
     checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
     seen: list[tuple[Path, int]] = []
 
@@ -107,7 +108,7 @@ def test_a_worker_resuming_later_does_not_rewrite_the_files_another_is_reading(s
 
     with (
         mock.patch.object(ray.train, "get_checkpoint", return_value=checkpoint),
-        mock.patch.object(pipelines.train_loop, "read_checkpoint", read),
+        mock.patch.object(pipelines.train.worker, "read_checkpoint", read),
     ):
         assert load_checkpoint(engine=None) == TrainState(step=2)
     assert len(seen) == 2 and seen[0][0] != seen[1][0]

@@ -32,13 +32,13 @@ from lvpruning.policies import POLICIES
 from pipelines.config import Calibration, JobConfig, OwnLayers
 from pipelines.conversation import TEMPLATES
 from pipelines.conversation import build_prompt as conversation_prompt
-from pipelines.evaluation import evaluate, modules_config
-from pipelines.experiment import prepare_inputs, text_config
-from pipelines.inference import Preprocessor
-from pipelines.instruct_data import read_records
-from pipelines.models import ModelSpec, Setting, left_padded, load_model, setting_policy
-from pipelines.pareto import MEAN, TFLOPS
+from pipelines.eval.evaluation import evaluate, modules_config
+from pipelines.eval.inference import Preprocessor
+from pipelines.eval.models import ModelSpec, Setting, left_padded, load_model, setting_policy
+from pipelines.frontier.pareto import MEAN, TFLOPS
 from pipelines.tracking import tracking_uri, trial_run
+from pipelines.train.data import read_records
+from pipelines.train.experiment import prepare_inputs, text_config
 
 SIMILARITY = "hidden_similarity"
 RETENTION = "retention"

@@ -2,7 +2,7 @@
 warm-up, with repeats, so that the ratios between settings are stable.
 
 - The requests are the first ``batch_size`` questions of a benchmark that have a usable image, preprocessed as the
-  batch inference does (``pipelines.inference.Preprocessor``) and answered greedily (``timed_generate``).
+  batch inference does (``pipelines.eval.inference.Preprocessor``) and answered greedily (``timed_generate``).
 - One base model is loaded; the pruning settings share it through one set of decision modules, so the settings
   differ only in what they compute.
 - Each round runs every setting once, the order rotated from round to round, so drift (other load, clocks) hits
@@ -28,8 +28,8 @@ import torch
 
 from pipelines.conversation import TEMPLATES
 from pipelines.conversation import build_prompt as conversation_prompt
-from pipelines.inference import Preprocessor, question_text, read_questions
-from pipelines.models import ModelSpec, Setting, load_model, setting_policy, timed_generate, with_pruning
+from pipelines.eval.inference import Preprocessor, question_text, read_questions
+from pipelines.eval.models import ModelSpec, Setting, load_model, setting_policy, timed_generate, with_pruning
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Pad model-input rows into a batch: right padding for training, left for generation.
 
 Rows carry ``input_ids`` / ``attention_mask`` / ``labels`` (L,) and ``pixel_values`` (3, H, W), as
-``pipelines.instruct_data`` makes them. Shapes: B = batch, T = longest row of the batch.
+``pipelines.train.data`` makes them. Shapes: B = batch, T = longest row of the batch.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Evaluate inference settings on benchmarks: answers (``pipelines.inference``) -> scores (``pipelines.scoring``)
--> metrics, one MLflow run per setting.
+"""Evaluate inference settings on benchmarks: answers (``pipelines.eval.inference``) -> scores
+(``pipelines.eval.scoring``) -> metrics, one MLflow run per setting.
 
 Metrics of a setting (MLflow names):
 
@@ -9,7 +9,7 @@ Metrics of a setting (MLflow names):
   tokens: the base model for ``none``; for a pruning method with its own overhead counted (LVPruning's decision
   modules, the training-free methods' recomputed attention rows and arithmetic).
 - ``latency/prefill_ms``, ``latency/e2e_ms`` and their ``_iqr`` spreads: every setting of one evaluation timed in
-  one process on the first benchmark's first requests (``pipelines.latency``), before any answering;
+  one process on the first benchmark's first requests (``pipelines.eval.latency``), before any answering;
   ``unanswered/<benchmark>``: questions with no usable image.
 
 Params: ``method``, ``infer_ratios``, ``layers`` (pruning methods), ``train_ratios`` (``lvpruning``), ``model``,
@@ -34,7 +34,7 @@ from lvpruning.config import check_schedule
 from lvpruning.flops import analytic_flops
 from lvpruning.presets import load_llava_config
 from pipelines.config import TOY, JobConfig, OwnLayers
-from pipelines.inference import (
+from pipelines.eval.inference import (
     InferenceOptions,
     InferenceReport,
     answer_signature,
@@ -42,9 +42,9 @@ from pipelines.inference import (
     read_questions,
     run_inference,
 )
-from pipelines.latency import LatencyOptions, measure_latency
-from pipelines.models import ModelSpec, Setting
-from pipelines.scoring import score
+from pipelines.eval.latency import LatencyOptions, measure_latency
+from pipelines.eval.models import ModelSpec, Setting
+from pipelines.eval.scoring import score
 from pipelines.tracking import PARENT_TAG, redact, tracking_uri
 from pipelines.tracking import experiment_id as get_experiment_id
 
@@ -178,7 +178,7 @@ def run_setting(
     """:func:`evaluate_setting` inside its own MLflow run (ended FINISHED, FAILED on an exception, KILLED on
     Ctrl-C). A client, not ``mlflow.start_run``: it works beside an active run (the training job's, which
     ``parent_run_id`` names so the UI nests this one under it). ``latency``: the setting's metrics from
-    :func:`pipelines.latency.measure_latency`, logged with the others.
+    :func:`pipelines.eval.latency.measure_latency`, logged with the others.
 
     Under a parent, a setting has one run: a FINISHED one is returned as it is (a resumed sweep trial does not
     evaluate or log it twice), an unfinished one is continued."""

@@ -2,7 +2,7 @@
 
 - The search is multi-objective Optuna (``accuracy/mean`` up, ``tflops`` down, at each trial's own schedule);
   ASHA stops trials whose ``sweep.guard_metric`` lags while they train (one metric: ASHA takes one).
-- A searched trial (:func:`run_trial`) trains with Ray Train + DeepSpeed (``pipelines.experiment.run_training``,
+- A searched trial (:func:`run_trial`) trains with Ray Train + DeepSpeed (``pipelines.train.experiment.run_training``,
   metrics forwarded by ``TuneReportCallback``), then is evaluated at its schedule and at shifted ones
   (``sweep.infer_shifts``) with no retraining. The training-free methods of ``sweep.baselines`` are
   evaluation-only trials of the same sweep, so they sit on the same frontier.
@@ -32,22 +32,21 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from pipelines.calibration import (
+from pipelines.config import TOY, JobConfig
+from pipelines.eval.evaluation import benchmarks_from_config, evaluate
+from pipelines.frontier.pareto import MEAN, TFLOPS
+from pipelines.storage import is_s3, ray_storage
+from pipelines.sweep.calibration import (
     SIMILARITY,
     CalibrationSpace,
     calibration_layers,
     calibration_trial,
     check_calibration,
 )
-from pipelines.config import TOY, JobConfig
-from pipelines.evaluation import benchmarks_from_config, evaluate
-from pipelines.experiment import check_config, finished_training, prepare_inputs, run_training, text_config
-from pipelines.pareto import MEAN, TFLOPS
-from pipelines.search import LVPRUNING, DefineByRun, baseline_trials, check_space, trial_config
-from pipelines.storage import is_s3
+from pipelines.sweep.space import LVPRUNING, DefineByRun, baseline_trials, check_space, trial_config
 from pipelines.tracking import KIND_TAG, PARENT_TAG, RUN_NAME_TAG, TRIAL_TAG, redact, tracking_uri, trial_run
 from pipelines.tracking import experiment_id as get_experiment_id
-from pipelines.training import storage
+from pipelines.train.experiment import check_config, finished_training, prepare_inputs, run_training, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +255,7 @@ class SweepResult:
 
 def build_tuner(cfg: JobConfig, sweep_run_id: str) -> tuple[tune.Tuner, bool]:
     """A fresh Tuner, or the interrupted one restored from ``<run.storage_path>/<run.name>``."""
-    storage_path, filesystem = storage(cfg.run.storage_path)
+    storage_path, filesystem = ray_storage(cfg.run.storage_path)
     trainable = tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"), sweep_run_id=sweep_run_id)
     # A trial only drives Ray Train and Ray Data, which hold the CPUs (GPUs); Tune needs a non-empty request.
     trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPUS})

@@ -17,8 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipelines.benchmarks import POPE
-from pipelines.scoring.common import (
+from pipelines.eval.datasets import POPE
+from pipelines.eval.scoring.common import (
     ScoringError,
     Source,
     base_counts,

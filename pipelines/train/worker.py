@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 from transformers import LlavaForConditionalGeneration, get_scheduler
 
-from pipelines.collate import PaddingCollateFn
 from pipelines.config import JobConfig
 from pipelines.stages import Stage
 from pipelines.tracking import CheckpointedHistory
+from pipelines.train.collate import PaddingCollateFn
 
 logger = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.json"

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from pipelines.scoring.common import ScoringError
+from pipelines.eval.scoring.common import ScoringError
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -11,15 +11,14 @@
    what was written; at the end, rewrite it in question order (POPE pairs answers with labels by order).
 
 Timing per sample (ms, in each answer's ``metadata``): ``e2e_ms`` and ``prefill_ms`` of the batch's generate call
-(``pipelines.models.timed_generate``; image loading and preprocessing excluded), divided by the batch size
+(``pipelines.eval.models.timed_generate``; image loading and preprocessing excluded), divided by the batch size
 (``batch_size`` is recorded): the amortized cost per sample while answering, beside other work. The latencies an
-evaluation logs are measured apart, all settings in one process: ``pipelines.latency``.
+evaluation logs are measured apart, all settings in one process: ``pipelines.eval.latency``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -34,13 +33,13 @@ import ray
 import torch
 
 from pipelines import storage
-from pipelines.benchmarks import SHORT_ANSWER, build_prompt, with_suffix
 from pipelines.conversation import TEMPLATES, RecordError
 from pipelines.conversation import build_prompt as conversation_prompt
-from pipelines.instruct_data import expand_to_square
-from pipelines.models import ModelSpec, Setting, load_model, setting_policy, timed_generate
-from pipelines.scoring import TOY
-from pipelines.scoring.common import index_questions
+from pipelines.eval.datasets import SHORT_ANSWER, build_prompt, with_suffix
+from pipelines.eval.models import ModelSpec, Setting, load_model, setting_policy, timed_generate
+from pipelines.eval.scoring import TOY
+from pipelines.eval.scoring.common import index_questions
+from pipelines.images import load_image, mean_colour
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +122,7 @@ class Preprocessor:
         from PIL import Image
 
         self.processor, self.image_root, self.pad_to_square = processor, image_root, pad_to_square
-        self.background = tuple(int(x * 255) for x in processor.image_processor.image_mean)
+        self.background = mean_colour(processor)
         probe = processor.image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="np")
         self.blank = np.zeros(probe["pixel_values"].shape[1:], np.float32)  # (3, H, W), rows with no image
 
@@ -142,20 +141,7 @@ class Preprocessor:
         return out
 
     def _load(self, relative: str) -> Any:
-        from PIL import Image
-
-        if not relative:
-            raise RecordError("no_image", "the question names no image")
-        path = storage.join(self.image_root, relative)
-        try:
-            data = storage.read_bytes(path)
-        except (FileNotFoundError, IsADirectoryError):
-            raise RecordError("missing_image", path) from None
-        try:
-            image = Image.open(io.BytesIO(data)).convert("RGB")  # decodes now: a truncated file fails here
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
-            raise RecordError("corrupt_image", path) from None
-        return expand_to_square(image, self.background) if self.pad_to_square else image
+        return load_image(self.image_root, relative, self.background if self.pad_to_square else None)
 
 
 _PREPROCESSORS: dict[tuple[str, str, bool], Preprocessor] = {}

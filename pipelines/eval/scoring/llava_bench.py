@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipelines.benchmarks import LLAVA_BENCH
-from pipelines.scoring.common import (
+from pipelines.eval.datasets import LLAVA_BENCH
+from pipelines.eval.scoring.common import (
     ScoringError,
     Source,
     answers_by_id,
@@ -35,7 +35,7 @@ from pipelines.scoring.common import (
     read_jsonl,
     result,
 )
-from pipelines.scoring.judge import JudgeClient, JudgeError, raise_if_all_failed
+from pipelines.eval.scoring.judge import JudgeClient, JudgeError, raise_if_all_failed
 
 SYSTEM_PROMPT = "You are a helpful and precise assistant for checking the quality of the answer."
 ROLE = "Assistant"

@@ -1,6 +1,6 @@
 """What an evaluation runs: the model (``ModelSpec``) and the inference setting (``Setting``: method and keep
 ratios), the model loaded for a setting, and one timed batch of greedy answers (``timed_generate``), shared by the
-batch inference (``pipelines.inference``) and the latency measurement (``pipelines.latency``).
+batch inference (``pipelines.eval.inference``) and the latency measurement (``pipelines.eval.latency``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The accuracy-cost Pareto frontier of evaluated settings in MLflow: tags on their runs, and a ``frontier`` run.
 
-A point is an evaluated setting's run (``pipelines.evaluation.run_setting``, or a sweep's): FINISHED, with the
+A point is an evaluated setting's run (``pipelines.eval.evaluation.run_setting``, or a sweep's): FINISHED, with the
 metrics ``tflops`` and ``accuracy/mean``. Other runs (training, sweep parents, trials, earlier ``frontier`` runs)
 are not points. Accuracy up and cost down are better; the frontiers:
 
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.frontier_plots import plot_html, plot_png
-from pipelines.pareto import MEAN, TAG_PREFIX, TFLOPS, Front, Point, compute_fronts, pareto_table, write_csv
+from pipelines.frontier.pareto import MEAN, TAG_PREFIX, TFLOPS, Front, Point, compute_fronts, pareto_table, write_csv
+from pipelines.frontier.plots import plot_html, plot_png
 from pipelines.tracking import KIND_TAG
 from pipelines.tracking import experiment_id as get_experiment_id
 

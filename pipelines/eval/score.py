@@ -1,6 +1,6 @@
 """Score a benchmark's answers as LLaVA-1.5's published numbers were computed.
 
-    python -m pipelines.score --benchmark pope --questions llava_pope_test.jsonl --answers answers.jsonl \\
+    python -m pipelines.eval.score --benchmark pope --questions llava_pope_test.jsonl --answers answers.jsonl \\
         --annotations pope/coco [--json]
 
 LLaVA-Bench and MM-Vet also need a judge: ``--judge-base-url https://api.openai.com/v1 --judge-model
@@ -17,14 +17,14 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pipelines.benchmarks import BENCHMARKS
-from pipelines.scoring import JudgeClient, ScoringError, score
+from pipelines.eval.datasets import BENCHMARKS
+from pipelines.eval.scoring import JudgeClient, ScoringError, score
 
 _MAX_WARNINGS_SHOWN = 10
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pipelines.score", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pipelines.eval.score", description=__doc__.split("\n")[0])
     p.add_argument("--benchmark", required=True, help=f"one of: {', '.join(BENCHMARKS)}")
     p.add_argument("--questions", required=True, help="LLaVA question file (jsonl; ScienceQA json; MMBench tsv)")
     p.add_argument("--answers", required=True, help="answers jsonl in LLaVA's format")

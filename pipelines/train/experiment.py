@@ -1,6 +1,6 @@
 """Training one configuration, as one call: ``check_config`` (before any cluster work), then ``run_training``
 (data -> Ray Train + DeepSpeed -> exported result, in its own MLflow run). ``jobs/train.py`` and every sweep trial
-call these; evaluation is ``pipelines.evaluation.evaluate``.
+call these; evaluation is ``pipelines.eval.evaluation.evaluate``.
 
 With the toy model, the toy world is written (or reused) under ``data.toy_root``, and the frozen base model is the
 cached or shipped one, else trained first by the ``base`` stage (``jobs/configs/toy_base.yaml``).
@@ -21,13 +21,13 @@ from transformers import AutoProcessor
 from lvpruning.presets import load_llava_config
 from pipelines.cluster import lost_nodes
 from pipelines.config import TOY, JobConfig, load_config
-from pipelines.instruct_data import build_instruct_dataset
 from pipelines.storage import join
 from pipelines.toy.base import ToyWorld, prepare_toy_world
 from pipelines.toy.model import toy_config
 from pipelines.tracking import RUN_NAME_TAG, latest_training_run, mlflow_run, resumable_run_id, tracking_uri
-from pipelines.train_loop import deepspeed_config
-from pipelines.training import export, fit, planned_steps
+from pipelines.train.data import build_instruct_dataset
+from pipelines.train.driver import export, fit, planned_steps
+from pipelines.train.worker import deepspeed_config
 
 BASE_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "toy_base.yaml"
 
@@ -79,7 +79,14 @@ def prepare_inputs(cfg: JobConfig) -> Inputs:
     first when none is cached."""
     if cfg.model.name_or_path != TOY:
         return Inputs(cfg, cfg.model.name_or_path, cfg.data.train_json, cfg.data.image_root)
-    world = prepare_toy_world(cfg.data)
+    d = cfg.data
+    world = prepare_toy_world(
+        d.toy_root,
+        seed=d.seed,
+        n_train=d.toy_train_samples,
+        n_test=d.toy_test_samples,
+        question_types=d.toy_question_types,
+    )
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"toy_world": str(world.paths.root)})})
     if cfg.stage.exports_model:  # the base stage: from the initial toy model, or init_from
         model_path = world.continued_model(cfg.train.init_from) if cfg.train.init_from else world.init_model()

@@ -7,12 +7,10 @@ restarts failed workers from it.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-import pyarrow.fs
 import ray.data
 import ray.train
 from ray.train import UserCallback
@@ -20,8 +18,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipelines.config import JobConfig
 from pipelines.stages import Stage
-from pipelines.storage import is_s3
-from pipelines.train_loop import deepspeed_config, train_loop_per_worker
+from pipelines.storage import ray_storage
+from pipelines.train.worker import deepspeed_config, train_loop_per_worker
 
 
 def planned_steps(cfg: JobConfig, num_records: int) -> int:
@@ -31,21 +29,6 @@ def planned_steps(cfg: JobConfig, num_records: int) -> int:
         raise ValueError(f"{num_records} records make no full global batch of {cfg.train.global_batch_size}")
     steps = math.ceil(per_epoch * cfg.train.epochs)
     return min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
-
-
-def storage(path: str) -> tuple[str, pyarrow.fs.FileSystem | None]:
-    """Ray's storage path and filesystem: local paths made absolute; ``s3://`` honours ``AWS_ENDPOINT_URL``
-    (an S3-compatible server such as MinIO or moto)."""
-    if not is_s3(path):
-        return str(Path(path).resolve()), None
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint is None:
-        return path, None
-    scheme, _, host = endpoint.partition("://")
-    fs = pyarrow.fs.S3FileSystem(
-        endpoint_override=host, scheme=scheme, region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
-    )
-    return path.removeprefix("s3://"), fs
 
 
 def fit(
@@ -61,7 +44,7 @@ def fit(
     """Train on ``dataset`` with ``scaling.num_workers`` DeepSpeed workers; returns Ray's result (checkpoint).
     ``callbacks``: Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` in a sweep trial."""
     use_gpu = cfg.scaling.use_gpu
-    storage_path, filesystem = storage(cfg.run.storage_path)
+    storage_path, filesystem = ray_storage(cfg.run.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

@@ -26,7 +26,6 @@ Shapes: B = batch, T = longest sequence in a batch, L = one row's length, H = W 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -51,6 +50,7 @@ from pipelines.conversation import (
     render,
     text_length,
 )
+from pipelines.images import load_image, mean_colour
 
 logger = logging.getLogger(__name__)
 
@@ -205,19 +205,6 @@ def prepare_record(index: int, record: Any, template: ConversationTemplate = VIC
     }
 
 
-def expand_to_square(image: Any, background: tuple[int, int, int]) -> Any:
-    """LLaVA-1.5's ``expand2square``: pad the short side (centred) with the image processor's mean colour."""
-    from PIL import Image
-
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    square = Image.new(image.mode, (side, side), background)
-    square.paste(image, ((side - width) // 2, (side - height) // 2))
-    return square
-
-
 class _Encoder:
     """Rows in, model inputs out: the processor and what is derived from it, built once per worker process."""
 
@@ -225,7 +212,7 @@ class _Encoder:
         self.processor, self.image_root, self.max_length = processor, image_root, max_length
         self.pad_to_square = pad_to_square
         self.n_image_tokens = count_image_tokens(processor)
-        self.background = tuple(int(x * 255) for x in processor.image_processor.image_mean)
+        self.background = mean_colour(processor)
 
     def __call__(
         self, batch: dict[str, np.ndarray]
@@ -258,20 +245,7 @@ class _Encoder:
         return row
 
     def _load_image(self, relative: str) -> Any:
-        from PIL import Image
-
-        path = storage.join(self.image_root, relative)
-        try:
-            data = storage.read_bytes(path)
-        except (FileNotFoundError, IsADirectoryError) as e:
-            raise RecordError("missing_image", path) from e
-        try:
-            image = Image.open(io.BytesIO(data))
-            image.load()  # decode now: a truncated file fails here, not inside the processor
-            image = image.convert("RGB")
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-            raise RecordError("corrupt_image", f"{path}: {e}") from e
-        return expand_to_square(image, self.background) if self.pad_to_square else image
+        return load_image(self.image_root, relative, self.background if self.pad_to_square else None)
 
 
 _ENCODERS: dict[tuple[Any, ...], _Encoder] = {}

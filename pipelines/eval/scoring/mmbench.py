@@ -28,8 +28,8 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
-from pipelines.benchmarks import OPTION_LETTERS, is_missing, mmbench_options
-from pipelines.scoring.common import (
+from pipelines.eval.datasets import OPTION_LETTERS, is_missing, mmbench_options
+from pipelines.eval.scoring.common import (
     Answer,
     ScoringError,
     Source,

@@ -17,8 +17,8 @@ import os
 import re
 from typing import Any
 
-from pipelines.benchmarks import SCIENCEQA
-from pipelines.scoring.common import (
+from pipelines.eval.datasets import SCIENCEQA
+from pipelines.eval.scoring.common import (
     ScoringError,
     Source,
     answers_by_id,

@@ -39,8 +39,8 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from pipelines.benchmarks import TEXTVQA, VIZWIZ, VQAV2
-from pipelines.scoring.common import (
+from pipelines.eval.datasets import TEXTVQA, VIZWIZ, VQAV2
+from pipelines.eval.scoring.common import (
     ScoringError,
     Source,
     answers_by_id,

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from pipelines.benchmarks import (
+from pipelines.eval.datasets import (
     GQA,
     LLAVA_BENCH,
     MMBENCH,
@@ -30,16 +30,16 @@ from pipelines.benchmarks import (
     VQAV2,
     canonical_name,
 )
-from pipelines.scoring.common import ScoringError, Source
-from pipelines.scoring.gqa import score_gqa
-from pipelines.scoring.judge import JudgeClient, JudgeError
-from pipelines.scoring.llava_bench import score_llava_bench
-from pipelines.scoring.mmbench import score_mmbench
-from pipelines.scoring.mmvet import score_mmvet
-from pipelines.scoring.pope import score_pope
-from pipelines.scoring.scienceqa import score_scienceqa
-from pipelines.scoring.toy import TOY, score_toy
-from pipelines.scoring.vqa import score_vqa
+from pipelines.eval.scoring.common import ScoringError, Source
+from pipelines.eval.scoring.gqa import score_gqa
+from pipelines.eval.scoring.judge import JudgeClient, JudgeError
+from pipelines.eval.scoring.llava_bench import score_llava_bench
+from pipelines.eval.scoring.mmbench import score_mmbench
+from pipelines.eval.scoring.mmvet import score_mmvet
+from pipelines.eval.scoring.pope import score_pope
+from pipelines.eval.scoring.scienceqa import score_scienceqa
+from pipelines.eval.scoring.toy import TOY, score_toy
+from pipelines.eval.scoring.vqa import score_vqa
 
 Scorer = Callable[[Source, Source, str | None, JudgeClient | None], dict[str, Any]]
 

@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipelines.benchmarks import MMVET
-from pipelines.scoring.common import (
+from pipelines.eval.datasets import MMVET
+from pipelines.eval.scoring.common import (
     ScoringError,
     Source,
     answers_by_id,
@@ -35,7 +35,7 @@ from pipelines.scoring.common import (
     read_json,
     result,
 )
-from pipelines.scoring.judge import JudgeClient, JudgeError, raise_if_all_failed
+from pipelines.eval.scoring.judge import JudgeClient, JudgeError, raise_if_all_failed
 
 GRADER_PROMPT = """Compare the ground truth and prediction from AI models, to give a correctness score for the prediction. <AND> in the ground truth means it is totally right only when all elements in the ground truth are present in the prediction, and <OR> means it is totally right when any one element in the ground truth is present in the prediction. The correctness score is 0.0 (totally wrong), 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, or 1.0 (totally right). Just complete the last space of the correctness score.
 

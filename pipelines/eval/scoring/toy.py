@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from pipelines.scoring.common import (
+from pipelines.eval.scoring.common import (
     ScoringError,
     Source,
     answers_by_id,
@@ -23,7 +23,7 @@ from pipelines.scoring.common import (
     read_jsonl,
     result,
 )
-from pipelines.scoring.gqa import normalize_prediction
+from pipelines.eval.scoring.gqa import normalize_prediction
 
 TOY = "toy"
 

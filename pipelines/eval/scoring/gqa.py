@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pipelines.benchmarks import GQA
-from pipelines.scoring.common import (
+from pipelines.eval.datasets import GQA
+from pipelines.eval.scoring.common import (
     ScoringError,
     Source,
     answers_by_id,

@@ -21,8 +21,9 @@ from collections.abc import Sequence
 import ray
 
 from pipelines.cluster import connect_ray
-from pipelines.config import JobConfig, load_config
+from pipelines.config import load_config
 from pipelines.eval.evaluation import evaluate, format_table
+from pipelines.job import Job, resolve
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -34,28 +35,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def setup(args: argparse.Namespace) -> JobConfig:
-    """Read and validate the config: a typo or an impossible value fails here, before Ray starts."""
-    config = load_config(args.config, args.overrides)
+def setup(args: argparse.Namespace) -> Job:
+    """Read, resolve and validate the config: a typo or an impossible value fails here, before Ray starts."""
+    job = resolve(load_config(args.config, args.overrides), model=args.model, modules=args.modules)
+    config = job.config
     ev = config.eval
-    model = args.model or config.model.name_or_path
-    print(f"evaluating {model} (modules: {args.modules or ev.modules}) on {list(ev.benchmarks)}")
+    print(f"evaluating {config.model.name_or_path} (modules: {ev.modules}) on {list(ev.benchmarks)}")
     schedules = [list(s) for s in ev.schedules]
     print(f"methods {list(ev.methods)} x schedules {schedules}, answers under {config.answers_dir}")
-    return config
+    return job
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     try:
-        config = setup(args)
+        job = setup(args)
     except (ValueError, FileNotFoundError) as e:  # a bad config: say so before any cluster work
         print(f"error: {e}", file=sys.stderr)
         return 2
     connect_ray()
     try:
-        print(format_table(evaluate(config, model_path=args.model, modules=args.modules)))
+        print(format_table(evaluate(job)))
     finally:
         ray.shutdown()
     return 0

@@ -21,10 +21,8 @@ from pathlib import Path
 
 from pipelines.cluster import connect_ray
 from pipelines.config import load_config
-from pipelines.frontier.run import run_frontier
-from pipelines.sweep.calibration import report_calibration
+from pipelines.sweep.objectives import objective_of
 from pipelines.sweep.tuner import check_sweep, run_sweep
-from pipelines.tracking import redact, ui_hint
 
 DEFAULT = Path(__file__).parent / "configs" / "sweep_toy.yaml"
 
@@ -40,37 +38,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     try:  # the config and every candidate of the search space, against the model: fails before any cluster work
-        cfg = check_sweep(load_config(args.config, args.overrides))
+        job = check_sweep(load_config(args.config, args.overrides))
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    s = cfg.sweep
-    if s.objective == "hidden_similarity":
-        c = s.calibration
-        print(
-            f"calibration {cfg.run.name}: {s.num_trials} trials of {c.method} at retention {c.budget}, "
-            f"{c.num_questions} unlabeled questions each, {s.concurrency} at a time"
-        )
-    else:
-        print(
-            f"sweep {cfg.run.name}: {s.num_trials} searched trials + {len(s.baselines.methods)} baselines "
-            f"({', '.join(s.baselines.methods)}), {s.concurrency} at a time, {cfg.scaling.num_workers} training "
-            f"worker(s) each; results under {cfg.run.storage_path}/{cfg.run.name}"
-        )
+    objective = objective_of(job)
+    print(objective.plan(job))
     connect_ray()
-    result = run_sweep(cfg)
+    result = run_sweep(job)
     print(f"\n{'resumed' if result.restored else 'ran'} {len(result.grid)} trials, {len(result.grid.errors)} failed")
     if result.interrupted:
-        print(f"interrupted before every trial ended: run the same command again to resume {cfg.run.name}")
+        print(f"interrupted before every trial ended: run the same command again to resume {job.config.run.name}")
         return 130
-    if s.objective == "hidden_similarity":
-        print(f"\nlabel-free calibration of {s.calibration.method}, best similarity first:\n")
-        print(report_calibration(cfg, result.grid, result.run_id))
-        return 1 if result.grid.errors else 0
-    frontier = run_frontier(cfg.mlflow.tracking_uri, [cfg.mlflow.experiment])
-    print(f"\nPareto frontier (accuracy/mean against TFLOPs), frontier run {frontier.run_id}:\n{frontier.table}")
-    uri = redact(cfg.mlflow.tracking_uri)  # shown without the user:password@ a server URL may carry
-    print(f"\nMLflow: experiment '{cfg.mlflow.experiment}' at {uri}\n  {ui_hint(uri)}")
+    print(f"\n{objective.report(job, result.grid, result.run_id)}")
     return 1 if result.grid.errors else 0
 
 

@@ -20,8 +20,9 @@ from pathlib import Path
 from pipelines.cluster import connect_ray
 from pipelines.config import load_config
 from pipelines.eval.evaluation import evaluate, evaluate_command, format_table
-from pipelines.tracking import tracking_uri, ui_hint
-from pipelines.train.experiment import check_config, run_training
+from pipelines.job import resolve
+from pipelines.tracking import ui_hint
+from pipelines.train.experiment import check_training, run_training
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -35,22 +36,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    try:  # the config, checked against the model's shape: a bad one fails here, before any cluster work
-        cfg = check_config(load_config(args.config, args.overrides))
+    try:  # the config, resolved and checked against the model's shape: a bad one fails here, before any cluster work
+        job = resolve(load_config(args.config, args.overrides))
+        check_training(job)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    cfg, uri = job.config, job.config.mlflow.tracking_uri
     print(
         f"stage {cfg.train.stage}: {cfg.model.name_or_path}, {cfg.scaling.num_workers} workers, "
         f"global batch {cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {cfg.scaling.num_workers} "
         f"workers x {cfg.gradient_accumulation_steps} accumulation steps"
     )
     connect_ray()
-    trained = run_training(cfg)
-    cfg, uri = trained.config, tracking_uri(trained.config)
+    trained = run_training(job)
     if not args.no_eval:
         try:
-            print(format_table(evaluate(cfg, model_path=trained.model_path, modules=trained.modules)))
+            print(format_table(evaluate(job, model_path=trained.model_path, modules=trained.modules)))
         except Exception as e:  # the training is done and exported: say where, and how to evaluate only
             logging.getLogger(__name__).exception("evaluation failed")
             modules, model = trained.modules, trained.model_path

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lvpruning import PruningConfig
 from lvpruning.config import check_schedule
-from lvpruning.policies import POLICIES, get_policy
+from lvpruning.policies import AT_TOWER, METHODS, NONE, POLICIES, TRAINING_FREE, get_policy
 from pipelines.stages import STAGES, Stage
 from pipelines.toy.scenes import SceneSpec
 
@@ -118,15 +118,9 @@ class BenchmarkData(_Strict):
     annotations: str | None = None  # the benchmark's ground truth where it has its own (local)
 
 
-EVAL_METHODS = ("none", *POLICIES)  # none: the unpruned model
-
-
-TOWER_METHODS = tuple(m for m in POLICIES if POLICIES[m].published.layers[0] == -1)  # start at the vision tower
-
-
 def check_at_model_stages(methods: tuple[str, ...], where: str) -> None:
     """The methods evaluated at the model's decision-module stages cannot be those that start at the tower."""
-    tower = [m for m in methods if m in TOWER_METHODS]
+    tower = [m for m in methods if m in AT_TOWER]
     if tower:
         raise ValueError(
             f"{tower} prune at the vision tower (their schedules start at layer -1), not at pruning.layers: list them "
@@ -146,9 +140,8 @@ class OwnLayers(_Strict):
 
     @model_validator(mode="after")
     def _valid(self) -> OwnLayers:
-        if self.method not in POLICIES or self.method == "lvpruning":
-            free = [m for m in POLICIES if m != "lvpruning"]
-            raise ValueError(f"{self.method!r} is not a training-free method; choose from {free}")
+        if self.method not in TRAINING_FREE:
+            raise ValueError(f"{self.method!r} is not a training-free method; choose from {list(TRAINING_FREE)}")
         if not self.layers or not self.schedules:
             raise ValueError(f"{self.method}: give its layers and at least one schedule")
         for schedule in self.schedules:
@@ -160,7 +153,7 @@ class OwnLayers(_Strict):
 class EvalSection(_Strict):
     benchmarks: tuple[str, ...] = ("toy",)
     schedules: tuple[tuple[float, ...], ...] = ((0.5, 0.3, 0.1),)
-    methods: tuple[str, ...] = ("none", "lvpruning", "random")
+    methods: tuple[str, ...] = (NONE, "lvpruning", "random")
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(8, gt=0)
     num_actors: int = Field(2, gt=0)
@@ -182,9 +175,9 @@ class EvalSection(_Strict):
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = sorted(set(value) - set(EVAL_METHODS))
+        unknown = sorted(set(value) - set(METHODS))
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {list(EVAL_METHODS)}")
+            raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
         check_at_model_stages(value, "eval")
         return value
 
@@ -266,23 +259,22 @@ def grid_range(low: float, high: float, step: float) -> tuple[float, float]:
 class Baselines(_Strict):
     """Training-free methods on the sweep's frontier: evaluation-only trials at ``pruning.layers``."""
 
-    methods: tuple[str, ...] = ("none", *(m for m in POLICIES if m != "lvpruning" and m not in TOWER_METHODS))
+    methods: tuple[str, ...] = (NONE, *(m for m in TRAINING_FREE if m not in AT_TOWER))
     schedules: tuple[tuple[float, ...], ...] = ((0.7, 0.5, 0.3), (0.5, 0.3, 0.1), (0.3, 0.1, 0.05))
     at_own_layers: tuple[OwnLayers, ...] = ()  # one evaluation-only trial each, at its layers and schedules
 
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = sorted(set(value) - set(EVAL_METHODS) | ({"lvpruning"} & set(value)))
+        unknown = sorted(set(value) - {NONE, *TRAINING_FREE})
         if unknown:
-            free = [m for m in EVAL_METHODS if m != "lvpruning"]
-            raise ValueError(f"{unknown} are not training-free methods; choose from {free}")
+            raise ValueError(f"{unknown} are not training-free methods; choose from {[NONE, *TRAINING_FREE]}")
         check_at_model_stages(value, "sweep.baselines")
         return value
 
     @model_validator(mode="after")
     def _schedules(self) -> Baselines:
-        if set(self.methods) - {"none"} and not self.schedules:
+        if set(self.methods) - {NONE} and not self.schedules:
             raise ValueError("sweep.baselines.schedules: the pruning baselines need at least one schedule")
         return self
 
@@ -317,9 +309,10 @@ class Calibration(_Strict):
         for name, (low, high) in self.params.items():
             if low > high:
                 raise ValueError(f"sweep.calibration.params.{name}: [{low}, {high}] is empty")
-        if self.method == "lvpruning" and self.params:
-            raise ValueError("sweep.calibration.params: lvpruning has no parameters to calibrate, only its ratios")
-        if self.method != "lvpruning":  # unknown parameter names fail now
+        trained = POLICIES[self.method].trained
+        if trained and self.params:
+            raise ValueError(f"sweep.calibration.params: {self.method} has no parameters to calibrate, only its ratios")
+        if not trained:  # unknown parameter names fail now
             policy = get_policy(self.method, params={k: low for k, (low, _) in self.params.items()})
             if self.layers is not None:
                 policy.check_layers(self.layers)

@@ -16,12 +16,13 @@ from torch import nn
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from lvpruning import PruningConfig, attach, save_decision_modules
+from lvpruning.policies import NONE, LearnedPolicy
 
 
 @dataclass(frozen=True)
 class PruningStage:
     name: str = "pruning"
-    method: str = "lvpruning"  # the MLflow ``method`` param of the run
+    method: str = LearnedPolicy.name  # the MLflow ``method`` param of the run
     export_dir: str = "decision_modules"  # the usable part of a checkpoint
     exports_model: bool = False  # its export is decision modules for the base model
 
@@ -46,7 +47,7 @@ class PruningStage:
 @dataclass(frozen=True)
 class BaseStage:
     name: str = "base"
-    method: str = "none"
+    method: str = NONE
     export_dir: str = "model"
     exports_model: bool = True  # its export is a whole model, trained from scratch (so: the toy world only)
 

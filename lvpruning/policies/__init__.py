@@ -4,8 +4,10 @@ LVPruning's learned decision modules are one policy; the training-free methods i
 same engine, so they prune with the same stages, keep counts, batching, attention implementation and FLOPs
 accounting. A policy reads a :class:`~lvpruning.stage.StageInput` and returns keep scores (B, V).
 
-``POLICIES`` is the one list of methods (``eval.methods`` and MLflow's ``method`` param take these names; ``none``,
-the unpruned model, comes on top in the pipelines).
+``POLICIES`` is the one list of methods; every other list is derived from it and the policies' own attributes:
+``METHODS`` (what ``eval.methods`` and MLflow's ``method`` param take: ``NONE``, the unpruned model, then the
+policies), ``TRAINING_FREE`` (no trained weights: the baselines a sweep evaluates without training) and
+``AT_TOWER`` (published at the vision-tower stage).
 """
 
 from __future__ import annotations
@@ -37,6 +39,17 @@ POLICIES: dict[str, type[PruningPolicy]] = {
 }
 
 
+NONE = "none"  # the unpruned model: no policy
+METHODS = (NONE, *POLICIES)
+TRAINING_FREE = tuple(name for name, policy in POLICIES.items() if not policy.trained)
+AT_TOWER = tuple(name for name, policy in POLICIES.items() if policy.published.layers[0] == -1)
+
+
+def is_trained(method: str) -> bool:
+    """Whether ``method`` (a name of ``METHODS``) prunes with trained weights (LVPruning's decision modules)."""
+    return method in POLICIES and POLICIES[method].trained
+
+
 def get_policy(
     name: str,
     seed: int = 0,
@@ -47,11 +60,13 @@ def get_policy(
     ``params`` a method's own keyword arguments (e.g. VFlowOpt's ``t``, ``alpha``, ``cell``)."""
     if name not in POLICIES:
         raise ValueError(f"unknown pruning policy {name!r}; choose from {list(POLICIES)}")
-    if name == "lvpruning":
+    if POLICIES[name].trained:
         if decision_modules is None:
-            raise ValueError("policy 'lvpruning' scores with trained decision modules: pass decision_modules")
+            raise ValueError(f"policy {name!r} scores with trained decision modules: pass decision_modules")
+        if params:
+            raise ValueError(f"policy {name!r} has no parameters; it scores with its trained decision modules")
         return POLICIES[name](decision_modules)
-    kwargs = {"seed": seed} if name == "random" else {}
+    kwargs = {"seed": seed} if POLICIES[name].seeded else {}
     accepted = set(inspect.signature(POLICIES[name]).parameters) - set(kwargs)
     unknown = sorted(set(params or {}) - accepted)
     if unknown:
@@ -60,7 +75,11 @@ def get_policy(
 
 
 __all__ = [
+    "AT_TOWER",
+    "METHODS",
+    "NONE",
     "POLICIES",
+    "TRAINING_FREE",
     "AdaptInferPolicy",
     "FastVPolicy",
     "LearnedPolicy",
@@ -73,5 +92,6 @@ __all__ = [
     "VScanPolicy",
     "VisionZipPolicy",
     "get_policy",
+    "is_trained",
     "scaled_layers",
 ]

@@ -63,6 +63,8 @@ class PruningPolicy:
     name: str
     published: Schedule  # the method's LLaVA-1.5-7B setting
     tower_stage: bool = False  # whether it can prune at the vision-tower stage (it reads no decoder layer there)
+    trained: bool = False  # whether it scores with trained weights (decision modules), so needs a training run
+    seeded: bool = False  # whether it draws at random: ``get_policy``'s ``seed`` reaches it
 
     def check_layers(self, layers: tuple[int, ...]) -> None:
         """Fail with a clear message when this method cannot prune after ``layers`` (before any model work)."""

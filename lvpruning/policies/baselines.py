@@ -22,6 +22,7 @@ class LearnedPolicy(PruningPolicy):
 
     name = "lvpruning"
     published = PAPER
+    trained = True
 
     def __init__(self, decision_modules: nn.ModuleList):
         self.decision_modules = decision_modules
@@ -42,6 +43,7 @@ class RandomPolicy(PruningPolicy):
     name = "random"
     published = PAPER
     tower_stage = True
+    seeded = True
 
     def __init__(self, seed: int = 0):
         self.seed = seed

@@ -30,8 +30,8 @@ from typing import Any
 
 from lvpruning import PruningConfig
 from lvpruning.checkpoint import CONFIG_NAME
-from lvpruning.config import check_schedule
 from lvpruning.flops import analytic_flops
+from lvpruning.policies import NONE, is_trained
 from lvpruning.presets import load_llava_config
 from pipelines.config import TOY, JobConfig, OwnLayers
 from pipelines.eval.inference import (
@@ -45,7 +45,8 @@ from pipelines.eval.inference import (
 from pipelines.eval.latency import LatencyOptions, measure_latency
 from pipelines.eval.models import ModelSpec, Setting
 from pipelines.eval.scoring import score
-from pipelines.tracking import PARENT_TAG, redact, tracking_uri
+from pipelines.job import Job
+from pipelines.tracking import PARENT_TAG, redact
 from pipelines.tracking import experiment_id as get_experiment_id
 
 logger = logging.getLogger(__name__)
@@ -80,8 +81,8 @@ def make_settings(
 ) -> list[Setting]:
     """``none`` once, every pruning method once per keep-ratio schedule (at the model's stages), then each method
     of ``at_own_layers`` at its layers, once per its schedules."""
-    out = [Setting("none")] if "none" in methods else []
-    out += [Setting(m, tuple(r), seed) for m in methods if m != "none" for r in schedules]
+    out = [Setting(NONE)] if NONE in methods else []
+    out += [Setting(m, tuple(r), seed) for m in methods if m != NONE for r in schedules]
     return out + [
         Setting(o.method, r, seed, o.layers, tuple(o.params.items())) for o in at_own_layers for r in o.schedules
     ]
@@ -98,7 +99,7 @@ def modules_config(directory: str | Path) -> PruningConfig:
 def setting_tflops(llava_config: Any, pruning: PruningConfig | None, setting: Setting) -> float:
     """Analytic prefill TFLOPs of ``setting`` in the paper's convention (see the module docstring); ``pruning``:
     the stages and decision-module shape (unused by ``none``)."""
-    if setting.method == "none":  # the baseline count does not depend on the stages: any valid ones will do
+    if setting.method == NONE:  # the baseline count does not depend on the stages: any valid ones will do
         one_stage = PruningConfig(layers=(0,), train_ratios=(1.0,), infer_ratios=(1.0,), num_heads=1)
         return analytic_flops(llava_config, one_stage, num_text_tokens=PAPER_TEXT_TOKENS).baseline / 1e12
     if pruning is None:
@@ -148,7 +149,7 @@ def setting_params(model: ModelSpec, setting: Setting, benchmarks: Sequence[Benc
     """The MLflow params of one setting's run (lists as JSON; ``infer_ratios`` is "none" without pruning)."""
     params = {"method": setting.method, "model": redact(model.name_or_path)}
     params |= {"benchmarks": ",".join(b.name for b in benchmarks), "infer_ratios": "none"}
-    if setting.method == "none":
+    if setting.method == NONE:
         return params
     params["infer_ratios"] = json.dumps(list(setting.keep_ratios or ()))
     if model.pruning is not None:
@@ -157,7 +158,7 @@ def setting_params(model: ModelSpec, setting: Setting, benchmarks: Sequence[Benc
         params["policy_params"] = json.dumps(dict(setting.params))
     if model.modules:
         params["modules"] = redact(model.modules)
-    if setting.method == "lvpruning" and model.pruning is not None:
+    if is_trained(setting.method) and model.pruning is not None:
         params["train_ratios"] = json.dumps(list(model.pruning.train_ratios))
     return params
 
@@ -248,31 +249,24 @@ def benchmarks_from_config(config: JobConfig) -> list[Benchmark]:
 
 
 def evaluate(
-    config: JobConfig,
+    job: Job,
     model_path: str | None = None,
     modules: str | None = None,
     parent_run_id: str | None = None,
 ) -> list[SettingResult]:
-    """Every setting of ``config.eval`` (methods x schedules) on its benchmarks, one MLflow run each.
+    """Every setting of ``job.config.eval`` (methods x schedules) on its benchmarks, one MLflow run each.
 
-    ``model_path`` overrides ``model.name_or_path`` and ``modules`` ``eval.modules``; the stages of the
-    training-free methods are the modules' when given, else ``config.pruning``'s. Ray must be initialized (or
-    is started locally by Ray Data)."""
+    ``model_path`` and ``modules`` are what a training produced (the base model it froze, its decision modules):
+    they override ``model.name_or_path`` and ``eval.modules``; the stages of the training-free methods are the
+    modules' when given, else ``pruning``'s. Ray must be initialized (or is started locally by Ray Data)."""
+    config = job.config
     ev, model_path, modules = config.eval, model_path or config.model.name_or_path, modules or config.eval.modules
     if model_path == TOY:
         raise ValueError("model.name_or_path=toy: give the trained toy model's directory (saved by jobs/train.py)")
-    if "lvpruning" in ev.methods and modules is None:
-        raise ValueError("eval.methods has 'lvpruning' but no decision modules: set eval.modules or --modules DIR")
+    check_modules(ev.methods, modules)
     pruning = modules_config(modules) if modules else config.pruning
     for schedule in ev.schedules:
         pruning.check_ratios(schedule)
-    depth = load_llava_config(model_path).text_config.num_hidden_layers
-    for i, own in enumerate(ev.at_own_layers):
-        for schedule in own.schedules:
-            try:
-                check_schedule(own.layers, schedule, depth)
-            except ValueError as e:
-                raise ValueError(f"eval.at_own_layers[{i}] ({own.method}): {e}") from None
     model = ModelSpec(model_path, modules, pruning, config.model.dtype, config.model.attn_implementation)
     benchmarks = benchmarks_from_config(config)
     options = InferenceOptions(
@@ -296,9 +290,8 @@ def evaluate(
         )
         first = benchmarks[0]
         latency = measure_latency(model, settings, first.name, first.questions, first.image_root, timing)
-    resolved = json.loads(config.model_dump_json())
-    resolved["model"]["name_or_path"], resolved["eval"]["modules"] = model_path, modules
-    resolved["eval"]["output_dir"] = config.answers_dir
+    logged = json.loads(config.model_dump_json())
+    logged["model"]["name_or_path"], logged["eval"]["modules"] = model_path, modules
     return [
         run_setting(
             model,
@@ -306,14 +299,21 @@ def evaluate(
             benchmarks,
             config.answers_dir,
             options,
-            uri=tracking_uri(config),
+            uri=config.mlflow.tracking_uri,
             experiment=config.mlflow.experiment,
-            config=resolved,
+            config=logged,
             parent_run_id=parent_run_id,
             latency=latency.get(setting.name),
         )
         for setting in settings
     ]
+
+
+def check_modules(methods: Sequence[str], modules: str | None) -> None:
+    """A trained method (LVPruning) needs its decision modules: fails naming the method before any work."""
+    trained = [m for m in methods if is_trained(m)]
+    if trained and modules is None:
+        raise ValueError(f"eval.methods has {trained} but no decision modules: set eval.modules or --modules DIR")
 
 
 def format_table(results: Sequence[SettingResult]) -> str:

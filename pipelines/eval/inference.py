@@ -32,6 +32,7 @@ import numpy as np
 import ray
 import torch
 
+from lvpruning.policies import NONE
 from pipelines import storage
 from pipelines.conversation import TEMPLATES, RecordError
 from pipelines.conversation import build_prompt as conversation_prompt
@@ -243,7 +244,7 @@ def answer_signature(model: ModelSpec, setting: Setting) -> dict[str, Any]:
     """What an answer file records of its model and setting (``model_id`` + metadata), checked on resume: the
     paths and the versions of the weights, so answers of an earlier model trained into the same folder are
     never taken for this one's."""
-    modules = None if setting.method == "none" else model.modules
+    modules = None if setting.method == NONE else model.modules
     return {
         "model_id": model.model_id,
         "model": model.name_or_path,

@@ -26,6 +26,7 @@ import numpy as np
 import ray
 import torch
 
+from lvpruning.policies import NONE
 from pipelines.conversation import TEMPLATES
 from pipelines.conversation import build_prompt as conversation_prompt
 from pipelines.eval.inference import Preprocessor, question_text, read_questions
@@ -90,15 +91,15 @@ def time_settings(
 ) -> dict[str, dict[str, float]]:
     """Time every setting in this process (see the module docstring): setting name -> metrics."""
     device = torch.device("cuda" if options.use_gpu and torch.cuda.is_available() else "cpu")
-    base = load_model(spec, "none", device)
-    pruning = [s for s in settings if s.method != "none"]
+    base = load_model(spec, NONE, device)
+    pruning = [s for s in settings if s.method != NONE]
     pruner = with_pruning(base, spec, pruning[0].method) if pruning else None
-    policies = {s.name: setting_policy(base if s.method == "none" else pruner, s) for s in settings}
+    policies = {s.name: setting_policy(base if s.method == NONE else pruner, s) for s in settings}
     recorded: dict[str, dict[str, list[float]]] = {s.name: {k: [] for k in TIMES} for s in settings}
     for r in range(options.warmup + options.repeats):
         shift = r % len(settings)
         for s in [*settings[shift:], *settings[:shift]]:
-            model = base if s.method == "none" else pruner
+            model = base if s.method == NONE else pruner
             _, prefill, e2e = timed_generate(
                 model, tokenizer, prompts, pixel_values, s, policies[s.name], options.max_new_tokens
             )

@@ -15,9 +15,7 @@ import torch
 from torch import nn
 
 from lvpruning import LVPruningModel, PruningConfig, attach, load_decision_modules
-from lvpruning.policies import POLICIES, PruningPolicy, get_policy
-
-METHODS = ("none", *POLICIES)  # none: the plain Hugging Face model, no pruning
+from lvpruning.policies import METHODS, NONE, POLICIES, PruningPolicy, get_policy, is_trained
 
 
 @dataclass(frozen=True)
@@ -52,7 +50,7 @@ class Setting:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {list(METHODS)}")
         ratios = None if self.keep_ratios is None else tuple(float(r) for r in self.keep_ratios)
-        if (self.method == "none") != (ratios is None) or ratios == ():
+        if (self.method == NONE) != (ratios is None) or ratios == ():
             raise ValueError(f"method {self.method!r}: keep_ratios, one per stage, for the pruning methods only")
         if self.layers is not None and (ratios is None or len(self.layers) != len(ratios)):
             raise ValueError(f"method {self.method!r}: layers {self.layers} need one keep ratio each, got {ratios}")
@@ -66,7 +64,7 @@ class Setting:
         """A file-system safe name, e.g. ``lvpruning_0.5-0.3-0.1``, ``fastv_L1_0.5`` at its own layers, or
         ``vflowopt_L-1-0-1_0.3-0.3-0.2_alpha=0.5_t=2`` with its own parameters."""
         if self.keep_ratios is None:
-            return "none"
+            return NONE
         at = "" if self.layers is None else f"L{'-'.join(map(str, self.layers))}_"
         own = "".join(f"_{k}={v:g}" for k, v in self.params)
         return f"{self.method}_{at}{'-'.join(f'{r:g}' for r in self.keep_ratios)}{own}"
@@ -77,13 +75,13 @@ class Setting:
             meta["layers"] = list(self.layers)
         if self.params:
             meta["params"] = dict(self.params)
-        return meta | {"seed": self.seed} if self.method == "random" else meta
+        return meta | {"seed": self.seed} if self.method in POLICIES and POLICIES[self.method].seeded else meta
 
 
 def setting_policy(model: nn.Module, setting: Setting) -> PruningPolicy | None:
     """The policy that ranks the tokens under ``setting`` on ``model`` (None for ``none``), its schedule checked
     against the model (a bad setting fails before any answering)."""
-    if setting.method == "none":
+    if setting.method == NONE:
         return None
     policy = get_policy(setting.method, setting.seed, model.decision_modules, dict(setting.params))
     model.schedule(policy, setting.layers, setting.keep_ratios)
@@ -97,7 +95,7 @@ def load_model(spec: ModelSpec, method: str, device: str | torch.device = "cpu")
     dtype, attn = getattr(torch, spec.dtype), spec.attn_implementation
     model = LlavaForConditionalGeneration.from_pretrained(spec.name_or_path, dtype=dtype, attn_implementation=attn)
     model = model.to(device).eval()
-    return model if method == "none" else with_pruning(model, spec, method)
+    return model if method == NONE else with_pruning(model, spec, method)
 
 
 def with_pruning(model: nn.Module, spec: ModelSpec, method: str) -> LVPruningModel:
@@ -105,8 +103,8 @@ def with_pruning(model: nn.Module, spec: ModelSpec, method: str) -> LVPruningMod
     read the stages), fresh ones at ``spec.pruning``'s stages; in inference mode."""
     if spec.modules is not None:
         return load_decision_modules(model, spec.modules).eval()
-    if method == "lvpruning":
-        raise ValueError("method 'lvpruning' needs trained decision modules: give ModelSpec.modules (--modules DIR)")
+    if is_trained(method):
+        raise ValueError(f"method {method!r} needs trained decision modules: give ModelSpec.modules (--modules DIR)")
     if spec.pruning is None:
         raise ValueError(f"method {method!r} without trained modules needs ModelSpec.pruning (the stages)")
     return attach(model, spec.pruning).eval()

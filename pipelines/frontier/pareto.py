@@ -80,8 +80,9 @@ class Point:
 
     @property
     def is_paper_schedule(self) -> bool:
+        """A trained method (its run logs ``train_ratios``: LVPruning) at the paper's inference schedule."""
         r = self.infer_ratios
-        return self.method == "lvpruning" and r is not None and len(r) == 3 and np.allclose(r, PAPER_SCHEDULE)
+        return self.train_ratios is not None and r is not None and len(r) == 3 and np.allclose(r, PAPER_SCHEDULE)
 
 
 @dataclass(frozen=True)

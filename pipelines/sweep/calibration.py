@@ -28,7 +28,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from transformers import AutoProcessor
 
 from lvpruning.config import check_schedule
-from lvpruning.policies import POLICIES
+from lvpruning.policies import POLICIES, is_trained
 from pipelines.config import Calibration, JobConfig, OwnLayers
 from pipelines.conversation import TEMPLATES
 from pipelines.conversation import build_prompt as conversation_prompt
@@ -36,9 +36,9 @@ from pipelines.eval.evaluation import evaluate, modules_config
 from pipelines.eval.inference import Preprocessor
 from pipelines.eval.models import ModelSpec, Setting, left_padded, load_model, setting_policy
 from pipelines.frontier.pareto import MEAN, TFLOPS
-from pipelines.tracking import tracking_uri, trial_run
+from pipelines.job import Job
+from pipelines.tracking import trial_run
 from pipelines.train.data import read_records
-from pipelines.train.experiment import prepare_inputs, text_config
 
 SIMILARITY = "hidden_similarity"
 RETENTION = "retention"
@@ -104,9 +104,9 @@ def calibration_layers(cfg: JobConfig, num_layers: int) -> tuple[int, ...]:
     """The calibrated stages: ``sweep.calibration.layers``, LVPruning's modules' (``eval.modules``), or the
     method's published ones on the model."""
     c = cfg.sweep.calibration
-    if c.method == "lvpruning":
+    if is_trained(c.method):
         if cfg.eval.modules is None:
-            raise ValueError("sweep.calibration.method lvpruning calibrates trained modules: set eval.modules")
+            raise ValueError(f"sweep.calibration.method {c.method} calibrates trained modules: set eval.modules")
         modules = modules_config(cfg.eval.modules).layers
         if c.layers is not None and tuple(c.layers) != modules:
             raise ValueError(f"sweep.calibration.layers: the decision modules sit after {list(modules)}")
@@ -119,7 +119,7 @@ def check_calibration(cfg: JobConfig, num_layers: int) -> None:
     c = cfg.sweep.calibration
     layers = calibration_layers(cfg, num_layers)
     check_schedule(layers, (1.0,) * len(layers), num_layers)
-    if c.method != "lvpruning":
+    if not is_trained(c.method):
         POLICIES[c.method]().check_layers(layers)
     if c.budget < retention(layers, (c.ratio_step,) * len(layers), num_layers):
         raise ValueError(f"sweep.calibration.budget {c.budget} is below what layers {list(layers)} can reach")
@@ -183,19 +183,20 @@ def hidden_similarity(
     return statistics.fmean(similarities)
 
 
-def trial_setting(cfg: JobConfig, params: dict[str, Any]) -> tuple[Setting, JobConfig]:
-    """The setting a calibration trial runs, and the job config that evaluates it on the labelled benchmarks."""
+def trial_setting(job: Job, params: dict[str, Any]) -> tuple[Setting, Job]:
+    """The setting a calibration trial runs, and the job that evaluates it on the labelled benchmarks."""
+    cfg = job.config
     c = cfg.sweep.calibration
     own = {k: float(params[k]) for k in c.params}
     ratios = tuple(params["ratios"])
-    if c.method == "lvpruning":
-        setting = Setting("lvpruning", ratios)
-        evaluated = {"methods": ("lvpruning",), "schedules": (ratios,), "at_own_layers": ()}
+    if is_trained(c.method):
+        setting = Setting(c.method, ratios)
+        evaluated = {"methods": (c.method,), "schedules": (ratios,), "at_own_layers": ()}
     else:
         setting = Setting(c.method, ratios, layers=tuple(params["layers"]), params=tuple(own.items()))
         one = OwnLayers(method=c.method, layers=tuple(params["layers"]), schedules=(ratios,), params=own)
         evaluated = {"methods": (), "schedules": (), "at_own_layers": (one,)}
-    return setting, cfg.model_copy(update={"eval": cfg.eval.model_copy(update=evaluated)})
+    return setting, job.replace(eval=cfg.eval.model_copy(update=evaluated))
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -248,26 +249,26 @@ def calibration_report(rows: Sequence[dict[str, Any]]) -> tuple[str, dict[str, f
     return "\n".join(lines), metrics
 
 
-def calibration_trial(cfg: JobConfig, params: dict[str, Any], trial_id: str, tags: dict[str, str]) -> None:
+def calibration_trial(job: Job, params: dict[str, Any], trial_id: str, tags: dict[str, str]) -> None:
     """One label-free calibration trial: the hidden-state similarity on the calibration set (a Ray task with the
     evaluation's resources: a GPU with ``eval.use_gpu``), then (with ``sweep.calibration.evaluate``) the labelled
     benchmarks at the same setting, beneath the trial's run. A resumed trial reuses what its run already holds."""
+    cfg = job.config
     c = cfg.sweep.calibration
     run = cfg.run.model_copy(update={"name": f"{cfg.run.name}-{trial_id}"})
-    answers = f"{cfg.eval.output_dir or './eval'}/{run.name}"
-    cfg = cfg.model_copy(update={"run": run, "eval": cfg.eval.model_copy(update={"output_dir": answers})})
-    inputs = prepare_inputs(cfg)
-    setting, evaluated = trial_setting(inputs.config, params)
-    modules = cfg.eval.modules if c.method == "lvpruning" else None
+    job = job.replace(run=run, eval=cfg.eval.model_copy(update={"output_dir": f"{cfg.eval.output_dir}/{run.name}"}))
+    cfg, model_path = job.config, job.base_model
+    setting, evaluated = trial_setting(job, params)
+    modules = cfg.eval.modules if is_trained(c.method) else None
     layers = setting.layers or modules_config(modules).layers
-    client = MlflowClient(tracking_uri(cfg))
+    client = MlflowClient(cfg.mlflow.tracking_uri)
     parent = trial_run(client, cfg, tags, {"method": c.method, "layers": list(layers)})
     keys = (SIMILARITY, RETENTION, "calibration_questions", "calibration_skipped")
     report = {k: v for k, v in client.get_run(parent).data.metrics.items() if k in keys}
     if len(report) < len(keys):  # not measured yet (a resumed trial measured before keeps its values)
-        spec = ModelSpec(inputs.model_path, modules, cfg.pruning, cfg.model.dtype, cfg.model.attn_implementation)
-        processor = AutoProcessor.from_pretrained(inputs.model_path)
-        prompts, pixels, skipped = calibration_requests(inputs.train_json, inputs.image_root, processor, c)
+        spec = ModelSpec(model_path, modules, cfg.pruning, cfg.model.dtype, cfg.model.attn_implementation)
+        processor = AutoProcessor.from_pretrained(model_path)
+        prompts, pixels, skipped = calibration_requests(cfg.data.train_json, cfg.data.image_root, processor, c)
         ev = cfg.eval
         task = ray.remote(hidden_similarity).options(
             num_cpus=ev.cpus_per_actor,
@@ -278,19 +279,19 @@ def calibration_trial(cfg: JobConfig, params: dict[str, Any], trial_id: str, tag
         similarity = ray.get(task.remote(spec, setting, prompts, pixels, pad, c.batch_size, device))
         report = {
             SIMILARITY: similarity,
-            RETENTION: retention(layers, setting.keep_ratios, text_config(cfg).num_hidden_layers),
+            RETENTION: retention(layers, setting.keep_ratios, job.num_layers),
         }
         report |= {"calibration_questions": float(len(prompts)), "calibration_skipped": float(skipped)}
         client.log_batch(parent, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in report.items()])
         client.log_param(parent, "setting", setting.name)
     if c.evaluate:
-        own = evaluate(evaluated, model_path=inputs.model_path, modules=modules, parent_run_id=parent)[0].metrics
+        own = evaluate(evaluated, model_path=model_path, modules=modules, parent_run_id=parent)[0].metrics
         report |= {name: own[name] for name in (MEAN, TFLOPS)}
     client.set_terminated(parent, "FINISHED")
     tune.report(report | {"setting": setting.name, "mlflow_run_id": parent})
 
 
-def report_calibration(cfg: JobConfig, grid: Any, run_id: str) -> str:
+def report_calibration(job: Job, grid: Any, run_id: str) -> str:
     """The calibration sweep's table (its Tune ``grid``) and how the label-free choice matches the labelled optimum
     (:func:`calibration_report`), logged on the sweep's MLflow run (a resumed sweep logs only
     the values that changed; the run's status stays as :func:`run_sweep` set it)."""
@@ -303,7 +304,7 @@ def report_calibration(cfg: JobConfig, grid: Any, run_id: str) -> str:
     if not rows:
         return "no calibration trial finished"
     table, metrics = calibration_report(rows)
-    client = MlflowClient(tracking_uri(cfg))
+    client = MlflowClient(job.config.mlflow.tracking_uri)
     logged, now = client.get_run(run_id).data.metrics, int(time.time() * 1000)
     changed = {k: v for k, v in metrics.items() if v == v and logged.get(k) != v}  # NaN (no rank) is not logged
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in changed.items()])

@@ -15,9 +15,9 @@ from typing import Any
 
 from lvpruning import PruningConfig
 from lvpruning.config import check_schedule, paper_schedule
+from lvpruning.policies import LearnedPolicy, is_trained
 from pipelines.config import JobConfig, OwnLayers, SearchSpace, grid_range
-
-LVPRUNING = "lvpruning"
+from pipelines.job import Job
 
 
 def on_grid(value: float, step: float) -> float:
@@ -50,7 +50,7 @@ class DefineByRun:
             trial.suggest_categorical("decision_dim", list(s.decision_dim))
         if s.learning_rate is not None:
             trial.suggest_float("learning_rate", *s.learning_rate, log=True)
-        return {"method": LVPRUNING, "layers": layers, "train_ratios": ratios}
+        return {"method": LearnedPolicy.name, "layers": layers, "train_ratios": ratios}
 
 
 def baseline_trials(cfg: JobConfig) -> list[dict[str, Any]]:
@@ -72,15 +72,16 @@ def shifted_schedules(ratios: list[float], shifts: tuple[float, ...], step: floa
     return out
 
 
-def trial_config(cfg: JobConfig, params: dict[str, Any], trial_id: str) -> JobConfig:
-    """The job config of one trial: its stages, schedule and module shape, ``<run.name>-<trial_id>`` as the run
-    name (its checkpoints, exports and MLflow runs), what to evaluate, and its own answers folder
-    ``<eval.output_dir>/<run name>`` (settings of different trials share names)."""
+def trial_job(job: Job, params: dict[str, Any], trial_id: str) -> Job:
+    """The job of one trial: its stages, schedule and module shape, ``<run.name>-<trial_id>`` as the run name (its
+    checkpoints, exports and MLflow runs), what to evaluate, and its own answers folder ``<eval.output_dir>/<run
+    name>`` (settings of different trials share names)."""
+    cfg = job.config
     method, layers = params["method"], tuple(params["layers"])
     run = cfg.run.model_copy(update={"name": f"{cfg.run.name}-{trial_id}"})
-    answers = f"{cfg.eval.output_dir or './eval'}/{run.name}"
+    answers = f"{cfg.eval.output_dir}/{run.name}"
     update: dict[str, Any] = {"run": run}
-    if method == LVPRUNING:
+    if is_trained(method):
         ratios = tuple(params["train_ratios"])
         shape = {k: params[k] for k in ("num_blocks", "num_heads", "ffn_dim", "decision_dim") if k in params}
         pruning = {**cfg.pruning.to_dict(), "layers": layers, "train_ratios": ratios, "infer_ratios": ratios, **shape}
@@ -92,12 +93,12 @@ def trial_config(cfg: JobConfig, params: dict[str, Any], trial_id: str) -> JobCo
         own = OwnLayers.model_validate({k: params[k] for k in ("method", "layers", "schedules", "params")})
         evaluated = {"methods": (), "schedules": (), "at_own_layers": (own,), "output_dir": answers}
         update["eval"] = cfg.eval.model_copy(update=evaluated)
-        return cfg.model_copy(update=update)
+        return job.replace(**update)
     else:
         schedules = cfg.sweep.baselines.schedules
     evaluated = {"methods": (method,), "schedules": tuple(schedules), "output_dir": answers, "at_own_layers": ()}
     update["eval"] = cfg.eval.model_copy(update=evaluated)
-    return cfg.model_copy(update=update)
+    return job.replace(**update)
 
 
 def check_space(cfg: JobConfig, num_layers: int, hidden_size: int) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
@@ -32,6 +32,18 @@ class ToyWorld:
     root: Path
     seed: int
     spec: SceneSpec = field(default_factory=SceneSpec)
+
+    @classmethod
+    def at(cls, root: str | Path, seed: int, question_types: tuple[str, ...] | None = None) -> ToyWorld:
+        """The toy world under ``root`` of ``question_types`` (None: the toy world's own,
+        ``SceneSpec.question_types``): its files' places, written by :meth:`written`."""
+        spec = SceneSpec() if question_types is None else SceneSpec(question_types=question_types)
+        return cls(ToyWorldPaths.under(Path(root) / "world"), Path(root), seed, spec)
+
+    def written(self, n_train: int, n_test: int) -> ToyWorld:
+        """This world with ``n_train`` training and ``n_test`` test questions written now (or reused)."""
+        paths = write_toy_world(self.paths.root, seed=self.seed, n_train=n_train, n_test=n_test, spec=self.spec)
+        return replace(self, paths=paths)
 
     @property
     def base_model(self) -> Path:
@@ -75,14 +87,3 @@ class ToyWorld:
         if not (path / "model.safetensors").is_file():
             save_toy_model(path, build_toy_model(seed=self.seed), toy_processor())
         return path
-
-
-def prepare_toy_world(
-    root: str | Path, *, seed: int, n_train: int, n_test: int, question_types: tuple[str, ...] | None = None
-) -> ToyWorld:
-    """Write (or reuse) the toy world under ``root``: ``n_train`` training and ``n_test`` test questions of
-    ``question_types`` (None: the toy world's own, ``SceneSpec.question_types``)."""
-    root = Path(root)
-    spec = SceneSpec() if question_types is None else SceneSpec(question_types=question_types)
-    paths = write_toy_world(root / "world", seed=seed, n_train=n_train, n_test=n_test, spec=spec)
-    return ToyWorld(paths, root, seed, spec)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipelines.toy.base import prepare_toy_world
+from pipelines.toy.base import ToyWorld
 from tests.jobs import ray_jobs
 from tests.jobs.conftest import BUCKET, RAY_AUTH_TOKEN, SECRETS, pg_dump
 
@@ -28,7 +28,7 @@ STEPS = 30  # optimizer steps of each training run here, checkpointed every 10
 @pytest.fixture(scope="module")
 def toy(head, s3) -> dict[str, str]:
     """The toy world written once (reused by every job), its images copied to ``s3://lvpruning/toy/images``."""
-    world = prepare_toy_world(head.tmp / "faults-toy", seed=0, n_train=480, n_test=48)
+    world = ToyWorld.at(head.tmp / "faults-toy", seed=0).written(n_train=480, n_test=48)
     client, folder = s3.client(), world.paths.image_folder
     for image in folder.rglob("*.png"):
         client.upload_file(str(image), BUCKET, f"toy/images/{image.relative_to(folder)}")

@@ -18,6 +18,7 @@ from lvpruning.policies import POLICIES, get_policy
 from pipelines.config import Calibration, load_config
 from pipelines.eval.evaluation import make_settings
 from pipelines.eval.models import ModelSpec, Setting, left_padded, load_model
+from pipelines.job import resolve
 from pipelines.sweep.calibration import (
     CalibrationSpace,
     budget_ratios,
@@ -29,7 +30,7 @@ from pipelines.sweep.calibration import (
     spearman,
     trial_setting,
 )
-from pipelines.sweep.space import baseline_trials, trial_config
+from pipelines.sweep.space import baseline_trials, trial_job
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -167,9 +168,10 @@ def test_a_calibration_trial_evaluates_its_own_setting():
     params = {"method": "vflowopt", "layers": [-1, 0, 1], "ratios": [0.5, 0.4, 0.2], "t": 3.0, "alpha": 0.5}
     calibration = Calibration(params={"t": (0.0, 9.0), "alpha": (-1.0, 1.0)})
     cfg = with_calibration(load_config(None, ["sweep.objective=hidden_similarity"]), calibration)
-    setting, evaluated = trial_setting(cfg, params)
+    setting, evaluated = trial_setting(resolve(cfg), params)
+    ev = evaluated.config.eval
     assert setting.name == "vflowopt_L-1-0-1_0.5-0.4-0.2_alpha=0.5_t=3"
-    assert make_settings(evaluated.eval.methods, evaluated.eval.schedules, 0, evaluated.eval.at_own_layers) == [setting]
+    assert make_settings(ev.methods, ev.schedules, 0, ev.at_own_layers) == [setting]
 
 
 def test_tower_methods_run_at_their_own_layers_from_yaml():
@@ -181,7 +183,7 @@ def test_tower_methods_run_at_their_own_layers_from_yaml():
     assert [s.name for s in settings[-2:]] == ["vscan_L-1-1_0.5-0.25", "vscan_L-1-1_0.25-0.1"]
     trial = baseline_trials(cfg)[-1]
     assert trial["method"] == "vscan" and trial["layers"] == [-1, 1]
-    evaluated = trial_config(cfg, trial, "abc").eval
+    evaluated = trial_job(resolve(cfg), trial, "abc").config.eval
     assert evaluated.methods == () and evaluated.at_own_layers[0].schedules == ((0.5, 0.25), (0.25, 0.1))
     with pytest.raises(ValueError, match="pruning layers"):
         load_config(None, ["eval.at_own_layers=[{method: vscan, layers: [1, -1], schedules: [[0.5, 0.25]]}]"])

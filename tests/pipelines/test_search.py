@@ -11,7 +11,8 @@ import pytest
 
 from lvpruning import PruningConfig
 from pipelines.config import load_config
-from pipelines.sweep.space import DefineByRun, baseline_trials, check_space, shifted_schedules, trial_config
+from pipelines.job import resolve
+from pipelines.sweep.space import DefineByRun, baseline_trials, check_space, shifted_schedules, trial_job
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -70,8 +71,8 @@ def test_module_widths_are_searched_when_the_space_has_them_and_reach_the_trial(
     base = load_config(None, ["run.name=sw"])
     params = {"method": "lvpruning", "layers": [0, 2], "train_ratios": [0.6, 0.4], "num_blocks": 1}
     params |= {"num_heads": 2, "ffn_dim": None}
-    assert trial_config(base, params, "a").pruning.decision_dim == base.pruning.decision_dim == 16
-    assert trial_config(base, params | {"decision_dim": None}, "b").pruning.decision_dim is None
+    assert trial_job(resolve(base), params, "a").config.pruning.decision_dim == base.pruning.decision_dim == 16
+    assert trial_job(resolve(base), params | {"decision_dim": None}, "b").config.pruning.decision_dim is None
 
 
 def test_shifted_schedules_by_hand():
@@ -84,13 +85,13 @@ def test_a_trial_config_trains_its_own_setting_and_evaluates_its_schedules():
     base = load_config(None, ["eval.output_dir=/answers", "run.name=sw"])
     params = {"method": "lvpruning", "layers": [0, 2], "train_ratios": [0.6, 0.4], "num_blocks": 1}
     params |= {"num_heads": 2, "ffn_dim": None, "learning_rate": 3e-4}
-    cfg = trial_config(base, params, "abc123")
+    cfg = trial_job(resolve(base), params, "abc123").config
     assert cfg.pruning.layers == (0, 2) and cfg.pruning.train_ratios == cfg.pruning.infer_ratios == (0.6, 0.4)
     assert (cfg.pruning.num_blocks, cfg.pruning.num_heads, cfg.train.learning_rate) == (1, 2, 3e-4)
     assert cfg.run.name == "sw-abc123" and cfg.eval.output_dir == "/answers/sw-abc123"
     assert cfg.eval.methods == ("lvpruning",) and cfg.eval.schedules == ((0.6, 0.4), (0.8, 0.6), (0.4, 0.2))
 
-    fastv = trial_config(base, baseline_trials(base)[2], "def456")
+    fastv = trial_job(resolve(base), baseline_trials(base)[2], "def456").config
     assert fastv.eval.methods == ("fastv",) and fastv.pruning == base.pruning
     assert fastv.eval.schedules == base.sweep.baselines.schedules and fastv.eval.output_dir == "/answers/sw-def456"
     assert [t["method"] for t in baseline_trials(base)] == [
@@ -128,10 +129,12 @@ def test_check_sweep_makes_local_paths_absolute_for_the_trials_and_keeps_the_toy
     (tmp_path / "toy").mkdir()
     overrides = [f"scaling.deepspeed_config={deepspeed}", "eval.modules=mods", "data.train_json=d/train.json"]
     overrides += ["eval.data={pope: {questions: q.jsonl, image_root: s3://b/img, annotations: ann}}"]
-    cfg = check_sweep(load_config(None, overrides))
-    assert cfg.model.name_or_path == "toy"
+    cfg = check_sweep(load_config(None, overrides)).config
+    assert cfg.model.name_or_path == "toy" and cfg.eval.toy_world == str(tmp_path / "toy" / "world")
     assert cfg.data.toy_root == str(tmp_path / "toy") and cfg.run.output_dir == str(tmp_path / "outputs")
-    assert cfg.eval.output_dir == str(tmp_path / "eval") and cfg.run.storage_path == str(tmp_path / "runs")
+    assert cfg.eval.output_dir == str(tmp_path / "eval" / "lvpruning-toy") and cfg.run.storage_path == str(
+        tmp_path / "runs"
+    )
     assert cfg.mlflow.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert cfg.scaling.deepspeed_config == str(deepspeed)
     assert cfg.data.train_json == str(tmp_path / "d" / "train.json") and cfg.eval.modules == str(tmp_path / "mods")
@@ -154,7 +157,7 @@ def test_the_guard_stops_nothing_before_its_minimum_of_trials_then_the_worst_at_
     """By hand: rung at step 20, reduction factor 2 (stop below the median of those recorded), 2 trials first."""
     from types import SimpleNamespace
 
-    from pipelines.sweep.tuner import GuardedASHA
+    from pipelines.sweep.objectives import GuardedASHA
 
     guard = GuardedASHA("ratio_loss", rung=20, reduction_factor=2, min_trials=2)
     trials = [SimpleNamespace(trial_id=f"t{i}") for i in range(5)]
@@ -175,15 +178,15 @@ def test_the_guard_stops_nothing_before_its_minimum_of_trials_then_the_worst_at_
 def test_baselines_come_first_and_never_reach_optuna_and_a_stopped_trial_is_pruned():
     from ray.tune.search.optuna import OptunaSearch
 
-    from pipelines.sweep.tuner import OBJECTIVES, BaselinesFirst, DefineByRun
+    from pipelines.sweep.objectives import AccuracySearch, BaselinesFirst
 
-    cfg = load_config(None, ["sweep.baselines.methods=[none,fastv,random]"])
-    optuna_search = OptunaSearch(space=DefineByRun(cfg.sweep.space), metric=list(OBJECTIVES), mode=["max", "min"])
-    searcher = BaselinesFirst(baseline_trials(cfg), optuna_search)
+    cfg, metrics = load_config(None, ["sweep.baselines.methods=[none,fastv,random]"]), AccuracySearch.metrics
+    optuna_search = OptunaSearch(space=DefineByRun(cfg.sweep.space), metric=list(metrics), mode=["max", "min"])
+    searcher = BaselinesFirst(baseline_trials(cfg), optuna_search, metrics)
     suggested = [searcher.suggest(f"t{i}") for i in range(5)]
     assert [s["method"] for s in suggested] == ["none", "fastv", "random", "lvpruning", "lvpruning"]
     state = searcher.get_state()  # what Tune saves beside the wrapped searcher, and restores on resume
-    again = BaselinesFirst([], optuna_search)
+    again = BaselinesFirst([], optuna_search, metrics)
     again.set_state(state)
     assert again.baselines == [] and again.baseline_ids == {"t0", "t1", "t2"}
 

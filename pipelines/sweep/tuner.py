@@ -34,7 +34,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from pipelines.config import TOY, JobConfig
 from pipelines.eval.evaluation import benchmarks_from_config, evaluate
-from pipelines.frontier.pareto import MEAN, TFLOPS
+from pipelines.eval.metrics import MEAN, TFLOPS
 from pipelines.storage import is_s3, ray_storage
 from pipelines.sweep.calibration import (
     SIMILARITY,
@@ -44,8 +44,17 @@ from pipelines.sweep.calibration import (
     check_calibration,
 )
 from pipelines.sweep.space import LVPRUNING, DefineByRun, baseline_trials, check_space, trial_config
-from pipelines.tracking import KIND_TAG, PARENT_TAG, RUN_NAME_TAG, TRIAL_TAG, redact, tracking_uri, trial_run
-from pipelines.tracking import experiment_id as get_experiment_id
+from pipelines.tracking import (
+    KIND_TAG,
+    PARENT_TAG,
+    RUN_NAME_TAG,
+    TRIAL_TAG,
+    get_or_create_experiment,
+    redact,
+    runs_with_tags,
+    tracking_uri,
+    trial_run,
+)
 from pipelines.train.experiment import check_config, finished_training, prepare_inputs, run_training, text_config
 
 logger = logging.getLogger(__name__)
@@ -189,10 +198,10 @@ def end_trial_runs(
 ) -> int:
     """End the runs of a trial (its own and those beneath them) whose status is one of ``ending`` with ``status``;
     how many."""
-    experiment_id = get_experiment_id(client, experiment)
+    experiment_id = get_or_create_experiment(client, experiment)
     ended = 0
-    for run in client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'"):
-        children = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{run.info.run_id}'")
+    for run in runs_with_tags(client, [experiment_id], {TRIAL_TAG: trial_id}):
+        children = runs_with_tags(client, [experiment_id], {PARENT_TAG: run.info.run_id})
         for r in [run, *children]:
             if r.info.status in ending:
                 client.set_terminated(r.info.run_id, status)
@@ -229,10 +238,8 @@ class GuardedASHA(ASHAScheduler):
 def sweep_run(cfg: JobConfig) -> str:
     """The sweep's parent MLflow run (created once; found again by the sweep's name when it is resumed)."""
     client = MlflowClient(tracking_uri(cfg))
-    experiment_id = get_experiment_id(client, cfg.mlflow.experiment)
-    runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}' and tags.`{KIND_TAG}` = 'sweep'"
-    )
+    experiment_id = get_or_create_experiment(client, cfg.mlflow.experiment)
+    runs = runs_with_tags(client, [experiment_id], {RUN_NAME_TAG: cfg.run.name, KIND_TAG: "sweep"})
     if runs:
         client.update_run(runs[0].info.run_id, status="RUNNING")
         return runs[0].info.run_id
@@ -326,9 +333,8 @@ def run_sweep(cfg: JobConfig) -> SweepResult:
 
 def end_orphans(client: MlflowClient, experiment: str, sweep_run_id: str, trial_ids: set[str]) -> None:
     """End the RUNNING trial runs of the sweep whose trial is not one of ``trial_ids`` (KILLED)."""
-    experiment_id = get_experiment_id(client, experiment)
-    query = f"tags.`{PARENT_TAG}` = '{sweep_run_id}' and attributes.status = 'RUNNING'"
-    for run in client.search_runs([experiment_id], filter_string=query):
+    experiment_id = get_or_create_experiment(client, experiment)
+    for run in runs_with_tags(client, [experiment_id], {PARENT_TAG: sweep_run_id}, status="RUNNING"):
         trial_id = run.data.tags.get(TRIAL_TAG)
         if trial_id is not None and trial_id not in trial_ids:
             logger.warning("trial %s is not in the restored sweep (started after its last save): run KILLED", trial_id)

@@ -122,7 +122,7 @@ def render(turns: Sequence[tuple[str, str]], template: ConversationTemplate = VI
     return Prompt(text=text, answer_spans=tuple(spans))
 
 
-def build_prompt(question: str, image: bool = True, template: ConversationTemplate = VICUNA_V1) -> str:
+def single_turn_prompt(question: str, image: bool = True, template: ConversationTemplate = VICUNA_V1) -> str:
     """The inference prompt for one question, ending with "ASSISTANT:" as LLaVA's ``model_vqa_loader``."""
     if image:
         question = f"{IMAGE_PLACEHOLDER}\n{question.replace(IMAGE_PLACEHOLDER, '').strip()}"

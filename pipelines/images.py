@@ -12,6 +12,8 @@ from typing import Any
 from pipelines import storage
 from pipelines.conversation import RecordError
 
+IMAGE_SKIPS = ("no_image", "missing_image", "corrupt_image")  # the RecordError reasons of load_image
+
 
 def expand_to_square(image: Any, background: tuple[int, int, int]) -> Any:
     """LLaVA-1.5's ``expand2square``: pad the short side (centred) with the image processor's mean colour."""

@@ -6,7 +6,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,10 +35,37 @@ def redact(value: Any) -> Any:
     return value
 
 
-def experiment_id(client: MlflowClient, name: str) -> str:
+def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     """The id of the experiment ``name``, created if it does not exist."""
     found = client.get_experiment_by_name(name)
     return found.experiment_id if found else client.create_experiment(name)
+
+
+def filter_literal(value: str) -> str:
+    """``value`` as a string literal of an MLflow filter: single-quoted, double-quoted when it holds a single quote
+    (the filter syntax has no escapes; a value with both quotes cannot be searched for)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r}: an MLflow filter value cannot hold both ' and \"")
+
+
+def runs_with_tags(
+    client: MlflowClient,
+    experiment_ids: Sequence[str],
+    tags: Mapping[str, str],
+    *,
+    run_name: str | None = None,
+    status: str | None = None,
+    **search: Any,
+) -> list[Run]:
+    """The runs of ``experiment_ids`` carrying every tag of ``tags`` (and named ``run_name``, with ``status``, where
+    given). ``search``: the other arguments of ``MlflowClient.search_runs`` (``order_by``, ``max_results``)."""
+    clauses = [f"tags.`{key}` = {filter_literal(str(value))}" for key, value in tags.items()]
+    clauses += [f"attributes.run_name = {filter_literal(run_name)}"] if run_name is not None else []
+    clauses += [f"attributes.status = {filter_literal(status)}"] if status is not None else []
+    return client.search_runs(list(experiment_ids), filter_string=" and ".join(clauses), **search)
 
 
 def tracking_uri(cfg: JobConfig) -> str:
@@ -68,12 +95,8 @@ def latest_training_run(cfg: JobConfig, uri: str) -> Run | None:
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
     if experiment is None:
         return None
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}' and tags.stage = '{cfg.train.stage}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
+    tags, newest = {RUN_NAME_TAG: cfg.run.name, "stage": cfg.train.stage}, ["attributes.start_time DESC"]
+    runs = runs_with_tags(client, [experiment.experiment_id], tags, order_by=newest, max_results=1)
     return runs[0] if runs else None
 
 
@@ -126,8 +149,8 @@ class CheckpointedHistory:
 
 def trial_run(client: MlflowClient, cfg: JobConfig, tags: dict[str, str], params: dict[str, Any]) -> str:
     """The MLflow run of an evaluation-only trial: found again by its trial id when the trial is resumed."""
-    experiment = experiment_id(client, cfg.mlflow.experiment)
-    found = client.search_runs([experiment], filter_string=f"tags.`{TRIAL_TAG}` = '{tags[TRIAL_TAG]}'")
+    experiment = get_or_create_experiment(client, cfg.mlflow.experiment)
+    found = runs_with_tags(client, [experiment], {TRIAL_TAG: tags[TRIAL_TAG]})
     if found:
         return found[0].info.run_id
     run = client.create_run(experiment, run_name=f"{cfg.run.name}-{params['method']}", tags=tags)

@@ -43,11 +43,11 @@ from pipelines.eval.inference import (
     run_inference,
 )
 from pipelines.eval.latency import LatencyOptions, measure_latency
+from pipelines.eval.metrics import E2E_MS, MEAN, PREFILL_MS, TFLOPS
 from pipelines.eval.models import ModelSpec, Setting
 from pipelines.eval.scoring import score
 from pipelines.job import Job
-from pipelines.tracking import PARENT_TAG, redact
-from pipelines.tracking import experiment_id as get_experiment_id
+from pipelines.tracking import PARENT_TAG, get_or_create_experiment, redact, runs_with_tags
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def evaluate_setting(
     (resumable). No MLflow: :func:`run_setting` logs the result."""
     options, result = options or InferenceOptions(), SettingResult(setting)
     # First, as it also checks the stages against the model: a bad setting fails before any inference.
-    result.metrics["tflops"] = setting_tflops(load_llava_config(model.name_or_path), model.pruning, setting)
+    result.metrics[TFLOPS] = setting_tflops(load_llava_config(model.name_or_path), model.pruning, setting)
     for bench in benchmarks:
         answers = Path(output_dir) / setting.name / f"{bench.name}.jsonl"
         report = run_inference(bench.name, bench.questions, bench.image_root, answers, model, setting, options)
@@ -141,7 +141,7 @@ def evaluate_setting(
         for category, value in (scored["breakdown"].get("category") or {}).items():
             result.metrics[f"accuracy/{bench.name}/{category}"] = value
         result.metrics[f"unanswered/{bench.name}"] = float(len(questions) - len(answered))
-    result.metrics["accuracy/mean"] = statistics.fmean(result.metrics[f"accuracy/{b.name}"] for b in benchmarks)
+    result.metrics[MEAN] = statistics.fmean(result.metrics[f"accuracy/{b.name}"] for b in benchmarks)
     return result
 
 
@@ -187,7 +187,7 @@ def run_setting(
     from mlflow.entities import Metric, Param
 
     client = MlflowClient(uri)
-    experiment_id = get_experiment_id(client, experiment)
+    experiment_id = get_or_create_experiment(client, experiment)
     earlier = child_run(client, experiment_id, parent_run_id, setting.name) if parent_run_id else None
     if earlier is not None and earlier.info.status == "FINISHED":
         logger.info("%s: already evaluated (run %s)", setting.name, earlier.info.run_id)
@@ -221,12 +221,8 @@ def run_setting(
 
 def child_run(client: Any, experiment_id: str, parent_run_id: str, name: str) -> Any:
     """The run named ``name`` under ``parent_run_id``, if there is one (the oldest, were there several)."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.run_name = '{name}'",
-        order_by=["attributes.start_time ASC"],
-        max_results=1,
-    )
+    order, tags = ["attributes.start_time ASC"], {PARENT_TAG: parent_run_id}
+    runs = runs_with_tags(client, [experiment_id], tags, run_name=name, order_by=order, max_results=1)
     return runs[0] if runs else None
 
 
@@ -324,9 +320,9 @@ def format_table(results: Sequence[SettingResult]) -> str:
     for r in results:
         m = r.metrics
         ratios = "-".join(f"{x:g}" for x in r.setting.keep_ratios or ()) or "-"
-        cells = [m.get(f"accuracy/{b}", float("nan")) for b in benches] + [m["accuracy/mean"]]
-        cells += [m.get("latency/prefill_ms", float("nan")), m.get("latency/e2e_ms", float("nan"))]
-        rows.append([r.setting.method, ratios, f"{m['tflops']:.4g}", *(f"{c:.2f}" for c in cells)])
+        cells = [m.get(f"accuracy/{b}", float("nan")) for b in benches] + [m[MEAN]]
+        cells += [m.get(PREFILL_MS, float("nan")), m.get(E2E_MS, float("nan"))]
+        rows.append([r.setting.method, ratios, f"{m[TFLOPS]:.4g}", *(f"{c:.2f}" for c in cells)])
     lines = _columns([head, *rows])
     for r in results:  # accuracy per question type, where the scorer gives one
         per = [f"{k[len('accuracy/') :]} {v:.2f}" for k, v in r.metrics.items() if k.count("/") == 2]

@@ -1,10 +1,11 @@
 """Batch inference with Ray Data: a LLaVA question file in, a LLaVA answer file out, with or without pruning.
 
-1. Driver: read the questions (jsonl, local or ``s3://``), drop those already answered (resume), build each
-   prompt as LLaVA's ``model_vqa_loader.py``: the benchmark's suffix inside the vicuna_v1 conversation.
-2. Preprocess (Ray Data tasks): read, decode and square-pad the image (LLaVA-1.5's ``pad``), run the processor.
-   A question without a usable image gets its reason (``SKIP_REASONS``) instead of failing the run; it gets no
-   answer and is reported.
+1. Driver: read the questions (jsonl, local or ``s3://``), drop those already answered (resume), take each
+   question's text with the benchmark's suffix (:func:`question_text`).
+2. Preprocess (Ray Data tasks, :class:`Preprocessor`): each question's request as LLaVA's ``model_vqa_loader.py``
+   builds it: its text inside the vicuna_v1 conversation, its image read, decoded and square-padded (LLaVA-1.5's
+   ``pad``), through the processor. A question without a usable image gets its reason
+   (``pipelines.images.IMAGE_SKIPS``) instead of failing the run; it gets no answer and is reported.
 3. Generate (``map_batches``, ``ActorPoolStrategy(size=num_actors)``): each actor holds the model, decision
    modules and policy, and decodes greedily, several left-padded samples per batch.
 4. Driver: append each finished batch to the answers file (flushed, fsynced), so an interrupted run resumes from
@@ -34,31 +35,27 @@ import torch
 
 from lvpruning.policies import NONE
 from pipelines import storage
-from pipelines.conversation import TEMPLATES, RecordError
-from pipelines.conversation import build_prompt as conversation_prompt
+from pipelines.conversation import RecordError, single_turn_prompt
 from pipelines.eval.datasets import SHORT_ANSWER, build_prompt, with_suffix
 from pipelines.eval.models import ModelSpec, Setting, load_model, setting_policy, timed_generate
-from pipelines.eval.scoring import TOY
+from pipelines.eval.scoring import TOY_BENCHMARK
 from pipelines.eval.scoring.common import index_questions
 from pipelines.images import load_image, mean_colour
 
 logger = logging.getLogger(__name__)
 
-SKIP_REASONS = ("no_image", "missing_image", "corrupt_image")
+PREPROCESS_CPUS = 0.5  # per preprocessing task
 
 
 @dataclass(frozen=True)
 class InferenceOptions:
-    """How to run: batch and pool sizes, resources per actor and task, prompt template, question limit."""
+    """How to run: batch and pool sizes, resources per actor, question limit."""
 
     batch_size: int = 16
     max_new_tokens: int = 8
     num_actors: int = 2
     use_gpu: bool = False  # one GPU per actor
     cpus_per_actor: float = 0.5  # on 2 CPUs, 2 actors x 0.5 leave room for the preprocessing tasks
-    cpus_per_task: float = 0.5  # preprocessing
-    template: str = "vicuna_v1"
-    pad_to_square: bool = True
     max_questions: int | None = None  # the first N questions of the file
 
 
@@ -79,7 +76,7 @@ class InferenceReport:
 
 def question_text(benchmark: str, record: dict[str, Any]) -> str:
     """The question as LLaVA-1.5 sends it (suffix included); the toy world uses the short-answer suffix."""
-    if benchmark.strip().lower() == TOY:
+    if benchmark.strip().lower() == TOY_BENCHMARK:
         return with_suffix(str(record["text"]), SHORT_ANSWER)
     return build_prompt(benchmark, record)
 
@@ -117,42 +114,48 @@ def read_answers(path: Path, expected: dict[str, Any]) -> dict[str, dict[str, An
 
 
 class Preprocessor:
-    """Rows (index, image, prompt) -> model inputs, or the reason the image cannot be used."""
+    """Questions and their images -> model inputs (:meth:`request`), as LLaVA-1.5 builds them: the batch inference's
+    Ray Data tasks, the latency's and the calibration's requests."""
 
-    def __init__(self, processor: Any, image_root: str, pad_to_square: bool) -> None:
+    def __init__(self, processor: Any, image_root: str) -> None:
         from PIL import Image
 
-        self.processor, self.image_root, self.pad_to_square = processor, image_root, pad_to_square
+        self.processor, self.image_root = processor, image_root
         self.background = mean_colour(processor)
         probe = processor.image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="np")
         self.blank = np.zeros(probe["pixel_values"].shape[1:], np.float32)  # (3, H, W), rows with no image
 
+    def request(self, question: str, image: str) -> tuple[np.ndarray, np.ndarray]:
+        """One question's ``input_ids`` (L,), its single-turn vicuna_v1 prompt with the image token, and the
+        ``pixel_values`` (3, H, W) of its image (``image_root``-relative), padded to a square of the processor's
+        mean colour; ``RecordError`` (a reason of ``pipelines.images.IMAGE_SKIPS``) when the image cannot be used."""
+        picture = load_image(self.image_root, image, self.background)
+        encoded = self.processor(text=[single_turn_prompt(question)], images=[picture], return_tensors="np")
+        input_ids = np.asarray(encoded["input_ids"][0], dtype=np.int64)
+        return input_ids, np.asarray(encoded["pixel_values"][0], dtype=np.float32)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Rows (index, image, question) -> (index, error, input_ids, pixel_values): a row whose image cannot be
+        used has its reason as ``error``, no ids and a blank image."""
         out: dict[str, list[Any]] = {"index": [], "error": [], "input_ids": [], "pixel_values": []}
-        for index, image, prompt in zip(batch["index"].tolist(), batch["image"], batch["prompt"]):
-            row = (index, "", np.zeros(0, dtype=np.int64), self.blank)
+        for index, image, question in zip(batch["index"].tolist(), batch["image"], batch["question"]):
             try:
-                encoded = self.processor(text=[str(prompt)], images=[self._load(str(image))], return_tensors="np")
-                input_ids = np.asarray(encoded["input_ids"][0], dtype=np.int64)  # (L,)
-                row = (index, "", input_ids, np.asarray(encoded["pixel_values"][0], dtype=np.float32))  # (3, H, W)
+                row = (index, "", *self.request(str(question), str(image)))
             except RecordError as e:
-                row = (index, e.reason, *row[2:])
+                row = (index, e.reason, np.zeros(0, dtype=np.int64), self.blank)
             for name, value in zip(out, row):
                 out[name].append(value)
         return out
 
-    def _load(self, relative: str) -> Any:
-        return load_image(self.image_root, relative, self.background if self.pad_to_square else None)
+
+_PREPROCESSORS: dict[tuple[str, str], Preprocessor] = {}
 
 
-_PREPROCESSORS: dict[tuple[str, str, bool], Preprocessor] = {}
-
-
-def _preprocess(batch: dict[str, np.ndarray], *, processor_ref: Any, image_root: str, pad: bool) -> dict[str, Any]:
-    key = (processor_ref.hex(), image_root, pad)
+def _preprocess(batch: dict[str, np.ndarray], *, processor_ref: Any, image_root: str) -> dict[str, Any]:
+    key = (processor_ref.hex(), image_root)
     if key not in _PREPROCESSORS:  # Ray reuses worker processes: unpickle the processor once per process
         _PREPROCESSORS.clear()
-        _PREPROCESSORS[key] = Preprocessor(ray.get(processor_ref), image_root, pad)
+        _PREPROCESSORS[key] = Preprocessor(ray.get(processor_ref), image_root)
     return _PREPROCESSORS[key](batch)
 
 
@@ -201,8 +204,6 @@ def run_inference(
     t0 = time.perf_counter()
     if storage.is_s3(str(answers)):
         raise ValueError(f"answers {answers}: the answers file is appended locally; sync it to S3 afterwards")
-    if options.template not in TEMPLATES:
-        raise ValueError(f"unknown conversation template {options.template!r}; known: {sorted(TEMPLATES)}")
     answers = Path(answers)
     answers.parent.mkdir(parents=True, exist_ok=True)
     records = read_questions(questions)[: options.max_questions]
@@ -216,9 +217,10 @@ def run_inference(
             from transformers import AutoProcessor
 
             processor = AutoProcessor.from_pretrained(model.name_or_path)
-        template = TEMPLATES[options.template]
-        prompts = {i: conversation_prompt(question_text(benchmark, records[i]), template=template) for i in todo}
-        rows = [{"index": i, "image": str(records[i].get("image") or ""), "prompt": prompts[i]} for i in todo]
+        rows = [
+            {"index": i, "image": str(records[i].get("image") or ""), "question": question_text(benchmark, records[i])}
+            for i in todo
+        ]
         ds = _dataset(rows, processor, image_root, model, setting, options)
         with open(answers, "a", encoding="utf-8") as f:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -270,10 +272,8 @@ def _dataset(
     """Preprocessing tasks, then the generating actor pool; one batch per block, so answers stream out early."""
     ref, size = ray.put(processor), options.batch_size
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // size)))
-    pre = {"processor_ref": ref, "image_root": image_root, "pad": options.pad_to_square}
-    ds = ds.map_batches(
-        _preprocess, fn_kwargs=pre, batch_size=size, batch_format="numpy", num_cpus=options.cpus_per_task
-    )
+    pre = {"processor_ref": ref, "image_root": image_root}
+    ds = ds.map_batches(_preprocess, fn_kwargs=pre, batch_size=size, batch_format="numpy", num_cpus=PREPROCESS_CPUS)
     actor = {"spec": model, "setting": setting, "processor": ref, "max_new_tokens": options.max_new_tokens}
     return ds.map_batches(
         Generator,

@@ -1,8 +1,9 @@
 """Latency as a user feels it: every setting of one evaluation timed in one process, on the same requests, after
 warm-up, with repeats, so that the ratios between settings are stable.
 
-- The requests are the first ``batch_size`` questions of a benchmark that have a usable image, preprocessed as the
-  batch inference does (``pipelines.eval.inference.Preprocessor``) and answered greedily (``timed_generate``).
+- The requests are the first ``batch_size`` questions of a benchmark that have a usable image, built as the batch
+  inference builds them (``pipelines.eval.inference.Preprocessor.request``) and answered greedily
+  (``timed_generate``).
 - One base model is loaded; the pruning settings share it through one set of decision modules, so the settings
   differ only in what they compute.
 - Each round runs every setting once, the order rotated from round to round, so drift (other load, clocks) hits
@@ -27,14 +28,14 @@ import ray
 import torch
 
 from lvpruning.policies import NONE
-from pipelines.conversation import TEMPLATES
-from pipelines.conversation import build_prompt as conversation_prompt
+from pipelines.conversation import RecordError
 from pipelines.eval.inference import Preprocessor, question_text, read_questions
+from pipelines.eval.metrics import E2E_MS, PREFILL_MS
 from pipelines.eval.models import ModelSpec, Setting, load_model, setting_policy, timed_generate, with_pruning
 
 logger = logging.getLogger(__name__)
 
-TIMES = ("prefill_ms", "e2e_ms")
+TIMES = {"prefill_ms": PREFILL_MS, "e2e_ms": E2E_MS}  # what is timed -> its metric (and ``<metric>_iqr``)
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,6 @@ class LatencyOptions:
     max_new_tokens: int = 8
     use_gpu: bool = False
     num_cpus: float = 0.5
-    template: str = "vicuna_v1"
-    pad_to_square: bool = True
 
 
 def summarize(times: Sequence[float]) -> tuple[float, float]:
@@ -64,15 +63,14 @@ def latency_requests(
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """The prompts (each (L,)) and images (B, 3, H, W) of the first ``batch_size`` questions with a usable image;
     a benchmark with fewer fills the batch by repeating them."""
-    pre, template = Preprocessor(processor, image_root, options.pad_to_square), TEMPLATES[options.template]
-    prompts, pixels = [], []
-    for i, record in enumerate(read_questions(questions)):
-        prompt = conversation_prompt(question_text(benchmark, record), template=template)
-        batch = {"index": np.array([i]), "image": np.array([str(record.get("image") or "")]), "prompt": [prompt]}
-        row = pre(batch)
-        if not row["error"][0]:
-            prompts.append(row["input_ids"][0])
-            pixels.append(row["pixel_values"][0])
+    pre, prompts, pixels = Preprocessor(processor, image_root), [], []
+    for record in read_questions(questions):
+        try:
+            input_ids, pixel_values = pre.request(question_text(benchmark, record), str(record.get("image") or ""))
+        except RecordError:
+            continue
+        prompts.append(input_ids)
+        pixels.append(pixel_values)
         if len(prompts) == options.batch_size:
             break
     if not prompts:
@@ -109,8 +107,8 @@ def time_settings(
     out = {}
     for name, times in recorded.items():
         metrics = {}
-        for key in TIMES:
-            metrics[f"latency/{key}"], metrics[f"latency/{key}_iqr"] = summarize(times[key])
+        for key, metric in TIMES.items():
+            metrics[metric], metrics[f"{metric}_iqr"] = summarize(times[key])
         out[name] = metrics
     return out
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import ArrayLike
 
+from pipelines.eval.metrics import E2E_MS, MEAN, PREFILL_MS, TFLOPS
+
 TAG_PREFIX = "pareto/"
-TFLOPS, PREFILL_MS = "tflops", "latency/prefill_ms"
-MEAN = "accuracy/mean"
 PAPER_SCHEDULE = (0.5, 0.3, 0.1)  # the paper's keep ratios after layers 1, 8, 16
 
 
@@ -162,7 +162,7 @@ def pareto_table(points: Sequence[Point], front: Front) -> str:
 
 def write_csv(points: Sequence[Point], fronts: Sequence[Front], path: str | Path) -> None:
     """One row per point: identity, params, metrics (empty when absent), one true/false column per front."""
-    metrics = [TFLOPS, "latency/prefill_ms", "latency/e2e_ms", *accuracy_columns(points)]
+    metrics = [TFLOPS, PREFILL_MS, E2E_MS, *accuracy_columns(points)]
     head = ["run_id", "experiment", "run_name", "method", "layers", "train_ratios", "infer_ratios", *metrics]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)

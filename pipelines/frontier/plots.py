@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.frontier.pareto import PREFILL_MS, TFLOPS, Front, Point, layers_text, ratios_text
+from pipelines.eval.metrics import PREFILL_MS, TFLOPS
+from pipelines.frontier.pareto import Front, Point, layers_text, ratios_text
 
 METHODS = ("none", "lvpruning", "random", "fastv")  # fixed colours and markers; other methods come after
 _COLOURS = ("#7f7f7f", "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")

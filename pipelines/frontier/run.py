@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.frontier.pareto import MEAN, TAG_PREFIX, TFLOPS, Front, Point, compute_fronts, pareto_table, write_csv
+from pipelines.eval.metrics import MEAN, TFLOPS
+from pipelines.frontier.pareto import TAG_PREFIX, Front, Point, compute_fronts, pareto_table, write_csv
 from pipelines.frontier.plots import plot_html, plot_png
-from pipelines.tracking import KIND_TAG
-from pipelines.tracking import experiment_id as get_experiment_id
+from pipelines.tracking import KIND_TAG, get_or_create_experiment
 
 FRONTIER = "frontier"
 
@@ -169,6 +169,6 @@ def run_frontier(uri: str, experiments: Sequence[str], output_experiment: str | 
     added, removed = sync_tags(client, runs, points, fronts)
     table = pareto_table(points, fronts[0])
     out = output_experiment or experiments[0]
-    experiment_id = get_experiment_id(client, out)
+    experiment_id = get_or_create_experiment(client, out)
     run_id = log_frontier_run(client, experiment_id, experiments, points, fronts, table)
     return FrontierResult(points, fronts, run_id, experiment_id, table, added, removed)

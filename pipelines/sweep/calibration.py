@@ -30,12 +30,11 @@ from transformers import AutoProcessor
 from lvpruning.config import check_schedule
 from lvpruning.policies import POLICIES, is_trained
 from pipelines.config import Calibration, JobConfig, OwnLayers
-from pipelines.conversation import TEMPLATES
-from pipelines.conversation import build_prompt as conversation_prompt
+from pipelines.conversation import RecordError
 from pipelines.eval.evaluation import evaluate, modules_config
 from pipelines.eval.inference import Preprocessor
+from pipelines.eval.metrics import MEAN, TFLOPS
 from pipelines.eval.models import ModelSpec, Setting, left_padded, load_model, setting_policy
-from pipelines.frontier.pareto import MEAN, TFLOPS
 from pipelines.job import Job
 from pipelines.tracking import trial_run
 from pipelines.train.data import read_records
@@ -126,27 +125,27 @@ def check_calibration(cfg: JobConfig, num_layers: int) -> None:
 
 
 def calibration_requests(
-    train_json: str, image_root: str, processor: Any, calibration: Calibration, template: str = "vicuna_v1"
+    train_json: str, image_root: str, processor: Any, calibration: Calibration
 ) -> tuple[list[np.ndarray], np.ndarray, int]:
     """The prompts (each (L,)) and images (B, 3, H, W) of ``num_questions`` training conversations (their first
     human turn, no answer), sampled with ``seed``; records without a usable image are skipped and counted (third)."""
     records = read_records(train_json)
     order = list(range(len(records)))
     random.Random(calibration.seed).shuffle(order)
-    pre, prompts, pixels, skipped = Preprocessor(processor, image_root, True), [], [], 0
+    pre, prompts, pixels, skipped = Preprocessor(processor, image_root), [], [], 0
     for i in order:
         record = records[i]
         turns = record.get("conversations") if isinstance(record, dict) else None
         if not isinstance(turns, list) or not turns or not isinstance(turns[0], dict) or not record.get("image"):
             skipped += 1
             continue
-        prompt = conversation_prompt(str(turns[0]["value"]), template=TEMPLATES[template])
-        row = pre({"index": np.array([i]), "image": np.array([str(record["image"])]), "prompt": [prompt]})
-        if row["error"][0]:
+        try:
+            input_ids, pixel_values = pre.request(str(turns[0]["value"]), str(record["image"]))
+        except RecordError:
             skipped += 1
             continue
-        prompts.append(row["input_ids"][0])
-        pixels.append(row["pixel_values"][0])
+        prompts.append(input_ids)
+        pixels.append(pixel_values)
         if len(prompts) == calibration.num_questions:
             break
     if not prompts:

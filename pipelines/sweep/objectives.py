@@ -26,7 +26,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from lvpruning.policies import is_trained
 from pipelines.eval.evaluation import evaluate
-from pipelines.frontier.pareto import MEAN, TFLOPS
+from pipelines.eval.metrics import MEAN, TFLOPS
 from pipelines.frontier.run import run_frontier
 from pipelines.job import Job
 from pipelines.sweep.calibration import (

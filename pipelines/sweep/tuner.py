@@ -27,8 +27,15 @@ from pipelines.eval.evaluation import benchmarks_from_config
 from pipelines.job import Job, resolve
 from pipelines.storage import is_s3, ray_storage
 from pipelines.sweep.objectives import objective_of
-from pipelines.tracking import KIND_TAG, PARENT_TAG, RUN_NAME_TAG, TRIAL_TAG, redact
-from pipelines.tracking import experiment_id as get_experiment_id
+from pipelines.tracking import (
+    KIND_TAG,
+    PARENT_TAG,
+    RUN_NAME_TAG,
+    TRIAL_TAG,
+    get_or_create_experiment,
+    redact,
+    runs_with_tags,
+)
 from pipelines.train.experiment import check_training, prepare_model
 
 logger = logging.getLogger(__name__)
@@ -91,10 +98,10 @@ def end_trial_runs(
 ) -> int:
     """End the runs of a trial (its own and those beneath them) whose status is one of ``ending`` with ``status``;
     how many."""
-    experiment_id = get_experiment_id(client, experiment)
+    experiment_id = get_or_create_experiment(client, experiment)
     ended = 0
-    for run in client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}'"):
-        children = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{run.info.run_id}'")
+    for run in runs_with_tags(client, [experiment_id], {TRIAL_TAG: trial_id}):
+        children = runs_with_tags(client, [experiment_id], {PARENT_TAG: run.info.run_id})
         for r in [run, *children]:
             if r.info.status in ending:
                 client.set_terminated(r.info.run_id, status)
@@ -106,10 +113,8 @@ def sweep_run(job: Job) -> str:
     """The sweep's parent MLflow run (created once; found again by the sweep's name when it is resumed)."""
     cfg = job.config
     client = MlflowClient(cfg.mlflow.tracking_uri)
-    experiment_id = get_experiment_id(client, cfg.mlflow.experiment)
-    runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}' and tags.`{KIND_TAG}` = 'sweep'"
-    )
+    experiment_id = get_or_create_experiment(client, cfg.mlflow.experiment)
+    runs = runs_with_tags(client, [experiment_id], {RUN_NAME_TAG: cfg.run.name, KIND_TAG: "sweep"})
     if runs:
         client.update_run(runs[0].info.run_id, status="RUNNING")
         return runs[0].info.run_id
@@ -185,9 +190,8 @@ def run_sweep(job: Job) -> SweepResult:
 
 def end_orphans(client: MlflowClient, experiment: str, sweep_run_id: str, trial_ids: set[str]) -> None:
     """End the RUNNING trial runs of the sweep whose trial is not one of ``trial_ids`` (KILLED)."""
-    experiment_id = get_experiment_id(client, experiment)
-    query = f"tags.`{PARENT_TAG}` = '{sweep_run_id}' and attributes.status = 'RUNNING'"
-    for run in client.search_runs([experiment_id], filter_string=query):
+    experiment_id = get_or_create_experiment(client, experiment)
+    for run in runs_with_tags(client, [experiment_id], {PARENT_TAG: sweep_run_id}, status="RUNNING"):
         trial_id = run.data.tags.get(TRIAL_TAG)
         if trial_id is not None and trial_id not in trial_ids:
             logger.warning("trial %s is not in the restored sweep (started after its last save): run KILLED", trial_id)

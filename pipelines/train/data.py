@@ -54,7 +54,7 @@ from pipelines.images import load_image, mean_colour
 
 logger = logging.getLogger(__name__)
 
-SKIP_REASONS = (
+RECORD_SKIPS = (
     "text_only",
     "malformed_conversation",
     "bad_image_placeholder",
@@ -76,7 +76,7 @@ class SkipStats:
     """
 
     total: int
-    counts: Mapping[str, int]  # every reason of SKIP_REASONS, 0 when none
+    counts: Mapping[str, int]  # every reason of RECORD_SKIPS, 0 when none
     kept: int
     pending: int
     max_bad_fraction: float
@@ -141,7 +141,7 @@ class _SkipTally:
         n_seen = int(self.seen.sum())
         return SkipStats(
             total=self.total,
-            counts={reason: counts[reason] for reason in SKIP_REASONS},
+            counts={reason: counts[reason] for reason in RECORD_SKIPS},
             kept=n_seen - len(self.skipped),
             pending=self.n_encode - n_seen,
             max_bad_fraction=self.max_bad_fraction,
@@ -208,9 +208,8 @@ def prepare_record(index: int, record: Any, template: ConversationTemplate = VIC
 class _Encoder:
     """Rows in, model inputs out: the processor and what is derived from it, built once per worker process."""
 
-    def __init__(self, processor: Any, image_root: str, max_length: int, pad_to_square: bool) -> None:
+    def __init__(self, processor: Any, image_root: str, max_length: int) -> None:
         self.processor, self.image_root, self.max_length = processor, image_root, max_length
-        self.pad_to_square = pad_to_square
         self.n_image_tokens = count_image_tokens(processor)
         self.background = mean_colour(processor)
 
@@ -245,7 +244,7 @@ class _Encoder:
         return row
 
     def _load_image(self, relative: str) -> Any:
-        return load_image(self.image_root, relative, self.background if self.pad_to_square else None)
+        return load_image(self.image_root, relative, self.background)  # LLaVA-1.5 pads to a square
 
 
 _ENCODERS: dict[tuple[Any, ...], _Encoder] = {}
@@ -257,15 +256,14 @@ def _encode_batch(
     processor_ref: ray.ObjectRef,
     image_root: str,
     max_length: int,
-    pad_to_square: bool,
     tally: Any,
 ) -> dict[str, list[Any]]:
     """The encode stage's Ray Data task: encode a batch, report its skips, fail past the threshold."""
-    key = (processor_ref.hex(), image_root, max_length, pad_to_square)
+    key = (processor_ref.hex(), image_root, max_length)
     if key not in _ENCODERS:  # once per worker process (which Ray reuses): a tokenizer is slow to unpickle
         while len(_ENCODERS) >= 4:
             _ENCODERS.pop(next(iter(_ENCODERS)))
-        _ENCODERS[key] = _Encoder(ray.get(processor_ref), image_root, max_length, pad_to_square)
+        _ENCODERS[key] = _Encoder(ray.get(processor_ref), image_root, max_length)
     out, kept, skipped = _ENCODERS[key](batch)
     stats = ray.get(tally.report.remote(kept, skipped))
     stats.check()  # errors only grow: past the threshold now means past it at the end
@@ -280,7 +278,6 @@ def build_instruct_dataset(
     max_length: int = 2048,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     template: ConversationTemplate = VICUNA_V1,
-    pad_to_square: bool = True,
     batch_size: int = 16,
     concurrency: int | None = None,
     num_cpus: float = 1.0,
@@ -308,7 +305,7 @@ def build_instruct_dataset(
     del records
 
     total = len(rows) + sum(text_counts.values())
-    counts = {reason: text_counts[reason] for reason in SKIP_REASONS}
+    counts = {reason: text_counts[reason] for reason in RECORD_SKIPS}
     stats = SkipStats(total, counts, kept=0, pending=len(rows), max_bad_fraction=max_bad_fraction)
     logger.info("instruction data %s, text stage: %s", data_path, stats.summary())
     stats.check()  # the encode stage can only add errors
@@ -324,7 +321,6 @@ def build_instruct_dataset(
             "processor_ref": ray.put(processor),
             "image_root": image_root,
             "max_length": max_length,
-            "pad_to_square": pad_to_square,
             "tally": tally,
         },
         batch_size=batch_size,

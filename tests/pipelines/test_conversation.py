@@ -17,11 +17,11 @@ from pipelines.conversation import (
     VICUNA_V1,
     Prompt,
     RecordError,
-    build_prompt,
     count_image_tokens,
     encode,
     parse_turns,
     render,
+    single_turn_prompt,
     split_supervised,
     supervised_mask,
     text_length,
@@ -104,10 +104,12 @@ def test_image_placeholder_in_a_later_question_moves_to_the_first() -> None:
     assert parse_turns(record) == [(f"<image>\n{QUESTIONS[0]}", ANSWERS[0]), (QUESTIONS[1], ANSWERS[1])]
 
 
-def test_build_prompt_for_inference() -> None:
-    assert build_prompt("what color is the cube ?") == f"{SYSTEM} USER: <image>\nwhat color is the cube ? ASSISTANT:"
-    assert build_prompt("<image>\nhi") == build_prompt("hi")
-    assert build_prompt("hi", image=False) == f"{SYSTEM} USER: hi ASSISTANT:"
+def test_single_turn_prompt_for_inference() -> None:
+    assert (
+        single_turn_prompt("what color is the cube ?") == f"{SYSTEM} USER: <image>\nwhat color is the cube ? ASSISTANT:"
+    )
+    assert single_turn_prompt("<image>\nhi") == single_turn_prompt("hi")
+    assert single_turn_prompt("hi", image=False) == f"{SYSTEM} USER: hi ASSISTANT:"
 
 
 @pytest.mark.parametrize(
@@ -174,7 +176,7 @@ def test_supervised_mask_is_overlap_of_character_spans() -> None:
 
 
 def test_prompt_without_answers_has_no_labels(processor: LlavaProcessor) -> None:
-    text = build_prompt(QUESTIONS[0])
+    text = single_turn_prompt(QUESTIONS[0])
     row = encode(processor, Prompt(text=text, answer_spans=()), Image.new("RGB", (32, 32)))
     assert (row["labels"] == IGNORE_INDEX).all()
     assert processor.tokenizer.decode(row["input_ids"][-2:]) == "assistant :"

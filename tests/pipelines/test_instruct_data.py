@@ -19,7 +19,7 @@ from lvpruning.tiny import build_processor, tiny_llava_config
 from pipelines.conversation import IGNORE_INDEX, encode, parse_turns, render, split_supervised
 from pipelines.images import expand_to_square
 from pipelines.train.collate import PaddingCollateFn, collate
-from pipelines.train.data import SKIP_REASONS, build_instruct_dataset
+from pipelines.train.data import RECORD_SKIPS, build_instruct_dataset
 
 WORDS = "what color is cube how many spheres there red green blue two three".split()
 MAX_LENGTH = 256
@@ -123,7 +123,7 @@ def test_rows_are_model_inputs_and_every_skip_is_counted(ray_cluster, processor,
     stats = ledger.check()
 
     expected = {reason: len(group) for reason, group in bad_records().items()}
-    assert dict(stats.counts) == expected and tuple(stats.counts) == SKIP_REASONS
+    assert dict(stats.counts) == expected and tuple(stats.counts) == RECORD_SKIPS
     assert stats.total == N_GOOD + sum(expected.values())
     assert (stats.kept, stats.pending, stats.errors) == (N_GOOD, 0, sum(expected.values()) - 1)
     assert [row["id"] for row in rows] == [f"good-{i}" for i in range(N_GOOD)]  # file order, deterministic

@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from lvpruning import PruningConfig, attach
-from pipelines.conversation import build_prompt
+from pipelines.conversation import single_turn_prompt
 from pipelines.eval.inference import question_text
 from pipelines.toy.base import SHIPPED_BASE_MODEL
 from pipelines.toy.scenes import SceneSpec, make_split, render
@@ -27,7 +27,7 @@ def toy_batch():
     processor.tokenizer.padding_side = "left"
     pairs = [(scene, q) for scene, questions in make_split(7, 8, spec, "test") for q in questions]
     images = [Image.fromarray(render(scene, spec)) for scene, _ in pairs]
-    prompts = [build_prompt(question_text("toy", {"text": q.text})) for _, q in pairs]  # as the evaluation
+    prompts = [single_turn_prompt(question_text("toy", {"text": q.text})) for _, q in pairs]  # as the evaluation
     inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
     return processor, dict(inputs), [q.answer for _, q in pairs]
 

@@ -38,7 +38,7 @@ from pipelines.eval.scoring.mmbench import score_mmbench
 from pipelines.eval.scoring.mmvet import score_mmvet
 from pipelines.eval.scoring.pope import score_pope
 from pipelines.eval.scoring.scienceqa import score_scienceqa
-from pipelines.eval.scoring.toy import TOY, score_toy
+from pipelines.eval.scoring.toy import TOY_BENCHMARK, score_toy
 from pipelines.eval.scoring.vqa import score_vqa
 
 Scorer = Callable[[Source, Source, str | None, JudgeClient | None], dict[str, Any]]
@@ -54,7 +54,7 @@ SCORERS: dict[str, Scorer] = {
     MMBENCH_CN: lambda q, a, ann, judge: score_mmbench(MMBENCH_CN, q, a, ann),
     LLAVA_BENCH: score_llava_bench,
     MMVET: score_mmvet,
-    TOY: lambda q, a, ann, judge: score_toy(q, a, ann),  # the project's synthetic benchmark (not LLaVA's)
+    TOY_BENCHMARK: lambda q, a, ann, judge: score_toy(q, a, ann),  # the project's synthetic benchmark (not LLaVA's)
 }
 JUDGED = frozenset({LLAVA_BENCH, MMVET})
 
@@ -68,10 +68,10 @@ def score(
 ) -> dict[str, Any]:
     """Score one benchmark's answers; raises :class:`ScoringError` (naming file and line) on bad input."""
     try:
-        name = TOY if benchmark.strip().lower() == TOY else canonical_name(benchmark)
+        name = TOY_BENCHMARK if benchmark.strip().lower() == TOY_BENCHMARK else canonical_name(benchmark)
     except ValueError as e:
         raise ScoringError(str(e)) from None
     return SCORERS[name](questions, answers, None if annotations is None else str(annotations), judge)
 
 
-__all__ = ["JUDGED", "SCORERS", "TOY", "JudgeClient", "JudgeError", "ScoringError", "score"]
+__all__ = ["JUDGED", "SCORERS", "TOY_BENCHMARK", "JudgeClient", "JudgeError", "ScoringError", "score"]

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 Records = Sequence[Mapping[str, Any]]
 Source = str | os.PathLike | Records
@@ -173,6 +173,24 @@ def answers_by_id(answers: AnswerFile, known: Mapping[str, Any], questions_name:
             )
         out[a.qid] = a
     return out
+
+
+class Answered(NamedTuple):
+    """A benchmark's questions by id and the answers to them (:func:`read_answered`)."""
+
+    name: str  # of the question source
+    questions: dict[str, tuple[int | str, Mapping[str, Any]]]  # id -> (line, record)
+    file: AnswerFile
+    by_id: dict[str, Answer]
+
+
+def read_answered(questions: Source, answers: Source) -> Answered:
+    """A LLaVA question jsonl (or list) and its answers, paired by question id (errors as in
+    :func:`index_questions` and :func:`answers_by_id`)."""
+    name, records = question_records(questions)
+    qs = index_questions(name, records)
+    answer_file = load_answers(answers)
+    return Answered(name, qs, answer_file, answers_by_id(answer_file, qs, name))
 
 
 def pct(num: float, den: float) -> float:

@@ -18,12 +18,9 @@ from pipelines.eval.datasets import GQA
 from pipelines.eval.scoring.common import (
     ScoringError,
     Source,
-    answers_by_id,
     base_counts,
-    index_questions,
-    load_answers,
     pct,
-    question_records,
+    read_answered,
     read_json,
     result,
 )
@@ -41,10 +38,7 @@ def score_gqa(questions: Source, answers: Source, annotations: str | None) -> di
     truth = read_json(annotations, "GQA questions")
     if not isinstance(truth, Mapping):
         raise ScoringError(f"{annotations}: expected GQA's questions JSON ({{question_id: {{'answer': ...}}}})")
-    qname, records = question_records(questions)
-    qs = index_questions(qname, records)
-    answer_file = load_answers(answers)
-    by_id = answers_by_id(answer_file, qs, qname)
+    qname, qs, answer_file, by_id = read_answered(questions, answers)
 
     scores: dict[str, list[bool]] = {"accuracy": [], "binary": [], "open": []}
     for qid, (line, _) in qs.items():

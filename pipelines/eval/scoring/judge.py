@@ -1,4 +1,5 @@
-"""A small client for any OpenAI-compatible chat-completions endpoint, used as the LLM judge.
+"""A small client for any OpenAI-compatible chat-completions endpoint, used as the LLM judge, and the skeleton the
+judged scorers (``llava_bench``, ``mmvet``) share: what they require, their requests in flight, their result.
 
 The API key is read from an environment variable at each request and only ever placed in the ``Authorization``
 header: it is not stored on the object, not in its repr, and not in any error message. Transient failures
@@ -18,9 +19,9 @@ import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from pipelines.eval.scoring.common import ScoringError
+from pipelines.eval.scoring.common import Answered, ScoringError, base_counts, result
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -107,3 +108,55 @@ class JudgeClient:
         """``fn`` over ``items`` with ``workers`` requests in flight, results in input order."""
         with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
             return list(pool.map(fn, items))
+
+
+def require_judge(
+    benchmark: str, annotations: str | None, judge: JudgeClient | None, annotations_are: str
+) -> tuple[str, JudgeClient]:
+    """The annotations (``annotations_are`` says what they are) and the judge a judged benchmark is scored with."""
+    if annotations is None:
+        raise ScoringError(f"{benchmark} needs --annotations: {annotations_are}")
+    if judge is None:
+        raise ScoringError(f"{benchmark} needs an LLM judge (--judge-base-url and --judge-model)")
+    return annotations, judge
+
+
+def judge_all(
+    judge: JudgeClient, ask: Callable[[T], R], items: Sequence[T], requests: int | None = None
+) -> tuple[list[tuple[T, R]], list[JudgeError]]:
+    """``ask`` over ``items`` with the judge's ``workers`` in flight: the (item, outcome) pairs, in order, of the items
+    the judge answered, and the errors of the others (counted per sample, not fatal, unless every one of the
+    ``requests`` failed: one per item unless given)."""
+
+    def attempt(item: T) -> R | JudgeError:
+        try:
+            return ask(item)
+        except JudgeError as e:
+            return e
+
+    judged, errors = [], []
+    for item, outcome in zip(items, judge.map(attempt, items), strict=True):
+        if isinstance(outcome, JudgeError):
+            errors.append(outcome)
+        else:
+            judged.append((item, outcome))
+    raise_if_all_failed(errors, len(items) if requests is None else requests)
+    return judged, errors
+
+
+def judged_result(
+    benchmark: str,
+    metric: str,
+    score: float,
+    breakdown: Mapping[str, Any],
+    answered: Answered,
+    counts: Mapping[str, int],
+    errors: Sequence[JudgeError],
+    unparsed: int,
+) -> dict[str, Any]:
+    """A judged scorer's result: the base counts, its own ``counts``, the judge's failures and unparsed replies;
+    the malformed answer lines and the judge's errors as warnings."""
+    counts = base_counts(len(answered.questions), len(answered.by_id), answered.file) | dict(counts)
+    counts |= {"judge_failures": len(errors), "unparsed": unparsed}
+    warnings = answered.file.malformed + [str(e) for e in errors]
+    return result(benchmark, metric, score, breakdown, counts, warnings)

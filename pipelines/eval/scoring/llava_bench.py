@@ -23,19 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.eval.datasets import LLAVA_BENCH
-from pipelines.eval.scoring.common import (
-    ScoringError,
-    Source,
-    answers_by_id,
-    base_counts,
-    index_questions,
-    load_answers,
-    question_records,
-    read_json,
-    read_jsonl,
-    result,
-)
-from pipelines.eval.scoring.judge import JudgeClient, JudgeError, raise_if_all_failed
+from pipelines.eval.scoring.common import ScoringError, Source, read_answered, read_json, read_jsonl
+from pipelines.eval.scoring.judge import JudgeClient, judge_all, judged_result, require_judge
 
 SYSTEM_PROMPT = "You are a helpful and precise assistant for checking the quality of the answer."
 ROLE = "Assistant"
@@ -122,15 +111,11 @@ def score_llava_bench(
     questions: Source, answers: Source, annotations: str | None, judge: JudgeClient | None
 ) -> dict[str, Any]:
     """Relative score per category and overall (headline); ``annotations``: llava-bench-in-the-wild dir."""
-    if annotations is None:
-        raise ScoringError("llava_bench needs --annotations: the folder with context.jsonl and answers_gpt4.jsonl")
-    if judge is None:
-        raise ScoringError("llava_bench needs an LLM judge (--judge-base-url and --judge-model)")
+    folder = "the folder with context.jsonl and answers_gpt4.jsonl"
+    annotations, judge = require_judge("llava_bench", annotations, judge, folder)
     contexts, references, rules = _annotations(annotations)
-    qname, records = question_records(questions)
-    qs = index_questions(qname, records)
-    answer_file = load_answers(answers)
-    by_id = answers_by_id(answer_file, qs, qname)
+    answered = read_answered(questions, answers)
+    qname, qs, by_id = answered.name, answered.questions, answered.by_id
 
     jobs = []
     for qid, (line, q) in qs.items():
@@ -155,34 +140,23 @@ def score_llava_bench(
             )
             jobs.append((category, content))
 
-    def review(job: tuple[str, str]) -> tuple[str, tuple[float, float] | None | JudgeError]:
+    def review(job: tuple[str, str]) -> tuple[float, float] | None:
         messages: list[Mapping[str, str]] = [
             {"role": "system", "content": SYSTEM_PROMPT},
             {"role": "user", "content": job[1]},
         ]
-        try:
-            return job[0], parse_scores(judge.complete(messages, temperature=TEMPERATURE, max_tokens=MAX_TOKENS))
-        except JudgeError as e:
-            return job[0], e
+        return parse_scores(judge.complete(messages, temperature=TEMPERATURE, max_tokens=MAX_TOKENS))
 
+    judged, errors = judge_all(judge, review, jobs)
     pairs: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    errors: list[JudgeError] = []
     unparsed = 0
-    for category, outcome in judge.map(review, jobs):
-        if isinstance(outcome, JudgeError):
-            errors.append(outcome)
-        elif outcome is None:
+    for (category, _), scores in judged:
+        if scores is None:
             unparsed += 1
         else:
-            pairs[category].append(outcome)
-            pairs["all"].append(outcome)
-    raise_if_all_failed(errors, len(jobs))
+            pairs[category].append(scores)
+            pairs["all"].append(scores)
     breakdown = {k: _relative(v) for k, v in sorted(pairs.items()) if v}
     headline = breakdown["all"]["relative_score"] if "all" in breakdown else 0.0
-    counts = base_counts(len(qs), len(by_id), answer_file) | {
-        "judged": len(pairs.get("all", [])),
-        "judge_failures": len(errors),
-        "unparsed": unparsed,
-    }
-    warnings = answer_file.malformed + [str(e) for e in errors]
-    return result(LLAVA_BENCH, "relative score", headline, breakdown, counts, warnings)
+    counts = {"judged": len(pairs.get("all", []))}
+    return judged_result(LLAVA_BENCH, "relative score", headline, breakdown, answered, counts, errors, unparsed)

@@ -23,19 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.eval.datasets import MMVET
-from pipelines.eval.scoring.common import (
-    ScoringError,
-    Source,
-    answers_by_id,
-    base_counts,
-    index_questions,
-    load_answers,
-    pct,
-    question_records,
-    read_json,
-    result,
-)
-from pipelines.eval.scoring.judge import JudgeClient, JudgeError, raise_if_all_failed
+from pipelines.eval.scoring.common import ScoringError, Source, pct, read_answered, read_json
+from pipelines.eval.scoring.judge import JudgeClient, judge_all, judged_result, require_judge
 
 GRADER_PROMPT = """Compare the ground truth and prediction from AI models, to give a correctness score for the prediction. <AND> in the ground truth means it is totally right only when all elements in the ground truth are present in the prediction, and <OR> means it is totally right when any one element in the ground truth is present in the prediction. The correctness score is 0.0 (totally wrong), 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, or 1.0 (totally right). Just complete the last space of the correctness score.
 
@@ -97,15 +86,10 @@ def score_mmvet(
     questions: Source, answers: Source, annotations: str | None, judge: JudgeClient | None
 ) -> dict[str, Any]:
     """Total (headline), per capability and per capability integration; ``annotations``: mm-vet.json."""
-    if annotations is None:
-        raise ScoringError("mmvet needs --annotations: MM-Vet's mm-vet.json (or the folder holding it)")
-    if judge is None:
-        raise ScoringError("mmvet needs an LLM judge (--judge-base-url and --judge-model)")
+    annotations, judge = require_judge("mmvet", annotations, judge, "MM-Vet's mm-vet.json (or the folder holding it)")
     meta = _metadata(annotations)
-    qname, records = question_records(questions)
-    qs = index_questions(qname, records)
-    answer_file = load_answers(answers)
-    by_id = answers_by_id(answer_file, qs, qname)
+    answered = read_answered(questions, answers)
+    qname, qs, by_id = answered.name, answered.questions, answered.by_id
 
     samples = []
     for qid, (line, _) in qs.items():
@@ -115,31 +99,23 @@ def score_mmvet(
             raise ScoringError(f"{qname}:{line}: question {qid} has no entry {key!r} in {annotations}")
         samples.append((qid, entry))
 
-    def run(sample: tuple[str, Mapping[str, Any]]) -> tuple[float, bool] | JudgeError:
+    def run(sample: tuple[str, Mapping[str, Any]]) -> tuple[float, bool]:
         qid, entry = sample
-        if qid not in by_id:
+        if qid not in by_id:  # no request: scores 0
             return 0.0, True
-        try:
-            return grade(judge, str(entry["question"]), str(entry["answer"]), by_id[qid].text)
-        except JudgeError as e:
-            return e
+        return grade(judge, str(entry["question"]), str(entry["answer"]), by_id[qid].text)
 
+    judged, errors = judge_all(judge, run, samples, requests=sum(qid in by_id for qid, _ in samples))
     totals: dict[str, list[float]] = defaultdict(list)
     integration: dict[str, list[float]] = defaultdict(list)
-    errors: list[JudgeError] = []
     unparsed = 0
-    for (_, entry), outcome in zip(samples, judge.map(run, samples), strict=True):
-        if isinstance(outcome, JudgeError):
-            errors.append(outcome)
-            continue
-        value, parsed = outcome
+    for (_, entry), (value, parsed) in judged:
         unparsed += not parsed
         caps = sorted(set(entry["capability"]))
         for cap in caps:
             totals[cap].append(value)
         integration["_".join(caps)].append(value)
         totals["total"].append(value)
-    raise_if_all_failed(errors, sum(qid in by_id for qid, _ in samples))
     by_size = sorted(totals.items(), key=lambda kv: (kv[0] == "total", -len(kv[1]), kv[0]))
     breakdown: dict[str, Any] = {
         "total": pct(sum(totals["total"]), len(totals["total"])),
@@ -148,10 +124,5 @@ def score_mmvet(
             k: pct(sum(v), len(v)) for k, v in sorted(integration.items(), key=lambda kv: (-len(kv[1]), kv[0]))
         },
     }
-    counts = base_counts(len(qs), len(by_id), answer_file) | {
-        "scored": len(totals["total"]),
-        "judge_failures": len(errors),
-        "unparsed": unparsed,
-    }
-    warnings = answer_file.malformed + [str(e) for e in errors]
-    return result(MMVET, "total score", breakdown["total"], breakdown, counts, warnings)
+    counts = {"scored": len(totals["total"])}
+    return judged_result(MMVET, "total score", breakdown["total"], breakdown, answered, counts, errors, unparsed)

@@ -14,18 +14,16 @@ from typing import Any
 from pipelines.eval.scoring.common import (
     ScoringError,
     Source,
-    answers_by_id,
     base_counts,
     index_questions,
-    load_answers,
     pct,
-    question_records,
+    read_answered,
     read_jsonl,
     result,
 )
 from pipelines.eval.scoring.gqa import normalize_prediction
 
-TOY = "toy"
+TOY_BENCHMARK = "toy"
 
 
 def score_toy(questions: Source, answers: Source, annotations: str | None) -> dict[str, Any]:
@@ -33,10 +31,7 @@ def score_toy(questions: Source, answers: Source, annotations: str | None) -> di
     if annotations is None:
         raise ScoringError("toy needs --annotations: the toy world's ground_truth.jsonl")
     truth = index_questions(str(annotations), read_jsonl(annotations, "toy ground truth"))
-    qname, records = question_records(questions)
-    qs = index_questions(qname, records)
-    answer_file = load_answers(answers)
-    by_id = answers_by_id(answer_file, qs, qname)
+    qname, qs, answer_file, by_id = read_answered(questions, answers)
 
     hits: list[bool] = []
     per_category: dict[str, list[bool]] = defaultdict(list)
@@ -51,4 +46,4 @@ def score_toy(questions: Source, answers: Source, annotations: str | None) -> di
     accuracy = pct(sum(hits), len(hits))
     breakdown = {"accuracy": accuracy, "category": {c: pct(sum(v), len(v)) for c, v in sorted(per_category.items())}}
     counts = base_counts(len(qs), len(by_id), answer_file)
-    return result(TOY, "accuracy", accuracy, breakdown, counts, answer_file.malformed)
+    return result(TOY_BENCHMARK, "accuracy", accuracy, breakdown, counts, answer_file.malformed)

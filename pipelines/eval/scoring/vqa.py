@@ -43,12 +43,9 @@ from pipelines.eval.datasets import TEXTVQA, VIZWIZ, VQAV2
 from pipelines.eval.scoring.common import (
     ScoringError,
     Source,
-    answers_by_id,
     base_counts,
-    index_questions,
-    load_answers,
     pct,
-    question_records,
+    read_answered,
     read_json,
     result,
 )
@@ -225,10 +222,7 @@ def score_vqa(
     """
     if annotations is None:
         raise ScoringError(f"{benchmark} needs --annotations (the official annotations JSON)")
-    qname, records = question_records(questions)
-    qs = index_questions(qname, records)
-    answer_file = load_answers(answers)
-    by_id = answers_by_id(answer_file, qs, qname)
+    qname, qs, answer_file, by_id = read_answered(questions, answers)
     if benchmark == VQAV2:
         truth, by_image = _vqav2_truth(annotations), {}
     elif benchmark == VIZWIZ:

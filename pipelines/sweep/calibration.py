@@ -27,12 +27,13 @@ from ray import tune
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from transformers import AutoProcessor
 
+from lvpruning.checkpoint import read_pruning_config
 from lvpruning.config import check_schedule
 from lvpruning.policies import POLICIES
 from pipelines.config import Calibration, JobConfig, OwnLayers
 from pipelines.conversation import TEMPLATES
 from pipelines.conversation import build_prompt as conversation_prompt
-from pipelines.eval.evaluation import evaluate, modules_config
+from pipelines.eval.evaluation import evaluate
 from pipelines.eval.inference import Preprocessor
 from pipelines.eval.models import ModelSpec, Setting, left_padded, load_model, setting_policy
 from pipelines.frontier.pareto import MEAN, TFLOPS
@@ -107,7 +108,7 @@ def calibration_layers(cfg: JobConfig, num_layers: int) -> tuple[int, ...]:
     if c.method == "lvpruning":
         if cfg.eval.modules is None:
             raise ValueError("sweep.calibration.method lvpruning calibrates trained modules: set eval.modules")
-        modules = modules_config(cfg.eval.modules).layers
+        modules = read_pruning_config(cfg.eval.modules).layers
         if c.layers is not None and tuple(c.layers) != modules:
             raise ValueError(f"sweep.calibration.layers: the decision modules sit after {list(modules)}")
         return modules
@@ -259,7 +260,7 @@ def calibration_trial(cfg: JobConfig, params: dict[str, Any], trial_id: str, tag
     inputs = prepare_inputs(cfg)
     setting, evaluated = trial_setting(inputs.config, params)
     modules = cfg.eval.modules if c.method == "lvpruning" else None
-    layers = setting.layers or modules_config(modules).layers
+    layers = setting.layers or read_pruning_config(modules).layers
     client = MlflowClient(tracking_uri(cfg))
     parent = trial_run(client, cfg, tags, {"method": c.method, "layers": list(layers)})
     keys = (SIMILARITY, RETENTION, "calibration_questions", "calibration_skipped")

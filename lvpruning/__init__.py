@@ -12,7 +12,7 @@ Example::
     base = pruner.detach()
 """
 
-from lvpruning.checkpoint import load_decision_modules, save_decision_modules
+from lvpruning.checkpoint import load_decision_modules, read_pruning_config, save_decision_modules
 from lvpruning.config import PruningConfig, paper_schedule
 from lvpruning.decision import DecisionModule
 from lvpruning.engine import LVPruningModel, LVPruningOutput, attach
@@ -27,5 +27,6 @@ __all__ = [
     "keep_count",
     "load_decision_modules",
     "paper_schedule",
+    "read_pruning_config",
     "save_decision_modules",
 ]

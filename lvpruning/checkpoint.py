@@ -50,6 +50,14 @@ def save_decision_modules(pruner: LVPruningModel, directory: str | Path) -> Path
     return directory
 
 
+def read_pruning_config(directory: str | Path) -> PruningConfig:
+    """The pruning config saved beside the decision modules in ``directory``, read without loading the weights."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not an LVPruning decision-module directory")
+    return PruningConfig.from_dict(json.loads(path.read_text())["pruning_config"])
+
+
 def load_decision_modules(
     model: nn.Module, directory: str | Path, config: PruningConfig | None = None
 ) -> LVPruningModel:

@@ -1,8 +1,8 @@
 """The LVPruning engine: decision modules attached to a frozen LLaVA, in training mode (masking, eqs. 5-12) and
 inference mode (removal, eqs. 13-14), with KV-cached generation.
 
-Shapes: B batch, N tokens in the current sequence, Nv vision tokens per sample (576 for LLaVA-1.5), V vision
-tokens still kept, T text (non-vision) tokens, C hidden size, S stages.
+Shapes: B batch, N0 tokens of the prompt, N tokens in the current sequence, Nv vision tokens per sample (576 for
+LLaVA-1.5), V vision tokens still kept, T text (non-vision) tokens, C hidden size, S stages.
 
 Conventions:
 - Keep ratios are fractions of the original vision tokens (eqs. 10-11). At inference stage ``s`` keeps
@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +29,13 @@ from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 from transformers.utils import ModelOutput
 
-from lvpruning.adapters import boolean_causal_mask, get_adapter
+from lvpruning.adapters import LlavaLlamaAdapter, boolean_causal_mask, get_adapter
 from lvpruning.attention import ATTN_IMPLEMENTATION, attention_implementation
 from lvpruning.config import PruningConfig, check_schedule
 from lvpruning.decision import DecisionModule, decide, gumbel_decisions
 from lvpruning.generation import generate
 from lvpruning.policies import LearnedPolicy, PruningPolicy
-from lvpruning.stage import LayerRecord, StageInput, TokenSequence, gather_tokens, keep_count, split_tokens
+from lvpruning.stage import LayerRecord, MergePlan, StageInput, TokenSequence, gather_tokens, keep_count, split_tokens
 
 
 @dataclass
@@ -66,6 +67,73 @@ class PrunedCache(DynamicCache):
     paddings: list[torch.Tensor]  # per segment, (B, cached length) bool
     position_ids: torch.Tensor  # (B, 1), the last original position seen
     stage_layers: tuple[int, ...]  # the decoder layers a segment ends after (a vision-tower stage ends none)
+
+
+@dataclass
+class PrefillState:
+    """What the inference forward carries from layer to layer: the tokens still in the sequence, and what the
+    stages so far kept and recorded."""
+
+    seq: TokenSequence  # the current sequence, N tokens
+    input_ids: torch.Tensor  # (B, N0) the prompt
+    pixel_values: torch.Tensor  # (B, 3, H, W)
+    num_vision: int  # Nv
+    vision_index: torch.Tensor  # (B, V) index of each kept vision token among the image's Nv
+    records: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, N0), by original position
+    kept_vision: list[torch.Tensor] = field(default_factory=list)  # per stage, (B, k_s)
+    keep_fractions: list[torch.Tensor] = field(default_factory=list)  # per stage, (B,)
+    paddings: list[torch.Tensor] = field(default_factory=list)  # per segment of layers, (B, N) bool
+
+    def record(self, layer: int, values: torch.Tensor, index: torch.Tensor) -> None:
+        """Keep ``values`` (B, n) of the tokens at original positions ``index`` (B, n) for the later stages
+        (``StageInput.recorded(layer)``); 0 at every other position."""
+        self.records[layer] = values.new_zeros(self.input_ids.shape).scatter(1, index, values)
+
+    def apply_plan(self, stage: StageInput, plan: MergePlan, k: int) -> None:
+        """Carry out ``plan``, the ``k`` vision tokens ``stage`` keeps: merge, then remove the others (eqs. 13-14)."""
+        top, order = plan.keep.sort(dim=1)  # (B, k) in sequence order, eq. 13
+        kept_pos = stage.vision_pos.gather(1, top)  # (B, k) positions in the sequence
+        hidden = self.seq.hidden
+        if plan.hidden is not None:  # merged tokens replace the kept ones in their slots (positions unchanged)
+            merged = gather_tokens(plan.hidden, order).to(hidden.dtype)  # (B, k, C)
+            hidden = hidden.scatter(1, kept_pos[..., None].expand_as(merged), merged)
+        if plan.values is not None:  # read back by later stages as StageInput.recorded(layer)
+            self.record(stage.layer, plan.values.gather(1, order), self.seq.index.gather(1, kept_pos))
+        keep_pos = torch.cat([stage.text_pos, kept_pos], dim=1).sort(dim=1).values  # (B, T + k)
+        self.seq = dataclasses.replace(self.seq, hidden=hidden).select(keep_pos)  # eq. 14: original positions
+        self.vision_index = self.vision_index.gather(1, top)
+        self.kept_vision.append(self.vision_index)
+        self.keep_fractions.append(torch.full_like(self.vision_index[:, 0], k, dtype=torch.float32) / self.num_vision)
+
+
+@dataclass
+class VisionTower:
+    """The vision-tower stage's view of the CLIP tower: its hidden states (each (B, M, C_v)), and each encoder
+    layer's keys computed once, shared by the attention rows."""
+
+    adapter: LlavaLlamaAdapter
+    states: tuple[torch.Tensor, ...]
+    keys_by_layer: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """Encoder layer ``layer``'s keys (B, h_v, M, d_v)."""
+        if layer not in self.keys_by_layer:
+            self.keys_by_layer[layer] = self.adapter.vision_keys(layer, self.states)
+        return self.keys_by_layer[layer]
+
+    def attention(self, layer: int, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder layer ``layer``'s softmax attention (B, h_v, Q, M) of the tower tokens ``queries`` (B, Q)."""
+        return self.adapter.vision_attention_rows(layer, self.states, queries, self.keys(layer))
+
+    def stage_fields(self) -> dict[str, Any]:
+        """The ``StageInput`` fields of the vision-tower stage."""
+        return {
+            "vision_states": self.states,
+            "vision_attention": self.attention,
+            "vision_keys": self.keys,
+            "project": self.adapter.project,
+            "feature_layer": self.adapter.feature_layer(),
+        }
 
 
 class LVPruningModel(nn.Module):
@@ -238,11 +306,7 @@ class LVPruningModel(nn.Module):
 
         logits = self.adapter.logits(seq.hidden)
         keep_fractions = torch.stack(fractions, dim=1)  # (B, S)
-        target = keep_fractions.new_tensor(cfg.train_ratios).expand_as(keep_fractions)
-        if cfg.ratio_loss == "mse":
-            ratio_loss = F.mse_loss(keep_fractions, target)  # eq. 11
-        else:
-            ratio_loss = F.huber_loss(keep_fractions, target, delta=cfg.huber_beta)
+        ratio_loss = self._ratio_loss(keep_fractions)
         lm_loss = causal_lm_loss(logits, labels) if labels is not None else None
         loss = cfg.lambda_ratio * ratio_loss
         if lm_loss is not None:
@@ -255,6 +319,13 @@ class LVPruningModel(nn.Module):
             keep_fractions=keep_fractions.detach(),
             token_index=seq.index,
         )
+
+    def _ratio_loss(self, keep_fractions: torch.Tensor) -> torch.Tensor:
+        """Eq. 11 (MSE), or Huber(beta), between the realized keep fractions (B, S) and ``config.train_ratios``."""
+        target = keep_fractions.new_tensor(self.config.train_ratios).expand_as(keep_fractions)
+        if self.config.ratio_loss == "mse":
+            return F.mse_loss(keep_fractions, target)  # eq. 11
+        return F.huber_loss(keep_fractions, target, delta=self.config.huber_beta)
 
     def _forward_infer(
         self,
@@ -269,114 +340,127 @@ class LVPruningModel(nn.Module):
         use_cache,
         logits_to_keep,
     ) -> LVPruningOutput:
+        """Inference mode: the decoder layers, each on the current sequence, and after each of ``layers`` a stage
+        that keeps ``ratios`` of the original vision tokens and removes the rest (eqs. 13-14)."""
         seq, num_vision, vision_states = self._prepare(
             input_ids, pixel_values, attention_mask, None, instruction_mask, tower_states=layers[0] == -1
         )
-        B, N0 = input_ids.shape
+        vision_index = torch.arange(num_vision, device=input_ids.device).expand(input_ids.shape[0], -1)  # (B, Nv)
+        state = PrefillState(seq, input_ids, pixel_values, num_vision, vision_index)
         cache = PrunedCache(config=self.adapter.text_config) if use_cache else None
-        kept_vision, fractions, paddings = [], [], []
-        vision_seen = torch.arange(num_vision, device=input_ids.device).expand(B, -1)  # (B, V) indices into Nv
-        recorded, records = set(policy.recorded_layers(layers)), {}
-
-        def prune(seq: TokenSequence, i: int, layer_input: torch.Tensor) -> TokenSequence:
-            """The stage after layer ``i`` (-1: the vision tower) on ``seq`` (its output): keep, merge, remove."""
-            nonlocal vision_seen
-            text_pos, vision_pos = split_tokens(seq.vision, vision_seen.shape[1])
-            tower = {}
-            if i == -1:
-                keys = functools.cache(lambda layer: self.adapter.vision_keys(layer, vision_states))  # once a layer
-                tower = {
-                    "vision_states": vision_states,
-                    "vision_attention": lambda layer, queries=None: self.adapter.vision_attention_rows(
-                        layer, vision_states, queries, keys(layer)
-                    ),
-                    "vision_keys": keys,
-                    "project": self.adapter.project,
-                    "feature_layer": self.adapter.feature_layer(),
-                }
-            stage = StageInput(
-                stage=layers.index(i),
-                layer=i,
-                hidden_in=layer_input,
-                hidden_out=seq.hidden,
-                text_pos=text_pos,
-                vision_pos=vision_pos,
-                vision_index=vision_seen,
-                num_vision=num_vision,
-                token_index=seq.index,
-                instruction=seq.instruction,
-                padding=seq.padding,
-                position_ids=seq.position_ids,
-                input_ids=input_ids,
-                pixel_values=pixel_values,
-                records=MappingProxyType(records),
-                attention=no_decoder_attention
-                if i < 0
-                else lambda queries, x=layer_input, s=seq: self.adapter.attention_rows(
-                    i, x, s.position_ids, s.padding, queries
-                ),
-                next_attention=lambda queries, s=seq: self.adapter.attention_rows(
-                    i + 1, s.hidden, s.position_ids, s.padding, queries
-                ),
-                **tower,
-            )
-            k = keep_count(ratios[stage.stage], num_vision)
-            plan = policy.plan(stage, k)
-            top, order = plan.keep.sort(dim=1)  # (B, k), eq. 13
-            kept_pos = vision_pos.gather(1, top)
-            hidden = seq.hidden
-            if plan.hidden is not None:  # merged tokens replace the kept ones in their slots (positions unchanged)
-                merged = gather_tokens(plan.hidden, order).to(hidden.dtype)
-                hidden = hidden.scatter(1, kept_pos[..., None].expand_as(merged), merged)
-            if plan.values is not None:  # read back by later stages as StageInput.recorded(i)
-                kept_index = seq.index.gather(1, kept_pos)
-                records[i] = plan.values.new_zeros(B, N0).scatter(1, kept_index, plan.values.gather(1, order))
-            keep_pos = torch.cat([text_pos, kept_pos], dim=1).sort(dim=1).values
-            seq = dataclasses.replace(seq, hidden=hidden).select(keep_pos)  # eq. 14: original positions
-            vision_seen = vision_seen.gather(1, top)
-            kept_vision.append(vision_seen)
-            fractions.append(torch.full_like(vision_seen[:, 0], k, dtype=torch.float32) / num_vision)
-            return seq
-
-        if layers[0] == -1:
-            seq = prune(seq, -1, seq.hidden)
-        vision_states = None  # the tower's hidden states serve only the vision-tower stage
-        paddings.append(seq.padding)
-        rope = self.adapter.rotary(seq.hidden, seq.position_ids)
-        mask = self.adapter.attention_mask(seq.padding, seq.padding.shape[1], seq.hidden.dtype)
+        recorded = set(policy.recorded_layers(layers))
+        if layers[0] == -1:  # the vision-tower stage, before decoder layer 0
+            self._prune(state, policy, 0, -1, ratios[0], seq.hidden, VisionTower(self.adapter, vision_states))
+        del vision_states  # the tower's hidden states serve only the vision-tower stage
+        mask, rope = self._begin_segment(state)
         for i, layer in enumerate(self.adapter.layers):
-            layer_input = seq.hidden
-            kwargs = {"attention_mask": mask, "position_embeddings": rope, "position_ids": seq.position_ids}
+            layer_input = state.seq.hidden  # (B, N, C)
+            kwargs = {"attention_mask": mask, "position_embeddings": rope, "position_ids": state.seq.position_ids}
             kwargs |= {"cache": cache, "use_cache": use_cache}
             if i in recorded:
-                seq.hidden, parts = self.adapter.recorded_layer(i, layer_input, **kwargs)
-                values = policy.observe(
-                    LayerRecord(i, **parts, padding=seq.padding, vision=seq.vision, instruction=seq.instruction)
-                )  # (B, N)
-                records[i] = values.new_zeros(B, N0).scatter(1, seq.index, values)  # by original position
+                state.seq.hidden = self._recorded_layer(state, policy, i, layer_input, **kwargs)
             else:
-                seq.hidden = layer(layer_input, **kwargs)
-            if i not in layers:
-                continue
-            seq = prune(seq, i, layer_input)
-            paddings.append(seq.padding)
-            rope = self.adapter.rotary(seq.hidden, seq.position_ids)
-            mask = self.adapter.attention_mask(seq.padding, seq.padding.shape[1], seq.hidden.dtype)
+                state.seq.hidden = layer(layer_input, **kwargs)
+            if i in layers:
+                stage = layers.index(i)
+                self._prune(state, policy, stage, i, ratios[stage], layer_input)
+                mask, rope = self._begin_segment(state)
+        return self._infer_output(state, labels, cache, layers, logits_to_keep)
 
+    def _begin_segment(self, state: PrefillState) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Start the segment of layers that runs on the current sequence: remember its padding (for the decoding
+        steps) and return its attention mask and RoPE (cos, sin)."""
+        seq = state.seq
+        state.paddings.append(seq.padding)
+        rope = self.adapter.rotary(seq.hidden, seq.position_ids)
+        return self.adapter.attention_mask(seq.padding, seq.padding.shape[1], seq.hidden.dtype), rope
+
+    def _recorded_layer(
+        self, state: PrefillState, policy: PruningPolicy, i: int, layer_input: torch.Tensor, **kwargs
+    ) -> torch.Tensor:
+        """Decoder layer ``i`` with its sub-blocks recorded: what ``policy.observe`` makes of them goes to
+        ``state.records``. Returns the layer's output (B, N, C)."""
+        seq = state.seq
+        hidden, parts = self.adapter.recorded_layer(i, layer_input, **kwargs)
+        record = LayerRecord(i, **parts, padding=seq.padding, vision=seq.vision, instruction=seq.instruction)
+        state.record(i, policy.observe(record), seq.index)  # (B, N) values
+        return hidden
+
+    def _prune(
+        self,
+        state: PrefillState,
+        policy: PruningPolicy,
+        stage: int,
+        layer: int,
+        keep_ratio: float,
+        hidden_in: torch.Tensor,
+        tower: VisionTower | None = None,
+    ) -> None:
+        """Stage ``stage``, after decoder layer ``layer`` (-1: the vision tower) whose input was ``hidden_in``: the
+        policy plans, and ``state`` keeps ``k_s = keep_count(rho_s, Nv)`` vision tokens (merged if it says so)."""
+        k = keep_count(keep_ratio, state.num_vision)
+        stage_input = self._stage_input(state, stage, layer, hidden_in, tower)
+        state.apply_plan(stage_input, policy.plan(stage_input, k), k)
+
+    def _stage_input(
+        self, state: PrefillState, stage: int, layer: int, hidden_in: torch.Tensor, tower: VisionTower | None
+    ) -> StageInput:
+        """What the policy reads at ``stage``: the current sequence (the layer's output) and readers of attention."""
+        seq = state.seq
+        text_pos, vision_pos = split_tokens(seq.vision, state.vision_index.shape[1])
+        if layer == -1:
+            attention = no_decoder_attention
+        else:
+            attention = functools.partial(self.adapter.attention_rows, layer, hidden_in, seq.position_ids, seq.padding)
+        next_attention = functools.partial(
+            self.adapter.attention_rows, layer + 1, seq.hidden, seq.position_ids, seq.padding
+        )
+        return StageInput(
+            stage=stage,
+            layer=layer,
+            hidden_in=hidden_in,
+            hidden_out=seq.hidden,
+            text_pos=text_pos,
+            vision_pos=vision_pos,
+            vision_index=state.vision_index,
+            num_vision=state.num_vision,
+            token_index=seq.index,
+            instruction=seq.instruction,
+            padding=seq.padding,
+            position_ids=seq.position_ids,
+            input_ids=state.input_ids,
+            pixel_values=state.pixel_values,
+            records=MappingProxyType(state.records),
+            attention=attention,
+            next_attention=next_attention,
+            **(tower.stage_fields() if tower is not None else {}),
+        )
+
+    def _infer_output(
+        self,
+        state: PrefillState,
+        labels: torch.Tensor | None,
+        cache: PrunedCache | None,
+        layers: tuple[int, ...],
+        logits_to_keep: int,
+    ) -> LVPruningOutput:
+        """Logits of the last ``logits_to_keep`` positions (0: all) of the pruned sequence, the loss against
+        ``labels`` at the surviving positions, and the cache with what the decoding steps need."""
+        seq = state.seq
         last_hidden_state = self.adapter.norm(seq.hidden[:, -logits_to_keep:])
         logits = self.adapter.head(last_hidden_state)
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels.gather(1, seq.index[:, -logits.shape[1] :]))
         if cache is not None:
-            cache.paddings, cache.position_ids = paddings, seq.position_ids[:, -1:]
+            cache.paddings, cache.position_ids = state.paddings, seq.position_ids[:, -1:]
             cache.stage_layers = tuple(i for i in layers if i >= 0)
         return LVPruningOutput(
             loss=loss,
             logits=logits,
-            keep_fractions=torch.stack(fractions, dim=1),
+            keep_fractions=torch.stack(state.keep_fractions, dim=1),
             token_index=seq.index,
-            kept_vision=tuple(kept_vision),
+            kept_vision=tuple(state.kept_vision),
             cache=cache,
             last_hidden_state=last_hidden_state,
         )

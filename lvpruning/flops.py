@@ -5,13 +5,12 @@ pass (the prefill). Only matrix multiplications are counted, ``2 m n k`` FLOPs e
 FLOPs), as ``torch.utils.flop_counter.FlopCounterMode`` counts them; norms, activations, softmax, RoPE and
 residual adds are ignored. Attention is counted as full ``N x N`` matmuls even when causal, as the counter
 does. The measured count runs the real HF modules on the ``meta`` device, so LLaVA-1.5-7B needs no weights.
-How these numbers relate to the paper's Table 1: ``docs/flops.md``. CLI: ``python -m lvpruning.flops``.
+How these numbers relate to the paper's Table 1: ``docs/flops.md``. CLI: ``python -m lvpruning.flops``
+(``lvpruning.flops_cli``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,16 +23,15 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedConfig
 
-from lvpruning.config import PruningConfig, check_schedule, paper_schedule
+from lvpruning.config import PruningConfig, check_schedule
 from lvpruning.engine import attach
-from lvpruning.policies import POLICIES, get_policy
-from lvpruning.presets import load_llava_config
+from lvpruning.policies import POLICIES, PruningPolicy, get_policy
 from lvpruning.stage import StageShape, keep_count
 
 TOLERANCE = 0.02  # analytic and measured counts must agree within 2%
 LogitPositions = Literal["all", "last"]
 _LLAMA_LIKE = {"llama", "mistral", "qwen2"}  # q/k/v/o projections + gated (SwiGLU) MLP
-_TERA = 1e12
+TERA = 1e12  # FLOPs per TFLOP
 _CHECK_SWITCH = "TRANSFORMERS_DISABLE_TORCH_CHECK"
 
 
@@ -175,17 +173,17 @@ class FlopsReport:
         vision = [self.num_vision_tokens, *self.kept_vision_tokens]
         return {
             "method": self.method,
-            "baseline_tflops": self.baseline / _TERA,
-            "pruned_tflops": self.pruned / _TERA,
-            "decision_tflops": self.decision / _TERA,
-            "pruned_without_decision_tflops": self.pruned_without_decision / _TERA,
+            "baseline_tflops": self.baseline / TERA,
+            "pruned_tflops": self.pruned / TERA,
+            "decision_tflops": self.decision / TERA,
+            "pruned_without_decision_tflops": self.pruned_without_decision / TERA,
             "reduction": self.reduction,
             "reduction_without_decision": self.reduction_without_decision,
             "breakdown_tflops": {
-                "baseline": {k: v / _TERA for k, v in self.baseline_parts.items()},
-                "pruned": {k: v / _TERA for k, v in self.pruned_parts.items()},
-                "decision_per_stage": [v / _TERA for v in self.decision_per_stage],
-                "vision_unused_layers": self.vision_unused / _TERA,
+                "baseline": {k: v / TERA for k, v in self.baseline_parts.items()},
+                "pruned": {k: v / TERA for k, v in self.pruned_parts.items()},
+                "decision_per_stage": [v / TERA for v in self.decision_per_stage],
+                "vision_unused_layers": self.vision_unused / TERA,
             },
             "num_vision_tokens": self.num_vision_tokens,
             "num_text_tokens": n_text,
@@ -220,45 +218,17 @@ def analytic_flops(
         raise ValueError(f"unknown method {method!r}; choose from {list(POLICIES)}")
     layers = pruning.layers if layers is None else tuple(layers)
     ratios = tuple(keep_ratios if keep_ratios is not None else pruning.infer_ratios)
-    check_schedule(layers, ratios, text.num_hidden_layers)
-    pruning.check_model(text.num_hidden_layers, text.hidden_size)
-    if method == "lvpruning" and layers != pruning.layers:
-        raise ValueError(f"LVPruning's decision modules sit after layers {list(pruning.layers)}, not {list(layers)}")
-    if num_text_tokens < 1:
-        raise ValueError(f"num_text_tokens must be at least 1 (the decision keys), got {num_text_tokens}")
-    if lm_head_positions not in ("all", "last"):
-        raise ValueError(f"lm_head_positions must be 'all' or 'last', got {lm_head_positions!r}")
+    _check_count(text, pruning, method, layers, ratios, num_text_tokens, lm_head_positions)
     n_vis, n_text = num_vision_tokens(config), num_text_tokens
     kept = tuple(keep_count(r, n_vis) for r in ratios)  # k_s of eq. 13, fractions of the ORIGINAL |I_V|
     per_layer = tokens_per_layer(text.num_hidden_layers, layers, kept, n_vis, n_text)
     front, unused = vision_and_projector_flops(config)
-
-    def llm_parts(counts: Sequence[int]) -> dict[str, int]:
-        parts = dict.fromkeys(("llm_qkvo", "llm_attention", "llm_mlp"), 0)
-        for n in counts:
-            for key, value in decoder_layer_flops(text, n).items():
-                parts[key] += value
-        positions = counts[-1] if lm_head_positions == "all" else 1
-        parts["lm_head"] = 2 * positions * text.hidden_size * text.vocab_size
-        return parts
-
     if method == "lvpruning":  # stage s scores the vision tokens still kept (|I_V|, then k_{s-1}) against the text
         shape = (pruning.num_blocks, pruning.ffn_dim, pruning.decision_dim)
         overhead = [decision_module_flops(text.hidden_size, q, n_text, *shape) for q in (n_vis, *kept[:-1])]
     else:
         policy = get_policy(method, params=params)
-
-        def at(layer: int) -> StageShape:
-            stage = next(s for s, after in enumerate(layers) if layer <= after)
-            n = per_layer[layer] if layer >= 0 else n_vis + n_text  # the tower stage sees the whole prompt
-            return StageShape(stage, layer, n, n - n_text, n_text, kept[stage])
-
-        overhead = [
-            policy.overhead_flops(text, at(layer)) + (policy.tower_flops(config, at(layer)) if layer < 0 else 0)
-            for layer in layers
-        ]
-        for layer in policy.recorded_layers(layers):
-            overhead[at(layer).stage] += policy.record_flops(text, at(layer))
+        overhead = policy_overhead_flops(config, policy, layers, kept, per_layer, n_text)
     return FlopsReport(
         method=method,
         num_vision_tokens=n_vis,
@@ -267,16 +237,86 @@ def analytic_flops(
         keep_ratios=ratios,
         kept_vision_tokens=kept,
         tokens_per_layer=per_layer,
-        baseline_parts={**front, **llm_parts([n_vis + n_text] * text.num_hidden_layers)},
+        baseline_parts={**front, **llm_flops(text, [n_vis + n_text] * text.num_hidden_layers, lm_head_positions)},
         pruned_parts={
             **front,
-            **llm_parts(per_layer),
+            **llm_flops(text, per_layer, lm_head_positions),
             "decision" if method == "lvpruning" else "policy": sum(overhead),
         },
         decision_per_stage=tuple(overhead),
         vision_unused=unused,
         lm_head_positions=lm_head_positions,
     )
+
+
+def _check_count(
+    text_config: PreTrainedConfig,
+    pruning: PruningConfig,
+    method: str,
+    layers: tuple[int, ...],
+    ratios: tuple[float, ...],
+    num_text_tokens: int,
+    lm_head_positions: LogitPositions,
+) -> None:
+    """The arguments of :func:`analytic_flops`, checked: a ``ValueError`` naming the first that is wrong."""
+    check_schedule(layers, ratios, text_config.num_hidden_layers)
+    pruning.check_model(text_config.num_hidden_layers, text_config.hidden_size)
+    if method == "lvpruning" and layers != pruning.layers:
+        raise ValueError(f"LVPruning's decision modules sit after layers {list(pruning.layers)}, not {list(layers)}")
+    if num_text_tokens < 1:
+        raise ValueError(f"num_text_tokens must be at least 1 (the decision keys), got {num_text_tokens}")
+    if lm_head_positions not in ("all", "last"):
+        raise ValueError(f"lm_head_positions must be 'all' or 'last', got {lm_head_positions!r}")
+
+
+def llm_flops(
+    text_config: PreTrainedConfig, layer_tokens: Sequence[int], lm_head_positions: LogitPositions
+) -> dict[str, int]:
+    """The decoder layers, layer ``i`` over ``layer_tokens[i]`` positions, and the lm_head over every position of
+    the final sequence (``"all"``) or the last one."""
+    parts = dict.fromkeys(("llm_qkvo", "llm_attention", "llm_mlp"), 0)
+    for n in layer_tokens:
+        for key, value in decoder_layer_flops(text_config, n).items():
+            parts[key] += value
+    positions = layer_tokens[-1] if lm_head_positions == "all" else 1
+    parts["lm_head"] = 2 * positions * text_config.hidden_size * text_config.vocab_size
+    return parts
+
+
+def policy_overhead_flops(
+    config: LlavaConfig,
+    policy: PruningPolicy,
+    layers: tuple[int, ...],
+    kept: tuple[int, ...],
+    layer_tokens: Sequence[int],
+    num_text: int,
+) -> list[int]:
+    """A training-free method's own FLOPs per stage (the stages after ``layers``, keeping ``kept`` vision tokens;
+    decoder layer ``i`` sees ``layer_tokens[i]`` tokens): its overhead at each stage, the tower's at the
+    vision-tower stage, and each recorded layer's in the stage that follows it."""
+    text, num_vision = config.text_config, num_vision_tokens(config)
+    recorded = policy.recorded_layers(layers)
+    shapes = {i: stage_shape(i, layers, kept, layer_tokens, num_vision, num_text) for i in (*layers, *recorded)}
+    overhead = [
+        policy.overhead_flops(text, shapes[i]) + (policy.tower_flops(config, shapes[i]) if i < 0 else 0) for i in layers
+    ]
+    for i in recorded:
+        overhead[shapes[i].stage] += policy.record_flops(text, shapes[i])
+    return overhead
+
+
+def stage_shape(
+    layer: int,
+    layers: tuple[int, ...],
+    kept: tuple[int, ...],
+    layer_tokens: Sequence[int],
+    num_vision: int,
+    num_text: int,
+) -> StageShape:
+    """The sizes at decoder layer ``layer`` (-1: the vision tower), in the first stage at or after it."""
+    stage = next(s for s, after in enumerate(layers) if layer <= after)
+    n = layer_tokens[layer] if layer >= 0 else num_vision + num_text  # the tower stage sees the whole prompt
+    return StageShape(stage, layer, n, n - num_text, num_text, kept[stage])
 
 
 # ------------------------------------------------------------------------------------------- measured count
@@ -359,105 +399,7 @@ def measure_flops(
     return count_flops(module, dummy_inputs(config, num_text_tokens, device), **kwargs)
 
 
-# ------------------------------------------------------------------------------------------------------ CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m lvpruning.flops",
-        description="Prefill TFLOPs of LLaVA with and without LVPruning (1 image + T text tokens, paper "
-        "sec. 4.1): analytic from the config, and measured by FlopCounterMode on the meta device.",
-    )
-    add = parser.add_argument
-    add("--model", default="llava-1.5-7b", help="preset, HF model id or local path (config only)")
-    add("--text-tokens", type=int, default=30, help="text tokens beside the image (paper: 30)")
-    add("--method", choices=list(POLICIES), default="lvpruning", help="pruning method (default: LVPruning)")
-    add("--layers", type=int, nargs="+", help="zero-based decoder layers (default: the method's published ones)")
-    schedule = parser.add_mutually_exclusive_group()
-    schedule.add_argument("--ratios", type=float, nargs="+", help="keep ratio per stage (of |I_V|)")
-    schedule.add_argument("--rho", type=float, help="paper schedule [rho, rho-0.2, rho-0.4] (default: published)")
-    add("--decision-blocks", type=int, default=2, help="cross-attention blocks per module")
-    add("--decision-heads", type=int, default=8, help="heads per cross-attention block")
-    add("--decision-ffn", type=int, default=None, help="decision FFN width (default twice the module's width)")
-    add("--decision-dim", type=int, default=None, help="slim modules of this width (default: the hidden size)")
-    add("--logits", choices=("all", "last"), default="all", help="lm_head positions counted")
-    add("--no-measure", action="store_true", help="analytic count only")
-    add("--json", action="store_true", help="print one JSON object")
-    return parser
-
-
-def _table(name: str, report: FlopsReport, result: dict[str, Any]) -> str:
-    vision = " -> ".join(str(k) for k in result["tokens_per_stage"]["vision"])
-    lines = [
-        f"{name}: 1 image ({report.num_vision_tokens} vision tokens) + {report.num_text_tokens} text tokens, "
-        f"prefill, matmuls only (2 FLOPs per multiply-add), logits at {report.lm_head_positions} positions",
-        f"{report.method} after layers {list(report.decision_layers)}, "
-        f"keep ratios {list(report.keep_ratios)}: vision tokens {vision}",
-        "",
-        f"{'part':<22}{'baseline TFLOPs':>17}{'pruned TFLOPs':>15}",
-    ]
-    for part, value in report.pruned_parts.items():
-        lines.append(f"{part:<22}{report.baseline_parts.get(part, 0) / _TERA:>17.4f}{value / _TERA:>15.4f}")
-    lines += [
-        f"{'total':<22}{report.baseline / _TERA:>17.4f}{report.pruned / _TERA:>15.4f}",
-        f"reduction {report.reduction:.1%} (without the method's overhead "
-        f"{report.reduction_without_decision:.1%}); unused vision layers {report.vision_unused / _TERA:.4f}",
-    ]
-    for kind in ("baseline", "pruned"):
-        if (measured := result[f"measured_{kind}_tflops"]) is not None:
-            diff = result["agreement"][kind]
-            lines.append(f"measured {kind} (FlopCounterMode, meta): {measured:.4f} ({diff:+.2%} vs analytic)")
-    if "measured_pruned_error" in result:
-        lines.append(f"measured pruned: failed ({result['measured_pruned_error']})")
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        config = load_llava_config(args.model)
-        published = POLICIES[args.method].published.on(config.text_config.num_hidden_layers)
-        layers = tuple(args.layers) if args.layers else published.layers
-        if args.ratios:
-            ratios = tuple(args.ratios)
-        elif args.rho is not None:
-            ratios = paper_schedule(args.rho, num_stages=len(layers))
-        else:
-            ratios = published.ratios if layers == published.layers else paper_schedule(0.5, len(layers))
-        shape = {"num_blocks": args.decision_blocks, "num_heads": args.decision_heads}
-        shape |= {"ffn_dim": args.decision_ffn, "decision_dim": args.decision_dim}
-        if args.method == "lvpruning":
-            pruning = PruningConfig(layers=layers, train_ratios=ratios, infer_ratios=ratios, **shape)
-        else:  # only the modules' shape is read; their stages are the method's decoder ones (a tower stage aside)
-            stages = tuple(i for i in layers if i >= 0) or (0,)
-            ones = (1.0,) * len(stages)
-            pruning = PruningConfig(layers=stages, train_ratios=ones, infer_ratios=ones, **shape)
-        report = analytic_flops(config, pruning, ratios, args.text_tokens, args.logits, args.method, layers)
-    except ValueError as err:
-        parser.error(str(err))
-    result = report.to_dict()
-    measured: dict[str, int | None] = {"baseline": None, "pruned": None}
-    if not args.no_measure:
-        measured["baseline"] = measure_flops(config, None, None, args.text_tokens, args.logits)
-        try:
-            measured["pruned"] = measure_flops(
-                config, pruning, ratios, args.text_tokens, args.logits, method=args.method, layers=layers
-            )
-        except (RuntimeError, NotImplementedError) as err:  # a data-dependent op the meta device cannot run
-            result["measured_pruned_error"] = f"{type(err).__name__}: {err}"
-    for kind, value in measured.items():
-        result[f"measured_{kind}_tflops"] = None if value is None else value / _TERA
-    analytic = {"baseline": report.baseline, "pruned": report.pruned}
-    # agreement: measured / analytic - 1 per count (None when not measured)
-    result["agreement"] = {k: None if v is None else v / analytic[k] - 1 for k, v in measured.items()}
-    result["agreement"]["tolerance"] = TOLERANCE
-    print(json.dumps(result, indent=2) if args.json else _table(args.model, report, result))
-    off = [k for k in measured if (d := result["agreement"][k]) is not None and abs(d) > TOLERANCE]
-    if off:
-        print(f"warning: analytic and measured {off} differ by more than {TOLERANCE:.0%}", file=sys.stderr)
-    return 1 if off or "measured_pruned_error" in result else 0
-
-
 if __name__ == "__main__":
+    from lvpruning.flops_cli import main
+
     sys.exit(main())

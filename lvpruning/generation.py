@@ -27,6 +27,27 @@ def _eos_ids(pruner: nn.Module, eos_token_id: int | list[int] | None) -> torch.T
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _pad_id(pruner: nn.Module, pad_token_id: int | None, eos: torch.Tensor) -> int:
+    """The id that fills finished samples: ``pad_token_id``, else the model's, else the first end-of-sequence id."""
+    if pad_token_id is None:
+        pad_token_id = pruner.adapter.text_config.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = int(eos[0]) if len(eos) else 0
+    return pad_token_id
+
+
+def _warpers(temperature: float, top_k: int, top_p: float) -> LogitsProcessorList:
+    """transformers' sampling warpers, in ``generate``'s order; none for the neutral values."""
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k > 0:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
 @torch.no_grad()
 def generate(
     pruner: nn.Module,
@@ -55,18 +76,8 @@ def generate(
     if attention_mask is not None and not bool(attention_mask[:, -1].all()):
         raise ValueError("generate() needs left-padded prompts: set tokenizer.padding_side = 'left'")
     eos = _eos_ids(pruner, eos_token_id).to(input_ids.device)
-    if pad_token_id is None:
-        pad_token_id = pruner.adapter.text_config.pad_token_id
-    if pad_token_id is None:
-        pad_token_id = int(eos[0]) if len(eos) else 0
-    warpers = LogitsProcessorList()
-    if do_sample:
-        if temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(temperature))
-        if top_k > 0:
-            warpers.append(TopKLogitsWarper(top_k))
-        if top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p))
+    pad_token_id = _pad_id(pruner, pad_token_id, eos)
+    warpers = _warpers(temperature, top_k, top_p) if do_sample else LogitsProcessorList()
 
     out = pruner(
         input_ids=input_ids,

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lvpruning import PruningConfig
-from lvpruning.checkpoint import CONFIG_NAME
+from lvpruning.checkpoint import read_pruning_config
 from lvpruning.flops import analytic_flops
 from lvpruning.policies import NONE, is_trained
 from lvpruning.presets import load_llava_config
@@ -86,14 +86,6 @@ def make_settings(
     return out + [
         Setting(o.method, r, seed, o.layers, tuple(o.params.items())) for o in at_own_layers for r in o.schedules
     ]
-
-
-def modules_config(directory: str | Path) -> PruningConfig:
-    """The pruning config saved beside trained decision modules (read without loading the weights)."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: not an LVPruning decision-module directory")
-    return PruningConfig.from_dict(json.loads(path.read_text())["pruning_config"])
 
 
 def setting_tflops(llava_config: Any, pruning: PruningConfig | None, setting: Setting) -> float:
@@ -260,7 +252,7 @@ def evaluate(
     if model_path == TOY:
         raise ValueError("model.name_or_path=toy: give the trained toy model's directory (saved by jobs/train.py)")
     check_modules(ev.methods, modules)
-    pruning = modules_config(modules) if modules else config.pruning
+    pruning = read_pruning_config(modules) if modules else config.pruning
     for schedule in ev.schedules:
         pruning.check_ratios(schedule)
     model = ModelSpec(model_path, modules, pruning, config.model.dtype, config.model.attn_implementation)

@@ -27,11 +27,12 @@ from ray import tune
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from transformers import AutoProcessor
 
+from lvpruning.checkpoint import read_pruning_config
 from lvpruning.config import check_schedule
 from lvpruning.policies import POLICIES, is_trained
 from pipelines.config import Calibration, JobConfig, OwnLayers
 from pipelines.conversation import RecordError
-from pipelines.eval.evaluation import evaluate, modules_config
+from pipelines.eval.evaluation import evaluate
 from pipelines.eval.inference import Preprocessor
 from pipelines.eval.metrics import MEAN, TFLOPS
 from pipelines.eval.models import ModelSpec, Setting, left_padded, load_model, setting_policy
@@ -106,7 +107,7 @@ def calibration_layers(cfg: JobConfig, num_layers: int) -> tuple[int, ...]:
     if is_trained(c.method):
         if cfg.eval.modules is None:
             raise ValueError(f"sweep.calibration.method {c.method} calibrates trained modules: set eval.modules")
-        modules = modules_config(cfg.eval.modules).layers
+        modules = read_pruning_config(cfg.eval.modules).layers
         if c.layers is not None and tuple(c.layers) != modules:
             raise ValueError(f"sweep.calibration.layers: the decision modules sit after {list(modules)}")
         return modules
@@ -259,7 +260,7 @@ def calibration_trial(job: Job, params: dict[str, Any], trial_id: str, tags: dic
     cfg, model_path = job.config, job.base_model
     setting, evaluated = trial_setting(job, params)
     modules = cfg.eval.modules if is_trained(c.method) else None
-    layers = setting.layers or modules_config(modules).layers
+    layers = setting.layers or read_pruning_config(modules).layers
     client = MlflowClient(cfg.mlflow.tracking_uri)
     parent = trial_run(client, cfg, tags, {"method": c.method, "layers": list(layers)})
     keys = (SIMILARITY, RETENTION, "calibration_questions", "calibration_skipped")

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lvpruning import load_decision_modules, save_decision_modules
-from lvpruning.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from lvpruning.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_pruning_config
 from lvpruning.tiny import tiny_llava, tiny_llava_config
 from tests.lvpruning.conftest import make_batch, make_pruner
 
@@ -74,3 +74,11 @@ def test_wrong_model_is_refused_with_a_clear_error(tmp_path, change, field):
         load_decision_modules(other, tmp_path)
     with pytest.raises(FileNotFoundError, match="not an LVPruning"):
         load_decision_modules(other, tmp_path / "missing")
+
+
+def test_read_pruning_config_reads_the_saved_config_and_names_a_missing_file(tmp_path):
+    pruner = make_pruner()
+    save_decision_modules(pruner, tmp_path)
+    assert read_pruning_config(tmp_path) == pruner.config
+    with pytest.raises(FileNotFoundError, match=f"missing/{CONFIG_NAME} not found"):
+        read_pruning_config(tmp_path / "missing")

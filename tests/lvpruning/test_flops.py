@@ -18,11 +18,11 @@ from lvpruning.flops import (
     decision_module_flops,
     decoder_layer_flops,
     dummy_inputs,
-    main,
     measure_flops,
     num_vision_tokens,
     tokens_per_layer,
 )
+from lvpruning.flops_cli import main
 from lvpruning.policies import POLICIES
 from lvpruning.presets import PRESETS, llava_15_7b_config, llava_15_13b_config, load_llava_config
 from lvpruning.tiny import tiny_llava_config

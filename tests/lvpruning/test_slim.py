@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from lvpruning import PruningConfig, load_decision_modules, save_decision_modules
 from lvpruning.checkpoint import CONFIG_NAME
 from lvpruning.decision import DecisionModule
-from lvpruning.flops import decision_module_flops, main, measure_flops
+from lvpruning.flops import decision_module_flops, measure_flops
+from lvpruning.flops_cli import main
 from lvpruning.presets import llava_15_7b_config
 from lvpruning.tiny import tiny_llava, tiny_llava_config
 from tests.lvpruning.conftest import VOCAB, make_batch, make_pruner

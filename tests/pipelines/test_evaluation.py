@@ -9,6 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from lvpruning import PruningConfig
+from lvpruning.checkpoint import read_pruning_config
 from lvpruning.flops import analytic_flops
 from lvpruning.presets import llava_15_7b_config
 from lvpruning.tiny import tiny_llava_config
@@ -18,7 +19,6 @@ from pipelines.eval.evaluation import (
     benchmarks_from_config,
     format_table,
     make_settings,
-    modules_config,
     run_setting,
     setting_tflops,
 )
@@ -105,7 +105,7 @@ def test_run_setting_logs_one_run_with_params_and_metrics(world, tmp_path, monke
     truth.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    spec = ModelSpec(str(world.model), str(world.modules), modules_config(world.modules))
+    spec = ModelSpec(str(world.model), str(world.modules), read_pruning_config(world.modules))
     bench = Benchmark("toy", str(world.questions), str(world.images), str(truth))
     config = {"mlflow": {"tracking_uri": "https://me:secret@mlflow.example.com"}}
     latency = {"latency/prefill_ms": 3.5, "latency/prefill_ms_iqr": 0.25, "latency/e2e_ms": 9.0}

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoProcessor
 
 import pipelines.eval.latency as latency
-from pipelines.eval.evaluation import modules_config
+from lvpruning.checkpoint import read_pruning_config
 from pipelines.eval.latency import LatencyOptions, latency_requests, measure_latency, summarize, time_settings
 from pipelines.eval.models import ModelSpec, Setting
 from tests.pipelines.test_inference import RATIOS, TinyWorld
@@ -20,7 +20,7 @@ SETTINGS = [Setting("none"), Setting("lvpruning", RATIOS), Setting("random", RAT
 
 
 def spec(world: TinyWorld) -> ModelSpec:
-    return ModelSpec(str(world.model), str(world.modules), modules_config(world.modules))
+    return ModelSpec(str(world.model), str(world.modules), read_pruning_config(world.modules))
 
 
 def test_summarize_by_hand():

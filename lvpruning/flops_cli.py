@@ -1,0 +1,130 @@
+"""The FLOPs CLI, ``python -m lvpruning.flops``: the analytic prefill count of a preset or HF config, beside
+FlopCounterMode's count on the ``meta`` device; a table, or one JSON object with ``--json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import LlavaConfig
+
+from lvpruning.config import PruningConfig, paper_schedule
+from lvpruning.flops import TERA, TOLERANCE, FlopsReport, analytic_flops, measure_flops
+from lvpruning.policies import POLICIES
+from lvpruning.presets import load_llava_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m lvpruning.flops``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lvpruning.flops",
+        description="Prefill TFLOPs of LLaVA with and without LVPruning (1 image + T text tokens, paper "
+        "sec. 4.1): analytic from the config, and measured by FlopCounterMode on the meta device.",
+    )
+    add = parser.add_argument
+    add("--model", default="llava-1.5-7b", help="preset, HF model id or local path (config only)")
+    add("--text-tokens", type=int, default=30, help="text tokens beside the image (paper: 30)")
+    add("--method", choices=list(POLICIES), default="lvpruning", help="pruning method (default: LVPruning)")
+    add("--layers", type=int, nargs="+", help="zero-based decoder layers (default: the method's published ones)")
+    schedule = parser.add_mutually_exclusive_group()
+    schedule.add_argument("--ratios", type=float, nargs="+", help="keep ratio per stage (of |I_V|)")
+    schedule.add_argument("--rho", type=float, help="paper schedule [rho, rho-0.2, rho-0.4] (default: published)")
+    add("--decision-blocks", type=int, default=2, help="cross-attention blocks per module")
+    add("--decision-heads", type=int, default=8, help="heads per cross-attention block")
+    add("--decision-ffn", type=int, default=None, help="decision FFN width (default twice the module's width)")
+    add("--decision-dim", type=int, default=None, help="slim modules of this width (default: the hidden size)")
+    add("--logits", choices=("all", "last"), default="all", help="lm_head positions counted")
+    add("--no-measure", action="store_true", help="analytic count only")
+    add("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def format_report(name: str, report: FlopsReport, result: dict[str, Any]) -> str:
+    """The table printed without ``--json``: the parts of both counts, the reduction, the measured counts."""
+    vision = " -> ".join(str(k) for k in result["tokens_per_stage"]["vision"])
+    lines = [
+        f"{name}: 1 image ({report.num_vision_tokens} vision tokens) + {report.num_text_tokens} text tokens, "
+        f"prefill, matmuls only (2 FLOPs per multiply-add), logits at {report.lm_head_positions} positions",
+        f"{report.method} after layers {list(report.decision_layers)}, "
+        f"keep ratios {list(report.keep_ratios)}: vision tokens {vision}",
+        "",
+        f"{'part':<22}{'baseline TFLOPs':>17}{'pruned TFLOPs':>15}",
+    ]
+    for part, value in report.pruned_parts.items():
+        lines.append(f"{part:<22}{report.baseline_parts.get(part, 0) / TERA:>17.4f}{value / TERA:>15.4f}")
+    lines += [
+        f"{'total':<22}{report.baseline / TERA:>17.4f}{report.pruned / TERA:>15.4f}",
+        f"reduction {report.reduction:.1%} (without the method's overhead "
+        f"{report.reduction_without_decision:.1%}); unused vision layers {report.vision_unused / TERA:.4f}",
+    ]
+    for kind in ("baseline", "pruned"):
+        if (measured := result[f"measured_{kind}_tflops"]) is not None:
+            diff = result["agreement"][kind]
+            lines.append(f"measured {kind} (FlopCounterMode, meta): {measured:.4f} ({diff:+.2%} vs analytic)")
+    if "measured_pruned_error" in result:
+        lines.append(f"measured pruned: failed ({result['measured_pruned_error']})")
+    return "\n".join(lines)
+
+
+def pruning_setting(
+    args: argparse.Namespace, config: LlavaConfig
+) -> tuple[tuple[int, ...], tuple[float, ...], PruningConfig]:
+    """The stages, keep ratios and pruning config the options ask for: the method's published ones unless given."""
+    published = POLICIES[args.method].published.on(config.text_config.num_hidden_layers)
+    layers = tuple(args.layers) if args.layers else published.layers
+    if args.ratios:
+        ratios = tuple(args.ratios)
+    elif args.rho is not None:
+        ratios = paper_schedule(args.rho, num_stages=len(layers))
+    else:
+        ratios = published.ratios if layers == published.layers else paper_schedule(0.5, len(layers))
+    shape = {"num_blocks": args.decision_blocks, "num_heads": args.decision_heads}
+    shape |= {"ffn_dim": args.decision_ffn, "decision_dim": args.decision_dim}
+    if args.method == "lvpruning":
+        pruning = PruningConfig(layers=layers, train_ratios=ratios, infer_ratios=ratios, **shape)
+    else:  # only the modules' shape is read; their stages are the method's decoder ones (a tower stage aside)
+        stages = tuple(i for i in layers if i >= 0) or (0,)
+        ones = (1.0,) * len(stages)
+        pruning = PruningConfig(layers=stages, train_ratios=ones, infer_ratios=ones, **shape)
+    return layers, ratios, pruning
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the counts; 1 when the measured and analytic counts differ by more than ``TOLERANCE`` or the pruned
+    one could not be measured, else 0."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_llava_config(args.model)
+        layers, ratios, pruning = pruning_setting(args, config)
+        report = analytic_flops(config, pruning, ratios, args.text_tokens, args.logits, args.method, layers)
+    except ValueError as err:
+        parser.error(str(err))
+    result = report.to_dict()
+    measured: dict[str, int | None] = {"baseline": None, "pruned": None}
+    if not args.no_measure:
+        measured["baseline"] = measure_flops(config, None, None, args.text_tokens, args.logits)
+        try:
+            measured["pruned"] = measure_flops(
+                config, pruning, ratios, args.text_tokens, args.logits, method=args.method, layers=layers
+            )
+        except (RuntimeError, NotImplementedError) as err:  # a data-dependent op the meta device cannot run
+            result["measured_pruned_error"] = f"{type(err).__name__}: {err}"
+    for kind, value in measured.items():
+        result[f"measured_{kind}_tflops"] = None if value is None else value / TERA
+    analytic = {"baseline": report.baseline, "pruned": report.pruned}
+    # agreement: measured / analytic - 1 per count (None when not measured)
+    result["agreement"] = {k: None if v is None else v / analytic[k] - 1 for k, v in measured.items()}
+    result["agreement"]["tolerance"] = TOLERANCE
+    print(json.dumps(result, indent=2) if args.json else format_report(args.model, report, result))
+    off = [k for k in measured if (d := result["agreement"][k]) is not None and abs(d) > TOLERANCE]
+    if off:
+        print(f"warning: analytic and measured {off} differ by more than {TOLERANCE:.0%}", file=sys.stderr)
+    return 1 if off or "measured_pruned_error" in result else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -77,12 +77,20 @@ def test_each_wing_imports_only_what_it_may():
         "pipelines/toy": {"lvpruning"},
         "pipelines/train": {"lvpruning", "pipelines", "pipelines/toy"},
         "pipelines/eval": {"lvpruning", "pipelines", "pipelines/toy"},  # never the training wing
-        "pipelines/frontier": {"pipelines"},  # reads MLflow only
+        "pipelines/frontier": {"pipelines", "pipelines/eval"},  # reads MLflow: of eval, only its metric names
         "pipelines/sweep": {"lvpruning", "pipelines", "pipelines/toy", "pipelines/train", "pipelines/eval"}
         | {"pipelines/frontier"},
     }
     wrong = {e: files for e, files in edges().items() if e[0] != "lvpruning" and e[1] not in allowed[e[0]]}
     assert not wrong, f"imports across wings that the layout forbids: {wrong}"
+
+
+def test_the_frontier_takes_only_the_metric_names_from_the_evaluation():
+    """``jobs/frontier.py`` reads MLflow alone: it must not load the evaluation's torch and Ray stack."""
+    for path in ROOT.glob("pipelines/frontier/*.py"):
+        for module in imported(ast.parse(path.read_text()), "pipelines.frontier"):
+            if folder(module) == "pipelines/eval":
+                assert module.startswith("pipelines.eval.metrics"), f"{path}: {module}"
 
 
 def test_no_import_circle_between_folders():

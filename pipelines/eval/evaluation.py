@@ -266,18 +266,7 @@ def evaluate(
         max_questions=ev.max_questions,
     )
     settings = make_settings(ev.methods, ev.schedules, ev.seed, ev.at_own_layers)
-    latency: dict[str, dict[str, float]] = {}
-    if ev.latency_repeats:  # first, alone: nothing else of this evaluation runs beside it
-        timing = LatencyOptions(
-            batch_size=ev.latency_batch_size,
-            warmup=ev.latency_warmup,
-            repeats=ev.latency_repeats,
-            max_new_tokens=ev.max_new_tokens,
-            use_gpu=ev.use_gpu,
-            num_cpus=ev.cpus_per_actor,
-        )
-        first = benchmarks[0]
-        latency = measure_latency(model, settings, first.name, first.questions, first.image_root, timing)
+    latency = timed_settings(config, model, settings, benchmarks[0])
     logged = json.loads(config.model_dump_json())
     logged["model"]["name_or_path"], logged["eval"]["modules"] = model_path, modules
     return [
@@ -295,6 +284,26 @@ def evaluate(
         )
         for setting in settings
     ]
+
+
+def timed_settings(
+    config: JobConfig, model: ModelSpec, settings: Sequence[Setting], benchmark: Benchmark
+) -> dict[str, dict[str, float]]:
+    """Every setting's latency metrics, timed side by side on ``benchmark``'s first requests
+    (``eval.latency_*``; none with ``latency_repeats: 0``). Run first, alone: nothing else of the evaluation runs
+    beside it."""
+    ev = config.eval
+    if not ev.latency_repeats:
+        return {}
+    timing = LatencyOptions(
+        batch_size=ev.latency_batch_size,
+        warmup=ev.latency_warmup,
+        repeats=ev.latency_repeats,
+        max_new_tokens=ev.max_new_tokens,
+        use_gpu=ev.use_gpu,
+        num_cpus=ev.cpus_per_actor,
+    )
+    return measure_latency(model, settings, benchmark.name, benchmark.questions, benchmark.image_root, timing)
 
 
 def check_modules(methods: Sequence[str], modules: str | None) -> None:

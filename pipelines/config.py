@@ -78,7 +78,7 @@ class TrainSection(_Strict):
 class ScalingSection(_Strict):
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(0.5, gt=0)  # on 2 cores, leaves a CPU for Ray Data preprocessing
+    cpus_per_worker: float = Field(0.5, gt=0)  # room for Ray Data preprocessing: benchmarks/RESULTS.md, "CPU defaults"
     deepspeed_config: str = "cluster/deepspeed/zero2_cpu.json"
     # How the workers' placement group spreads over nodes: PACK fills a node first; SPREAD puts them on different
     # nodes where it can, so that losing a node costs the fewest workers.

@@ -55,7 +55,7 @@ class InferenceOptions:
     max_new_tokens: int = 8
     num_actors: int = 2
     use_gpu: bool = False  # one GPU per actor
-    cpus_per_actor: float = 0.5  # on 2 CPUs, 2 actors x 0.5 leave room for the preprocessing tasks
+    cpus_per_actor: float = 0.5  # room for the preprocessing tasks: benchmarks/RESULTS.md, "CPU defaults"
     max_questions: int | None = None  # the first N questions of the file
 
 

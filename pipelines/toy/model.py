@@ -1,8 +1,8 @@
 """The toy LLaVA: a named preset of ``lvpruning.tiny`` sized for the toy world (its numbers and initialisation).
 
 64 vision tokens (an 8 x 8 grid of 8-pixel patches over a 64-pixel image) and a 4-layer Llama, so that pruning
-stages fit in the model's own layers (e.g. after layers 0, 1, 2) and the base model trains on 2 CPU cores in
-minutes. ``benchmarks/TOY_WORLD.md`` records the learning curves behind these numbers.
+stages fit in the model's own layers (e.g. after layers 0, 1, 2) and the base model trains on a CPU (how long:
+``benchmarks/TOY_WORLD.md``, "Eighth round"; the file records the learning curves behind these numbers).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ TOY_MODEL: dict[str, float] = {
     "vocab_size": 96,
     "vision_hidden": 64,
     "vision_layers": 2,
-    "hidden_size": 128,  # 96 plateaus near 60% on 2-3 object scenes; 128 reads colors perfectly by step 1400
+    "hidden_size": 128,  # 96 was too narrow to learn the toy world: see benchmarks/TOY_WORLD.md, "Fifth round"
     "num_layers": 4,
     "num_heads": 4,
     "intermediate_size": 256,
     "max_position_embeddings": 256,
-    "initializer_range": 0.1,  # ~ hidden_size ** -0.5; with 0.02 it learns several times slower (TOY_WORLD.md)
+    "initializer_range": 0.1,  # ~ hidden_size ** -0.5; 0.02 learns slower: benchmarks/TOY_WORLD.md, "Third round"
 }
 VISION_POSITION_STD = 0.5  # scale of the CLIP position embeddings at init (CLIP: std 0.02); see build_toy_model
 

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+# Private: Ray has no public call that validates a `ray up` YAML offline (ray.autoscaler.sdk only fills in defaults;
+# `ray up` validates on its way to launching nodes), and these two are what `ray up` runs on the file.
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from pipelines.config import load_config

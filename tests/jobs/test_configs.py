@@ -9,11 +9,19 @@ from pathlib import Path
 import pytest
 
 from lvpruning import paper_schedule
+from lvpruning.config import check_schedule
+from lvpruning.flops import analytic_flops, num_vision_tokens
 from lvpruning.presets import load_llava_config
 from pipelines.config import load_config
+from pipelines.eval.evaluation import PAPER_TEXT_TOKENS, make_settings
+from pipelines.job import resolve
 from pipelines.sweep.space import check_space
+from pipelines.sweep.tuner import check_sweep
+from pipelines.toy.model import toy_config
+from pipelines.train.experiment import check_training
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -86,9 +94,22 @@ def test_impossible_overrides_fail_naming_the_key(override, key):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("name", ["sweep_toy.yaml", "sweep_toy_width.yaml", "calibrate_toy.yaml"])
+def test_toy_sweep_configs_fit_the_toy_model(name, monkeypatch):
+    """As ``jobs/sweep.py`` checks them before any cluster work: the base config and every candidate of the space
+    against the toy model's shape (``toy_config()``: its decoder layers and hidden size)."""
+    monkeypatch.chdir(ROOT)  # where the jobs run: scaling.deepspeed_config is relative to it
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = check_sweep(load_config(ROOT / "jobs" / "configs" / name)).config
+    assert cfg.model.name_or_path == "toy"
+    text = toy_config().text_config
+    assert all(layers[-1] < text.num_hidden_layers - 1 for layers in cfg.sweep.space.layers)
+
+
 def test_sweep_configs_fit_their_models():
     toy = load_config(CONFIGS[[p.name for p in CONFIGS].index("sweep_toy.yaml")])
-    check_space(toy, num_layers=4, hidden_size=128)
+    text = toy_config().text_config
+    check_space(toy, text.num_hidden_layers, text.hidden_size)
     assert toy.sweep.num_trials >= 8 and len(toy.sweep.space.layers) > 1
     big = load_config(CONFIGS[[p.name for p in CONFIGS].index("sweep_llava15_7b.yaml")])
     text = load_llava_config("llava-1.5-7b").text_config  # the shape of llava-hf/llava-1.5-7b-hf, offline
@@ -150,3 +171,48 @@ def test_train_job_checks_init_from_before_any_cluster_work(tmp_path):
     assert done.returncode == 2
     assert "train.init_from" in done.stderr and "not a saved model" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_methods_toy_fits_the_toy_model_at_matched_budgets(monkeypatch):
+    """Every setting of the all-methods table (methods x schedules at the decision modules' stages, and each
+    ``eval.at_own_layers`` entry at its own layers) fits the toy model: its layers below the last decoder layer, its
+    schedules one ratio per stage, counted on the toy model's vision tokens, at the budgets the file states."""
+    monkeypatch.chdir(ROOT)
+    job = resolve(load_config(ROOT / "jobs" / "configs" / "methods_toy.yaml"))
+    check_training(job)
+    cfg = job.config
+    model = toy_config()
+    text, n_vision = model.text_config, num_vision_tokens(model)
+    assert (text.num_hidden_layers, n_vision) == (4, 64)  # "averaged over the 4 layers", "all 64 tokens"
+    # --modules outputs/lvpruning-toy/pruning: the main job's modules, at the stages the LLM-side methods use
+    assert cfg.pruning.layers == load_config().pruning.layers == (0, 1, 2)
+    ev = cfg.eval
+    for schedule in ev.schedules:  # what jobs/evaluate.py checks before any work
+        cfg.pruning.check_ratios(schedule)
+    for own in ev.at_own_layers:
+        for schedule in own.schedules:
+            check_schedule(own.layers, schedule, text.num_hidden_layers)
+
+    budgets: dict[str, list[float]] = {}  # vision tokens per decoder layer, averaged over the layers
+    for setting in make_settings(ev.methods, ev.schedules, ev.seed, ev.at_own_layers):
+        if setting.method == "none":
+            continue
+        layers = setting.layers if setting.layers is not None else cfg.pruning.layers
+        assert layers[-1] < text.num_hidden_layers - 1, setting  # a stage has a decoder layer after it
+        report = analytic_flops(  # checks the layers, the schedule and the method's stages against the model
+            model,
+            cfg.pruning,
+            setting.keep_ratios,
+            PAPER_TEXT_TOKENS,
+            method=setting.method,
+            layers=setting.layers,
+            params=dict(setting.params),
+        )
+        per_layer = [n - PAPER_TEXT_TOKENS for n in report.tokens_per_layer]
+        assert len(per_layer) == text.num_hidden_layers and max(per_layer) <= n_vision
+        budgets.setdefault(setting.method, []).append(sum(per_layer) / len(per_layer))
+    llm_side = [34.75, 30.25, 27.75, 32.0, 26.5, 21.25]  # the schedules' comments
+    assert {m: budgets[m] for m in ev.methods if m != "none"} == {m: llm_side for m in ev.methods if m != "none"}
+    assert {own.method for own in ev.at_own_layers} == {"visionzip", "vscan", "vflowopt"}
+    for own in ev.at_own_layers:  # "32 / 26.5 / 21.25 per layer (to half a token), then 14 and 7"
+        assert budgets[own.method] == pytest.approx([32.0, 26.5, 21.25, 14.0, 7.0], abs=0.5), own.method

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -64,20 +65,34 @@ def test_masked_training_equals_removed_inference(seed, monkeypatch):
     torch.testing.assert_close(masked.keep_fractions, expected.expand_as(masked.keep_fractions))
 
 
-def test_inference_uses_the_models_own_attention(monkeypatch):
+@contextlib.contextmanager
+def registered(functions: dict):
+    """``functions`` registered with transformers' ``AttentionInterface`` (its public ``register``, seen by every
+    model), the functions they replace registered back afterwards."""
+    originals = {key: AttentionInterface()[key] for key in functions}
+    try:
+        for key, function in functions.items():
+            AttentionInterface.register(key, function)
+        yield originals
+    finally:
+        for key, function in originals.items():
+            AttentionInterface.register(key, function)
+
+
+def test_inference_uses_the_models_own_attention():
     calls = []
-    original = AttentionInterface._global_mapping["sdpa"]
+    sdpa = AttentionInterface()["sdpa"]
 
     def spy(*args, **kwargs):
         calls.append("sdpa")
-        return original(*args, **kwargs)
+        return sdpa(*args, **kwargs)
 
-    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", spy)
-    monkeypatch.setitem(AttentionInterface._global_mapping, ATTN_IMPLEMENTATION, lambda *a, **k: calls.append("x"))
-    pruner = make_pruner()
-    with torch.no_grad():
-        pruner(**make_batch([(2, 3)]))
+    with registered({"sdpa": spy, ATTN_IMPLEMENTATION: lambda *a, **k: calls.append("x")}):
+        pruner = make_pruner()
+        with torch.no_grad():
+            pruner(**make_batch([(2, 3)]))
     assert calls == ["sdpa"] * (2 + 5)  # 2 CLIP layers + 5 decoder layers, never the masked softmax
+    assert AttentionInterface()["sdpa"] is sdpa  # restored
 
 
 def test_eager_and_sdpa_models_prune_alike():

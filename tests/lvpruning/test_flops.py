@@ -72,7 +72,9 @@ def test_llava_7b_shaped_config_on_meta_without_weights():
 
 
 def test_one_llama_layer_by_hand():
-    config = LlamaConfig(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, intermediate_size=16)
+    config = LlamaConfig(
+        hidden_size=8, num_attention_heads=2, num_key_value_heads=1, intermediate_size=16, attn_implementation="eager"
+    )
     n = 3  # head_dim 4, k/v width 4 (one KV head)
     expected = {
         "llm_qkvo": 2 * n * 8 * 8 + 2 * (2 * n * 8 * 4) + 2 * n * 8 * 8,  # 384 + 384 + 384
@@ -80,8 +82,7 @@ def test_one_llama_layer_by_hand():
         "llm_mlp": 3 * 2 * n * 8 * 16,  # gate, up, down: 2304
     }
     assert decoder_layer_flops(config, n) == expected == {"llm_qkvo": 1152, "llm_attention": 288, "llm_mlp": 2304}
-    # ... and the real layer, eager attention, counts the same
-    config._attn_implementation = "eager"
+    # ... and the real layer, eager attention (the config's attn_implementation), counts the same
     layer = LlamaDecoderLayer(config, layer_idx=0).eval()
     hidden = torch.randn(1, n, 8)
     rope = LlamaRotaryEmbedding(config)(hidden, torch.arange(n)[None])

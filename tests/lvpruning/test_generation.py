@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -85,9 +87,53 @@ def test_generate_requires_left_padding_and_eval_mode():
         pruner.train().generate(**make_batch([(2, 4)]))
 
 
-def test_sampling_is_seeded_and_respects_top_k():
-    pruner = make_pruner()
-    batch = make_batch([(2, 4)])
+def step_logits(pruner, batch, generated, keep_ratios=RATIOS):
+    """The logits each new token of ``generated`` was chosen from, recomputed without a cache: step ``t``'s from the
+    pruned forward over the prompt and the first ``t`` new tokens (as ``reference_generate``). (B, new, V)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    N = ids.shape[1]
+    instruction = mask.bool() & (ids != 4)
+    steps = []
+    for t in range(generated.shape[1] - N):
+        new = generated[:, N : N + t]
+        out = pruner(
+            input_ids=generated[:, : N + t],
+            attention_mask=torch.cat([mask, torch.ones_like(new)], 1),
+            pixel_values=batch["pixel_values"],
+            instruction_mask=torch.cat([instruction, torch.zeros_like(new, dtype=torch.bool)], 1),
+            keep_ratios=keep_ratios,
+        )
+        steps.append(out.logits[:, -1].float())
+    return torch.stack(steps, 1)
+
+
+def test_sampling_replays_its_seed_and_draws_only_among_the_top_k():
+    pruner = make_pruner(6)
+    batch = make_batch([(2, 4), (3, 6), (1, 9)], seed=6)
+    N, new, k = batch["input_ids"].shape[1], 4, 3
+
+    def sample(seed: int, **kwargs) -> torch.Tensor:
+        torch.manual_seed(seed)
+        common = {"keep_ratios": RATIOS, "max_new_tokens": new, "eos_token_id": []}
+        return pruner.generate(**batch, do_sample=True, **common, **kwargs)
+
+    draws = [sample(seed, top_k=k, temperature=1.5) for seed in range(12)]
+    for seed in (0, 7):  # the same seed draws the same tokens ...
+        assert torch.equal(sample(seed, top_k=k, temperature=1.5), draws[seed])
+    for i, j in itertools.combinations(range(len(draws)), 2):  # ... and another seed other ones
+        assert not torch.equal(draws[i][:, N:], draws[j][:, N:]), (i, j)
+
+    with torch.no_grad():
+        for tokens in draws:
+            logits = step_logits(pruner, batch, tokens)  # (B, new, V)
+            drawn = logits.gather(-1, tokens[:, N:, None])
+            more_likely = (logits > drawn + 1e-5).sum(-1)  # tokens clearly above the drawn one at its step
+            assert (more_likely < k).all(), more_likely  # every draw is among that step's k most likely
+        first_top_k = step_logits(pruner, batch, draws[0][:, : N + 1]).squeeze(1).topk(k).indices  # (B, k)
+    for b in range(len(first_top_k)):  # the first new token follows the same prompt in every draw
+        first = {int(tokens[b, N]) for tokens in draws}
+        assert first <= set(first_top_k[b].tolist()) and len(first) > 1, (b, first)  # top_k=3 is not top-1
+
     torch.manual_seed(0)
     a = pruner.generate(**batch, do_sample=True, top_k=1, temperature=0.7, max_new_tokens=4, eos_token_id=[])
     greedy = pruner.generate(**batch, max_new_tokens=4, eos_token_id=[])

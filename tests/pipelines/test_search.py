@@ -176,12 +176,20 @@ def test_the_guard_stops_nothing_before_its_minimum_of_trials_then_the_worst_at_
 
 
 def test_baselines_come_first_and_never_reach_optuna_and_a_stopped_trial_is_pruned():
+    import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     from pipelines.sweep.objectives import AccuracySearch, BaselinesFirst
 
     cfg, metrics = load_config(None, ["sweep.baselines.methods=[none,fastv,random]"]), AccuracySearch.metrics
-    optuna_search = OptunaSearch(space=DefineByRun(cfg.sweep.space), metric=list(metrics), mode=["max", "min"])
+    storage = optuna.storages.InMemoryStorage()  # the study read back through Optuna's own API below
+    optuna_search = OptunaSearch(
+        space=DefineByRun(cfg.sweep.space),
+        metric=list(metrics),
+        mode=["max", "min"],
+        study_name="baselines-first",
+        storage=storage,
+    )
     searcher = BaselinesFirst(baseline_trials(cfg), optuna_search, metrics)
     suggested = [searcher.suggest(f"t{i}") for i in range(5)]
     assert [s["method"] for s in suggested] == ["none", "fastv", "random", "lvpruning", "lvpruning"]
@@ -193,7 +201,8 @@ def test_baselines_come_first_and_never_reach_optuna_and_a_stopped_trial_is_prun
     searcher.on_trial_complete("t1", {"accuracy/mean": 50.0, "tflops": 1.0})  # a baseline: not Optuna's trial
     searcher.on_trial_complete("t3", {"step": 20, "ratio_loss": 0.5})  # stopped while training
     searcher.on_trial_complete("t4", {"accuracy/mean": 90.0, "tflops": 2.0})
-    trials = {t.number: t for t in optuna_search._ot_study.get_trials(deepcopy=False)}
+    study = optuna.load_study(study_name="baselines-first", storage=storage)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     assert len(trials) == 2  # only the searched trials are Optuna's
     assert trials[0].state.name == "PRUNED" and trials[1].state.name == "COMPLETE"
     assert trials[1].values == [90.0, 2.0]

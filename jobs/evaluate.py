@@ -17,12 +17,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import ray
-
-from pipelines.cluster import connect_ray
-from pipelines.config import JobConfig, load_config
-from pipelines.eval.evaluation import evaluate, format_table
+if TYPE_CHECKING:
+    from pipelines.config import JobConfig
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -35,11 +33,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def setup(args: argparse.Namespace) -> JobConfig:
-    """Read and validate the config: a typo or an impossible value fails here, before Ray starts."""
+    """Read the config and check it against the model and its modules: a typo, an impossible value or a missing
+    file fails here, before Ray starts."""
+    from pipelines.config import load_config
+    from pipelines.eval.evaluation import benchmarks_from_config, evaluated_model
+
     config = load_config(args.config, args.overrides)
+    model = evaluated_model(config, args.model, args.modules)
+    benchmarks_from_config(config)
     ev = config.eval
-    model = args.model or config.model.name_or_path
-    print(f"evaluating {model} (modules: {args.modules or ev.modules}) on {list(ev.benchmarks)}")
+    print(f"evaluating {model.name_or_path} (modules: {model.modules}) on {list(ev.benchmarks)}")
     schedules = [list(s) for s in ev.schedules]
     print(f"methods {list(ev.methods)} x schedules {schedules}, answers under {config.answers_dir}")
     return config
@@ -50,9 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = setup(args)
-    except (ValueError, FileNotFoundError) as e:  # a bad config: say so before any cluster work
+    except (ValueError, OSError) as e:  # a bad config or a missing file: say so before any cluster work
         print(f"error: {e}", file=sys.stderr)
         return 2
+    import ray
+
+    from pipelines.cluster import connect_ray
+    from pipelines.eval.evaluation import evaluate, format_table
+
     connect_ray()
     try:
         print(format_table(evaluate(config, model_path=args.model, modules=args.modules)))

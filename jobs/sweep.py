@@ -19,13 +19,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipelines.cluster import connect_ray
-from pipelines.config import load_config
-from pipelines.frontier.run import run_frontier
-from pipelines.sweep.calibration import report_calibration
-from pipelines.sweep.tuner import check_sweep, run_sweep
-from pipelines.tracking import redact, ui_hint
-
 DEFAULT = Path(__file__).parent / "configs" / "sweep_toy.yaml"
 
 
@@ -39,6 +32,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    # Imported once the command line is read: --help and a bad one need none of Ray, torch and DeepSpeed.
+    from pipelines.cluster import connect_ray
+    from pipelines.config import load_config
+    from pipelines.frontier.run import run_frontier
+    from pipelines.sweep.calibration import report_calibration
+    from pipelines.sweep.tuner import check_sweep, run_sweep
+    from pipelines.tracking import redact, ui_hint
+
     try:  # the config and every candidate of the search space, against the model: fails before any cluster work
         cfg = check_sweep(load_config(args.config, args.overrides))
     except (ValueError, FileNotFoundError, OSError) as e:

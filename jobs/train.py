@@ -17,12 +17,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipelines.cluster import connect_ray
-from pipelines.config import load_config
-from pipelines.eval.evaluation import evaluate, evaluate_command, format_table
-from pipelines.tracking import tracking_uri, ui_hint
-from pipelines.train.experiment import check_config, run_training
-
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -35,6 +29,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    # Imported once the command line is read: --help and a bad one need none of Ray, torch and DeepSpeed.
+    from pipelines.cluster import connect_ray
+    from pipelines.config import load_config
+    from pipelines.eval.evaluation import evaluate, evaluate_command, format_table
+    from pipelines.tracking import tracking_uri, ui_hint
+    from pipelines.train.experiment import check_config, run_training
+
     try:  # the config, checked against the model's shape: a bad one fails here, before any cluster work
         cfg = check_config(load_config(args.config, args.overrides))
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -45,6 +45,7 @@ from pipelines.eval.inference import (
 from pipelines.eval.latency import LatencyOptions, measure_latency
 from pipelines.eval.models import ModelSpec, Setting
 from pipelines.eval.scoring import score
+from pipelines.storage import load_json
 from pipelines.tracking import PARENT_TAG, redact, tracking_uri
 from pipelines.tracking import experiment_id as get_experiment_id
 
@@ -92,7 +93,7 @@ def modules_config(directory: str | Path) -> PruningConfig:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not an LVPruning decision-module directory")
-    return PruningConfig.from_dict(json.loads(path.read_text())["pruning_config"])
+    return PruningConfig.from_dict(load_json(path.read_bytes(), str(path))["pruning_config"])
 
 
 def setting_tflops(llava_config: Any, pruning: PruningConfig | None, setting: Setting) -> float:
@@ -247,17 +248,10 @@ def benchmarks_from_config(config: JobConfig) -> list[Benchmark]:
     return [Benchmark(name, *data[name]) for name in config.eval.benchmarks]
 
 
-def evaluate(
-    config: JobConfig,
-    model_path: str | None = None,
-    modules: str | None = None,
-    parent_run_id: str | None = None,
-) -> list[SettingResult]:
-    """Every setting of ``config.eval`` (methods x schedules) on its benchmarks, one MLflow run each.
-
-    ``model_path`` overrides ``model.name_or_path`` and ``modules`` ``eval.modules``; the stages of the
-    training-free methods are the modules' when given, else ``config.pruning``'s. Ray must be initialized (or
-    is started locally by Ray Data)."""
+def evaluated_model(config: JobConfig, model_path: str | None = None, modules: str | None = None) -> ModelSpec:
+    """The model ``config.eval`` evaluates (``model_path`` and ``modules`` override the config's), checked against
+    its settings without any cluster work: ``ValueError`` (``FileNotFoundError`` for missing modules) when it cannot
+    run them."""
     ev, model_path, modules = config.eval, model_path or config.model.name_or_path, modules or config.eval.modules
     if model_path == TOY:
         raise ValueError("model.name_or_path=toy: give the trained toy model's directory (saved by jobs/train.py)")
@@ -273,7 +267,22 @@ def evaluate(
                 check_schedule(own.layers, schedule, depth)
             except ValueError as e:
                 raise ValueError(f"eval.at_own_layers[{i}] ({own.method}): {e}") from None
-    model = ModelSpec(model_path, modules, pruning, config.model.dtype, config.model.attn_implementation)
+    return ModelSpec(model_path, modules, pruning, config.model.dtype, config.model.attn_implementation)
+
+
+def evaluate(
+    config: JobConfig,
+    model_path: str | None = None,
+    modules: str | None = None,
+    parent_run_id: str | None = None,
+) -> list[SettingResult]:
+    """Every setting of ``config.eval`` (methods x schedules) on its benchmarks, one MLflow run each.
+
+    ``model_path`` overrides ``model.name_or_path`` and ``modules`` ``eval.modules``; the stages of the
+    training-free methods are the modules' when given, else ``config.pruning``'s. Ray must be initialized (or
+    is started locally by Ray Data)."""
+    ev, model = config.eval, evaluated_model(config, model_path, modules)
+    model_path, modules = model.name_or_path, model.modules
     benchmarks = benchmarks_from_config(config)
     options = InferenceOptions(
         batch_size=ev.batch_size,

@@ -17,13 +17,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import ray
-
-from pipelines.cluster import connect_ray
-from pipelines.config import load_config
-from pipelines.eval.evaluation import evaluate, format_table
-from pipelines.job import Job, resolve
+if TYPE_CHECKING:
+    from pipelines.job import Job
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -36,11 +33,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def setup(args: argparse.Namespace) -> Job:
-    """Read, resolve and validate the config: a typo or an impossible value fails here, before Ray starts."""
+    """Read and resolve the config and check it against the model and its modules: a typo, an impossible value or a
+    missing file fails here, before Ray starts."""
+    from pipelines.config import load_config
+    from pipelines.eval.evaluation import benchmarks_from_config, evaluated_model
+    from pipelines.job import resolve
+
     job = resolve(load_config(args.config, args.overrides), model=args.model, modules=args.modules)
-    config = job.config
-    ev = config.eval
-    print(f"evaluating {config.model.name_or_path} (modules: {ev.modules}) on {list(ev.benchmarks)}")
+    model = evaluated_model(job)
+    benchmarks_from_config(job.config)
+    ev, config = job.config.eval, job.config
+    print(f"evaluating {model.name_or_path} (modules: {model.modules}) on {list(ev.benchmarks)}")
     schedules = [list(s) for s in ev.schedules]
     print(f"methods {list(ev.methods)} x schedules {schedules}, answers under {config.answers_dir}")
     return job
@@ -51,9 +54,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         job = setup(args)
-    except (ValueError, FileNotFoundError) as e:  # a bad config: say so before any cluster work
+    except (ValueError, OSError) as e:  # a bad config or a missing file: say so before any cluster work
         print(f"error: {e}", file=sys.stderr)
         return 2
+    import ray
+
+    from pipelines.cluster import connect_ray
+    from pipelines.eval.evaluation import evaluate, format_table
+
     connect_ray()
     try:
         print(format_table(evaluate(job)))

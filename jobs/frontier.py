@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from pipelines.frontier.run import FrontierResult, run_frontier
-from pipelines.tracking import resolve_uri, ui_hint
+if TYPE_CHECKING:
+    from pipelines.frontier.run import FrontierResult
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -32,6 +33,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def report(result: FrontierResult, uri: str) -> None:
     """The table, what was left out, the tags changed, and where to look."""
+    from pipelines.tracking import ui_hint
+
     main = result.fronts[0]
     print(f"{int(main.mask.sum())} of {len(result.points)} settings on the frontier of {main.accuracy} vs {main.cost}:")
     print(result.table)
@@ -47,6 +50,10 @@ def report(result: FrontierResult, uri: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # Imported once the command line is read: --help and a bad one need none of MLflow.
+    from pipelines.frontier.run import run_frontier
+    from pipelines.tracking import resolve_uri
+
     uri = resolve_uri(args.tracking_uri)
     print(f"reading experiments {args.experiments} from {uri}")
     try:

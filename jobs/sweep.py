@@ -19,11 +19,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipelines.cluster import connect_ray
-from pipelines.config import load_config
-from pipelines.sweep.objectives import objective_of
-from pipelines.sweep.tuner import check_sweep, run_sweep
-
 DEFAULT = Path(__file__).parent / "configs" / "sweep_toy.yaml"
 
 
@@ -37,6 +32,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    # Imported once the command line is read: --help and a bad one need none of Ray, torch and DeepSpeed.
+    from pipelines.cluster import connect_ray
+    from pipelines.config import load_config
+    from pipelines.sweep.objectives import objective_of
+    from pipelines.sweep.tuner import check_sweep, run_sweep
+
     try:  # the config and every candidate of the search space, against the model: fails before any cluster work
         job = check_sweep(load_config(args.config, args.overrides))
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -17,13 +17,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipelines.cluster import connect_ray
-from pipelines.config import load_config
-from pipelines.eval.evaluation import evaluate, evaluate_command, format_table
-from pipelines.job import resolve
-from pipelines.tracking import ui_hint
-from pipelines.train.experiment import check_training, run_training
-
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -36,6 +29,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    # Imported once the command line is read: --help and a bad one need none of Ray, torch and DeepSpeed.
+    from pipelines.cluster import connect_ray
+    from pipelines.config import load_config
+    from pipelines.eval.evaluation import evaluate, evaluate_command, format_table
+    from pipelines.job import resolve
+    from pipelines.tracking import ui_hint
+    from pipelines.train.experiment import check_training, run_training
+
     try:  # the config, resolved and checked against the model's shape: a bad one fails here, before any cluster work
         job = resolve(load_config(args.config, args.overrides))
         check_training(job)

@@ -55,7 +55,19 @@ def read_pruning_config(directory: str | Path) -> PruningConfig:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not an LVPruning decision-module directory")
-    return PruningConfig.from_dict(json.loads(path.read_text())["pruning_config"])
+    return PruningConfig.from_dict(read_metadata(path)["pruning_config"])
+
+
+def read_metadata(path: Path) -> dict:
+    """``lvpruning_config.json`` as a dict; ``ValueError`` naming the file, the line and what is wrong with it."""
+    data = path.read_bytes()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line, column = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
 
 
 def load_decision_modules(
@@ -69,7 +81,7 @@ def load_decision_modules(
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} not found: not an LVPruning decision-module directory")
-    meta = json.loads((directory / CONFIG_NAME).read_text())
+    meta = read_metadata(directory / CONFIG_NAME)
     saved, actual = meta["model"], _model_signature(model)
     for key in ("hidden_size", "num_hidden_layers"):
         if saved[key] != actual[key]:

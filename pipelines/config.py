@@ -17,6 +17,7 @@ from lvpruning import PruningConfig
 from lvpruning.config import check_schedule
 from lvpruning.policies import AT_TOWER, METHODS, NONE, POLICIES, TRAINING_FREE, get_policy
 from pipelines.stages import STAGES, Stage
+from pipelines.storage import decode_utf8
 from pipelines.toy.scenes import SceneSpec
 
 TOY = "toy"  # the embedded default model and data: the toy world, built and cached locally
@@ -419,6 +420,17 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     tree[leaf] = value
 
 
+def _load_yaml(text: str, where: str) -> Any:
+    """``text`` as YAML; else ``ValueError`` naming ``where`` (a file, an override), the line and the problem."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ValueError(f"{where}{at}: not valid YAML ({problem})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
     """Read a YAML config (or the embedded defaults) and apply ``key.sub=value`` overrides (YAML-typed)."""
     tree: dict[str, Any] = {}
@@ -426,16 +438,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Jo
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} not found")
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = _load_yaml(decode_utf8(path.read_bytes(), str(path)), str(path)) or {}
         if not isinstance(tree, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form key.sub=value")
-        _set(tree, key.strip(), yaml.safe_load(raw))
+        _set(tree, key.strip(), _load_yaml(raw, f"override {item!r}"))
     try:
         return JobConfig.model_validate(tree)
     except ValidationError as err:
-        lines = [f"  {'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors()]
-        raise ValueError("invalid config:\n" + "\n".join(lines)) from None
+        problems = [f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors()]
+        raise ValueError("invalid config: " + "; ".join(problems)) from None

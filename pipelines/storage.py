@@ -1,4 +1,5 @@
-"""Read bytes from a local path or ``s3://bucket/key`` with one call.
+"""Read bytes from a local path or ``s3://bucket/key`` with one call, and decode a user's file so that an error
+names the file, the line and the problem.
 
 S3 goes through boto3; ``AWS_ENDPOINT_URL_S3`` (or ``AWS_ENDPOINT_URL``) points it at an S3-compatible server
 (MinIO, moto's server in tests), credentials and region come from the usual AWS environment/config chain.
@@ -7,6 +8,7 @@ A missing object raises ``FileNotFoundError`` on both backends, so callers can c
 
 from __future__ import annotations
 
+import json
 import os
 from functools import cache
 from pathlib import Path
@@ -83,3 +85,32 @@ def read_bytes(path: str) -> bytes:
         if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
             raise FileNotFoundError(path) from e
         raise
+
+
+class NotUtf8Error(ValueError):
+    """Bytes of a user's file that are not UTF-8 text; the message is ``<file>:<line>: <problem>``."""
+
+    def __init__(self, name: str, line: int, problem: str) -> None:
+        super().__init__(f"{name}:{line}: {problem}")
+        self.line, self.problem = line, problem
+
+
+def decode_utf8(data: bytes, name: str, line: int = 1) -> str:
+    """``data``, a whole file or its line number ``line``, as UTF-8 text; else ``NotUtf8Error`` naming the line
+    and column of the first byte that is not."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        problem = f"not UTF-8 text (byte 0x{data[e.start]:02x} at column {column})"
+        raise NotUtf8Error(name, line + data.count(b"\n", 0, e.start), problem) from None
+
+
+def load_json(data: bytes, name: str, line: int = 1) -> Any:
+    """``data``, a whole file or its line number ``line``, as JSON; else ``ValueError`` naming the file, line and
+    problem (bytes that are not UTF-8, or not JSON)."""
+    text = decode_utf8(data, name, line)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name}:{line + e.lineno - 1}:{e.colno}: not valid JSON ({e.msg})") from None

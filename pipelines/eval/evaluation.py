@@ -236,17 +236,11 @@ def benchmarks_from_config(config: JobConfig) -> list[Benchmark]:
     return [Benchmark(name, *data[name]) for name in config.eval.benchmarks]
 
 
-def evaluate(
-    job: Job,
-    model_path: str | None = None,
-    modules: str | None = None,
-    parent_run_id: str | None = None,
-) -> list[SettingResult]:
-    """Every setting of ``job.config.eval`` (methods x schedules) on its benchmarks, one MLflow run each.
-
-    ``model_path`` and ``modules`` are what a training produced (the base model it froze, its decision modules):
-    they override ``model.name_or_path`` and ``eval.modules``; the stages of the training-free methods are the
-    modules' when given, else ``pruning``'s. Ray must be initialized (or is started locally by Ray Data)."""
+def evaluated_model(job: Job, model_path: str | None = None, modules: str | None = None) -> ModelSpec:
+    """The model ``job``'s evaluation runs (``model_path`` and ``modules``, what a training produced, override
+    ``model.name_or_path`` and ``eval.modules``), checked against its settings without any cluster work:
+    ``ValueError`` (``FileNotFoundError`` for missing modules) when it cannot run them. The stages of the
+    training-free methods are the modules' when given, else ``pruning``'s."""
     config = job.config
     ev, model_path, modules = config.eval, model_path or config.model.name_or_path, modules or config.eval.modules
     if model_path == TOY:
@@ -255,7 +249,20 @@ def evaluate(
     pruning = read_pruning_config(modules) if modules else config.pruning
     for schedule in ev.schedules:
         pruning.check_ratios(schedule)
-    model = ModelSpec(model_path, modules, pruning, config.model.dtype, config.model.attn_implementation)
+    return ModelSpec(model_path, modules, pruning, config.model.dtype, config.model.attn_implementation)
+
+
+def evaluate(
+    job: Job,
+    model_path: str | None = None,
+    modules: str | None = None,
+    parent_run_id: str | None = None,
+) -> list[SettingResult]:
+    """Every setting of ``job.config.eval`` (methods x schedules) on its benchmarks, one MLflow run each, with the
+    model of :func:`evaluated_model`. Ray must be initialized (or is started locally by Ray Data)."""
+    config = job.config
+    ev, model = config.eval, evaluated_model(job, model_path, modules)
+    model_path, modules = model.name_or_path, model.modules
     benchmarks = benchmarks_from_config(config)
     options = InferenceOptions(
         batch_size=ev.batch_size,
@@ -310,7 +317,8 @@ def check_modules(methods: Sequence[str], modules: str | None) -> None:
     """A trained method (LVPruning) needs its decision modules: fails naming the method before any work."""
     trained = [m for m in methods if is_trained(m)]
     if trained and modules is None:
-        raise ValueError(f"eval.methods has {trained} but no decision modules: set eval.modules or --modules DIR")
+        named = ", ".join(map(repr, trained))
+        raise ValueError(f"eval.methods has {named} but no decision modules: set eval.modules or --modules DIR")
 
 
 def format_table(results: Sequence[SettingResult]) -> str:

@@ -82,12 +82,10 @@ def question_text(benchmark: str, record: dict[str, Any]) -> str:
 
 
 def read_questions(path: str) -> list[dict[str, Any]]:
-    """The records of a LLaVA question jsonl (local or ``s3://``); a bad line or a repeated id is an error."""
-    lines = storage.read_bytes(path).decode("utf-8").splitlines()
-    try:
-        numbered = [(n, json.loads(line)) for n, line in enumerate(lines, start=1) if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: a question line is not valid JSON ({e})") from None
+    """The records of a LLaVA question jsonl (local or ``s3://``); a bad line (not UTF-8, not JSON) or a repeated id
+    is an error naming the file and line."""
+    lines = storage.read_bytes(path).splitlines()
+    numbered = [(n, storage.load_json(line, path, n)) for n, line in enumerate(lines, start=1) if line.strip()]
     return [record for _, record in index_questions(path, numbered).values()]
 
 
@@ -102,7 +100,8 @@ def read_answers(path: Path, expected: dict[str, Any]) -> dict[str, dict[str, An
         with open(path, "r+b") as f:
             f.truncate(len(data))
     out = {}
-    for n, record in ((n, json.loads(line)) for n, line in enumerate(data.decode().splitlines(), 1) if line.strip()):
+    lines = enumerate(data.splitlines(), start=1)
+    for n, record in ((n, storage.load_json(line, str(path), n)) for n, line in lines if line.strip()):
         found = {k: record.get("metadata", {}).get(k) for k in expected} | {"model_id": record.get("model_id")}
         if found != expected:
             raise ValueError(f"{path}:{n}: an answer of {found}, but this run is {expected}; use another folder")

@@ -26,7 +26,6 @@ Shapes: B = batch, T = longest sequence in a batch, L = one row's length, H = W 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import Counter
@@ -167,20 +166,24 @@ class SkipLedger:
 def read_records(path: str) -> list[Any]:
     """The records of a LLaVA instruction file: a JSON list, or one JSON object per line for ``.jsonl``.
 
-    A ``.jsonl`` line that is not JSON becomes ``None`` (counted as malformed); a ``.json`` file that is
-    not a list fails.
+    A ``.jsonl`` line that is not UTF-8 or not JSON becomes ``None`` (counted as malformed; the first few are
+    logged with their line); a ``.json`` file that is not UTF-8, not JSON or not a list fails, naming the file.
     """
-    text = storage.read_bytes(path).decode("utf-8")
+    data = storage.read_bytes(path)
     if path.endswith(".jsonl"):
         records: list[Any] = []
-        for line in text.splitlines():
+        unreadable = 0
+        for n, line in enumerate(data.splitlines(), start=1):
             if line.strip():
                 try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
+                    records.append(storage.load_json(line, path, n))
+                except ValueError as e:
                     records.append(None)
+                    unreadable += 1
+                    if unreadable <= 5:
+                        logger.warning("skipping a malformed record: %s", e)
         return records
-    records = json.loads(text)
+    records = storage.load_json(data, path)
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
     return records

@@ -29,6 +29,7 @@ from transformers import LlavaForConditionalGeneration, get_scheduler
 
 from pipelines.config import JobConfig
 from pipelines.stages import Stage
+from pipelines.storage import load_json
 from pipelines.tracking import CheckpointedHistory
 from pipelines.train.collate import PaddingCollateFn
 
@@ -67,7 +68,7 @@ def deepspeed_config(cfg: JobConfig) -> dict[str, Any]:
     path = Path(cfg.scaling.deepspeed_config)
     if not path.is_file():
         raise FileNotFoundError(f"scaling.deepspeed_config: {path} not found")
-    ds = json.loads(path.read_text())
+    ds = load_json(path.read_bytes(), f"scaling.deepspeed_config: {path}")
     ds.update(
         train_micro_batch_size_per_gpu=cfg.train.micro_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,

@@ -1,9 +1,14 @@
-"""Every YAML under jobs/configs validates, and the 7B config holds the paper's settings (section 4.1)."""
+"""Every YAML under jobs/configs validates, and the 7B config holds the paper's settings (section 4.1); every job
+reads its command line before the heavy stack and fails on a bad one or a bad config with one ``error:`` line, exit
+code 2, before any cluster work."""
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -19,9 +24,12 @@ from pipelines.sweep.space import check_space
 from pipelines.sweep.tuner import check_sweep
 from pipelines.toy.model import toy_config
 from pipelines.train.experiment import check_training
+from tests.bad_bytes import SEEDS, not_utf8, not_utf8_problem
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
+JOBS = ROOT / "jobs"
+CONFIGS = sorted((JOBS / "configs").glob("*.yaml"))
+HEAVY = ("deepspeed", "mlflow", "ray", "torch", "transformers")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -216,3 +224,99 @@ def test_methods_toy_fits_the_toy_model_at_matched_budgets(monkeypatch):
     assert {own.method for own in ev.at_own_layers} == {"visionzip", "vscan", "vflowopt"}
     for own in ev.at_own_layers:  # "32 / 26.5 / 21.25 per layer (to half a token), then 14 and 7"
         assert budgets[own.method] == pytest.approx([32.0, 26.5, 21.25, 14.0, 7.0], abs=0.5), own.method
+
+
+@pytest.mark.parametrize("job", ["train", "evaluate", "sweep", "frontier"])
+def test_help_comes_before_the_heavy_stack(job):
+    """``--help`` (and any bad command line) imports none of Ray, torch, DeepSpeed, MLflow: no seconds of imports,
+    no warning of theirs before the usage."""
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = [{str(JOBS / job)!r} + '.py', '--help']\n"
+        "try:\n"
+        f"    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        f"print('heavy:', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=99)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.startswith(f"usage: {job}.py") and done.stdout.endswith("heavy: []\n")
+
+
+def job_main(job: str) -> Callable[[Sequence[str]], int]:
+    """``main`` of ``jobs/<job>.py``, imported as a module (the jobs are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"job_{job}", JOBS / f"{job}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture
+def no_cluster(monkeypatch, tmp_path):
+    """Runs in ``tmp_path`` with Ray's start made to fail the test."""
+
+    def connect_ray() -> None:
+        raise AssertionError("a bad command line or config reached the cluster")
+
+    monkeypatch.setattr("pipelines.cluster.connect_ray", connect_ray)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+@pytest.mark.parametrize(
+    "job, argv, message",
+    [
+        ("evaluate", ["--model", "llava-1.5-7b"], "eval.methods has 'lvpruning' but no decision modules"),
+        ("evaluate", [], "model.name_or_path=toy: give the trained toy model's directory"),
+        ("evaluate", ["--model", "llava-1.5-7b", "--modules", "missing"], "not an LVPruning decision-module"),
+        ("evaluate", ["--model", "llava-1.5-7b", "eval.methods=[none]", "eval.benchmarks=[gqa]"], "benchmarks ['gqa']"),
+        ("train", ["train.learning_rat=1e-3"], "train.learning_rat"),
+        ("sweep", ["sweep.num_trials=0"], "sweep.num_trials"),
+        ("train", ["train.learning_rate=[1e-3"], "override 'train.learning_rate=[1e-3':1:6: not valid YAML"),
+    ],
+)
+def test_a_bad_config_is_one_error_line_and_exit_2(no_cluster, capsys, job, argv, message):
+    assert job_main(job)(argv) == 2
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: ") and message in last and "Traceback" not in err, err
+    assert list(Path.cwd().iterdir()) == []  # no toy world, no MLflow store, no answers written
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("job", ["train", "evaluate", "sweep"])
+def test_a_config_file_that_is_not_utf8_names_its_line(no_cluster, tmp_path, capsys, job, seed):
+    bad = not_utf8(seed)
+    config = tmp_path / "job.yaml"
+    config.write_bytes(b"run:\n  name: x\n  # " + bad + b"\n")
+    assert job_main(job)(["--config", str(config)]) == 2
+    assert f"error: {config}:3: {not_utf8_problem(b'  # ' + bad)}\n" in capsys.readouterr().err
+
+
+def test_a_config_file_that_is_not_yaml_names_its_line(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("run:\n  name: [x\ntrain: {}\n")
+    with pytest.raises(ValueError, match=re.escape(f"{config}:3:6: not valid YAML (expected ',' or ']'")):
+        load_config(config)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_decision_modules_whose_config_is_not_utf8_name_its_line(no_cluster, tmp_path, capsys, seed):
+    bad = not_utf8(seed)
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    (modules / "lvpruning_config.json").write_bytes(b'{"pruning_config":\n  "' + bad + b'"}\n')
+    assert job_main("evaluate")(["--model", "llava-1.5-7b", "--modules", str(modules)]) == 2
+    problem = not_utf8_problem(b'  "' + bad)
+    assert f"error: {modules / 'lvpruning_config.json'}:2: {problem}\n" in capsys.readouterr().err
+
+
+def test_a_deepspeed_config_that_is_not_json_names_its_line(tmp_path):
+    from pipelines.train.worker import deepspeed_config
+
+    path = tmp_path / "zero2.json"
+    path.write_text('{"zero_optimization": {"stage": 2},\n "bf16": {"enabled": tru}}\n')
+    cfg = load_config(None, [f"scaling.deepspeed_config={path}"])
+    with pytest.raises(ValueError, match=re.escape(f"scaling.deepspeed_config: {path}:2:22: not valid JSON")):
+        deepspeed_config(cfg)

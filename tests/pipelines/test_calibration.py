@@ -31,6 +31,7 @@ from pipelines.sweep.calibration import (
     trial_setting,
 )
 from pipelines.sweep.space import baseline_trials, trial_job
+from tests.bad_bytes import not_utf8
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -109,6 +110,17 @@ def test_calibration_set_skips_and_counts_unusable_records(world, tmp_path):
     assert all(int((p == image_id).sum()) == 64 for p in prompts)
     again, _, _ = calibration_requests(str(tmp_path / "train.json"), str(world.images), processor, c)
     assert all(np.array_equal(a, b) for a, b in zip(prompts, again))  # the same sample for the same seed
+
+
+def test_calibration_set_skips_and_counts_a_line_that_is_not_utf8(world, tmp_path):
+    write_conversations(world, tmp_path / "train.json")
+    lines = [json.dumps(r).encode() for r in json.loads((tmp_path / "train.json").read_text())]
+    lines.insert(2, not_utf8(0))
+    (tmp_path / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    processor = AutoProcessor.from_pretrained(world.model)
+    c = Calibration(num_questions=50, seed=3)
+    prompts, _, skipped = calibration_requests(str(tmp_path / "train.jsonl"), str(world.images), processor, c)
+    assert len(prompts) == world.n_good and skipped == 3  # the text-only record, the missing image, the bad bytes
 
 
 @pytest.mark.parametrize("setting", [Setting("vscan", (0.5, 0.25), layers=(-1, 1)), Setting("lvpruning", (0.5, 0.25))])

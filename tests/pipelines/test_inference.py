@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +18,16 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from lvpruning import PruningConfig, attach, load_decision_modules, save_decision_modules
 from lvpruning.policies import get_policy
 from lvpruning.tiny import build_processor, build_tokenizer, tiny_llava, tiny_llava_config
-from pipelines.eval.inference import InferenceOptions, answer_signature, question_text, read_answers, run_inference
+from pipelines.eval.inference import (
+    InferenceOptions,
+    answer_signature,
+    question_text,
+    read_answers,
+    read_questions,
+    run_inference,
+)
 from pipelines.eval.models import ModelSpec, Setting
+from tests.bad_bytes import SEEDS, not_utf8, not_utf8_problem
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -193,6 +202,26 @@ def test_answers_of_another_setting_are_refused(tmp_path):
     for other in (answer_signature(spec, Setting("fastv", (0.5,))), answer_signature(ModelSpec("/x/llava"), setting)):
         with pytest.raises(ValueError, match="use another folder"):
             read_answers(path, other)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_question_and_answer_lines_that_are_not_utf8_name_file_and_line(tmp_path, seed):
+    bad = not_utf8(seed)
+    questions = tmp_path / "questions.jsonl"
+    questions.write_bytes(b'{"question_id": 1, "text": "red?"}\n\n' + bad + b"\n")
+    with pytest.raises(ValueError, match=re.escape(f"{questions}:3: {not_utf8_problem(bad)}")):
+        read_questions(str(questions))
+    questions.write_bytes(b'{"question_id": 1, "text": "red?"}\n{"question_id": 2\n')
+    with pytest.raises(ValueError, match=re.escape(f"{questions}:2:18: not valid JSON")):
+        read_questions(str(questions))
+    spec, setting = ModelSpec("/models/llava"), Setting("random", (0.5,))
+    signature = answer_signature(spec, setting)
+    meta = {k: v for k, v in signature.items() if k != "model_id"}
+    answers = tmp_path / "answers.jsonl"
+    good = json.dumps({"question_id": 1, "text": "red", "model_id": "llava", "metadata": meta}).encode()
+    answers.write_bytes(good + b"\n" + bad + b"\n")
+    with pytest.raises(ValueError, match=re.escape(f"{answers}:2: {not_utf8_problem(bad)}")):
+        read_answers(answers, signature)
 
 
 def test_answers_of_an_earlier_model_trained_into_the_same_folder_are_refused(tmp_path):

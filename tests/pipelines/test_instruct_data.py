@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -20,7 +21,8 @@ from lvpruning.tiny import build_processor, tiny_llava_config
 from pipelines.conversation import IGNORE_INDEX, encode, parse_turns, render, split_supervised
 from pipelines.images import expand_to_square
 from pipelines.train.collate import PaddingCollateFn, collate
-from pipelines.train.data import RECORD_SKIPS, build_instruct_dataset
+from pipelines.train.data import RECORD_SKIPS, build_instruct_dataset, read_records
+from tests.bad_bytes import SEEDS, not_utf8, not_utf8_problem
 
 WORDS = "what color is cube how many spheres there red green blue two three".split()
 MAX_LENGTH = 256
@@ -145,14 +147,33 @@ def test_rows_are_model_inputs_and_every_skip_is_counted(ray_cluster, processor,
 
 def test_jsonl_gives_the_same_rows_and_counts_unparsable_lines(ray_cluster, processor, data: Path) -> None:
     records = json.loads((data / "train.json").read_text())
-    lines = [json.dumps(r) for r in records] + ["{not json"]
-    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    lines = [json.dumps(r).encode() for r in records] + [b"{not json", not_utf8(0)]
+    lines.insert(3, not_utf8(1))
+    (data / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     ds_json, _ = build_instruct_dataset(str(data / "train.json"), str(data), processor, max_bad_fraction=0.5, **FAST)
     ds, ledger = build_instruct_dataset(str(data / "train.jsonl"), str(data), processor, max_bad_fraction=0.5, **FAST)
     rows, reference = ds.take_all(), ds_json.take_all()
-    assert ledger.stats().counts["malformed_conversation"] == len(bad_records()["malformed_conversation"]) + 1
+    assert ledger.stats().counts["malformed_conversation"] == len(bad_records()["malformed_conversation"]) + 3
     assert [r["id"] for r in rows] == [r["id"] for r in reference]
     np.testing.assert_array_equal(rows[0]["pixel_values"], reference[0]["pixel_values"])
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_a_record_that_is_not_utf8_is_skipped_and_named(tmp_path: Path, caplog, seed: int) -> None:
+    """A ``.jsonl`` line of such bytes is one malformed record (``None``, counted by the text stage); a ``.json``
+    file of them fails, naming the file and line."""
+    bad = not_utf8(seed)
+    good = [good_record(i) for i in range(3)]
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\n".join([json.dumps(good[0]).encode(), bad, b"", *(json.dumps(r).encode() for r in good[1:])]))
+    with caplog.at_level(logging.WARNING, logger="pipelines.train.data"):
+        records = read_records(str(path))
+    assert records == [good[0], None, *good[1:]]
+    assert f"{path}:2: {not_utf8_problem(bad)}" in caplog.text
+    whole = tmp_path / "train.json"
+    whole.write_bytes(b"[\n" + json.dumps(good[0]).encode() + b",\n" + bad + b"\n]")
+    with pytest.raises(ValueError, match=re.escape(f"{whole}:3: {not_utf8_problem(bad)}")):
+        read_records(str(whole))
 
 
 def test_text_errors_over_the_threshold_fail_before_any_image_is_read(ray_cluster, processor, data: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.eval.score import main
+from pipelines.eval.scoring.common import ScoringError, read_json, read_tsv
+from tests.bad_bytes import SEEDS, not_utf8, not_utf8_problem
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / ".." / "shared" / "fixtures" / "llava-v1.5-13b"
@@ -130,3 +133,36 @@ def test_cli_errors_name_file_and_line(tmp_path: Path, capsys) -> None:
     assert f"{tmp_path / 'q.jsonl'}:2: questions line is not valid JSON" in capsys.readouterr().err
     assert main(["--benchmark", "nobench", "--questions", "q", "--answers", "a"]) == 2
     assert "unknown benchmark 'nobench'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cli_names_the_line_that_is_not_utf8(tmp_path: Path, capsys, seed: int) -> None:
+    """An answer line of such bytes is malformed (counted, the rest scored); a question or label line, an error."""
+    bad = not_utf8(seed)
+    argv = _pope_inputs(tmp_path, ['{"question_id": 0, "text": "Yes"}', "", '{"question_id": 1, "text": "No"}'])
+    answers = tmp_path / "a.jsonl"
+    answers.write_bytes(answers.read_bytes().replace(b"\n\n", b"\n" + bad + b"\n"))
+    assert main([*argv, "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["counts"] == {"questions": 2, "answered": 2, "missing": 0, "malformed_lines": 1}
+    assert f"{answers}:2: malformed answer line: {not_utf8_problem(bad)}" in out.err
+    answers.write_text('{"question_id": 0, "text": "Yes"}\n')
+    for name, what in (("q.jsonl", "questions"), ("coco_pope_random.json", "POPE label")):
+        path = tmp_path / name
+        path.write_bytes(path.read_bytes() + bad + b"\n")
+        assert main(argv) == 2
+        assert f"error: {path}:3: {what} line is {not_utf8_problem(bad)}\n" in capsys.readouterr().err
+        path.write_bytes(path.read_bytes()[: -len(bad) - 1])
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_whole_files_that_are_not_utf8_name_the_line(tmp_path: Path, seed: int) -> None:
+    bad = not_utf8(seed)
+    annotations = tmp_path / "ann.json"
+    annotations.write_bytes(b'{"questions": [\n  "' + bad + b'"\n]}\n')
+    with pytest.raises(ScoringError, match=rf"^{re.escape(str(annotations))}:2: GQA questions file is not UTF-8 text"):
+        read_json(annotations, "GQA questions")
+    tsv = tmp_path / "mmbench.tsv"
+    tsv.write_bytes(b"index\tquestion\n0\twhat ?\n1\t" + bad + b"\n")
+    with pytest.raises(ScoringError, match=rf"^{re.escape(str(tsv))}:3: MMBench tsv file is not UTF-8 text"):
+        read_tsv(tsv, "MMBench tsv")

@@ -1,14 +1,16 @@
 """Reading question, answer and annotation files, and the shape every scorer returns.
 
-Files are read strictly (a malformed question or annotation file is an error naming the file and line), except
-answer files: a malformed answer line is counted and reported, and the rest is scored. Question ids are
-compared as strings (LLaVA writes ints for some benchmarks and strings for others). A question with no answer
-is scored as wrong and counted as ``missing``; an answer whose id is not a question is an error.
+Files are read strictly (a malformed question or annotation file, bytes that are not UTF-8 included, is an error
+naming the file and line), except answer files: a malformed answer line is counted and reported, and the rest is
+scored (a line that is not UTF-8 is one of them). Question ids are compared as strings (LLaVA writes ints for
+some benchmarks and strings for others). A question with no answer is scored as wrong and counted as
+``missing``; an answer whose id is not a question is an error.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -16,6 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from pipelines.storage import NotUtf8Error, decode_utf8
 
 Records = Sequence[Mapping[str, Any]]
 Source = str | os.PathLike | Records
@@ -59,8 +63,9 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
     """Parse a whole JSON file; errors name the file, line and column."""
     p = _existing(path, what)
     try:
-        with p.open(encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(decode_utf8(p.read_bytes(), str(p)))
+    except NotUtf8Error as e:
+        raise ScoringError(f"{p}:{e.line}: {what} file is {e.problem}") from None
     except json.JSONDecodeError as e:
         raise ScoringError(f"{p}:{e.lineno}:{e.colno}: {what} file is not valid JSON ({e.msg})") from None
 
@@ -69,17 +74,18 @@ def read_jsonl(path: str | os.PathLike, what: str) -> list[tuple[int, dict[str, 
     """(line number, object) for each non-blank line; a bad line is an error naming file and line."""
     p = _existing(path, what)
     out = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ScoringError(f"{p}:{n}: {what} line is not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ScoringError(f"{p}:{n}: {what} line is not a JSON object")
-            out.append((n, obj))
+    for n, line in enumerate(p.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(decode_utf8(line, str(p), n))
+        except NotUtf8Error as e:
+            raise ScoringError(f"{p}:{n}: {what} line is {e.problem}") from None
+        except json.JSONDecodeError as e:
+            raise ScoringError(f"{p}:{n}: {what} line is not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise ScoringError(f"{p}:{n}: {what} line is not a JSON object")
+        out.append((n, obj))
     return out
 
 
@@ -87,9 +93,12 @@ def read_tsv(path: str | os.PathLike, what: str) -> list[tuple[int, dict[str, st
     """(row number, row) of a tab-separated file with a header (MMBench); the first data row is 1."""
     p = _existing(path, what)
     csv.field_size_limit(sys.maxsize)  # MMBench rows carry base64 images
-    with p.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        return [(n, dict(row)) for n, row in enumerate(reader, start=1)]
+    try:
+        text = decode_utf8(p.read_bytes(), str(p))
+    except NotUtf8Error as e:
+        raise ScoringError(f"{p}:{e.line}: {what} file is {e.problem}") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t")
+    return [(n, dict(row)) for n, row in enumerate(reader, start=1)]
 
 
 def question_records(src: Source, what: str = "questions") -> tuple[str, list[tuple[int, Mapping[str, Any]]]]:
@@ -131,18 +140,19 @@ def load_answers(src: Source) -> AnswerFile:
     malformed: list[str] = []
     if isinstance(src, str | os.PathLike):
         p = _existing(src, "answers")
-        with p.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    parsed = _answer_from(json.loads(line), n)
-                except json.JSONDecodeError as e:
-                    parsed = f"not valid JSON ({e.msg})"
-                if isinstance(parsed, str):
-                    malformed.append(f"{name}:{n}: malformed answer line: {parsed}")
-                else:
-                    answers.append(parsed)
+        for n, line in enumerate(p.read_bytes().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                parsed = _answer_from(json.loads(decode_utf8(line, name, n)), n)
+            except NotUtf8Error as e:
+                parsed = e.problem
+            except json.JSONDecodeError as e:
+                parsed = f"not valid JSON ({e.msg})"
+            if isinstance(parsed, str):
+                malformed.append(f"{name}:{n}: malformed answer line: {parsed}")
+            else:
+                answers.append(parsed)
     else:
         for n, rec in enumerate(src, start=1):
             parsed = _answer_from(rec, n)

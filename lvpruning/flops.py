@@ -25,7 +25,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedC
 
 from lvpruning.config import PruningConfig, check_schedule
 from lvpruning.engine import attach
-from lvpruning.policies import POLICIES, PruningPolicy, get_policy
+from lvpruning.policies import POLICIES, PruningPolicy, get_policy, is_trained
 from lvpruning.stage import StageShape, keep_count
 
 TOLERANCE = 0.02  # analytic and measured counts must agree within 2%
@@ -223,7 +223,7 @@ def analytic_flops(
     kept = tuple(keep_count(r, n_vis) for r in ratios)  # k_s of eq. 13, fractions of the ORIGINAL |I_V|
     per_layer = tokens_per_layer(text.num_hidden_layers, layers, kept, n_vis, n_text)
     front, unused = vision_and_projector_flops(config)
-    if method == "lvpruning":  # stage s scores the vision tokens still kept (|I_V|, then k_{s-1}) against the text
+    if is_trained(method):  # decision modules: stage s scores the vision tokens still kept (|I_V|, then k_{s-1})
         shape = (pruning.num_blocks, pruning.ffn_dim, pruning.decision_dim)
         overhead = [decision_module_flops(text.hidden_size, q, n_text, *shape) for q in (n_vis, *kept[:-1])]
     else:
@@ -241,7 +241,7 @@ def analytic_flops(
         pruned_parts={
             **front,
             **llm_flops(text, per_layer, lm_head_positions),
-            "decision" if method == "lvpruning" else "policy": sum(overhead),
+            "decision" if is_trained(method) else "policy": sum(overhead),
         },
         decision_per_stage=tuple(overhead),
         vision_unused=unused,
@@ -261,7 +261,7 @@ def _check_count(
     """The arguments of :func:`analytic_flops`, checked: a ``ValueError`` naming the first that is wrong."""
     check_schedule(layers, ratios, text_config.num_hidden_layers)
     pruning.check_model(text_config.num_hidden_layers, text_config.hidden_size)
-    if method == "lvpruning" and layers != pruning.layers:
+    if is_trained(method) and layers != pruning.layers:
         raise ValueError(f"LVPruning's decision modules sit after layers {list(pruning.layers)}, not {list(layers)}")
     if num_text_tokens < 1:
         raise ValueError(f"num_text_tokens must be at least 1 (the decision keys), got {num_text_tokens}")

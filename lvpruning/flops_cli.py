@@ -13,7 +13,7 @@ from transformers import LlavaConfig
 
 from lvpruning.config import PruningConfig, paper_schedule
 from lvpruning.flops import TERA, TOLERANCE, FlopsReport, analytic_flops, measure_flops
-from lvpruning.policies import POLICIES
+from lvpruning.policies import POLICIES, is_trained
 from lvpruning.presets import load_llava_config
 
 
@@ -83,7 +83,7 @@ def pruning_setting(
         ratios = published.ratios if layers == published.layers else paper_schedule(0.5, len(layers))
     shape = {"num_blocks": args.decision_blocks, "num_heads": args.decision_heads}
     shape |= {"ffn_dim": args.decision_ffn, "decision_dim": args.decision_dim}
-    if args.method == "lvpruning":
+    if is_trained(args.method):
         pruning = PruningConfig(layers=layers, train_ratios=ratios, infer_ratios=ratios, **shape)
     else:  # only the modules' shape is read; their stages are the method's decoder ones (a tower stage aside)
         stages = tuple(i for i in layers if i >= 0) or (0,)

@@ -62,7 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipelines.cluster import connect_ray
     from pipelines.eval.evaluation import evaluate, format_table
 
-    connect_ray()
+    try:  # a path that another node of the cluster would need but cannot read fails here, naming its key
+        connect_ray(job)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         print(format_table(evaluate(job)))
     finally:

@@ -45,7 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     objective = objective_of(job)
     print(objective.plan(job))
-    connect_ray()
+    try:  # a path that another node of the cluster would need but cannot read fails here, naming its key
+        connect_ray(job)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     result = run_sweep(job)
     print(f"\n{'resumed' if result.restored else 'ran'} {len(result.grid)} trials, {len(result.grid.errors)} failed")
     if result.interrupted:

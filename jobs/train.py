@@ -49,7 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"global batch {cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {cfg.scaling.num_workers} "
         f"workers x {cfg.gradient_accumulation_steps} accumulation steps"
     )
-    connect_ray()
+    try:  # a path that another node of the cluster would need but cannot read fails here, naming its key
+        connect_ray(job)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     trained = run_training(job)
     if not args.no_eval:
         try:

@@ -17,6 +17,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from lvpruning import PruningConfig, attach, save_decision_modules
 from lvpruning.policies import NONE, LearnedPolicy
+from pipelines.storage import local_copy
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class BaseStage:
     def save(self, module: nn.Module, directory: Path, model_path: str) -> None:
         """The whole model with its processor, loadable by ``from_pretrained``."""
         module.save_pretrained(directory)
-        AutoProcessor.from_pretrained(model_path).save_pretrained(directory)
+        AutoProcessor.from_pretrained(local_copy(model_path)).save_pretrained(directory)
 
     def run_name(self, name: str) -> str:
         """Its own checkpoints and answers folder, so a base run never resumes from a pruning one."""

@@ -8,13 +8,18 @@ A missing object raises ``FileNotFoundError`` on both backends, so callers can c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 S3_SCHEME = "s3://"
+COMPLETE = "COMPLETE"  # the last object upload_folder writes
 
 
 def is_s3(path: str) -> bool:
@@ -114,3 +119,59 @@ def load_json(data: bytes, name: str, line: int = 1) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{name}:{line + e.lineno - 1}:{e.colno}: not valid JSON ({e.msg})") from None
+
+
+def _listing(uri: str) -> list[tuple[str, int, str]]:
+    """(key relative to ``uri``, size, ETag) of every object under the prefix ``uri``, sorted."""
+    bucket, prefix = split_s3(uri.rstrip("/") + "/")
+    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    found = [(o["Key"][len(prefix) :], o["Size"], o["ETag"]) for page in pages for o in page.get("Contents", [])]
+    return sorted(found)
+
+
+def local_copy(path: str) -> str:
+    """A local path with the content of ``path``: ``path`` itself when it is local; for an ``s3://`` folder, a copy
+    downloaded once per machine (keyed by the objects' names and ETags, so a changed folder is fetched again) under
+    ``$TMPDIR/lvpruning-cache/``, keeping the folder's name (a model's id). ``FileNotFoundError`` when the prefix
+    holds nothing."""
+    if not is_s3(path):
+        return path
+    listing = [item for item in _listing(path) if item[0] != COMPLETE]
+    if not listing:
+        raise FileNotFoundError(f"{path}: no objects under this prefix")
+    digest = hashlib.sha256(json.dumps([path, listing]).encode()).hexdigest()[:16]
+    cached = Path(tempfile.gettempdir()) / "lvpruning-cache" / digest / path.rstrip("/").rsplit("/", 1)[-1]
+    if cached.is_dir():
+        return str(cached)
+    partial = Path(tempfile.mkdtemp(prefix=f"{digest}-", dir=cached.parents[1]))  # then one rename: never half
+    bucket, prefix = split_s3(path.rstrip("/") + "/")
+    for relative, _, _ in listing:
+        target = partial / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3_client().download_file(bucket, prefix + relative, str(target))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        partial.rename(cached)
+    except OSError:  # another process of this machine was first: its copy is the same
+        shutil.rmtree(partial, ignore_errors=True)
+    return str(cached)
+
+
+def upload_folder(folder: Path, uri: str) -> None:
+    """Every file under ``folder`` to the ``s3://`` prefix ``uri`` (eight at a time); ``COMPLETE`` last, so that a
+    prefix with that object holds the whole folder."""
+    bucket, prefix = split_s3(uri.rstrip("/") + "/")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    client = s3_client()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda p: client.upload_file(str(p), bucket, prefix + str(p.relative_to(folder))), files))
+    client.put_object(Bucket=bucket, Key=prefix + COMPLETE, Body=b"")
+
+
+def is_complete(uri: str) -> bool:
+    """Whether :func:`upload_folder` finished writing ``uri``."""
+    try:
+        read_bytes(join(uri, COMPLETE))
+    except FileNotFoundError:
+        return False
+    return True

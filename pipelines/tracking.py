@@ -82,6 +82,16 @@ def resolve_uri(uri: str | None = None) -> str:
     return uri
 
 
+def tracking_path(uri: str) -> str | None:
+    """The local file or folder a resolved tracking URI writes to (``sqlite:///``, ``file:``, a plain path); None
+    for a server (``http(s)://``, a database server)."""
+    if uri.startswith("sqlite:///"):
+        return uri.removeprefix("sqlite://")
+    if uri.startswith("file:"):
+        return uri.removeprefix("file:").removeprefix("//")
+    return None if "://" in uri else uri
+
+
 def ui_hint(uri: str) -> str:
     """How to open the UI on this store (bound to loopback; pass --host to share it deliberately)."""
     if uri.startswith(("http://", "https://")):

@@ -24,7 +24,7 @@ import shlex
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from lvpruning.checkpoint import read_pruning_config
 from lvpruning.flops import analytic_flops
 from lvpruning.policies import NONE, is_trained
 from lvpruning.presets import load_llava_config
+from pipelines.cluster import for_every_node
 from pipelines.config import TOY, JobConfig, OwnLayers
 from pipelines.eval.inference import (
     InferenceOptions,
@@ -47,6 +48,7 @@ from pipelines.eval.metrics import E2E_MS, MEAN, PREFILL_MS, TFLOPS
 from pipelines.eval.models import ModelSpec, Setting
 from pipelines.eval.scoring import score
 from pipelines.job import Job
+from pipelines.storage import local_copy
 from pipelines.tracking import PARENT_TAG, get_or_create_experiment, redact, runs_with_tags
 
 logger = logging.getLogger(__name__)
@@ -246,7 +248,7 @@ def evaluated_model(job: Job, model_path: str | None = None, modules: str | None
     if model_path == TOY:
         raise ValueError("model.name_or_path=toy: give the trained toy model's directory (saved by jobs/train.py)")
     check_modules(ev.methods, modules)
-    pruning = read_pruning_config(modules) if modules else config.pruning
+    pruning = read_pruning_config(local_copy(modules)) if modules else config.pruning
     for schedule in ev.schedules:
         pruning.check_ratios(schedule)
     return ModelSpec(model_path, modules, pruning, config.model.dtype, config.model.attn_implementation)
@@ -263,7 +265,13 @@ def evaluate(
     config = job.config
     ev, model = config.eval, evaluated_model(job, model_path, modules)
     model_path, modules = model.name_or_path, model.modules
-    benchmarks = benchmarks_from_config(config)
+    # The images the preprocessing tasks read, where every node reads them (copied to run.storage_path when only
+    # this node has them; the model likewise, where it crosses: InferenceOptions.storage_path, timed_settings).
+    storage = config.run.storage_path
+    benchmarks = [
+        replace(b, image_root=for_every_node(b.image_root, f"eval.data.{b.name}.image_root", storage))
+        for b in benchmarks_from_config(config)
+    ]
     options = InferenceOptions(
         batch_size=ev.batch_size,
         max_new_tokens=ev.max_new_tokens,
@@ -271,6 +279,7 @@ def evaluate(
         use_gpu=ev.use_gpu,
         cpus_per_actor=ev.cpus_per_actor,
         max_questions=ev.max_questions,
+        storage_path=storage,
     )
     settings = make_settings(ev.methods, ev.schedules, ev.seed, ev.at_own_layers)
     latency = timed_settings(config, model, settings, benchmarks[0])
@@ -310,7 +319,8 @@ def timed_settings(
         use_gpu=ev.use_gpu,
         num_cpus=ev.cpus_per_actor,
     )
-    return measure_latency(model, settings, benchmark.name, benchmark.questions, benchmark.image_root, timing)
+    remote = model.for_every_node(config.run.storage_path)  # a Ray task loads it, maybe on another node
+    return measure_latency(remote, settings, benchmark.name, benchmark.questions, benchmark.image_root, timing)
 
 
 def check_modules(methods: Sequence[str], modules: str | None) -> None:

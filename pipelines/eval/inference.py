@@ -57,6 +57,7 @@ class InferenceOptions:
     use_gpu: bool = False  # one GPU per actor
     cpus_per_actor: float = 0.5  # room for the preprocessing tasks: benchmarks/RESULTS.md, "CPU defaults"
     max_questions: int | None = None  # the first N questions of the file
+    storage_path: str | None = None  # where the model goes when other nodes cannot read it (run.storage_path)
 
 
 @dataclass
@@ -215,7 +216,7 @@ def run_inference(
         if processor is None:
             from transformers import AutoProcessor
 
-            processor = AutoProcessor.from_pretrained(model.name_or_path)
+            processor = AutoProcessor.from_pretrained(storage.local_copy(model.name_or_path))
         rows = [
             {"index": i, "image": str(records[i].get("image") or ""), "question": question_text(benchmark, records[i])}
             for i in todo
@@ -273,7 +274,8 @@ def _dataset(
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // size)))
     pre = {"processor_ref": ref, "image_root": image_root}
     ds = ds.map_batches(_preprocess, fn_kwargs=pre, batch_size=size, batch_format="numpy", num_cpus=PREPROCESS_CPUS)
-    actor = {"spec": model, "setting": setting, "processor": ref, "max_new_tokens": options.max_new_tokens}
+    remote = model.for_every_node(options.storage_path)  # the actors may be on other nodes
+    actor = {"spec": remote, "setting": setting, "processor": ref, "max_new_tokens": options.max_new_tokens}
     return ds.map_batches(
         Generator,
         fn_constructor_kwargs=actor | {"use_gpu": options.use_gpu},

@@ -32,6 +32,7 @@ from pipelines.conversation import RecordError
 from pipelines.eval.inference import Preprocessor, question_text, read_questions
 from pipelines.eval.metrics import E2E_MS, PREFILL_MS
 from pipelines.eval.models import ModelSpec, Setting, load_model, setting_policy, timed_generate, with_pruning
+from pipelines.storage import local_copy
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def _measure(
 ) -> dict[str, dict[str, float]]:
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(spec.name_or_path)
+    processor = AutoProcessor.from_pretrained(local_copy(spec.name_or_path))
     prompts, pixels = latency_requests(benchmark, questions, image_root, processor, options)
     return time_settings(spec, settings, prompts, pixels, processor.tokenizer, options)
 

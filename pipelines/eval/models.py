@@ -6,7 +6,7 @@ batch inference (``pipelines.eval.inference``) and the latency measurement (``pi
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,8 @@ from torch import nn
 
 from lvpruning import LVPruningModel, PruningConfig, attach, load_decision_modules
 from lvpruning.policies import METHODS, NONE, POLICIES, PruningPolicy, get_policy, is_trained
+from pipelines.cluster import for_every_node
+from pipelines.storage import local_copy
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,12 @@ class ModelSpec:
     @property
     def model_id(self) -> str:
         return Path(self.name_or_path.rstrip("/")).name
+
+    def for_every_node(self, storage_path: str) -> ModelSpec:
+        """This spec with its model and modules where every node of the cluster reads them
+        (:func:`pipelines.cluster.for_every_node`: copied to ``storage_path`` if only this node has them)."""
+        model = for_every_node(self.name_or_path, "model.name_or_path", storage_path)
+        return replace(self, name_or_path=model, modules=for_every_node(self.modules, "eval.modules", storage_path))
 
 
 @dataclass(frozen=True)
@@ -93,7 +101,8 @@ def load_model(spec: ModelSpec, method: str, device: str | torch.device = "cpu")
     from transformers import LlavaForConditionalGeneration
 
     dtype, attn = getattr(torch, spec.dtype), spec.attn_implementation
-    model = LlavaForConditionalGeneration.from_pretrained(spec.name_or_path, dtype=dtype, attn_implementation=attn)
+    path = local_copy(spec.name_or_path)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     model = model.to(device).eval()
     return model if method == NONE else with_pruning(model, spec, method)
 
@@ -102,7 +111,7 @@ def with_pruning(model: nn.Module, spec: ModelSpec, method: str) -> LVPruningMod
     """``model`` with the trained decision modules when given, else, for the training-free policies (which only
     read the stages), fresh ones at ``spec.pruning``'s stages; in inference mode."""
     if spec.modules is not None:
-        return load_decision_modules(model, spec.modules).eval()
+        return load_decision_modules(model, local_copy(spec.modules)).eval()
     if is_trained(method):
         raise ValueError(f"method {method!r} needs trained decision modules: give ModelSpec.modules (--modules DIR)")
     if spec.pruning is None:

@@ -267,6 +267,7 @@ def calibration_trial(job: Job, params: dict[str, Any], trial_id: str, tags: dic
     report = {k: v for k, v in client.get_run(parent).data.metrics.items() if k in keys}
     if len(report) < len(keys):  # not measured yet (a resumed trial measured before keeps its values)
         spec = ModelSpec(model_path, modules, cfg.pruning, cfg.model.dtype, cfg.model.attn_implementation)
+        spec = spec.for_every_node(cfg.run.storage_path)  # read by a Ray task, maybe on another node
         processor = AutoProcessor.from_pretrained(model_path)
         prompts, pixels, skipped = calibration_requests(cfg.data.train_json, cfg.data.image_root, processor, c)
         ev = cfg.eval

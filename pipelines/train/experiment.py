@@ -18,7 +18,7 @@ import mlflow
 from ray.train import TrainingFailedError, UserCallback
 from transformers import AutoProcessor
 
-from pipelines.cluster import lost_nodes
+from pipelines.cluster import for_every_node, lost_nodes
 from pipelines.config import JobConfig, load_config
 from pipelines.job import Job, resolve
 from pipelines.storage import join
@@ -88,9 +88,11 @@ def run_training(
     cfg, stage = job.config, job.config.stage
     model_path = prepare_model(job)
     processor = AutoProcessor.from_pretrained(model_path)
+    # What the workers and the encode tasks read, where every node reads it (copied to run.storage_path if need be).
+    remote_model = for_every_node(model_path, "model.name_or_path", cfg.run.storage_path)
     dataset, ledger = build_instruct_dataset(
         cfg.data.train_json,
-        cfg.data.image_root,
+        for_every_node(cfg.data.image_root, "data.image_root", cfg.run.storage_path),
         processor,
         max_length=cfg.data.max_length,
         max_bad_fraction=cfg.data.max_bad_fraction,
@@ -112,7 +114,7 @@ def run_training(
         started_ms = int(time.time() * 1000)
         pad_token_id = processor.tokenizer.pad_token_id
         try:
-            result = fit(cfg, dataset, model_path, pad_token_id, steps, uri, run.info.run_id, callbacks)
+            result = fit(cfg, dataset, remote_model, pad_token_id, steps, uri, run.info.run_id, callbacks)
         except TrainingFailedError as error:
             lost = lost_nodes(started_ms)
             if lost:

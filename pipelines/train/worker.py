@@ -29,7 +29,7 @@ from transformers import LlavaForConditionalGeneration, get_scheduler
 
 from pipelines.config import JobConfig
 from pipelines.stages import Stage
-from pipelines.storage import load_json
+from pipelines.storage import load_json, local_copy
 from pipelines.tracking import CheckpointedHistory
 from pipelines.train.collate import PaddingCollateFn
 
@@ -53,7 +53,7 @@ class TrainState:
 def setup_model(cfg: JobConfig, model_path: str, device: torch.device) -> tuple[torch.nn.Module, list]:
     """The module DeepSpeed trains and its trainable parameters (the stage's: decision modules, or every one)."""
     model = LlavaForConditionalGeneration.from_pretrained(
-        model_path, dtype=getattr(torch, cfg.model.dtype), attn_implementation=cfg.model.attn_implementation
+        local_copy(model_path), dtype=getattr(torch, cfg.model.dtype), attn_implementation=cfg.model.attn_implementation
     )
     module = cfg.stage.trainable(model, cfg.pruning).train()
     if cfg.train.gradient_checkpointing:  # LVPruningModel's, or Hugging Face's for the whole model (stage base)

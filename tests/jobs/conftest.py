@@ -4,8 +4,11 @@
 - ``postgres``: Debian's PostgreSQL, a fresh cluster in a temp dir;
 - ``mlflow_server``: the team MLflow server: ``mlflow server`` on that PostgreSQL, artifacts in ``s3://``;
 - ``head``: a two-node Ray cluster, a head and a second ``ray start --address`` node, each with its own
-  ``--temp-dir``; its environment carries fake secrets (AWS keys, a judge API key, an MLflow password) that the
-  secrets test looks for everywhere.
+  ``--temp-dir``, sharing no disk where it matters: the second node runs in a mount namespace of its own, with
+  empty private tmpfs over every folder the tests and the drivers write (pytest's temp root, the head's temp dir
+  with the jobs' working dirs, the downloads cache), as nodes of ``cluster/a100.yaml`` share no filesystem; its
+  environment carries fake secrets (AWS keys, a judge API key, an MLflow password) that the secrets test looks
+  for everywhere.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import glob
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -243,13 +247,22 @@ class Head:
     env: dict[str, str]  # the environment the Ray CLI, the nodes and the drivers run with
     tmp: Path
     ray_root: Path  # each node's --temp-dir under it (head/, node2/): short, as Unix socket paths must be
+    hidden: tuple[Path, ...]  # what the second node does not see: an empty tmpfs of its own over each
     temp_dirs: list[Path] = field(default_factory=list)  # each node's --temp-dir: its logs
 
     def start_second_node(self) -> None:
+        """``ray start --address`` in a new mount namespace (``unshare``; as root, or mapped to root in a user
+        namespace) whose first act is a private tmpfs over each of ``hidden``: its processes (raylet, workers,
+        actors) see the machine's files except those, which they see empty; the head and the drivers see all."""
         node = self.ray_root / "node2"
         argv = [str(BIN / "ray"), "start", f"--address={self.gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2"]
         argv += ['--resources={"trainer": 1}', "--disable-usage-stats", f"--temp-dir={node}"]
-        ray_start(argv, self.env, self.tmp)
+        for path in self.hidden:
+            path.mkdir(parents=True, exist_ok=True)
+        mounts = [f"mount -t tmpfs -o size=4g,mode=1777 lvp-node2 {shlex.quote(str(p))}" for p in self.hidden]
+        user = [] if os.geteuid() == 0 else ["--map-root-user"]
+        script = " && ".join([*mounts, f"exec {shlex.join(argv)}"])
+        ray_start(["unshare", *user, "--mount", "--propagation", "private", "sh", "-c", script], self.env, self.tmp)
         if node not in self.temp_dirs:
             self.temp_dirs.append(node)
         self.wait_for_nodes(2)
@@ -293,7 +306,10 @@ def head(tmp_path_factory: pytest.TempPathFactory, s3: S3) -> Iterator[Head]:
     ray_root = Path(tempfile.mkdtemp(prefix="lvp-ray-"))
     start += ['--resources={"trainer": 1}', "--disable-usage-stats", f"--temp-dir={ray_root / 'head'}"]
     ray_start(start, env, tmp)
-    cluster = Head(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", env, tmp, ray_root, [ray_root / "head"])
+    # pytest's temp root (every test's files, the MLflow server's), the head's temp dir (the jobs' working dirs and
+    # what their drivers write there), the downloads cache of pipelines.storage.local_copy
+    hidden = (tmp_path_factory.getbasetemp(), ray_root / "head", Path(tempfile.gettempdir()) / "lvpruning-cache")
+    cluster = Head(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", env, tmp, ray_root, hidden, [ray_root / "head"])
     try:
         cluster.start_second_node()
         yield cluster

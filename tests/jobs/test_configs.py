@@ -256,7 +256,7 @@ def job_main(job: str) -> Callable[[Sequence[str]], int]:
 def no_cluster(monkeypatch, tmp_path):
     """Runs in ``tmp_path`` with Ray's start made to fail the test."""
 
-    def connect_ray() -> None:
+    def connect_ray(job) -> None:
         raise AssertionError("a bad command line or config reached the cluster")
 
     monkeypatch.setattr("pipelines.cluster.connect_ray", connect_ray)

@@ -31,6 +31,7 @@ class Job:
 
     config: JobConfig
     model_config: LlavaConfig  # the base model's (read without the weights)
+    base: str | None = None  # the base model as a sweep's driver fixed it for its trials, readable on every node
 
     @property
     def num_layers(self) -> int:
@@ -53,7 +54,9 @@ class Job:
     @property
     def base_model(self) -> str:
         """The frozen base model: ``model.name_or_path``, or the toy world's trained base model (cached or shipped;
-        ``prepare_model`` trains one when there is none)."""
+        ``prepare_model`` trains one when there is none); :attr:`base` where a sweep's driver fixed it."""
+        if self.base is not None:
+            return self.base
         world = self.toy_world
         if world is None:
             return self.config.model.name_or_path
@@ -65,7 +68,11 @@ class Job:
     def replace(self, **sections: Any) -> Job:
         """This job with whole sections replaced (``run=..., eval=..., pruning=...``): a sweep trial's job. The
         sections come from this resolved config, so their paths are absolute already."""
-        return Job(self.config.model_copy(update=sections), self.model_config)
+        return Job(self.config.model_copy(update=sections), self.model_config, self.base)
+
+    def with_base(self, base: str) -> Job:
+        """This job with its base model fixed (a sweep's trials, on any node, use the one its driver prepared)."""
+        return Job(self.config, self.model_config, base)
 
 
 def model_config(name_or_path: str) -> LlavaConfig:

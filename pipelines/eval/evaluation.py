@@ -121,7 +121,7 @@ def evaluate_setting(
     (resumable). No MLflow: :func:`run_setting` logs the result."""
     options, result = options or InferenceOptions(), SettingResult(setting)
     # First, as it also checks the stages against the model: a bad setting fails before any inference.
-    result.metrics[TFLOPS] = setting_tflops(load_llava_config(model.name_or_path), model.pruning, setting)
+    result.metrics[TFLOPS] = setting_tflops(load_llava_config(local_copy(model.name_or_path)), model.pruning, setting)
     for bench in benchmarks:
         answers = Path(output_dir) / setting.name / f"{bench.name}.jsonl"
         report = run_inference(bench.name, bench.questions, bench.image_root, answers, model, setting, options)

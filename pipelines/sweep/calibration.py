@@ -37,6 +37,7 @@ from pipelines.eval.inference import Preprocessor
 from pipelines.eval.metrics import MEAN, TFLOPS
 from pipelines.eval.models import ModelSpec, Setting, left_padded, load_model, setting_policy
 from pipelines.job import Job
+from pipelines.storage import local_copy
 from pipelines.tracking import trial_run
 from pipelines.train.data import read_records
 
@@ -260,7 +261,7 @@ def calibration_trial(job: Job, params: dict[str, Any], trial_id: str, tags: dic
     cfg, model_path = job.config, job.base_model
     setting, evaluated = trial_setting(job, params)
     modules = cfg.eval.modules if is_trained(c.method) else None
-    layers = setting.layers or read_pruning_config(modules).layers
+    layers = setting.layers or read_pruning_config(local_copy(modules)).layers
     client = MlflowClient(cfg.mlflow.tracking_uri)
     parent = trial_run(client, cfg, tags, {"method": c.method, "layers": list(layers)})
     keys = (SIMILARITY, RETENTION, "calibration_questions", "calibration_skipped")
@@ -268,7 +269,7 @@ def calibration_trial(job: Job, params: dict[str, Any], trial_id: str, tags: dic
     if len(report) < len(keys):  # not measured yet (a resumed trial measured before keeps its values)
         spec = ModelSpec(model_path, modules, cfg.pruning, cfg.model.dtype, cfg.model.attn_implementation)
         spec = spec.for_every_node(cfg.run.storage_path)  # read by a Ray task, maybe on another node
-        processor = AutoProcessor.from_pretrained(model_path)
+        processor = AutoProcessor.from_pretrained(local_copy(model_path))
         prompts, pixels, skipped = calibration_requests(cfg.data.train_json, cfg.data.image_root, processor, c)
         ev = cfg.eval
         task = ray.remote(hidden_similarity).options(

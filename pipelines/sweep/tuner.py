@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Param
 from ray import tune
 
+from pipelines.cluster import for_every_node, nodes_not_seeing
 from pipelines.config import JobConfig
 from pipelines.eval.evaluation import benchmarks_from_config
 from pipelines.job import Job, resolve
@@ -36,7 +37,7 @@ from pipelines.tracking import (
     redact,
     runs_with_tags,
 )
-from pipelines.train.experiment import check_training, prepare_model
+from pipelines.train.experiment import check_training, prepare_model, toy_world
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +68,31 @@ def check_sweep(cfg: JobConfig) -> Job:
     return job
 
 
+def check_trial_inputs(job: Job) -> None:
+    """The trials run on any node and read the training data and the benchmarks themselves: each local one must be
+    seen by every node (the toy world's are written on each); ``ValueError`` naming the key otherwise."""
+    if job.is_toy:
+        return
+    cfg = job.config
+    inputs = {"data.train_json": cfg.data.train_json, "data.image_root": cfg.data.image_root}
+    for name, b in cfg.eval.data.items():
+        inputs |= {f"eval.data.{name}.{k}": getattr(b, k) for k in ("questions", "image_root", "annotations")}
+    for key, path in inputs.items():
+        blind = [] if path is None or is_s3(path) else nodes_not_seeing(path)
+        if blind:
+            raise ValueError(
+                f"{key}: {path} is on this node's disk only; the trials on {', '.join(blind)} cannot "
+                "read it: use s3:// or a filesystem every node mounts"
+            )
+
+
 def run_trial(params: dict[str, Any], *, job: Job, sweep_run_id: str) -> None:
     """One Tune trial of the sweep's objective."""
     # Trials run side by side: their Ray Data progress bars would interleave into a flood; Tune's table and each
     # trial's training steps say how far it is.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if job.is_toy:  # this node's own copy of the toy world (written once, the same from data.seed on every node)
+        toy_world(job)
     trial_id = tune.get_context().get_trial_id()
     tags = {PARENT_TAG: sweep_run_id, TRIAL_TAG: trial_id, KIND_TAG: "trial"}
     objective_of(job).trial(job, params, trial_id, tags)
@@ -169,7 +190,13 @@ def run_sweep(job: Job) -> SweepResult:
     # ASHA guards the training reports only: the baselines' and the evaluations' reports carry no training loss.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     cfg = job.config
-    prepare_model(job)  # the toy world and its base model, once, before the trials need them
+    # The base model (the toy world's: written and trained once, here) and the decision modules the trials start
+    # from, where the trials' nodes read them; the inputs the trials read themselves, checked.
+    storage = cfg.run.storage_path
+    base = for_every_node(prepare_model(job), "model.name_or_path", storage)
+    modules = for_every_node(cfg.eval.modules, "eval.modules", storage)
+    job = job.with_base(base).replace(eval=cfg.eval.model_copy(update={"modules": modules}))
+    check_trial_inputs(job)
     sweep_run_id = sweep_run(job)
     tuner, restored = build_tuner(job, sweep_run_id)
     client = MlflowClient(cfg.mlflow.tracking_uri)

@@ -21,7 +21,7 @@ from transformers import AutoProcessor
 from pipelines.cluster import for_every_node, lost_nodes
 from pipelines.config import JobConfig, load_config
 from pipelines.job import Job, resolve
-from pipelines.storage import join
+from pipelines.storage import join, local_copy
 from pipelines.toy.base import ToyWorld
 from pipelines.tracking import RUN_NAME_TAG, latest_training_run, mlflow_run, resumable_run_id
 from pipelines.train.data import build_instruct_dataset
@@ -58,6 +58,8 @@ def prepare_model(job: Job) -> str:
     world = toy_world(job)
     if cfg.stage.exports_model:
         return str(world.continued_model(cfg.train.init_from) if cfg.train.init_from else world.init_model())
+    if job.base is not None:  # a sweep trial: the base model its driver prepared
+        return job.base
     trained = world.trained_base()
     if trained is not None:
         print(f"toy base model: {trained}")
@@ -87,7 +89,7 @@ def run_training(
     and log the export as an artifact. ``callbacks`` go to Ray Train (a sweep's ``TuneReportCallback``)."""
     cfg, stage = job.config, job.config.stage
     model_path = prepare_model(job)
-    processor = AutoProcessor.from_pretrained(model_path)
+    processor = AutoProcessor.from_pretrained(local_copy(model_path))
     # What the workers and the encode tasks read, where every node reads it (copied to run.storage_path if need be).
     remote_model = for_every_node(model_path, "model.name_or_path", cfg.run.storage_path)
     dataset, ledger = build_instruct_dataset(

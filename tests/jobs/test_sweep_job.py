@@ -1,7 +1,9 @@
 """``python jobs/sweep.py`` end to end, as a user runs it: a small sweep of tiny trials through real Ray Tune + Train
-V2 + DeepSpeed on the shared two-node cluster, logging to the team ``mlflow server`` (PostgreSQL, artifacts in S3).
-Its driver is killed (SIGKILL) mid-sweep and run again: the sweep resumes, finished trials are not redone, no MLflow
-run is duplicated. Then the frontier run's plot is opened in the MLflow UI in headless chromium (screenshot kept)."""
+V2 + DeepSpeed on the shared two-node cluster (whose second node sees none of the driver's files: the base model
+reaches the trials through ``run.storage_path`` in S3, each node writes its own toy world), logging to the team
+``mlflow server`` (PostgreSQL, artifacts in S3). Its driver is killed (SIGKILL) mid-sweep and run again: the sweep
+resumes, finished trials are not redone, no MLflow run is duplicated. Then the frontier run's plot is opened in the
+MLflow UI in headless chromium (screenshot kept)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.browser import browser_binaries, open_artifact, screenshot_path
+from tests.jobs.conftest import BUCKET
 
 REPO = Path(__file__).resolve().parents[2]
 SETTING = "tags.`lvpruning.kind` != 'sweep'"
@@ -35,7 +38,7 @@ def sweep_args(tmp: Path, name: str) -> list[str]:
         "train.micro_batch_size=4",
         "train.log_every=1",
         "train.checkpoint_every=2",
-        f"run.storage_path={tmp / 'runs'}",
+        f"run.storage_path=s3://{BUCKET}/sweeps",  # the second node sees nothing under tmp
         f"run.output_dir={tmp / 'outputs'}",
         f"eval.output_dir={tmp / 'eval'}",
         "eval.max_questions=4",
@@ -133,7 +136,7 @@ def test_a_label_free_calibration_sweep_reports_its_choice_against_the_labelled_
         *sweep_args(tmp_path, name)[:3],  # run name, experiment, toy root
         "data.toy_train_samples=48",
         "data.toy_test_samples=8",
-        f"run.storage_path={tmp_path / 'runs'}",
+        f"run.storage_path=s3://{BUCKET}/sweeps",
         f"eval.output_dir={tmp_path / 'eval'}",
         "eval.max_questions=4",
         "eval.batch_size=4",

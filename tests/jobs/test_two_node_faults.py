@@ -130,7 +130,7 @@ def test_a_killed_driver_resumes_in_the_same_mlflow_run_when_resubmitted(head, m
 
 
 @pytest.mark.timeout(900)
-def test_an_inference_actor_killed_mid_evaluation_leaves_every_answer_once(head, toy, tmp_path):
+def test_an_inference_actor_killed_mid_evaluation_leaves_every_answer_once(head, mlflow_server, toy, tmp_path):
     questions = 48
     args = [
         "--model=pipelines/toy/base_model",  # the shipped toy base model, in the job's working_dir
@@ -142,7 +142,9 @@ def test_an_inference_actor_killed_mid_evaluation_leaves_every_answer_once(head,
         "eval.num_actors=2",
         "eval.latency_repeats=0",
         f"eval.output_dir={tmp_path}",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"mlflow.tracking_uri={mlflow_server}",
+        f"mlflow.experiment={EXPERIMENT}",
+        f"run.storage_path=s3://{BUCKET}/runs",  # the model reaches the actors on the second node there
     ]
     job = ray_jobs.submit(head, *args, script="jobs/evaluate.py")
     answers = tmp_path / "none" / "toy.jsonl"

@@ -143,6 +143,7 @@ def local_copy(path: str) -> str:
     cached = Path(tempfile.gettempdir()) / "lvpruning-cache" / digest / path.rstrip("/").rsplit("/", 1)[-1]
     if cached.is_dir():
         return str(cached)
+    cached.parents[1].mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f"{digest}-", dir=cached.parents[1]))  # then one rename: never half
     bucket, prefix = split_s3(path.rstrip("/") + "/")
     for relative, _, _ in listing:

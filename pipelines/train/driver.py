@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import ray.train
@@ -40,10 +40,12 @@ def fit(
     mlflow_tracking_uri: str,
     mlflow_run_id: str | None,
     callbacks: Sequence[UserCallback] = (),
+    worker_env: Mapping[str, str] | None = None,
 ) -> ray.train.Result:
     """Train on ``data`` (the text stage's rows: each worker encodes its own stream of them, ``pipelines.train.order``)
     with ``scaling.num_workers`` DeepSpeed workers, a count or an elastic ``(min, max)``; returns Ray's result
-    (checkpoint). ``callbacks``: Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` in a sweep trial."""
+    (checkpoint). ``callbacks``: Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` in a sweep trial.
+    ``worker_env``: environment variables for this run's workers only (e.g. ``LVPRUNING_SAMPLE_LOG``)."""
     use_gpu = cfg.scaling.use_gpu
     storage_path, filesystem = ray_storage(cfg.run.storage_path)
     trainer = TorchTrainer(
@@ -78,6 +80,7 @@ def fit(
                 max_failures=cfg.run.max_failures, controller_failure_limit=cfg.run.max_start_failures
             ),
             callbacks=list(callbacks),
+            worker_runtime_env={"env_vars": dict(worker_env)} if worker_env else None,
         ),
     )
     return trainer.fit()

@@ -264,7 +264,7 @@ def step_batches(
     """This rank's stream, encoded in order (Ray Data tasks), in groups of ``accumulation`` micro-batches; the last
     group may be short, and after it come empty ones (a rank whose stream ran out still takes part in the vote)."""
     if stream:
-        batches = data.encode(stream).iter_batches(batch_size=micro_batch_size, batch_format="numpy")
+        batches = iter(data.encode(stream).iter_batches(batch_size=micro_batch_size, batch_format="numpy"))
         while group := list(islice(batches, accumulation)):
             yield group
     while True:

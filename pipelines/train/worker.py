@@ -294,7 +294,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     module, params = setup_model(cfg, loop_config["model_path"], device)
     engine, scheduler = setup_engine(cfg, module, params, total_steps, ds_config)
     state = load_checkpoint(engine)
-    if state.position is None:
+    fresh_epoch = state.position is None  # an epoch from its start: one that makes no step is an error
+    if fresh_epoch:
         position = start_epoch(data.indices, cfg.data.seed, state.epoch, world)
     else:
         logger.info(
@@ -371,7 +372,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ray.train.report(report)
             if last:
                 break
-        if state.step == epoch_start and state.step < total_steps:
+        if fresh_epoch and state.step == epoch_start and state.step < total_steps:
             raise RuntimeError("an epoch made no full step: every record was skipped or the data is too small")
         state.epoch += 1
-        position = start_epoch(data.indices, cfg.data.seed, state.epoch, world)
+        position, fresh_epoch = start_epoch(data.indices, cfg.data.seed, state.epoch, world), True

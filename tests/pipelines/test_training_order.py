@@ -61,7 +61,9 @@ def train(setup, name: str, steps: int, workers: int, env: dict[str, str]) -> ra
 
 
 def sample_log(directory: Path) -> list[dict]:
-    return [json.loads(line) for file in sorted(directory.glob("rank*.jsonl")) for line in file.read_text().splitlines()]
+    return [
+        json.loads(line) for file in sorted(directory.glob("rank*.jsonl")) for line in file.read_text().splitlines()
+    ]
 
 
 def by_step(lines: list[dict]) -> dict[int, list[int]]:

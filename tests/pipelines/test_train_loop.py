@@ -204,7 +204,11 @@ def test_deepspeed_zero2_over_two_ranks_matches_a_plain_pytorch_loop(stage, tmp_
     for name, value in one["trained"].items():
         torch.testing.assert_close(value, trained[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     for name, state in one["adam"].items():
-        for key, value in state.items():
+        if name.endswith("k_proj.bias"):  # moments of rounding noise (see above), which differs with the world size
+            continue
+        for key, value in state.items():  # fp32 master weights, exp_avg, exp_avg_sq: to 1e-6 of each tensor's scale
+            expected = saved["adam"][name][key]
+            atol = 1e-6 * max(expected.abs().max().item(), 1e-30)
             torch.testing.assert_close(
-                value, saved["adam"][name][key], rtol=1e-5, atol=1e-9, msg=lambda m, k=f"{name} {key}": f"{k}: {m}"
+                value, expected, rtol=1e-5, atol=atol, msg=lambda m, k=f"{name} {key}": f"{k}: {m}"
             )

@@ -44,10 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg, uri = job.config, job.config.mlflow.tracking_uri
+    splits = ", ".join(
+        f"{cfg.train.micro_batch_size} x {n} workers x {cfg.gradient_accumulation_steps(n)} accumulation steps"
+        for n in cfg.scaling.worker_counts
+    )
     print(
         f"stage {cfg.train.stage}: {cfg.model.name_or_path}, {cfg.scaling.num_workers} workers, "
-        f"global batch {cfg.train.global_batch_size} = {cfg.train.micro_batch_size} x {cfg.scaling.num_workers} "
-        f"workers x {cfg.gradient_accumulation_steps} accumulation steps"
+        f"global batch {cfg.train.global_batch_size} = {splits}"
     )
     try:  # a path that another node of the cluster would need but cannot read fails here, naming its key
         connect_ray(job)

@@ -46,8 +46,7 @@ class DataSection(_Strict):
     toy_train_samples: int = Field(24000, gt=0)  # questions; up to 4 per scene, one conversation per scene
     toy_test_samples: int = Field(800, gt=0)
     toy_question_types: tuple[str, ...] | None = None  # None: the toy world's own (SceneSpec.question_types)
-    shuffle_buffer: int = Field(2048, ge=0)  # records per worker shuffled locally, reseeded every epoch; 0: off
-    seed: int = 0
+    seed: int = 0  # the sample order: a permutation of the records per epoch (pipelines.train.order)
 
 
 class TrainSection(_Strict):
@@ -77,7 +76,8 @@ class TrainSection(_Strict):
 
 
 class ScalingSection(_Strict):
-    num_workers: int = Field(2, gt=0)
+    # A count, or [min, max]: elastic, Ray Train starts (and restarts) with as many workers as fit in that range
+    num_workers: int | tuple[int, int] = 2
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)  # room for Ray Data preprocessing: benchmarks/RESULTS.md, "CPU defaults"
     deepspeed_config: str = "cluster/deepspeed/zero2_cpu.json"
@@ -85,6 +85,20 @@ class ScalingSection(_Strict):
     # nodes where it can, so that losing a node costs the fewest workers.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     resources_per_worker: dict[str, float] = {}  # custom node resources each worker needs, e.g. {accelerator_a100: 1}
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if not 0 < low <= high:
+            raise ValueError(f"expected a positive count or [min, max] with 0 < min <= max, got {value}")
+        return value
+
+    @property
+    def worker_counts(self) -> range:
+        """Every worker count a run may get: one, or ``[min, max]``'s range."""
+        value = self.num_workers
+        return range(value, value + 1) if isinstance(value, int) else range(value[0], value[1] + 1)
 
     @field_validator("resources_per_worker")
     @classmethod
@@ -367,12 +381,13 @@ class JobConfig(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
         t = self.train
-        per_step = t.micro_batch_size * self.scaling.num_workers
-        if t.global_batch_size % per_step:
-            raise ValueError(
-                f"train.global_batch_size {t.global_batch_size} is not a multiple of train.micro_batch_size x "
-                f"scaling.num_workers = {per_step}"
-            )
+        for workers in self.scaling.worker_counts:  # the global batch stays fixed at every count an elastic run gets
+            per_step = t.micro_batch_size * workers
+            if t.global_batch_size % per_step:
+                raise ValueError(
+                    f"train.global_batch_size {t.global_batch_size} is not a multiple of train.micro_batch_size x "
+                    f"{workers} workers = {per_step} (scaling.num_workers {self.scaling.num_workers})"
+                )
         if self.stage.exports_model and self.model.name_or_path != TOY:
             raise ValueError(f"train.stage {t.stage!r} trains all parameters and exists for the toy world only")
         if t.init_from is not None and not self.stage.exports_model:
@@ -398,9 +413,9 @@ class JobConfig(_Strict):
         """Where the evaluation writes its answers: ``eval.output_dir``, else ``./eval/<stage_run_name>``."""
         return self.eval.output_dir or f"./eval/{self.stage_run_name}"
 
-    @property
-    def gradient_accumulation_steps(self) -> int:
-        return self.train.global_batch_size // (self.train.micro_batch_size * self.scaling.num_workers)
+    def gradient_accumulation_steps(self, workers: int) -> int:
+        """Micro-batches per worker and optimizer step at ``workers`` workers: the global batch stays fixed."""
+        return self.train.global_batch_size // (self.train.micro_batch_size * workers)
 
     def flat(self) -> dict[str, Any]:
         """The resolved config as ``section.key -> value`` (for MLflow params)."""

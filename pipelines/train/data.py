@@ -14,6 +14,10 @@ Two stages; each image is read once:
    reported to a small counter actor, so the counts grow while the dataset streams into the trainer:
    620k records of (3, 336, 336) float32 pixels are ~840 GB, too much to materialize for a counting pass.
 
+``prepare_instruct_rows`` is the text stage and returns ``InstructRows``; its ``encode(indices)`` is the encode
+stage over any list of records, in that order: each training worker encodes its own stream
+(``pipelines.train.order``). ``build_instruct_dataset`` is the two in a row, over the whole file.
+
 ``text_only`` records (no ``image`` key, ~40k of LLaVA-665k) are skipped on purpose, as the paper trains
 on image records only: they are counted but are not errors. Every other reason is an error, and the
 pipeline fails with a ``ValueError`` naming all counts when the errors pass ``max_bad_fraction`` of the
@@ -273,7 +277,67 @@ def _encode_batch(
     return out
 
 
-def build_instruct_dataset(
+@dataclass(frozen=True)
+class InstructRows:
+    """The text stage's output, for the encode stage wherever it runs (the driver, or each training worker on its
+    own stream): the usable rows in a Ray object, and what encoding them needs. Picklable (object refs and the tally
+    actor's handle), so it travels to the workers in ``train_loop_config``."""
+
+    rows: ray.ObjectRef  # list of ``prepare_record`` rows, in file order
+    indices: tuple[int, ...]  # their record indices, in file order
+    processor: ray.ObjectRef
+    image_root: str
+    max_length: int
+    tally: Any  # the _SkipTally actor: skips are counted once per record index, wherever they are found
+    batch_size: int = 16
+    concurrency: int | None = None
+    num_cpus: float = 1.0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def encode(self, indices: list[int] | None = None, preserve_order: bool = True) -> ray.data.Dataset:
+        """A lazy dataset of model inputs for the records ``indices`` (default: all, in file order), in that order
+        unless ``preserve_order=False`` (faster streaming); encode tasks take ``num_cpus`` each, at most
+        ``concurrency`` at once (default: as many as the cluster fits)."""
+        rows = _cached_rows(self.rows)
+        chosen = list(rows.values()) if indices is None else [rows[i] for i in indices]
+        # Blocks of at most 4 batches, and enough of them for every task slot to get work.
+        batch_size = self.batch_size
+        slots = self.concurrency or max(1, int(ray.cluster_resources().get("CPU", 1) // self.num_cpus))
+        n_blocks = max(math.ceil(len(chosen) / (4 * batch_size)), min(math.ceil(len(chosen) / batch_size), 2 * slots))
+        ds = ray.data.from_items(chosen, override_num_blocks=max(1, n_blocks))
+        ds = ds.map_batches(
+            _encode_batch,
+            fn_kwargs={
+                "processor_ref": self.processor,
+                "image_root": self.image_root,
+                "max_length": self.max_length,
+                "tally": self.tally,
+            },
+            batch_size=batch_size,
+            batch_format="numpy",
+            concurrency=self.concurrency,
+            num_cpus=self.num_cpus,
+        )
+        ds.context.execution_options.preserve_order = preserve_order
+        ds.context.raise_original_map_exception = True  # the threshold's ValueError, not a UserCodeException
+        return ds
+
+
+_ROWS: dict[str, dict[int, dict[str, Any]]] = {}
+
+
+def _cached_rows(ref: ray.ObjectRef) -> dict[int, dict[str, Any]]:
+    """The rows behind ``ref`` by record index, fetched once per process (a worker encodes one stream per epoch)."""
+    key = ref.hex()
+    if key not in _ROWS:
+        _ROWS.clear()
+        _ROWS[key] = {row["index"]: row for row in ray.get(ref)}
+    return _ROWS[key]
+
+
+def prepare_instruct_rows(
     data_path: str,
     image_root: str,
     processor: Any,
@@ -284,17 +348,10 @@ def build_instruct_dataset(
     batch_size: int = 16,
     concurrency: int | None = None,
     num_cpus: float = 1.0,
-    preserve_order: bool = True,
-) -> tuple[ray.data.Dataset, SkipLedger]:
-    """A lazy ``ray.data.Dataset`` of model inputs for a LLaVA instruction file, and the ledger of its skips.
-
-    Rows: ``index`` (position in the file), ``id``, ``input_ids`` / ``attention_mask`` / ``labels`` (L,)
-    int64, ``pixel_values`` (3, H, W) float32. ``image_root`` is a folder or ``s3://bucket/prefix``;
-    ``processor`` is the model's ``LlavaProcessor``. Encode tasks take ``num_cpus`` each, at most
-    ``concurrency`` at once (default: as many as the cluster fits). Text-stage errors past
-    ``max_bad_fraction`` raise ``ValueError`` here, encode-stage ones while the dataset is consumed. Rows
-    keep the file's order unless ``preserve_order=False`` (faster streaming).
-    """
+) -> tuple[InstructRows, SkipLedger]:
+    """The text stage (on the driver): a LLaVA instruction file's usable rows, ready to encode, and the ledger of
+    its skips. Text-stage errors past ``max_bad_fraction`` raise ``ValueError`` here, encode-stage ones while a
+    dataset of ``InstructRows.encode`` is consumed."""
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
     records = read_records(data_path)
@@ -313,24 +370,49 @@ def build_instruct_dataset(
     logger.info("instruction data %s, text stage: %s", data_path, stats.summary())
     stats.check()  # the encode stage can only add errors
     tally = _SkipTally.remote(total, dict(text_counts), len(rows), max_bad_fraction)
-
-    # Blocks of at most 4 batches, and enough of them for every task slot to get work.
-    slots = concurrency or max(1, int(ray.cluster_resources().get("CPU", 1) // num_cpus))
-    n_blocks = max(math.ceil(len(rows) / (4 * batch_size)), min(math.ceil(len(rows) / batch_size), 2 * slots))
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, n_blocks))
-    ds = ds.map_batches(
-        _encode_batch,
-        fn_kwargs={
-            "processor_ref": ray.put(processor),
-            "image_root": image_root,
-            "max_length": max_length,
-            "tally": tally,
-        },
+    data = InstructRows(
+        rows=ray.put(rows),
+        indices=tuple(row["index"] for row in rows),
+        processor=ray.put(processor),
+        image_root=image_root,
+        max_length=max_length,
+        tally=tally,
         batch_size=batch_size,
-        batch_format="numpy",
         concurrency=concurrency,
         num_cpus=num_cpus,
     )
-    ds.context.execution_options.preserve_order = preserve_order
-    ds.context.raise_original_map_exception = True  # the threshold's ValueError, not a UserCodeException
-    return ds, SkipLedger(tally)
+    return data, SkipLedger(tally)
+
+
+def build_instruct_dataset(
+    data_path: str,
+    image_root: str,
+    processor: Any,
+    *,
+    max_length: int = 2048,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    template: ConversationTemplate = VICUNA_V1,
+    batch_size: int = 16,
+    concurrency: int | None = None,
+    num_cpus: float = 1.0,
+    preserve_order: bool = True,
+) -> tuple[ray.data.Dataset, SkipLedger]:
+    """A lazy ``ray.data.Dataset`` of model inputs for a LLaVA instruction file, and the ledger of its skips: the
+    text stage (``prepare_instruct_rows``), then the encode stage over every usable row (``InstructRows.encode``).
+
+    Rows: ``index`` (position in the file), ``id``, ``input_ids`` / ``attention_mask`` / ``labels`` (L,)
+    int64, ``pixel_values`` (3, H, W) float32. ``image_root`` is a folder or ``s3://bucket/prefix``;
+    ``processor`` is the model's ``LlavaProcessor``. Rows keep the file's order unless ``preserve_order=False``.
+    """
+    data, ledger = prepare_instruct_rows(
+        data_path,
+        image_root,
+        processor,
+        max_length=max_length,
+        max_bad_fraction=max_bad_fraction,
+        template=template,
+        batch_size=batch_size,
+        concurrency=concurrency,
+        num_cpus=num_cpus,
+    )
+    return data.encode(preserve_order=preserve_order), ledger

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import ray.data
 import ray.train
 from ray.train import UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -19,6 +18,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipelines.config import JobConfig
 from pipelines.stages import Stage
 from pipelines.storage import ray_storage
+from pipelines.train.data import InstructRows
 from pipelines.train.worker import deepspeed_config, train_loop_per_worker
 
 
@@ -33,22 +33,26 @@ def planned_steps(cfg: JobConfig, num_records: int) -> int:
 
 def fit(
     cfg: JobConfig,
-    dataset: ray.data.Dataset,
+    data: InstructRows,
     model_path: str,
     pad_token_id: int,
     total_steps: int,
     mlflow_tracking_uri: str,
     mlflow_run_id: str | None,
     callbacks: Sequence[UserCallback] = (),
+    worker_env: Mapping[str, str] | None = None,
 ) -> ray.train.Result:
-    """Train on ``dataset`` with ``scaling.num_workers`` DeepSpeed workers; returns Ray's result (checkpoint).
-    ``callbacks``: Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` in a sweep trial."""
+    """Train on ``data`` (the text stage's rows: each worker encodes its own stream of them, ``pipelines.train.order``)
+    with ``scaling.num_workers`` DeepSpeed workers, a count or an elastic ``(min, max)``; returns Ray's result
+    (checkpoint). ``callbacks``: Ray Train callbacks, e.g. Tune's ``TuneReportCallback`` in a sweep trial.
+    ``worker_env``: environment variables for this run's workers only (e.g. ``LVPRUNING_SAMPLE_LOG``)."""
     use_gpu = cfg.scaling.use_gpu
     storage_path, filesystem = ray_storage(cfg.run.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
+            "data": data,
             "deepspeed_config": deepspeed_config(cfg),
             "model_path": model_path,
             "pad_token_id": pad_token_id,
@@ -58,7 +62,7 @@ def fit(
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
+            num_workers=cfg.scaling.num_workers,  # an int, or (min, max): elastic
             use_gpu=use_gpu,
             resources_per_worker={
                 "CPU": cfg.scaling.cpus_per_worker,
@@ -76,8 +80,8 @@ def fit(
                 max_failures=cfg.run.max_failures, controller_failure_limit=cfg.run.max_start_failures
             ),
             callbacks=list(callbacks),
+            worker_runtime_env={"env_vars": dict(worker_env)} if worker_env else None,
         ),
-        datasets={"train": dataset},
     )
     return trainer.fit()
 

@@ -24,7 +24,7 @@ from pipelines.job import Job, resolve
 from pipelines.storage import join, local_copy
 from pipelines.toy.base import ToyWorld
 from pipelines.tracking import RUN_NAME_TAG, latest_training_run, mlflow_run, resumable_run_id
-from pipelines.train.data import build_instruct_dataset
+from pipelines.train.data import prepare_instruct_rows
 from pipelines.train.driver import export, fit, planned_steps
 from pipelines.train.worker import deepspeed_config
 
@@ -92,7 +92,7 @@ def run_training(
     processor = AutoProcessor.from_pretrained(local_copy(model_path))
     # What the workers and the encode tasks read, where every node reads it (copied to run.storage_path if need be).
     remote_model = for_every_node(model_path, "model.name_or_path", cfg.run.storage_path)
-    dataset, ledger = build_instruct_dataset(
+    data, ledger = prepare_instruct_rows(
         cfg.data.train_json,
         for_every_node(cfg.data.image_root, "data.image_root", cfg.run.storage_path),
         processor,
@@ -100,7 +100,7 @@ def run_training(
         max_bad_fraction=cfg.data.max_bad_fraction,
         num_cpus=0.5,
     )
-    steps = planned_steps(cfg, ledger.stats().pending)
+    steps = planned_steps(cfg, len(data))
     uri = cfg.mlflow.tracking_uri
     tags = {RUN_NAME_TAG: cfg.run.name, "stage": stage.name, **(tags or {})}
     params = {
@@ -116,7 +116,7 @@ def run_training(
         started_ms = int(time.time() * 1000)
         pad_token_id = processor.tokenizer.pad_token_id
         try:
-            result = fit(cfg, dataset, remote_model, pad_token_id, steps, uri, run.info.run_id, callbacks)
+            result = fit(cfg, data, remote_model, pad_token_id, steps, uri, run.info.run_id, callbacks)
         except TrainingFailedError as error:
             lost = lost_nodes(started_ms)
             if lost:

@@ -73,7 +73,9 @@ def test_pruning_defaults_follow_the_model():
         ("scaling.num_workers=0", "scaling.num_workers"),
         ("train.adam_betas=[0.9,1.0]", "train.adam_betas"),
         ("train.adam_betas=[0.9]", "train.adam_betas"),
-        ("data.shuffle_buffer=-1", "data.shuffle_buffer"),
+        ("data.shuffle_buffer=256", "data.shuffle_buffer"),  # gone: the order is a permutation per epoch
+        ("scaling.num_workers=[2,1]", "scaling.num_workers"),
+        ("scaling.num_workers=[1,3]", "train.global_batch_size"),  # 32 is no multiple of 16 x 3 workers
         ("data.toy_question_types=[color,colour]", "question_types"),
         ("train.init_from=toy/base_model", "train.init_from"),  # stage pruning: nothing to go on training
         ("sweep.space.layers=[[1,0]]", "sweep.space.layers"),  # not strictly increasing

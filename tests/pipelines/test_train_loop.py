@@ -2,7 +2,7 @@
 gloo ranks with gradient accumulation, clipping, AdamW and the warm-up + cosine schedule, checked against a
 single-process loop over the same micro-batches (both stages: every parameter, and decision modules only). A fresh
 engine restored from the job's checkpoint of the next-to-last step takes the same last step as the engine that
-saved it."""
+saved it, at 2 ranks and at 1 (an elastic resume: the same global batch, twice the accumulation)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from pipelines.train.worker import (
     ENGINE_TAG,
     TrainState,
     deepspeed_config,
+    full_optimizer_state,
     read_checkpoint,
     setup_engine,
     setup_model,
@@ -30,7 +31,7 @@ from pipelines.train.worker import (
 
 WORLD, ACCUMULATION, MICRO, STEPS = 2, 2, 2, 3
 OVERRIDES = [
-    f"scaling.num_workers={WORLD}",
+    f"scaling.num_workers=[1,{WORLD}]",
     f"train.micro_batch_size={MICRO}",
     f"train.global_batch_size={WORLD * ACCUMULATION * MICRO}",
     "train.learning_rate=1e-2",
@@ -103,8 +104,31 @@ def _rank(rank: int, port: int, cfg_json: dict, model_path: str, batches, out: s
         restored, restored_module = engine_and_module()
         state = read_checkpoint(checkpoint, restored)
         take_step(restored, batches[-1])
+    adam = full_optimizer_state(engine, module)["params"]
     if rank == 0:
-        torch.save({"trained": trained(module), "resumed": trained(restored_module), "step": state.step}, out)
+        saved = {"trained": trained(module), "resumed": trained(restored_module), "step": state.step, "adam": adam}
+        torch.save(saved, out)
+
+
+def _alone(rank: int, port: int, cfg_json: dict, model_path: str, batches, out: str) -> None:
+    """One rank restores the 2-rank checkpoint and takes the last step on both ranks' micro-batches."""
+    import deepspeed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = JobConfig.model_validate(cfg_json)
+    with mock.patch.object(lvpruning.engine, "gumbel_decisions", noiseless_decisions):
+        module, params = setup_model(cfg, model_path, torch.device("cpu"))
+        ds_config = {**deepspeed_config(cfg), "gradient_accumulation_steps": cfg.gradient_accumulation_steps(1)}
+        engine = setup_engine(cfg, module, params, STEPS, ds_config)[0]
+        state = read_checkpoint(os.path.join(os.path.dirname(out), "checkpoint"), engine)
+        for batch in [batch for per_rank in batches[-1] for batch in per_rank]:
+            engine.backward(engine(**batch).loss)
+            engine.step()
+    trained = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    adam = full_optimizer_state(engine, module)["params"]
+    torch.save({"trained": trained, "step": state.step, "adam": adam}, out)
 
 
 def reference(cfg: JobConfig, model_path: str, batches) -> dict[str, torch.Tensor]:
@@ -170,3 +194,21 @@ def test_deepspeed_zero2_over_two_ranks_matches_a_plain_pytorch_loop(stage, tmp_
     # (DeepSpeed's own file, written by this test: torch.load needs weights_only=False for its metadata.)
     states = torch.load(tmp_path / "checkpoint" / ENGINE_TAG / "mp_rank_00_model_states.pt", weights_only=False)
     assert set(states["module"]) - set(states["buffer_names"]) == trained.keys()
+
+    # Elastic: 1 rank resumes the 2 ranks' checkpoint and takes the last step on the same samples (4 micro-batches
+    # accumulated instead of 2 x 2): the same parameters and AdamW moments as the 2 ranks' last step.
+    alone = str(tmp_path / "alone.pt")
+    mp.spawn(_alone, args=(port, cfg.model_dump(mode="json"), model_path, batches, alone), nprocs=1)
+    one = torch.load(alone, weights_only=True)
+    assert one["step"] == STEPS - 1 and one["trained"].keys() == trained.keys() == saved["adam"].keys()
+    for name, value in one["trained"].items():
+        torch.testing.assert_close(value, trained[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    for name, state in one["adam"].items():
+        if name.endswith("k_proj.bias"):  # moments of rounding noise (see above), which differs with the world size
+            continue
+        for key, value in state.items():  # fp32 master weights, exp_avg, exp_avg_sq: to 1e-6 of each tensor's scale
+            expected = saved["adam"][name][key]
+            atol = 1e-6 * max(expected.abs().max().item(), 1e-30)
+            torch.testing.assert_close(
+                value, expected, rtol=1e-5, atol=atol, msg=lambda m, k=f"{name} {key}": f"{k}: {m}"
+            )

@@ -19,7 +19,7 @@ from pipelines.config import load_config
 from pipelines.storage import ray_storage
 from pipelines.toy.model import build_toy_model, save_toy_model, toy_processor
 from pipelines.toy.writer import write_toy_world
-from pipelines.train.data import build_instruct_dataset
+from pipelines.train.data import prepare_instruct_rows
 from pipelines.train.driver import export, fit, planned_steps
 from pipelines.train.worker import FAIL_AT_STEP_ENV, TrainState, load_checkpoint
 
@@ -53,14 +53,14 @@ def test_injected_failure_resumes_from_the_s3_checkpoint(cluster, s3_endpoint):
         ],
     )
     processor = toy_processor()
-    dataset, ledger = build_instruct_dataset(str(world.train_json), str(world.image_folder), processor, num_cpus=0.5)
-    steps = planned_steps(cfg, ledger.stats().pending)
+    data, _ = prepare_instruct_rows(str(world.train_json), str(world.image_folder), processor, num_cpus=0.5)
+    steps = planned_steps(cfg, len(data))
     assert steps == 4
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("resume")).info.run_id
 
-    result = fit(cfg, dataset, str(model_path), processor.tokenizer.pad_token_id, steps, uri, run_id)
+    result = fit(cfg, data, str(model_path), processor.tokenizer.pad_token_id, steps, uri, run_id)
 
     assert result.error is None
     assert result.metrics["step"] == 4
@@ -77,7 +77,7 @@ def test_injected_failure_resumes_from_the_s3_checkpoint(cluster, s3_endpoint):
 
     # Re-running with the same run name resumes from the latest checkpoint (step 4) and goes on to step 6.
     longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 6})})
-    again = fit(longer, dataset, str(model_path), processor.tokenizer.pad_token_id, 6, uri, run_id)
+    again = fit(longer, data, str(model_path), processor.tokenizer.pad_token_id, 6, uri, run_id)
     assert again.error is None and again.metrics["step"] == 6
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3, 4, 5, 6]
 

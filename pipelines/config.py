@@ -78,6 +78,8 @@ class TrainSection(_Strict):
 class ScalingSection(_Strict):
     # A count, or [min, max]: elastic, Ray Train starts (and restarts) with as many workers as fit in that range
     num_workers: int | tuple[int, int] = 2
+    # Elastic only: how often Ray Train looks for room to grow back towards max (a restart from the last checkpoint)
+    resize_check_s: float = Field(60.0, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)  # room for Ray Data preprocessing: benchmarks/RESULTS.md, "CPU defaults"
     deepspeed_config: str = "cluster/deepspeed/zero2_cpu.json"

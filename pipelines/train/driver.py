@@ -63,6 +63,7 @@ def fit(
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,  # an int, or (min, max): elastic
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_check_s,
             use_gpu=use_gpu,
             resources_per_worker={
                 "CPU": cfg.scaling.cpus_per_worker,

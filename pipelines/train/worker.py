@@ -53,8 +53,8 @@ ENGINE_TAG = "deepspeed"
 # Chaos testing: kill one worker at this optimizer step, on a run that did not start from a checkpoint, so that
 # FailureConfig's restart-from-checkpoint path can be exercised on a real cluster (and in the tests).
 FAIL_AT_STEP_ENV = "LVPRUNING_FAIL_AT_STEP"
-# Observation: each rank appends one JSON line per optimizer step, {"step", "rank", "epoch", "ids": [record indices
-# of that step, in order]}, to <dir>/rank<r>.jsonl (a killed attempt's steps stay there; its resume appends).
+# Observation: each rank appends one JSON line per optimizer step, {"step", "rank", "world", "epoch", "ids": [record
+# indices of that step, in order]}, to <dir>/rank<r>.jsonl (a killed attempt's steps stay there; its resume appends).
 SAMPLE_LOG_ENV = "LVPRUNING_SAMPLE_LOG"
 
 
@@ -271,10 +271,10 @@ def step_batches(
         yield []
 
 
-def log_samples(directory: str | None, state: TrainState, rank: int, ids: list[int]) -> None:
+def log_samples(directory: str | None, state: TrainState, rank: int, world: int, ids: list[int]) -> None:
     """``LVPRUNING_SAMPLE_LOG``: one JSON line per optimizer step and rank, the record indices it trained on."""
     if directory:
-        line = {"step": state.step, "rank": rank, "epoch": state.epoch, "ids": ids}
+        line = {"step": state.step, "rank": rank, "world": world, "epoch": state.epoch, "ids": ids}
         with open(Path(directory) / f"rank{rank}.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -340,7 +340,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             consumed = row_of[ids[-1]] + 1 + position.consumed[rank]  # skipped rows before the last one included
             state.step += 1
             state.samples += samples_per_step
-            log_samples(sample_log, state, rank, ids)
+            log_samples(sample_log, state, rank, world, ids)
             if state.step == fail_at:
                 raise RuntimeError(f"{FAIL_AT_STEP_ENV}={fail_at}: injected failure at step {state.step}")
             last = state.step == total_steps

@@ -1,7 +1,8 @@
 """The faults a cluster run must survive, on the two-node cluster (``head``: a head and a second ``ray start
---address`` node, each with its own temp dir), with real processes killed. Jobs arrive through ``ray job submit``;
-checkpoints go to ``s3://`` on moto's server, the training images are read from ``s3://``, and MLflow is the team
-server (PostgreSQL, artifacts in S3). Each test prints what happened and how long the recovery took."""
+--address`` node, each with its own temp dir, the second seeing none of the driver's files), with real processes
+killed. Jobs arrive through ``ray job submit``; checkpoints go to ``s3://`` on moto's server, the training images are
+read from ``s3://``, and MLflow is the team server (PostgreSQL, artifacts in S3). Each test prints what happened and
+how long the recovery took. The workers' sample logs (``LVPRUNING_SAMPLE_LOG``) go to a folder both nodes see."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,11 +20,33 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines.toy.base import ToyWorld
+from pipelines.train.worker import SAMPLE_LOG_ENV
 from tests.jobs import ray_jobs
 from tests.jobs.conftest import BUCKET, RAY_AUTH_TOKEN, SECRETS, pg_dump
 
 EXPERIMENT = "faults"
 STEPS = 30  # optimizer steps of each training run here, checkpointed every 10
+RECORDS = 120  # the toy world's training conversations: one epoch is the 30 steps of 4
+
+
+def sample_log() -> Path:
+    """A folder for ``LVPRUNING_SAMPLE_LOG`` that both nodes see (not under the folders the second node has hidden)."""
+    return Path(tempfile.mkdtemp(prefix="lvp-samples-"))
+
+
+def sample_lines(folder: Path) -> list[dict]:
+    """Every line of every rank's sample log, in each file's order."""
+    return [json.loads(line) for path in sorted(folder.glob("rank*.jsonl")) for line in path.read_text().splitlines()]
+
+
+def final_ids(folder: Path) -> dict[int, list[int]]:
+    """step -> the record indices of the attempt that did it last (rank 0's last line for the step names that
+    attempt's worker count W; each rank r < W's last line for the step is that attempt's), ranks in order."""
+    last: dict[tuple[int, int], dict] = {}
+    for line in sample_lines(folder):
+        last[line["step"], line["rank"]] = line
+    steps = sorted({step for step, _ in last})
+    return {s: [i for r in range(last[s, 0]["world"]) for i in last[s, r]["ids"]] for s in steps}
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +110,9 @@ def kill(pattern: str) -> int:
 
 
 @pytest.mark.timeout(900)
-def test_a_worker_killed_between_checkpoints_resumes_and_logs_each_step_once(head, mlflow_server, toy):
-    job = ray_jobs.submit(head, *train_args(toy, mlflow_server, "worker-kill"))
+def test_a_worker_killed_between_checkpoints_resumes_exactly_and_logs_each_step_once(head, mlflow_server, toy):
+    samples = sample_log()
+    job = ray_jobs.submit(head, *train_args(toy, mlflow_server, "worker-kill"), env_vars={SAMPLE_LOG_ENV: str(samples)})
     killed_at = int(ray_jobs.wait_for_line(head, job, step_line("1[2-7]")).group(1))
     kill("ray::RayTrainWorker")
     t_kill = time.monotonic()
@@ -104,6 +129,15 @@ def test_a_worker_killed_between_checkpoints_resumes_and_logs_each_step_once(hea
     printed = [int(n) for n in re.findall(rf"step (\d+)/{STEPS}\b", logs)]
     assert sorted(set(printed)) == list(range(1, STEPS + 1))
     assert [n for n in printed if n <= 10 or n > 20] == [*range(1, 11), *range(21, STEPS + 1)], printed
+    # an exact resume: the redone steps (11..killed_at) train on the samples the killed attempt had, in its order,
+    # and the epoch (all 30 steps) sees each of the 120 records once
+    done: dict[tuple[int, int], list[list[int]]] = {}
+    for line in sample_lines(samples):
+        done.setdefault((line["step"], line["rank"]), []).append(line["ids"])
+    redone = {key: ids for key, ids in done.items() if len(ids) > 1}
+    assert {step for step, _ in redone} >= set(range(11, killed_at + 1)), sorted(redone)
+    assert all(attempts[0] == attempts[-1] for attempts in redone.values()), redone
+    assert sorted(i for ids in final_ids(samples).values() for i in ids) == list(range(RECORDS))
 
 
 @pytest.mark.timeout(900)
@@ -223,6 +257,46 @@ def test_stopping_the_second_node_fails_in_bounded_time_naming_it_and_keeps_the_
     state, logs = ray_jobs.run(head, *args)  # the node is back: the same run goes on from its checkpoint
     assert state == "SUCCEEDED" and "resumed from step 10" in logs, logs[-4000:]
     assert_history_once(mlflow_server, training_run(mlflow_server, "node-stop"))
+
+
+@pytest.mark.timeout(900)
+def test_a_node_lost_with_elastic_workers_goes_on_at_one_and_grows_back_to_two(head, mlflow_server, toy):
+    """``scaling.num_workers=[1,2]``, one worker per node: the second node stopped mid-run, the run goes on at one
+    worker from the last checkpoint; the node back, it grows to two again; every step logged once, every record of
+    the epoch trained on once across both changes."""
+    samples = sample_log()
+    extra = ["scaling.num_workers=[1,2]", "scaling.resources_per_worker={trainer: 1}", "scaling.resize_check_s=5"]
+    job = ray_jobs.submit(
+        head, *train_args(toy, mlflow_server, "elastic", *extra), env_vars={SAMPLE_LOG_ENV: str(samples)}
+    )
+    ray_jobs.wait_for_line(head, job, step_line("1[2-6]"))
+    head.stop_second_node()
+    t_stop = time.monotonic()
+    try:
+        shrunk = r"resumed from step (\d+) \(epoch 0\) at 1 workers \(checkpoint written by 2\)"
+        at = int(ray_jobs.wait_for_line(head, job, shrunk).group(1))
+        t_shrunk = time.monotonic() - t_stop
+        ray_jobs.wait_for_line(head, job, rf"{shrunk}[\s\S]*step {at + 2}/{STEPS}\b")  # training at one worker
+    finally:
+        head.start_second_node()
+    t_back = time.monotonic()
+    grown = r"resumed from step (\d+) \(epoch 0\) at 2 workers \(checkpoint written by 1\)"
+    regrown_at = int(ray_jobs.wait_for_line(head, job, grown).group(1))
+    t_grown = time.monotonic() - t_back
+    state, logs = ray_jobs.wait(head, job), ray_jobs.logs(head, job)
+    print(
+        f"second node stopped with elastic workers: on at 1 worker from step {at} {t_shrunk:.0f} s later; node back: "
+        f"at 2 workers from step {regrown_at} {t_grown:.0f} s later; job {state}"
+    )
+    assert state == "SUCCEEDED", logs[-4000:]
+    run = training_run(mlflow_server, "elastic")
+    assert run.info.status == "FINISHED"
+    assert_history_once(mlflow_server, run)
+    worlds = {line["world"] for line in sample_lines(samples)}
+    assert worlds == {1, 2}
+    ids = final_ids(samples)
+    assert sorted(ids) == list(range(1, STEPS + 1)) and all(len(step) == 4 for step in ids.values())
+    assert sorted(i for step in ids.values() for i in step) == list(range(RECORDS))  # none lost, none twice
 
 
 def files_under(*roots: Path) -> list[Path]:

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipelines import storage
 from pipelines.conversation import (
@@ -369,7 +370,10 @@ def prepare_instruct_rows(
     stats = SkipStats(total, counts, kept=0, pending=len(rows), max_bad_fraction=max_bad_fraction)
     logger.info("instruction data %s, text stage: %s", data_path, stats.summary())
     stats.check()  # the encode stage can only add errors
-    tally = _SkipTally.remote(total, dict(text_counts), len(rows), max_bad_fraction)
+    # On the driver's node: the encode tasks of every worker report to it, and it must outlive any other node (a
+    # spot node lost mid-run took the tally with it, and every later encode task with it).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    tally = _SkipTally.options(scheduling_strategy=here).remote(total, dict(text_counts), len(rows), max_bad_fraction)
     data = InstructRows(
         rows=ray.put(rows),
         indices=tuple(row["index"] for row in rows),

@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -146,12 +147,14 @@ def full_optimizer_state(engine, module: torch.nn.Module) -> dict[str, Any]:
     """The trainable parameters' fp32 values and AdamW moments, whole (not ZeRO partitions), and AdamW's step count:
     a state that any data-parallel world size can load. Collective: every rank calls it."""
     params = {}
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            params[name] = {
-                "fp32": safe_get_full_fp32_param(p).cpu(),
-                **{key: safe_get_full_optimizer_state(p, key).cpu() for key in ADAM_STATE_KEYS},
-            }
+    with warnings.catch_warnings():  # DeepSpeed's gather calls a torch.distributed name torch deprecates: not ours
+        warnings.filterwarnings("ignore", "`torch.distributed.all_gather_into_tensor` is deprecated", FutureWarning)
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                params[name] = {
+                    "fp32": safe_get_full_fp32_param(p).cpu(),
+                    **{key: safe_get_full_optimizer_state(p, key).cpu() for key in ADAM_STATE_KEYS},
+                }
     base = engine.optimizer.optimizer
     steps = [state["step"] for state in base.state.values()]
     # The groups' settings as the optimizer's own state_dict keeps them: the learning rate the schedule last set.

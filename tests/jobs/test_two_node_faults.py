@@ -26,7 +26,7 @@ from tests.jobs.conftest import BUCKET, RAY_AUTH_TOKEN, SECRETS, pg_dump
 
 EXPERIMENT = "faults"
 STEPS = 30  # optimizer steps of each training run here, checkpointed every 10
-RECORDS = 120  # the toy world's training conversations: one epoch is the 30 steps of 4
+RECORDS = 120  # the toy world's usable training conversations: one epoch is the 30 steps of 4
 
 
 def sample_log() -> Path:
@@ -137,7 +137,8 @@ def test_a_worker_killed_between_checkpoints_resumes_exactly_and_logs_each_step_
     redone = {key: ids for key, ids in done.items() if len(ids) > 1}
     assert {step for step, _ in redone} >= set(range(11, killed_at + 1)), sorted(redone)
     assert all(attempts[0] == attempts[-1] for attempts in redone.values()), redone
-    assert sorted(i for ids in final_ids(samples).values() for i in ids) == list(range(RECORDS))
+    epoch = [i for ids in final_ids(samples).values() for i in ids]
+    assert len(epoch) == len(set(epoch)) == RECORDS
 
 
 @pytest.mark.timeout(900)
@@ -261,22 +262,25 @@ def test_stopping_the_second_node_fails_in_bounded_time_naming_it_and_keeps_the_
 
 @pytest.mark.timeout(900)
 def test_a_node_lost_with_elastic_workers_goes_on_at_one_and_grows_back_to_two(head, mlflow_server, toy):
-    """``scaling.num_workers=[1,2]``, one worker per node: the second node stopped mid-run, the run goes on at one
-    worker from the last checkpoint; the node back, it grows to two again; every step logged once, every record of
-    the epoch trained on once across both changes."""
+    """``scaling.num_workers=[1,2]``, one worker per node, a checkpoint every 5 steps: the second node stopped
+    mid-run, the run goes on at one worker from the last checkpoint; once that worker has written a checkpoint of
+    its own, the node is back and the run grows to two workers from it; every step logged once, every record of the
+    epoch trained on once across both changes."""
     samples = sample_log()
     extra = ["scaling.num_workers=[1,2]", "scaling.resources_per_worker={trainer: 1}", "scaling.resize_check_s=5"]
-    job = ray_jobs.submit(
-        head, *train_args(toy, mlflow_server, "elastic", *extra), env_vars={SAMPLE_LOG_ENV: str(samples)}
-    )
-    ray_jobs.wait_for_line(head, job, step_line("1[2-6]"))
+    extra += ["train.checkpoint_every=5"]
+    # the restart first waits for two workers' resources (Ray's view lags the loss): 20 s, not 60, before one
+    env = {SAMPLE_LOG_ENV: str(samples), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20"}
+    job = ray_jobs.submit(head, *train_args(toy, mlflow_server, "elastic", *extra), env_vars=env)
+    ray_jobs.wait_for_line(head, job, step_line("1[2-4]"))
     head.stop_second_node()
     t_stop = time.monotonic()
     try:
         shrunk = r"resumed from step (\d+) \(epoch 0\) at 1 workers \(checkpoint written by 2\)"
         at = int(ray_jobs.wait_for_line(head, job, shrunk).group(1))
         t_shrunk = time.monotonic() - t_stop
-        ray_jobs.wait_for_line(head, job, rf"{shrunk}[\s\S]*step {at + 2}/{STEPS}\b")  # training at one worker
+        own = (at // 5 + 1) * 5  # the first checkpoint the one worker writes
+        ray_jobs.wait_for_line(head, job, rf"{shrunk}[\s\S]*step {own + 1}/{STEPS}\b")
     finally:
         head.start_second_node()
     t_back = time.monotonic()
@@ -296,7 +300,8 @@ def test_a_node_lost_with_elastic_workers_goes_on_at_one_and_grows_back_to_two(h
     assert worlds == {1, 2}
     ids = final_ids(samples)
     assert sorted(ids) == list(range(1, STEPS + 1)) and all(len(step) == 4 for step in ids.values())
-    assert sorted(i for step in ids.values() for i in step) == list(range(RECORDS))  # none lost, none twice
+    epoch = [i for step in ids.values() for i in step]
+    assert len(epoch) == len(set(epoch)) == RECORDS  # none lost, none twice
 
 
 def files_under(*roots: Path) -> list[Path]:

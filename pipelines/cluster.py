@@ -100,6 +100,15 @@ def nodes_not_seeing(path: str) -> list[str]:
     ]
 
 
+def check_seen(path: str | None, key: str, way_on: str) -> list[str]:
+    """``nodes_not_seeing`` a local ``path`` (none for None or ``s3://``), as a ``ValueError`` naming ``key``, the
+    nodes and ``way_on`` (what to do instead) when ``way_on`` is given; else the list, for the caller to decide."""
+    blind = [] if path is None or is_s3(path) else nodes_not_seeing(path)
+    if blind and way_on:
+        raise ValueError(f"{key}: {path} is on this node's disk only, and {', '.join(blind)} cannot see it; {way_on}")
+    return blind
+
+
 _SHARED: dict[tuple[str, str, str | None], str] = {}
 
 
@@ -114,14 +123,10 @@ def for_every_node(path: str | None, key: str, storage_path: str | None) -> str 
     cache_key = (path, fingerprint(path) or "", storage_path)
     if cache_key in _SHARED:
         return _SHARED[cache_key]
-    blind = nodes_not_seeing(path)
+    copy = storage_path is not None and is_s3(storage_path)
+    way_on = "" if copy else "put it on s3:// or a filesystem every node mounts, or set run.storage_path=s3://..."
     shared = path
-    if blind:
-        if storage_path is None or not is_s3(storage_path):
-            raise ValueError(
-                f"{key}: {path} is on this node's disk only, and {', '.join(blind)} cannot read it; put it on "
-                f"s3:// or a filesystem every node mounts, or set run.storage_path to s3:// (then it is copied there)"
-            )
+    if check_seen(path, key, way_on):
         folder = Path(path)
         found = (p for p in folder.rglob("*") if p.is_file())
         files = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in found)
@@ -155,9 +160,5 @@ def check_paths(job: Job) -> None:
         if path is None or is_s3(path) or not (key in written or Path(path).is_dir()):
             continue
         Path(path).mkdir(parents=True, exist_ok=True)
-        blind = nodes_not_seeing(path)
-        if blind:
-            raise ValueError(
-                f"{key}: {path} is on this node's disk only, and {', '.join(blind)} cannot see it; use s3:// "
-                "(or a filesystem every node mounts)" + ("" if key in written else ", or run.storage_path=s3://...")
-            )
+        way_on = "use s3:// (or a filesystem every node mounts)"
+        check_seen(path, key, way_on + ("" if key in written else ", or run.storage_path=s3://..."))

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Param
 from ray import tune
 
-from pipelines.cluster import for_every_node, nodes_not_seeing
+from pipelines.cluster import check_seen, for_every_node
 from pipelines.config import JobConfig
 from pipelines.eval.evaluation import benchmarks_from_config
 from pipelines.job import Job, resolve
@@ -78,12 +78,7 @@ def check_trial_inputs(job: Job) -> None:
     for name, b in cfg.eval.data.items():
         inputs |= {f"eval.data.{name}.{k}": getattr(b, k) for k in ("questions", "image_root", "annotations")}
     for key, path in inputs.items():
-        blind = [] if path is None or is_s3(path) else nodes_not_seeing(path)
-        if blind:
-            raise ValueError(
-                f"{key}: {path} is on this node's disk only; the trials on {', '.join(blind)} cannot "
-                "read it: use s3:// or a filesystem every node mounts"
-            )
+        check_seen(path, key, "the trials run there: use s3:// or a filesystem every node mounts")
 
 
 def run_trial(params: dict[str, Any], *, job: Job, sweep_run_id: str) -> None:

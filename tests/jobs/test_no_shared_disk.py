@@ -78,6 +78,6 @@ def test_a_folder_only_the_driver_has_reaches_the_other_node_through_s3(head, tm
     assert out["shared"].startswith(f"s3://{BUCKET}/shared-test/.lvpruning/shared/")
     assert out["shared"].endswith("/images") and out["again"] == out["shared"]
     assert out["there_shared"] == out["here"]  # byte for byte, through S3
-    assert "data.image_root" in out["local_error"] and "cannot read it" in out["local_error"]
+    assert "data.image_root" in out["local_error"] and "cannot see it" in out["local_error"]
     assert out["check_error"].startswith("run.storage_path: ") and "cannot see it" in out["check_error"]
     print(f"copied to {out['shared']}; the local route fails: {out['check_error']}")

@@ -1,35 +1,55 @@
 """Model-family adapters: everything the pruning engine needs to know about where a model keeps its parts.
 
-The engine (``lvpruning.engine``) only talks to an adapter: how to embed a prompt with its images (and which
-positions are vision tokens), the decoder layers, the rotary embedding, the final norm and head, and how to build
-an attention mask in the format of the model's own attention implementation. LLaVA-NeXT or Qwen2-VL follow by
-adding an adapter here, without touching the engine.
+The engine (``lvpruning.engine``) only talks to an adapter: how to embed a prompt with its images (which positions
+are vision tokens, how many each sample has, where each comes from), the decoder layers, the rotary embedding, the
+final norm and head, and how to build an attention mask in the format of the model's own attention implementation.
+One adapter serves the LLaVA families (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision) with the decoders they ship (Llama,
+Mistral, Qwen2); what differs between decoders (biases, the rotary code) comes from the decoder's own modules.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
-from transformers import LlavaForConditionalGeneration, PreTrainedConfig
+from transformers import (
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+    PreTrainedConfig,
+)
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
+from lvpruning.layout import BASE, NEWLINE, TILE, VisionLayout, base_grid_layout
 from lvpruning.stage import gather_tokens
 
+FAMILIES = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration)
+DECODERS = ("llama", "mistral", "qwen2")
 
-class LlavaLlamaAdapter:
-    """Hugging Face ``LlavaForConditionalGeneration`` with a Llama-family decoder (LLaVA-1.5)."""
 
-    decoder_types = ("llama",)
+class LlavaAdapter:
+    """Hugging Face ``LlavaForConditionalGeneration`` (LLaVA-1.5), ``LlavaNextForConditionalGeneration`` and
+    ``LlavaOnevisionForConditionalGeneration`` (anyres tiles, ``image_sizes``), with a Llama, Mistral or Qwen2
+    decoder."""
 
-    def __init__(self, model: LlavaForConditionalGeneration):
-        text_type = model.config.text_config.model_type
-        if text_type not in self.decoder_types:
+    def __init__(self, model: nn.Module):
+        text_config = model.config.text_config
+        if text_config.model_type not in DECODERS:
+            raise ValueError(f"LVPruning supports the decoders {DECODERS}, got '{text_config.model_type}'")
+        if getattr(text_config, "sliding_window", None) is not None and (
+            text_config.model_type == "mistral" or getattr(text_config, "use_sliding_window", False)
+        ):
             raise ValueError(
-                f"LlavaLlamaAdapter supports Llama-family decoders {self.decoder_types}, got '{text_type}'"
+                f"text_config.sliding_window = {text_config.sliding_window}: LVPruning's masks and attention rows "
+                "are full causal; none of the supported checkpoints (llava-v1.6-mistral-7b, llava-onevision-qwen2) "
+                "turns the window on"
             )
         self.model = model
         self.decoder = model.model.language_model
+        self.tiled = not isinstance(model, LlavaForConditionalGeneration)
+        self.rotary_code = sys.modules[type(self.decoder.layers[0].self_attn).__module__].apply_rotary_pos_emb
 
     @property
     def text_config(self) -> PreTrainedConfig:
@@ -45,23 +65,93 @@ class LlavaLlamaAdapter:
         return self.model.model.vision_tower.encoder.layers
 
     def embed(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor, tower_states: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, int, tuple[torch.Tensor, ...] | None]:
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        tower_states: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Token embeddings with the projected image features scattered in (HF's ``get_image_features`` ->
-        ``get_placeholder_mask`` -> ``masked_scatter`` hand-off). Returns embeddings (B, N, C), the vision mask
-        (B, N), the number of vision tokens per sample, known from shapes alone (so ``meta`` tensors work), and with
-        ``tower_states`` the vision tower's hidden states (each (B, M, C_v), CLS first: index ``l`` is encoder layer
-        ``l``'s input; otherwise ``None``)."""
+        ``get_placeholder_mask`` -> ``masked_scatter`` hand-off), one image per sample. Returns embeddings
+        (B, N, C), the vision mask (B, N), each sample's number of vision tokens (B,), known from shapes alone (so
+        ``meta`` tensors work), and with ``tower_states`` the vision tower's hidden states (each (B, M, C_v), CLS
+        first: index ``l`` is encoder layer ``l``'s input; otherwise ``None``).
+
+        ``pixel_values``: (B, 3, H, W) for LLaVA-1.5; (B, tiles, 3, H, W) with ``image_sizes`` (B, 2) (height,
+        width) for the tiled families, as their processors return them."""
         inputs_embeds = self.model.get_input_embeddings()(input_ids)  # (B, N, C)
-        image = self.model.model.get_image_features(
-            pixel_values=pixel_values, return_dict=True, output_hidden_states=tower_states
-        )
-        features = torch.cat(list(image.pooler_output), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+        if self.tiled:
+            if image_sizes is None:
+                raise ValueError(f"{type(self.model).__name__} needs image_sizes beside pixel_values")
+            image = self.model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes)
+        else:
+            image = self.model.model.get_image_features(
+                pixel_values=pixel_values, return_dict=True, output_hidden_states=tower_states
+            )
+        per_image = list(image.pooler_output)  # B x (n_b, C)
+        features = torch.cat(per_image, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
         placeholder = self.model.model.get_placeholder_mask(input_ids, inputs_embeds, features)  # (B, N, C)
+        if isinstance(placeholder, tuple):  # OneVision's: (images, videos)
+            placeholder = placeholder[0]
         inputs_embeds = inputs_embeds.masked_scatter(placeholder, features)
         vision_mask = input_ids == self.model.config.image_token_id  # (B, N)
-        num_vision = features.shape[0] // input_ids.shape[0]
-        return inputs_embeds, vision_mask, num_vision, tuple(image.hidden_states) if tower_states else None
+        counts = torch.tensor([f.shape[0] for f in per_image], device="cpu")
+        return inputs_embeds, vision_mask, counts, tuple(image.hidden_states) if tower_states else None
+
+    def layout(self, num_samples: int, image_sizes: torch.Tensor | None, num_slots: int) -> VisionLayout:
+        """Where each vision token comes from (:class:`~lvpruning.layout.VisionLayout`), (B, ``num_slots``): found
+        by running the model's own packing (``pack_image_features``: base view, tile grid, letterbox removal,
+        OneVision's downscaling of large grids, newline tokens) on a map of cell coordinates in place of features,
+        so it follows whatever HF's packing does."""
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        if not self.tiled:
+            return base_grid_layout(num_samples, side)
+        rows = []
+        for size in image_sizes.tolist():
+            tiles = image_size_to_num_patches(size, self.model.config.image_grid_pinpoints, vision.image_size) - 1
+            rows.append(self._packed_cells(size, tiles, side))
+        return VisionLayout.stack(rows, num_slots)
+
+    def _packed_cells(self, image_size: list[int], tiles: int, side: int) -> torch.Tensor:
+        """(n, 4) rows of (kind, tile, row, col) for one image of ``image_size`` with ``tiles`` grid tiles."""
+        cell = torch.arange(side * side)
+        base = torch.stack([torch.full_like(cell, BASE), cell // side, cell % side], dim=1)  # (side^2, 3)
+        grid = self.model.config.image_grid_pinpoints
+        _, grid_width = get_anyres_image_grid_shape(image_size, grid, self.model.config.vision_config.image_size)
+        tile = torch.arange(tiles)[:, None]  # (tiles, 1)
+        tiled = torch.stack(
+            [
+                torch.full((tiles, side * side), TILE),
+                (tile // grid_width) * side + cell // side,
+                (tile % grid_width) * side + cell % side,
+            ],
+            dim=-1,
+        )
+        cells = [torch.cat([base[None], tiled]).float()]  # (1 + tiles, side^2, 3)
+        sizes = torch.tensor([image_size])
+        newline = torch.tensor([NEWLINE, -1.0, -1.0])
+        if isinstance(self.model, LlavaNextForConditionalGeneration):
+            packed, _ = self.model.model.pack_image_features(cells, sizes, "default", image_newline=newline)
+        else:
+            aspect = self.model.config.vision_aspect_ratio
+            packed, _ = self.model.model.pack_image_features(
+                cells, sizes, image_newline=newline, vision_aspect_ratio=aspect
+            )
+        kind, row, col = packed[0].round().long().unbind(-1)  # (n,) each
+        closes = kind == NEWLINE  # a newline closes the row of the token before it
+        row = torch.where(closes, row.roll(1), row)
+        col = torch.where(closes, col.roll(1) + 1, col)
+        tile_of = torch.where(kind == TILE, (row // side) * grid_width + col // side, -1)
+        return torch.stack([kind, tile_of, row, col], dim=1)
+
+    def check_tower_stage(self) -> None:
+        """Fail before any model work where the vision-tower stage cannot run (tiles: not yet)."""
+        if self.tiled:
+            raise ValueError(
+                f"a vision-tower stage (layer -1) runs on LLaVA-1.5 only; {type(self.model).__name__} encodes "
+                "each tile apart, which the vision-tower stage does not read yet"
+            )
 
     def feature_layer(self) -> int:
         """The encoder layer whose output LLaVA projects (``hidden_states[-2]``: layer 22 of 24 in LLaVA-1.5). The
@@ -139,8 +229,8 @@ class LlavaLlamaAdapter:
         q = attn.q_proj(gather_tokens(h, queries)).view(B, Q, -1, attn.head_dim).transpose(1, 2)  # (B, h, Q, d)
         k = attn.k_proj(h).view(B, N, -1, attn.head_dim).transpose(1, 2)  # (B, h_kv, N, d)
         cos, sin = self.rotary(h, position_ids)  # (B, N, d)
-        q, _ = apply_rotary_pos_emb(q, q, gather_tokens(cos, queries), gather_tokens(sin, queries))
-        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        q, _ = self.rotary_code(q, q, gather_tokens(cos, queries), gather_tokens(sin, queries))
+        _, k = self.rotary_code(k, k, cos, sin)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, h, N, d)
         scores = (q.float() @ k.float().transpose(2, 3)) * attn.scaling  # (B, h, Q, N), fp32 as in eager
         later = torch.arange(N, device=h.device)[None, None, :] > queries[..., None]  # (B, Q, N)
@@ -192,18 +282,19 @@ def boolean_causal_mask(padding: torch.Tensor) -> torch.Tensor:
     )
 
 
-def get_adapter(model: nn.Module) -> LlavaLlamaAdapter:
+def get_adapter(model: nn.Module) -> LlavaAdapter:
     """The adapter for ``model``, or a clear error naming what is supported."""
-    if isinstance(model, LlavaForConditionalGeneration):
-        return LlavaLlamaAdapter(model)
+    if isinstance(model, FAMILIES):
+        return LlavaAdapter(model)
+    names = ", ".join(f.__name__ for f in FAMILIES)
     raise ValueError(
-        f"LVPruning has no adapter for {type(model).__name__}; supported: LlavaForConditionalGeneration with a "
-        f"Llama-family decoder (e.g. llava-hf/llava-1.5-7b-hf)"
+        f"LVPruning has no adapter for {type(model).__name__}; supported: {names} with a decoder of {DECODERS} "
+        "(e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-onevision-qwen2-7b-ov-hf)"
     )
 
 
 def vision_attention_rows_flops(vision_config: PreTrainedConfig, num_queries: int, num_keys: int) -> int:
-    """Matmul FLOPs of :meth:`LlavaLlamaAdapter.vision_attention_rows`: q_proj on the queries, k_proj on every
+    """Matmul FLOPs of :meth:`LlavaAdapter.vision_attention_rows`: q_proj on the queries, k_proj on every
     tower token, and Q K^T for every head (together the width)."""
     d = vision_config.hidden_size
     return 2 * num_queries * d * d + 2 * num_keys * d * d + 2 * num_queries * num_keys * d
@@ -216,7 +307,7 @@ def projector_flops(config: PreTrainedConfig, num_tokens: int) -> int:
 
 
 def attention_rows_flops(text_config: PreTrainedConfig, num_queries: int, num_keys: int) -> int:
-    """Matmul FLOPs of :meth:`LlavaLlamaAdapter.attention_rows`: W_q on the queries, W_k on every key (GQA-aware),
+    """Matmul FLOPs of :meth:`LlavaAdapter.attention_rows`: W_q on the queries, W_k on every key (GQA-aware),
     and Q K^T for every query head."""
     hidden, heads = text_config.hidden_size, text_config.num_attention_heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads

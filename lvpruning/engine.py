@@ -1,13 +1,15 @@
 """The LVPruning engine: decision modules attached to a frozen LLaVA, in training mode (masking, eqs. 5-12) and
 inference mode (removal, eqs. 13-14), with KV-cached generation.
 
-Shapes: B batch, N0 tokens of the prompt, N tokens in the current sequence, Nv vision tokens per sample (576 for
-LLaVA-1.5), V vision tokens still kept, T text (non-vision) tokens, C hidden size, S stages.
+Shapes: B batch, N0 tokens of the prompt, N tokens in the current sequence, Nv vision slots per sample (576 for
+LLaVA-1.5; for the tiled families the batch's largest count, ``lvpruning.layout``), V vision tokens still kept, T
+text (non-vision) tokens, C hidden size, S stages.
 
 Conventions:
-- Keep ratios are fractions of the original vision tokens (eqs. 10-11). At inference stage ``s`` keeps
-  ``k_s = max(1, floor(rho_s * Nv))`` vision tokens (the paper's ``rho_s * |I_V|`` rounded down, as DynamicViT's
-  ``int(N * ratio)``; a 1e-6 tolerance absorbs float error, so 0.3 * 10 keeps 3).
+- Keep ratios are fractions of each sample's own vision tokens n_b (eqs. 10-11). At inference stage ``s`` sample b
+  keeps ``k_s = max(1, floor(rho_s * n_b))`` vision tokens (the paper's ``rho_s * |I_V|`` rounded down, as
+  DynamicViT's ``int(N * ratio)``; a 1e-6 tolerance absorbs float error, so 0.3 * 10 keeps 3). Where samples keep
+  different numbers, the batch keeps the largest and marks the rest of a sample's slots padding (re-padded).
 - Position ids are the padding-aware original positions (``cumsum(attention_mask) - 1``, as HF ``generate`` does)
   and are kept for every surviving token (eq. 14).
 - The instruction tokens (keys/values of the decision modules) are the non-vision, non-padding tokens, minus the
@@ -29,11 +31,12 @@ from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 from transformers.utils import ModelOutput
 
-from lvpruning.adapters import LlavaLlamaAdapter, boolean_causal_mask, get_adapter
+from lvpruning.adapters import LlavaAdapter, boolean_causal_mask, get_adapter
 from lvpruning.attention import ATTN_IMPLEMENTATION, attention_implementation
 from lvpruning.config import PruningConfig, check_schedule
 from lvpruning.decision import DecisionModule, decide, gumbel_decisions
 from lvpruning.generation import generate
+from lvpruning.layout import VisionLayout, equalize_vision
 from lvpruning.policies import LearnedPolicy, PruningPolicy
 from lvpruning.stage import LayerRecord, MergePlan, StageInput, TokenSequence, gather_tokens, keep_count, split_tokens
 
@@ -45,7 +48,8 @@ class LVPruningOutput(ModelOutput):
 
     keep_fractions: (B, S) realized fraction of the original vision tokens kept after each stage.
     token_index: (B, N_out) original position of each output position (inference removes tokens).
-    kept_vision: per stage, (B, k_s) indices (into the Nv vision tokens) of the tokens kept (inference).
+    kept_vision: per stage, (B, k_s) indices (into the Nv vision tokens) of the tokens kept, in sequence order
+        (inference); where samples keep different numbers, k_s is the largest and a sample's surplus entries are -1.
     last_hidden_state: (B, n, C) the final-normed hidden states the logits come from (inference).
     """
 
@@ -70,14 +74,34 @@ class PrunedCache(DynamicCache):
 
 
 @dataclass
+class Prepared:
+    """The prompt as the stages see it (``LVPruningModel._prepare``): in the equalized layout when samples have
+    different numbers of vision tokens (``input_ids``/``labels`` then differ from the caller's)."""
+
+    seq: TokenSequence
+    input_ids: torch.Tensor  # (B, N0)
+    labels: torch.Tensor | None  # (B, N0)
+    vision_counts: torch.Tensor  # (B,) n_b
+    layout: VisionLayout  # (B, Nv)
+    vision_states: tuple[torch.Tensor, ...] | None
+
+    @property
+    def num_vision(self) -> int:
+        """Nv: vision slots per sample."""
+        return self.layout.kind.shape[1]
+
+
+@dataclass
 class PrefillState:
     """What the inference forward carries from layer to layer: the tokens still in the sequence, and what the
     stages so far kept and recorded."""
 
     seq: TokenSequence  # the current sequence, N tokens
     input_ids: torch.Tensor  # (B, N0) the prompt
-    pixel_values: torch.Tensor  # (B, 3, H, W)
-    num_vision: int  # Nv
+    pixel_values: torch.Tensor  # (B, 3, H, W), or (B, tiles, 3, H, W)
+    num_vision: int  # Nv, vision slots per sample
+    vision_counts: torch.Tensor  # (B,) each sample's own vision tokens n_b
+    layout: VisionLayout  # (B, Nv)
     vision_index: torch.Tensor  # (B, V) index of each kept vision token among the image's Nv
     records: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, N0), by original position
     kept_vision: list[torch.Tensor] = field(default_factory=list)  # per stage, (B, k_s)
@@ -89,10 +113,15 @@ class PrefillState:
         (``StageInput.recorded(layer)``); 0 at every other position."""
         self.records[layer] = values.new_zeros(self.input_ids.shape).scatter(1, index, values)
 
-    def apply_plan(self, stage: StageInput, plan: MergePlan, k: int) -> None:
-        """Carry out ``plan``, the ``k`` vision tokens ``stage`` keeps: merge, then remove the others (eqs. 13-14)."""
-        top, order = plan.keep.sort(dim=1)  # (B, k) in sequence order, eq. 13
-        kept_pos = stage.vision_pos.gather(1, top)  # (B, k) positions in the sequence
+    def apply_plan(self, stage: StageInput, plan: MergePlan, k: torch.Tensor) -> None:
+        """Carry out ``plan``, the vision tokens ``stage`` keeps, ``k`` (B,) of them per sample: merge, then remove
+        the others (eqs. 13-14). ``plan.keep`` (B, max k) ranks them best first; a sample's slots beyond its own
+        k_b become padding."""
+        surplus = torch.arange(plan.keep.shape[1], device=k.device)[None, :] >= k[:, None]  # (B, max k)
+        top, order = plan.keep.sort(dim=1)  # (B, max k) in sequence order, eq. 13
+        kept_pos = stage.vision_pos.gather(1, top)  # (B, max k) positions in the sequence
+        alive = self.seq.padding.scatter(1, kept_pos, ~surplus.to(kept_pos.device).gather(1, order))
+        alive &= self.seq.padding
         hidden = self.seq.hidden
         if plan.hidden is not None:  # merged tokens replace the kept ones in their slots (positions unchanged)
             merged = gather_tokens(plan.hidden, order).to(hidden.dtype)  # (B, k, C)
@@ -100,10 +129,10 @@ class PrefillState:
         if plan.values is not None:  # read back by later stages as StageInput.recorded(layer)
             self.record(stage.layer, plan.values.gather(1, order), self.seq.index.gather(1, kept_pos))
         keep_pos = torch.cat([stage.text_pos, kept_pos], dim=1).sort(dim=1).values  # (B, T + k)
-        self.seq = dataclasses.replace(self.seq, hidden=hidden).select(keep_pos)  # eq. 14: original positions
+        self.seq = dataclasses.replace(self.seq, hidden=hidden, padding=alive).select(keep_pos)  # eq. 14
         self.vision_index = self.vision_index.gather(1, top)
-        self.kept_vision.append(self.vision_index)
-        self.keep_fractions.append(torch.full_like(self.vision_index[:, 0], k, dtype=torch.float32) / self.num_vision)
+        self.kept_vision.append(self.vision_index.masked_fill(~alive.gather(1, kept_pos), -1))
+        self.keep_fractions.append(k.float() / self.vision_counts.clamp_min(1))
 
 
 @dataclass
@@ -111,7 +140,7 @@ class VisionTower:
     """The vision-tower stage's view of the CLIP tower: its hidden states (each (B, M, C_v)), and each encoder
     layer's keys computed once, shared by the attention rows."""
 
-    adapter: LlavaLlamaAdapter
+    adapter: LlavaAdapter
     states: tuple[torch.Tensor, ...]
     keys_by_layer: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -184,27 +213,39 @@ class LVPruningModel(nn.Module):
 
     # ------------------------------------------------------------------ inputs
 
-    def _prepare(self, input_ids, pixel_values, attention_mask, labels, instruction_mask, tower_states=False):
-        embeds, vision, num_vision, vision_states = self.adapter.embed(input_ids, pixel_values, tower_states)
+    def _prepare(
+        self, input_ids, pixel_values, image_sizes, attention_mask, labels, instruction_mask, tower_states=False
+    ) -> Prepared:
+        """The prompt as the stages see it: embedded, every sample with ``Nv`` vision slots (``equalize_vision``),
+        its padding, positions, instruction, and each vision token's layout."""
+        embeds, vision, counts, vision_states = self.adapter.embed(input_ids, pixel_values, image_sizes, tower_states)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if not input_ids.is_meta:
+            found = vision.sum(1).cpu()
+            if not bool((found == counts).all()):
+                raise ValueError(
+                    f"each sample needs one image whose placeholders match its features: {found.tolist()} image "
+                    f"tokens for {counts.tolist()} features (check image_sizes and the processor's expansion)"
+                )
+            if bool((counts != counts[0]).any()):
+                input_ids, embeds, vision, attention_mask, labels, instruction_mask = equalize_vision(
+                    input_ids, embeds, vision, attention_mask, labels, instruction_mask, counts.to(input_ids.device)
+                )
         padding = attention_mask.bool()
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         if instruction_mask is None:
             instruction_mask = padding & ~vision
             if labels is not None:
                 instruction_mask &= labels == -100  # never the supervised answer tokens
-        if not input_ids.is_meta:
-            counts = vision.sum(1)
-            if not bool((counts == num_vision).all()):
-                raise ValueError(
-                    f"LVPruning needs the same number of vision tokens in every sample; got {counts.tolist()}"
-                )
-            if not bool((instruction_mask & ~vision).any(1).all()):
-                raise ValueError("every sample needs at least one instruction token to guide the pruning")
+        if not input_ids.is_meta and not bool((instruction_mask & ~vision).any(1).all()):
+            raise ValueError("every sample needs at least one instruction token to guide the pruning")
         index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         seq = TokenSequence(embeds, index, padding, position_ids, vision, instruction_mask & ~vision)
-        return seq, num_vision, vision_states
+        num_vision = int(counts.max())
+        layout = self.adapter.layout(input_ids.shape[0], image_sizes, num_vision)
+        device = input_ids.device
+        return Prepared(seq, input_ids, labels, counts.to(device), layout.to(device), vision_states)
 
     # ------------------------------------------------------------------ forward
 
@@ -215,6 +256,7 @@ class LVPruningModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         instruction_mask: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
         keep_ratios: tuple[float, ...] | None = None,
         policy: PruningPolicy | None = None,
         layers: tuple[int, ...] | None = None,
@@ -227,24 +269,21 @@ class LVPruningModel(nn.Module):
         ``config.infer_ratios``) of the original vision tokens.
 
         input_ids/attention_mask/labels: (B, N) with the image placeholders already expanded (as the llava-hf
-        processor does); pixel_values: (B, 3, H, W); instruction_mask: (B, N) bool, the tokens that guide pruning.
+        processors do); pixel_values: (B, 3, H, W), or (B, tiles, 3, H, W) with image_sizes (B, 2) for LLaVA-NeXT
+        and LLaVA-OneVision; instruction_mask: (B, N) bool, the tokens that guide pruning. Where the samples have
+        different numbers of vision tokens, the outputs' positions (``token_index``, training ``logits``) are those
+        of the equalized layout (``lvpruning.layout.equalize_vision``).
         """
         if self.training:
-            return self._forward_train(input_ids, pixel_values, attention_mask, labels, instruction_mask)
+            with torch.no_grad():
+                prepared = self._prepare(input_ids, pixel_values, image_sizes, attention_mask, labels, instruction_mask)
+            return self._forward_train(prepared)
         policy = policy or LearnedPolicy(self.decision_modules)
         layers, ratios = self.schedule(policy, layers, keep_ratios)
-        return self._forward_infer(
-            input_ids,
-            pixel_values,
-            attention_mask,
-            labels,
-            instruction_mask,
-            layers,
-            ratios,
-            policy,
-            use_cache,
-            logits_to_keep,
+        prepared = self._prepare(
+            input_ids, pixel_values, image_sizes, attention_mask, labels, instruction_mask, layers[0] == -1
         )
+        return self._forward_infer(prepared, pixel_values, layers, ratios, policy, use_cache, logits_to_keep)
 
     def schedule(
         self, policy: PruningPolicy, layers: tuple[int, ...] | None, keep_ratios: tuple[float, ...] | None
@@ -258,14 +297,16 @@ class LVPruningModel(nn.Module):
             )
         check_schedule(layers, ratios, self.adapter.text_config.num_hidden_layers)
         policy.check_layers(layers)
+        if layers[0] == -1:
+            self.adapter.check_tower_stage()
         return layers, ratios
 
-    def _forward_train(self, input_ids, pixel_values, attention_mask, labels, instruction_mask) -> LVPruningOutput:
+    def _forward_train(self, prepared: Prepared) -> LVPruningOutput:
         cfg = self.config
         layers = self.adapter.layers
+        seq, num_vision, labels = prepared.seq, prepared.num_vision, prepared.labels
         # No backward work through the vision tower or the layers before the first decision module.
         with torch.no_grad():
-            seq, num_vision, _ = self._prepare(input_ids, pixel_values, attention_mask, labels, instruction_mask)
             rope = self.adapter.rotary(seq.hidden, seq.position_ids)
             mask = self.adapter.attention_mask(seq.padding, seq.padding.shape[1], seq.hidden.dtype)
             hidden = seq.hidden
@@ -274,8 +315,9 @@ class LVPruningModel(nn.Module):
         seq.hidden = hidden
 
         allowed = boolean_causal_mask(seq.padding)  # A-bar's mask (B, 1, N, N)
-        B, N = input_ids.shape
+        B, N = seq.padding.shape
         keep = hidden.new_ones(B, num_vision, dtype=torch.float32)  # cumulative D over the vision tokens
+        real = seq.padding.gather(1, split_tokens(seq.vision, num_vision)[1]).float()  # (B, Nv) 0 on empty slots
         fractions = []
         token_keep = None  # (B, N): 1 on text tokens, D_j on vision tokens (eq. 7)
 
@@ -301,7 +343,7 @@ class LVPruningModel(nn.Module):
                 module = self.decision_modules[cfg.layers.index(i)]
                 gamma = decide(module, seq.hidden, text_pos, vision_pos, seq.instruction.gather(1, text_pos))
                 keep = keep * gumbel_decisions(gamma, cfg.gumbel_tau)  # eqs. 5, 6, 10
-                fractions.append(keep.mean(dim=1))
+                fractions.append((keep * real).sum(dim=1) / real.sum(dim=1))  # of each sample's own n_b
                 token_keep = torch.ones(B, N, device=keep.device).scatter(1, vision_pos, keep)
 
         logits = self.adapter.logits(seq.hidden)
@@ -329,29 +371,27 @@ class LVPruningModel(nn.Module):
 
     def _forward_infer(
         self,
-        input_ids,
-        pixel_values,
-        attention_mask,
-        labels,
-        instruction_mask,
-        layers,
-        ratios,
-        policy,
-        use_cache,
-        logits_to_keep,
+        prepared: Prepared,
+        pixel_values: torch.Tensor,
+        layers: tuple[int, ...],
+        ratios: tuple[float, ...],
+        policy: PruningPolicy,
+        use_cache: bool,
+        logits_to_keep: int,
     ) -> LVPruningOutput:
         """Inference mode: the decoder layers, each on the current sequence, and after each of ``layers`` a stage
         that keeps ``ratios`` of the original vision tokens and removes the rest (eqs. 13-14)."""
-        seq, num_vision, vision_states = self._prepare(
-            input_ids, pixel_values, attention_mask, None, instruction_mask, tower_states=layers[0] == -1
-        )
+        seq, input_ids, num_vision = prepared.seq, prepared.input_ids, prepared.num_vision
         vision_index = torch.arange(num_vision, device=input_ids.device).expand(input_ids.shape[0], -1)  # (B, Nv)
-        state = PrefillState(seq, input_ids, pixel_values, num_vision, vision_index)
+        state = PrefillState(
+            seq, input_ids, pixel_values, num_vision, prepared.vision_counts, prepared.layout, vision_index
+        )
         cache = PrunedCache(config=self.adapter.text_config) if use_cache else None
         recorded = set(policy.recorded_layers(layers))
         if layers[0] == -1:  # the vision-tower stage, before decoder layer 0
-            self._prune(state, policy, 0, -1, ratios[0], seq.hidden, VisionTower(self.adapter, vision_states))
-        del vision_states  # the tower's hidden states serve only the vision-tower stage
+            tower = VisionTower(self.adapter, prepared.vision_states)
+            self._prune(state, policy, 0, -1, ratios[0], seq.hidden, tower)
+        prepared.vision_states = None  # the tower's hidden states serve only the vision-tower stage
         mask, rope = self._begin_segment(state)
         for i, layer in enumerate(self.adapter.layers):
             layer_input = state.seq.hidden  # (B, N, C)
@@ -365,7 +405,7 @@ class LVPruningModel(nn.Module):
                 stage = layers.index(i)
                 self._prune(state, policy, stage, i, ratios[stage], layer_input)
                 mask, rope = self._begin_segment(state)
-        return self._infer_output(state, labels, cache, layers, logits_to_keep)
+        return self._infer_output(state, prepared.labels, cache, layers, logits_to_keep)
 
     def _begin_segment(self, state: PrefillState) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Start the segment of layers that runs on the current sequence: remember its padding (for the decoding
@@ -397,10 +437,15 @@ class LVPruningModel(nn.Module):
         tower: VisionTower | None = None,
     ) -> None:
         """Stage ``stage``, after decoder layer ``layer`` (-1: the vision tower) whose input was ``hidden_in``: the
-        policy plans, and ``state`` keeps ``k_s = keep_count(rho_s, Nv)`` vision tokens (merged if it says so)."""
-        k = keep_count(keep_ratio, state.num_vision)
+        policy plans, and ``state`` keeps ``k_s = keep_count(rho_s, n_b)`` vision tokens of each sample (merged if
+        it says so)."""
+        counts = state.vision_counts.tolist() if not state.vision_counts.is_meta else [state.num_vision]
+        k = [keep_count(keep_ratio, n) for n in counts]
+        if len(set(k)) > 1 and type(policy).plan is not PruningPolicy.plan:
+            raise ValueError(f"{policy.name} merges tokens and needs every sample of a batch to keep as many; got {k}")
         stage_input = self._stage_input(state, stage, layer, hidden_in, tower)
-        state.apply_plan(stage_input, policy.plan(stage_input, k), k)
+        per_sample = torch.tensor(k, device=state.vision_index.device).expand(stage_input.vision_pos.shape[0])
+        state.apply_plan(stage_input, policy.plan(stage_input, max(k)), per_sample)
 
     def _stage_input(
         self, state: PrefillState, stage: int, layer: int, hidden_in: torch.Tensor, tower: VisionTower | None
@@ -424,6 +469,8 @@ class LVPruningModel(nn.Module):
             vision_pos=vision_pos,
             vision_index=state.vision_index,
             num_vision=state.num_vision,
+            vision_counts=state.vision_counts,
+            layout=state.layout,
             token_index=seq.index,
             instruction=seq.instruction,
             padding=seq.padding,

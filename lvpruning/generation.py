@@ -54,6 +54,7 @@ def generate(
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    image_sizes: torch.Tensor | None = None,
     keep_ratios: tuple[float, ...] | None = None,
     policy: PruningPolicy | None = None,
     layers: tuple[int, ...] | None = None,
@@ -66,7 +67,8 @@ def generate(
     pad_token_id: int | None = None,
 ) -> torch.Tensor:
     """Greedy (default) or sampled decoding with an :class:`~lvpruning.engine.LVPruningModel` ``pruner``, pruning
-    with ``policy`` after ``layers`` at ``keep_ratios`` (its forward's defaults). Returns (B, N + new) token ids: the
+    with ``policy`` after ``layers`` at ``keep_ratios`` (its forward's defaults); ``image_sizes`` beside a tiled
+    family's ``pixel_values``. Returns (B, N + new) token ids: the
     prompt followed by the new tokens; a sample that finished early is filled with ``pad_token_id``, like Hugging
     Face ``generate``."""
     if pruner.training:
@@ -83,6 +85,7 @@ def generate(
         input_ids=input_ids,
         pixel_values=pixel_values,
         attention_mask=attention_mask,
+        image_sizes=image_sizes,
         keep_ratios=keep_ratios,
         policy=policy,
         layers=layers,

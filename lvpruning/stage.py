@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lvpruning.layout import VisionLayout
+
 
 def keep_count(ratio: float, num_vision: int) -> int:
     """Vision tokens kept at a stage with keep ratio ``ratio`` (rounded down, at least one)."""
@@ -117,7 +119,11 @@ class StageInput:
     included, which LLaVA's feature selection drops), ``vision_attention(l, queries)`` recomputes encoder layer
     ``l``'s attention rows, ``vision_keys(l)`` its keys, ``project`` is LLaVA's projector (tower features to the
     decoder's width) and ``feature_layer`` the encoder layer whose output LLaVA projects (22 of 24 in LLaVA-1.5).
-    Vision token ``j`` of the image (``vision_index``) is tower token ``j + 1``."""
+    Vision token ``j`` of the image (``vision_index``) is tower token ``j + 1``.
+
+    Samples may have different numbers of vision tokens (LLaVA-NeXT, LLaVA-OneVision): a sample's slots beyond its
+    own are padding (``vision_valid``), and the engine never keeps them; ``layout`` says, per vision token, whether
+    it is the base view, a tile (which, and its row and column) or a grid row's newline token."""
 
     stage: int  # index in the schedule
     layer: int  # the decoder layer after which this stage prunes (zero-based)
@@ -126,13 +132,15 @@ class StageInput:
     text_pos: torch.Tensor  # (B, T) positions of the text tokens, padding included
     vision_pos: torch.Tensor  # (B, V) positions of the kept vision tokens
     vision_index: torch.Tensor  # (B, V) index of each kept vision token among the image's Nv (0..Nv-1)
-    num_vision: int  # Nv
+    num_vision: int  # Nv, vision slots per sample (the batch's largest count)
+    vision_counts: torch.Tensor  # (B,) each sample's own number of vision tokens n_b
+    layout: VisionLayout  # (B, Nv) where each vision token comes from: base view, tile (row, col) or newline
     token_index: torch.Tensor  # (B, N) original position of each token
     instruction: torch.Tensor  # (B, N) bool, the instruction tokens that guide pruning
     padding: torch.Tensor  # (B, N) bool, True on real tokens
     position_ids: torch.Tensor  # (B, N)
     input_ids: torch.Tensor  # (B, N0) the prompt (``input_ids.gather(1, token_index)``: the tokens at this stage)
-    pixel_values: torch.Tensor  # (B, 3, H, W)
+    pixel_values: torch.Tensor  # (B, 3, H, W), or (B, tiles, 3, H, W) for the tiled families
     records: Mapping[int, torch.Tensor]
     # queries (B, Q) -> the softmax attention (B, h, Q, N) that those tokens pay every token in this stage's layer,
     # 0 on padding keys and on later (causal) keys
@@ -146,6 +154,15 @@ class StageInput:
     vision_keys: Callable[[int], torch.Tensor] | None = None  # layer -> (B, h_v, M, d_v)
     project: Callable[[torch.Tensor], torch.Tensor] | None = None  # (B, n, C_v) -> (B, n, C)
     feature_layer: int | None = None
+
+    def vision_valid(self) -> torch.Tensor:
+        """(B, V) True on the vision tokens still in play: False on a sample's empty slots (fewer vision tokens than
+        the batch's largest) and on tokens an earlier stage dropped for that sample only (it keeps fewer)."""
+        return self.padding.gather(1, self.vision_pos)
+
+    def kept_layout(self) -> VisionLayout:
+        """The layout of the kept vision tokens, (B, V)."""
+        return self.layout.gather(self.vision_index)
 
     def text_mask(self) -> torch.Tensor:
         """(B, T) True where ``text_pos`` holds an instruction token (not padding, not a supervised answer)."""

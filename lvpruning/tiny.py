@@ -14,8 +14,16 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
+    MistralConfig,
+    PreTrainedConfig,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -125,11 +133,84 @@ def build_processor(config: LlavaConfig, words: Iterable[str] = ()) -> LlavaProc
     )
 
 
-def tiny_llava(config: LlavaConfig | None = None, seed: int = 0, attn_implementation: str = "sdpa"):
-    """A randomly initialised tiny ``LlavaForConditionalGeneration`` in eval mode (fp32)."""
+DECODER_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+MODEL_CLASSES = {
+    LlavaConfig: LlavaForConditionalGeneration,
+    LlavaNextConfig: LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig: LlavaOnevisionForConditionalGeneration,
+}
+
+
+def tiny_tiled_config(
+    family: str = "llava_next",
+    decoder: str = "llama",
+    vocab_size: int = 128,
+    tile_size: int = 16,
+    patch_size: int = 4,
+    grid: tuple[tuple[int, int], ...] = ((1, 2), (2, 1), (2, 2)),
+    vision_hidden: int = 32,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int | None = 2,
+    image_token_id: int = SPECIAL_TOKENS.index("<image>"),
+    vision_aspect_ratio: str = "anyres_max_9",
+) -> LlavaNextConfig | LlavaOnevisionConfig:
+    """A tiny anyres config: ``family`` ``llava_next`` (CLIP tower, penultimate layer, CLS dropped, as
+    llava-v1.6) or ``llava_onevision`` (SigLIP tower, last layer, every token, as llava-onevision), tiles of
+    ``tile_size`` pixels, ``grid`` the (rows, columns) of tiles an image may be cut into, and a ``decoder`` of
+    ``llama``, ``mistral`` (no sliding window, as llava-v1.6-mistral) or ``qwen2`` (q/k/v biases)."""
+    vision_kwargs = {
+        "hidden_size": vision_hidden,
+        "intermediate_size": 2 * vision_hidden,
+        "num_hidden_layers": 2,
+        "num_attention_heads": max(1, vision_hidden // 16),
+        "image_size": tile_size,
+        "patch_size": patch_size,
+    }
+    text = DECODER_CONFIGS[decoder](
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        max_position_embeddings=1024,
+        pad_token_id=SPECIAL_TOKENS.index("<pad>"),
+        bos_token_id=SPECIAL_TOKENS.index("<s>"),
+        eos_token_id=SPECIAL_TOKENS.index("</s>"),
+        tie_word_embeddings=False,
+        **({"sliding_window": None} if decoder == "mistral" else {}),
+    )
+    pinpoints = [[rows * tile_size, cols * tile_size] for rows, cols in grid]
+    if family == "llava_next":
+        return LlavaNextConfig(
+            vision_config=CLIPVisionConfig(**vision_kwargs, projection_dim=vision_hidden),
+            text_config=text,
+            image_token_id=image_token_id,
+            image_grid_pinpoints=pinpoints,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
+    if family == "llava_onevision":
+        return LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(**vision_kwargs),
+            text_config=text,
+            image_token_id=image_token_id,
+            image_grid_pinpoints=pinpoints,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio=vision_aspect_ratio,
+        )
+    raise ValueError(f"unknown tiled family {family!r}; choose 'llava_next' or 'llava_onevision'")
+
+
+def tiny_llava(config: PreTrainedConfig | None = None, seed: int = 0, attn_implementation: str = "sdpa"):
+    """A randomly initialised tiny LLaVA (``LlavaForConditionalGeneration``, or the LLaVA-NeXT / OneVision class for
+    their configs) in eval mode (fp32)."""
     import torch
 
     config = config or tiny_llava_config()
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    model = MODEL_CLASSES[type(config)]._from_config(config, attn_implementation=attn_implementation)
     return model.eval()

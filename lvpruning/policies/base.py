@@ -79,8 +79,10 @@ class PruningPolicy:
         raise NotImplementedError
 
     def plan(self, stage: StageInput, k: int) -> MergePlan:
-        """The ``k`` vision tokens kept at this stage (default: the top-k of ``scores``, eq. 13, nothing merged)."""
-        return MergePlan(self.scores(stage).topk(k, dim=1).indices)
+        """The ``k`` vision tokens kept at this stage, best first (default: the top-k of ``scores``, eq. 13, nothing
+        merged; a sample's padding slots last)."""
+        scores = self.scores(stage).masked_fill(~stage.vision_valid(), float("-inf"))
+        return MergePlan(scores.topk(k, dim=1).indices)
 
     def recorded_layers(self, layers: tuple[int, ...]) -> tuple[int, ...]:
         """Decoder layers whose sub-blocks the engine records, given the schedule's pruning ``layers``."""

@@ -61,10 +61,19 @@ class RandomPolicy(PruningPolicy):
         rows = []
         for b in range(stage.vision_pos.shape[0]):
             instruction_ids = token_ids[b][stage.instruction[b]]
-            seed = self.sample_seed(instruction_ids, stage.pixel_values[b], stage.stage)
-            per_token = torch.rand(stage.num_vision, generator=torch.Generator().manual_seed(seed))  # (Nv,)
-            rows.append(per_token[stage.vision_index[b].cpu()])
+            n = int(stage.vision_counts[b])  # the sample's own vision tokens, and its own tiles: as alone
+            seed = self.sample_seed(instruction_ids, real_tiles(stage.pixel_values[b]), stage.stage)
+            per_token = torch.rand(n, generator=torch.Generator().manual_seed(seed))  # (n_b,)
+            rows.append(per_token[stage.vision_index[b].cpu().clamp_max(n - 1)])  # empty slots: never kept
         return torch.stack(rows).to(stage.vision_pos.device)  # (B, V)
+
+
+def real_tiles(pixels: torch.Tensor) -> torch.Tensor:
+    """One sample's pixels without the all-zero tiles a batch pads (B, tiles, 3, H, W) with; (3, H, W) as is."""
+    if pixels.dim() == 3:
+        return pixels
+    used = pixels.flatten(1).ne(0).any(dim=1).nonzero()
+    return pixels[: int(used[-1]) + 1 if len(used) else 0]
 
 
 class FastVPolicy(PruningPolicy):

@@ -32,6 +32,7 @@ class StarPolicy(PruningPolicy):
         if stage.stage == 0:
             rows = stage.attention(stage.vision_pos).mean(dim=1)  # (B, V, N)
             v2v = rows.gather(2, stage.vision_pos[:, None, :].expand(-1, V, -1))  # (B, V, V)
+            v2v = v2v * stage.vision_valid()[:, :, None]  # only tokens in play give (not a sample's empty slots)
             return v2v.sum(dim=1) - v2v.diagonal(dim1=1, dim2=2)  # received from the others
         queries = stage.after_image()  # (B, T)
         rows = stage.attention(stage.text_pos).mean(dim=1)  # (B, T, N)

@@ -52,7 +52,7 @@ class TransPrunePolicy(PruningPolicy):
         return tuple(range(layers[0], layers[-1] + 1))
 
     def observe(self, record: LayerRecord) -> torch.Tensor:
-        valid = record.vision | record.instruction  # the softmax runs over the prompt: image and instruction
+        valid = (record.vision | record.instruction) & record.padding  # the prompt: image and instruction
         ttv = 0.0
         for x, y in ((record.attn_in, record.attn_out), (record.mlp_in, record.mlp_out)):
             xx, yy, xy = rowwise_dot(x, x), rowwise_dot(y, y), rowwise_dot(x, y)
@@ -62,6 +62,7 @@ class TransPrunePolicy(PruningPolicy):
 
     def scores(self, stage: StageInput) -> torch.Tensor:
         ttv = sum(stage.recorded(layer) for layer in stage.records if layer <= stage.layer)  # (B, V)
+        ttv = ttv * stage.vision_valid()  # normalised over the sample's tokens in play only
         queries = stage.after_image()  # (B, T) the instruction after the image
         rows = stage.next_attention(stage.text_pos).mean(dim=1)  # (B, T, N), mean over heads
         to_vision = rows.gather(2, stage.vision_pos[:, None, :].expand(-1, rows.shape[1], -1))  # (B, T, V)

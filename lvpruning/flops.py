@@ -1,8 +1,10 @@
 """Prefill FLOPs of LLaVA with and without LVPruning: an analytic count and a measured count on ``meta``.
 
 Convention (paper section 4.1, Fig. 1): one image plus ``T`` text tokens (``T = 30``), batch 1, one forward
-pass (the prefill). Only matrix multiplications are counted, ``2 m n k`` FLOPs each (a multiply-add is 2
-FLOPs), as ``torch.utils.flop_counter.FlopCounterMode`` counts them; norms, activations, softmax, RoPE and
+pass (the prefill). LLaVA-1.5 sees the image as one 336 x 336 tile; LLaVA-NeXT and LLaVA-OneVision ("anyres") see
+an image of any size as a base tile plus a grid of tiles (``image_layout``; 672 x 672 unless given). Only matrix
+multiplications are counted, ``2 m n k`` FLOPs each (a multiply-add is 2 FLOPs), as
+``torch.utils.flop_counter.FlopCounterMode`` counts them; norms, activations, softmax, RoPE and
 residual adds are ignored. Attention is counted as full ``N x N`` matmuls even when causal, as the counter
 does. The measured count runs the real HF modules on the ``meta`` device, so LLaVA-1.5-7B needs no weights.
 How these numbers relate to the paper's Table 1: ``docs/flops.md``. CLI: ``python -m lvpruning.flops``
@@ -16,16 +18,30 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedConfig
+from transformers import (
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+from transformers.models.llava_next import modeling_llava_next
+from transformers.models.llava_onevision import modeling_llava_onevision
 
+from lvpruning.adapters import get_adapter
 from lvpruning.config import PruningConfig, check_schedule
 from lvpruning.engine import attach
 from lvpruning.policies import POLICIES, PruningPolicy, get_policy, is_trained
+from lvpruning.presets import AnyLlavaConfig
 from lvpruning.stage import StageShape, keep_count
 
 TOLERANCE = 0.02  # analytic and measured counts must agree within 2%
@@ -33,13 +49,85 @@ LogitPositions = Literal["all", "last"]
 _LLAMA_LIKE = {"llama", "mistral", "qwen2"}  # q/k/v/o projections + gated (SwiGLU) MLP
 TERA = 1e12  # FLOPs per TFLOP
 _CHECK_SWITCH = "TRANSFORMERS_DISABLE_TORCH_CHECK"
+ANYRES_IMAGE_SIZE = (672, 672)  # (H, W) when LLaVA-NeXT / OneVision are given no image size
+_TOWERS_WITH_CLS = {"clip_vision_model": True, "siglip_vision_model": False}
+MODEL_CLASSES: dict[type[PreTrainedConfig], type[PreTrainedModel]] = {
+    LlavaConfig: LlavaForConditionalGeneration,
+    LlavaNextConfig: LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig: LlavaOnevisionForConditionalGeneration,
+}
 
 
-def num_vision_tokens(config: LlavaConfig) -> int:
-    """|I_V|: patches per image, plus CLS under the ``"full"`` feature-selection strategy."""
+class EngineUnsupportedError(NotImplementedError):
+    """The LVPruning engine has no adapter for this model family yet, so its pruned count cannot be measured."""
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """How one ``image_size`` (H, W) image reaches the decoder: the tower runs on ``num_tiles`` square crops of
+    ``tile_size`` pixels (anyres: the base view, then a grid of ``grid`` (rows, cols) tiles; LLaVA-1.5: the base
+    view only, grid (0, 0)), the projector on ``tile_tokens`` tokens of each; after unpadding the grid (and
+    OneVision's downscaling) and one image_newline per grid row, ``num_vision_tokens`` (|I_V|) reach the decoder."""
+
+    image_size: tuple[int, int]
+    tile_size: int
+    grid: tuple[int, int]
+    num_tiles: int
+    tile_tokens: int
+    num_vision_tokens: int
+
+
+def tower_tokens(vision_config: PreTrainedConfig) -> int:
+    """Tokens the vision tower sees per tile: its patches, plus CLS for CLIP."""
+    v = vision_config
+    if v.model_type not in _TOWERS_WITH_CLS:
+        raise ValueError(f"unsupported vision tower {v.model_type!r}; counted: {sorted(_TOWERS_WITH_CLS)}")
+    if getattr(v, "vision_use_head", False):
+        raise ValueError("a SigLIP tower with its pooling head (vision_use_head) is not counted; LLaVA uses none")
+    return (v.image_size // v.patch_size) ** 2 + _TOWERS_WITH_CLS[v.model_type]
+
+
+def image_layout(config: AnyLlavaConfig, image_size: Sequence[int] | None = None) -> ImageLayout:
+    """The tiles and vision tokens of one image of ``image_size`` (H, W), computed by Hugging Face's own anyres
+    helpers (``image_size_to_num_patches``, ``get_anyres_image_grid_shape`` and the model's ``pack_image_features``
+    on ``meta`` features, so unpadding, OneVision's downscaling and the newlines are HF's). LLaVA-1.5 takes only its
+    fixed square size; LLaVA-NeXT / OneVision default to ``ANYRES_IMAGE_SIZE``."""
     v = config.vision_config
-    patches = (v.image_size // v.patch_size) ** 2
-    return patches if config.vision_feature_select_strategy == "default" else patches + 1
+    tile_tokens = tower_tokens(v) - (config.vision_feature_select_strategy == "default")  # "default" drops CLS
+    if isinstance(config, LlavaConfig):
+        if image_size is not None and tuple(image_size) != (v.image_size, v.image_size):
+            raise ValueError(
+                f"LLaVA-1.5 resizes every image to {v.image_size} x {v.image_size}; an image size of "
+                f"{' x '.join(map(str, image_size))} only applies to LLaVA-NeXT and LLaVA-OneVision"
+            )
+        return ImageLayout((v.image_size, v.image_size), v.image_size, (0, 0), 1, tile_tokens, tile_tokens)
+    if not isinstance(config, (LlavaNextConfig, LlavaOnevisionConfig)):
+        raise ValueError(f"unsupported config {type(config).__name__}; counted: {[c.__name__ for c in MODEL_CLASSES]}")
+    size = [int(x) for x in (image_size or ANYRES_IMAGE_SIZE)]
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"image size must be two positive integers H W, got {list(image_size or ())}")
+    hf = modeling_llava_next if isinstance(config, LlavaNextConfig) else modeling_llava_onevision
+    pinpoints, tile = config.image_grid_pinpoints, v.image_size
+    num_tiles = hf.image_size_to_num_patches(size, pinpoints, tile)  # base + rows * cols
+    grid = hf.get_anyres_image_grid_shape(size, pinpoints, tile)  # (rows, cols)
+    features = [torch.empty(num_tiles, tile_tokens, 1, device="meta")]  # (tiles, tokens per tile, 1 channel)
+    newline = torch.empty(1, device="meta")
+    owner = SimpleNamespace(config=config)  # pack_image_features reads nothing else of the model
+    if isinstance(config, LlavaNextConfig):
+        packed, _ = hf.LlavaNextModel.pack_image_features(
+            owner, features, [size], config.vision_feature_select_strategy, image_newline=newline
+        )
+    else:
+        packed, _ = hf.LlavaOnevisionModel.pack_image_features(
+            owner, features, [size], image_newline=newline, vision_aspect_ratio=config.vision_aspect_ratio
+        )
+    return ImageLayout((size[0], size[1]), tile, tuple(grid), num_tiles, tile_tokens, packed[0].shape[0])
+
+
+def num_vision_tokens(config: AnyLlavaConfig, image_size: Sequence[int] | None = None) -> int:
+    """|I_V| of one image: LLaVA-1.5's patches (plus CLS under the ``"full"`` strategy), or the anyres count of
+    :func:`image_layout` (newline tokens included)."""
+    return image_layout(config, image_size).num_vision_tokens
 
 
 def tokens_per_layer(
@@ -95,26 +183,26 @@ def decision_module_flops(
     return projections + num_blocks * block + 2 * q * d * 2
 
 
-def vision_and_projector_flops(config: LlavaConfig) -> tuple[dict[str, int], int]:
-    """CLIP tower + projector parts, and the FLOPs of tower layers that run but feed nothing.
+def vision_and_projector_flops(config: AnyLlavaConfig, layout: ImageLayout | None = None) -> tuple[dict[str, int], int]:
+    """Vision tower (CLIP or SigLIP) + projector parts, and the FLOPs of tower layers that run but feed nothing;
+    both once per tile of ``layout`` (default: :func:`image_layout` at its default size). The projector runs on
+    every tile's tokens before the anyres unpadding; the image_newline tokens cost no matmul.
 
     LLaVA reads ``hidden_states[-2]``, yet HF's CLIP encoder runs ALL its layers: the last one is counted (it
     runs) and is also returned on its own as the unused part.
     """
-    v = config.vision_config
-    if v.model_type != "clip_vision_model":
-        raise ValueError(f"unsupported vision tower {v.model_type!r}; only CLIP is counted")
-    patches = (v.image_size // v.patch_size) ** 2
-    seq, d = patches + 1, v.hidden_size  # + CLS
+    v, layout = config.vision_config, layout or image_layout(config)
+    seq, d = tower_tokens(v), v.hidden_size  # CLIP: patches + CLS
+    patches, tiles = (v.image_size // v.patch_size) ** 2, layout.num_tiles
     per_layer = 4 * 2 * seq * d * d + 2 * 2 * seq * seq * d + 2 * 2 * seq * d * v.intermediate_size
     feature = config.vision_feature_layer
     feature = [feature] if isinstance(feature, int) else list(feature)
     # hidden_states holds the embeddings, then each layer's output: index -2 is the output of layer L - 1
-    unused = (v.num_hidden_layers - max(i % (v.num_hidden_layers + 1) for i in feature)) * per_layer
-    n_img, c = num_vision_tokens(config), config.text_config.hidden_size
+    unused = tiles * (v.num_hidden_layers - max(i % (v.num_hidden_layers + 1) for i in feature)) * per_layer
+    n_img, c = tiles * layout.tile_tokens, config.text_config.hidden_size
     parts = {
-        "vision_patch_embed": 2 * patches * (v.num_channels * v.patch_size**2) * d,  # the stride-p conv
-        "vision_layers": v.num_hidden_layers * per_layer,  # q/k/v/o, QK^T, AV, fc1, fc2
+        "vision_patch_embed": tiles * 2 * patches * (v.num_channels * v.patch_size**2) * d,  # the stride-p conv
+        "vision_layers": tiles * v.num_hidden_layers * per_layer,  # q/k/v/o, QK^T, AV, fc1, fc2
         # Linear(d * feature layers, C), GELU, Linear(C, C); several feature layers are concatenated
         "projector": 2 * n_img * d * len(feature) * c + 2 * n_img * c * c,
     }
@@ -140,6 +228,8 @@ class FlopsReport:
     decision_per_stage: tuple[int, ...]
     vision_unused: int  # inside "vision_layers": tower layers past the feature layer (they run, feed nothing)
     lm_head_positions: LogitPositions
+    image_size: tuple[int, int] = (336, 336)  # (H, W) of the image
+    num_tiles: int = 1  # crops the vision tower runs on (anyres: the base view + the grid)
 
     @property
     def baseline(self) -> int:
@@ -185,6 +275,8 @@ class FlopsReport:
                 "decision_per_stage": [v / TERA for v in self.decision_per_stage],
                 "vision_unused_layers": self.vision_unused / TERA,
             },
+            "image_size": list(self.image_size),
+            "num_tiles": self.num_tiles,
             "num_vision_tokens": self.num_vision_tokens,
             "num_text_tokens": n_text,
             "layers": list(self.decision_layers),
@@ -196,7 +288,7 @@ class FlopsReport:
 
 
 def analytic_flops(
-    config: LlavaConfig,
+    config: AnyLlavaConfig,
     pruning: PruningConfig,
     keep_ratios: Sequence[float] | None = None,
     num_text_tokens: int = 30,
@@ -204,11 +296,13 @@ def analytic_flops(
     method: str = "lvpruning",
     layers: Sequence[int] | None = None,
     params: Mapping[str, float] | None = None,
+    image_size: Sequence[int] | None = None,
 ) -> FlopsReport:
     """Count one prefill of 1 image + ``num_text_tokens`` text tokens, unpruned and pruned by ``method`` (a name in
     ``lvpruning.policies.POLICIES``) after ``layers`` (default ``pruning.layers``; LVPruning only there) keeping
     ``keep_ratios`` (default ``pruning.infer_ratios``), with the method's own ``params``. ``pruning`` also gives the
-    decision modules' shape.
+    decision modules' shape. ``image_size`` (H, W): LLaVA-NeXT / OneVision only (see :func:`image_layout`); keep
+    ratios are fractions of the image's |I_V|, newline tokens included.
 
     ``lm_head_positions="all"``: logits at every position of the final sequence, as HF's forward computes by
     default (``logits_to_keep=0``); ``"last"``: only the last one, as ``generate()`` requests in the prefill.
@@ -219,16 +313,19 @@ def analytic_flops(
     layers = pruning.layers if layers is None else tuple(layers)
     ratios = tuple(keep_ratios if keep_ratios is not None else pruning.infer_ratios)
     _check_count(text, pruning, method, layers, ratios, num_text_tokens, lm_head_positions)
-    n_vis, n_text = num_vision_tokens(config), num_text_tokens
+    if layers and layers[0] < 0 and not isinstance(config, LlavaConfig):
+        raise ValueError(f"{method}'s vision-tower stage (layer -1) is counted for LLaVA-1.5 only, not anyres tiles")
+    layout = image_layout(config, image_size)
+    n_vis, n_text = layout.num_vision_tokens, num_text_tokens
     kept = tuple(keep_count(r, n_vis) for r in ratios)  # k_s of eq. 13, fractions of the ORIGINAL |I_V|
     per_layer = tokens_per_layer(text.num_hidden_layers, layers, kept, n_vis, n_text)
-    front, unused = vision_and_projector_flops(config)
+    front, unused = vision_and_projector_flops(config, layout)
     if is_trained(method):  # decision modules: stage s scores the vision tokens still kept (|I_V|, then k_{s-1})
         shape = (pruning.num_blocks, pruning.ffn_dim, pruning.decision_dim)
         overhead = [decision_module_flops(text.hidden_size, q, n_text, *shape) for q in (n_vis, *kept[:-1])]
     else:
         policy = get_policy(method, params=params)
-        overhead = policy_overhead_flops(config, policy, layers, kept, per_layer, n_text)
+        overhead = policy_overhead_flops(config, policy, layers, kept, per_layer, n_text, n_vis)
     return FlopsReport(
         method=method,
         num_vision_tokens=n_vis,
@@ -246,6 +343,8 @@ def analytic_flops(
         decision_per_stage=tuple(overhead),
         vision_unused=unused,
         lm_head_positions=lm_head_positions,
+        image_size=layout.image_size,
+        num_tiles=layout.num_tiles,
     )
 
 
@@ -284,17 +383,20 @@ def llm_flops(
 
 
 def policy_overhead_flops(
-    config: LlavaConfig,
+    config: AnyLlavaConfig,
     policy: PruningPolicy,
     layers: tuple[int, ...],
     kept: tuple[int, ...],
     layer_tokens: Sequence[int],
     num_text: int,
+    num_vision: int | None = None,
 ) -> list[int]:
-    """A training-free method's own FLOPs per stage (the stages after ``layers``, keeping ``kept`` vision tokens;
-    decoder layer ``i`` sees ``layer_tokens[i]`` tokens): its overhead at each stage, the tower's at the
-    vision-tower stage, and each recorded layer's in the stage that follows it."""
-    text, num_vision = config.text_config, num_vision_tokens(config)
+    """A training-free method's own FLOPs per stage (the stages after ``layers``, keeping ``kept`` of
+    ``num_vision`` vision tokens (default: the config's at its default image size); decoder layer ``i`` sees
+    ``layer_tokens[i]`` tokens): its overhead at each stage, the tower's at the vision-tower stage, and each recorded
+    layer's in the stage that follows it."""
+    text = config.text_config
+    num_vision = num_vision_tokens(config) if num_vision is None else num_vision
     recorded = policy.recorded_layers(layers)
     shapes = {i: stage_shape(i, layers, kept, layer_tokens, num_vision, num_text) for i in (*layers, *recorded)}
     overhead = [
@@ -336,35 +438,50 @@ def _value_checks_off() -> Iterator[None]:
             os.environ[_CHECK_SWITCH] = previous
 
 
-def build_model(config: LlavaConfig, device: str | torch.device = "meta") -> LlavaForConditionalGeneration:
-    """The HF model with its weights on ``device`` (``meta``: never allocated), in eval mode.
+def build_model(config: AnyLlavaConfig, device: str | torch.device = "meta") -> PreTrainedModel:
+    """The HF model of ``config``'s family (``MODEL_CLASSES``) with its weights on ``device`` (``meta``: never
+    allocated), in eval mode.
 
     Eager attention: SDPA's mask builder reads the mask's values (``_ignore_causal_mask_sdpa``), which meta
     cannot, and on CPU SDPA runs a fused kernel FlopCounterMode does not see. Eager runs the same matmuls.
     """
+    if type(config) not in MODEL_CLASSES:
+        raise ValueError(f"no model for {type(config).__name__}; counted: {[c.__name__ for c in MODEL_CLASSES]}")
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, attn_implementation="eager")
+        model = MODEL_CLASSES[type(config)]._from_config(config, attn_implementation="eager")
     return model.eval()
 
 
 def dummy_inputs(
-    config: LlavaConfig, num_text_tokens: int = 30, device: str | torch.device = "meta"
+    config: AnyLlavaConfig,
+    num_text_tokens: int = 30,
+    device: str | torch.device = "meta",
+    image_size: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The paper's dummy input, 1 image and ``num_text_tokens`` text tokens in LLaVA's prompt order (a text
-    token, the image placeholders, the rest of the text); built on CPU, then moved to ``device``."""
+    token, the image placeholders, the rest of the text); built on CPU, then moved to ``device``.
+
+    LLaVA-NeXT / OneVision: ``pixel_values`` (1, tiles, 3, S, S) and ``image_sizes`` [[H, W]] of ``image_size``
+    (see :func:`image_layout`). ``image_sizes`` stays on the CPU when ``device`` is ``meta``: HF reads its values
+    (``tolist``) to choose the tile grid.
+    """
     if num_text_tokens < 1:
         raise ValueError(f"num_text_tokens must be at least 1, got {num_text_tokens}")
-    n_vis, text_id = num_vision_tokens(config), config.text_config.bos_token_id
+    layout = image_layout(config, image_size)
+    n_vis, text_id = layout.num_vision_tokens, config.text_config.bos_token_id
     if text_id is None or text_id == config.image_token_id:
         text_id = (config.image_token_id + 1) % config.text_config.vocab_size
     input_ids = torch.full((1, n_vis + num_text_tokens), text_id, dtype=torch.long)
     input_ids[0, 1 : 1 + n_vis] = config.image_token_id
-    v = config.vision_config
-    return {
-        "input_ids": input_ids.to(device),
-        "pixel_values": torch.zeros(1, v.num_channels, v.image_size, v.image_size).to(device),
-        "attention_mask": torch.ones_like(input_ids).to(device),
-    }
+    channels, side = config.vision_config.num_channels, layout.tile_size
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device)}
+    if isinstance(config, LlavaConfig):
+        inputs["pixel_values"] = torch.zeros(1, channels, side, side).to(device)
+        return inputs
+    inputs["pixel_values"] = torch.zeros(1, layout.num_tiles, channels, side, side).to(device)  # (1, tiles, 3, S, S)
+    sizes_device = "cpu" if torch.device(device).type == "meta" else device
+    inputs["image_sizes"] = torch.tensor([layout.image_size], device=sizes_device)  # (1, 2): H, W
+    return inputs
 
 
 def count_flops(module: nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> int:
@@ -375,7 +492,7 @@ def count_flops(module: nn.Module, inputs: dict[str, torch.Tensor], **kwargs: An
 
 
 def measure_flops(
-    config: LlavaConfig,
+    config: AnyLlavaConfig,
     pruning: PruningConfig | None = None,
     keep_ratios: Sequence[float] | None = None,
     num_text_tokens: int = 30,
@@ -384,19 +501,28 @@ def measure_flops(
     method: str = "lvpruning",
     layers: Sequence[int] | None = None,
     params: Mapping[str, float] | None = None,
+    image_size: Sequence[int] | None = None,
 ) -> int:
     """FlopCounterMode's count of one prefill on the dummy input: the plain HF forward when ``pruning`` is
     None, else ``attach(model, pruning)`` in eval mode (tokens physically removed), pruned by ``method`` after
-    ``layers`` (default ``pruning.layers``) with ``keep_ratios``."""
+    ``layers`` (default ``pruning.layers``) with ``keep_ratios``. ``EngineUnsupportedError`` when the engine has no
+    adapter for the model's family."""
     module: nn.Module = build_model(config, device)
     kwargs: dict[str, Any] = {"logits_to_keep": 1 if lm_head_positions == "last" else 0}
     if pruning is not None:
+        try:
+            get_adapter(module)
+        except ValueError as err:
+            raise EngineUnsupportedError(
+                f"measuring pruned counts on {type(module).__name__} needs the LVPruning engine's support for this "
+                f"family (an adapter in lvpruning/adapters.py); {err}"
+            ) from err
         with torch.device(device):  # the decision modules are created on the model's device
             module = attach(module, pruning).eval()
         kwargs["keep_ratios"] = tuple(keep_ratios if keep_ratios is not None else pruning.infer_ratios)
         kwargs["policy"] = get_policy(method, decision_modules=module.decision_modules, params=params)
         kwargs["layers"] = tuple(layers) if layers is not None else pruning.layers
-    return count_flops(module, dummy_inputs(config, num_text_tokens, device), **kwargs)
+    return count_flops(module, dummy_inputs(config, num_text_tokens, device, image_size), **kwargs)
 
 
 if __name__ == "__main__":

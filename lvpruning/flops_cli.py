@@ -1,5 +1,6 @@
-"""The FLOPs CLI, ``python -m lvpruning.flops``: the analytic prefill count of a preset or HF config, beside
-FlopCounterMode's count on the ``meta`` device; a table, or one JSON object with ``--json``."""
+"""The FLOPs CLI, ``python -m lvpruning.flops``: the analytic prefill count of a preset or HF config (LLaVA-1.5,
+LLaVA-NeXT or LLaVA-OneVision), beside FlopCounterMode's count on the ``meta`` device; a table, or one JSON object
+with ``--json``."""
 
 from __future__ import annotations
 
@@ -9,12 +10,18 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from transformers import LlavaConfig
-
 from lvpruning.config import PruningConfig, paper_schedule
-from lvpruning.flops import TERA, TOLERANCE, FlopsReport, analytic_flops, measure_flops
+from lvpruning.flops import (
+    ANYRES_IMAGE_SIZE,
+    TERA,
+    TOLERANCE,
+    EngineUnsupportedError,
+    FlopsReport,
+    analytic_flops,
+    measure_flops,
+)
 from lvpruning.policies import POLICIES, is_trained
-from lvpruning.presets import load_llava_config
+from lvpruning.presets import AnyLlavaConfig, load_llava_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--model", default="llava-1.5-7b", help="preset, HF model id or local path (config only)")
     add("--text-tokens", type=int, default=30, help="text tokens beside the image (paper: 30)")
+    add(
+        "--image-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help=f"image height and width in pixels, LLaVA-NeXT / OneVision (default {ANYRES_IMAGE_SIZE[0]} "
+        f"{ANYRES_IMAGE_SIZE[1]}); LLaVA-1.5 takes only its fixed 336 336",
+    )
     add("--method", choices=list(POLICIES), default="lvpruning", help="pruning method (default: LVPruning)")
     add("--layers", type=int, nargs="+", help="zero-based decoder layers (default: the method's published ones)")
     schedule = parser.add_mutually_exclusive_group()
@@ -45,9 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 def format_report(name: str, report: FlopsReport, result: dict[str, Any]) -> str:
     """The table printed without ``--json``: the parts of both counts, the reduction, the measured counts."""
     vision = " -> ".join(str(k) for k in result["tokens_per_stage"]["vision"])
+    height, width = report.image_size
+    tiles = f"{report.num_tiles} tile{'s' if report.num_tiles > 1 else ''}"
     lines = [
-        f"{name}: 1 image ({report.num_vision_tokens} vision tokens) + {report.num_text_tokens} text tokens, "
-        f"prefill, matmuls only (2 FLOPs per multiply-add), logits at {report.lm_head_positions} positions",
+        f"{name}: 1 image of {height} x {width} ({tiles}, {report.num_vision_tokens} vision tokens) + "
+        f"{report.num_text_tokens} text tokens, prefill, matmuls only (2 FLOPs per multiply-add), logits at "
+        f"{report.lm_head_positions} positions",
         f"{report.method} after layers {list(report.decision_layers)}, "
         f"keep ratios {list(report.keep_ratios)}: vision tokens {vision}",
         "",
@@ -66,11 +84,13 @@ def format_report(name: str, report: FlopsReport, result: dict[str, Any]) -> str
             lines.append(f"measured {kind} (FlopCounterMode, meta): {measured:.4f} ({diff:+.2%} vs analytic)")
     if "measured_pruned_error" in result:
         lines.append(f"measured pruned: failed ({result['measured_pruned_error']})")
+    if "measured_pruned_skipped" in result:
+        lines.append(f"measured pruned: skipped ({result['measured_pruned_skipped']})")
     return "\n".join(lines)
 
 
 def pruning_setting(
-    args: argparse.Namespace, config: LlavaConfig
+    args: argparse.Namespace, config: AnyLlavaConfig
 ) -> tuple[tuple[int, ...], tuple[float, ...], PruningConfig]:
     """The stages, keep ratios and pruning config the options ask for: the method's published ones unless given."""
     published = POLICIES[args.method].published.on(config.text_config.num_hidden_layers)
@@ -94,23 +114,35 @@ def pruning_setting(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the counts; 1 when the measured and analytic counts differ by more than ``TOLERANCE`` or the pruned
-    one could not be measured, else 0."""
+    one failed to run, else 0 (a pruned count the engine cannot run on this family yet is skipped with a message)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = load_llava_config(args.model)
         layers, ratios, pruning = pruning_setting(args, config)
-        report = analytic_flops(config, pruning, ratios, args.text_tokens, args.logits, args.method, layers)
+        report = analytic_flops(
+            config, pruning, ratios, args.text_tokens, args.logits, args.method, layers, image_size=args.image_size
+        )
     except ValueError as err:
         parser.error(str(err))
     result = report.to_dict()
     measured: dict[str, int | None] = {"baseline": None, "pruned": None}
     if not args.no_measure:
-        measured["baseline"] = measure_flops(config, None, None, args.text_tokens, args.logits)
+        image_size = report.image_size
+        measured["baseline"] = measure_flops(config, None, None, args.text_tokens, args.logits, image_size=image_size)
         try:
             measured["pruned"] = measure_flops(
-                config, pruning, ratios, args.text_tokens, args.logits, method=args.method, layers=layers
+                config,
+                pruning,
+                ratios,
+                args.text_tokens,
+                args.logits,
+                method=args.method,
+                layers=layers,
+                image_size=image_size,
             )
+        except EngineUnsupportedError as err:
+            result["measured_pruned_skipped"] = str(err)
         except (RuntimeError, NotImplementedError) as err:  # a data-dependent op the meta device cannot run
             result["measured_pruned_error"] = f"{type(err).__name__}: {err}"
     for kind, value in measured.items():

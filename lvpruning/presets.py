@@ -1,18 +1,37 @@
-"""Named LLaVA-1.5 configs built offline from their published hyperparameters (no hub access, no weights).
+"""Named LLaVA configs built offline from their published hyperparameters (no hub access, no weights).
 
-The values follow the ``llava-hf/llava-1.5-{7b,13b}-hf`` ``config.json`` files: a CLIP ViT-L/14-336 tower read at its
-penultimate layer with the CLS token dropped (576 vision tokens), a 2-layer GELU projector, and a Vicuna (Llama)
+LLaVA-1.5 follows the ``llava-hf/llava-1.5-{7b,13b}-hf`` ``config.json`` files: a CLIP ViT-L/14-336 tower read at
+its penultimate layer with the CLS token dropped (576 vision tokens), a 2-layer GELU projector, and a Vicuna (Llama)
 text model with the llava-hf vocabulary of 32064 (32000 + the ``<image>`` and ``<pad>`` tokens, padded to 64).
+LLaVA-NeXT (1.6) and LLaVA-OneVision add "anyres": the tower also runs on a grid of tiles of the image (see
+``lvpruning.flops.image_layout``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeAlias
 
-from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig
+from transformers import (
+    AutoConfig,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaNextConfig,
+    LlavaOnevisionConfig,
+    MistralConfig,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
 
 IMAGE_TOKEN_ID = 32000  # llava-hf's "<image>"
 PAD_TOKEN_ID = 32001  # llava-hf's "<pad>"
+AnyLlavaConfig: TypeAlias = LlavaConfig | LlavaNextConfig | LlavaOnevisionConfig
+SUPPORTED_CONFIGS = (LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig)
+# LLaVA-NeXT's anyres resolutions (H, W), in pixels: 2 x 1, 1 x 2, 2 x 2, 3 x 1 and 1 x 3 tiles of 336
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+# OneVision's anyres_max_9: every grid of 1 to 6 x 1 to 6 tiles of 384 (features downscaled past 9 tiles' worth)
+ONEVISION_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
 
 
 def _clip_vit_l14_336() -> CLIPVisionConfig:
@@ -30,8 +49,9 @@ def _clip_vit_l14_336() -> CLIPVisionConfig:
     )
 
 
-def _llava_15(hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int) -> LlavaConfig:
-    text = LlamaConfig(
+def _vicuna(hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int) -> LlamaConfig:
+    """Vicuna-1.5 with llava-hf's vocabulary, as in LLaVA-1.5 and LLaVA-NeXT (Vicuna)."""
+    return LlamaConfig(
         vocab_size=32064,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -46,9 +66,12 @@ def _llava_15(hidden_size: int, num_layers: int, num_heads: int, intermediate_si
         pad_token_id=PAD_TOKEN_ID,
         tie_word_embeddings=False,
     )
+
+
+def _llava_15(hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int) -> LlavaConfig:
     return LlavaConfig(
         vision_config=_clip_vit_l14_336(),
-        text_config=text,
+        text_config=_vicuna(hidden_size, num_layers, num_heads, intermediate_size),
         image_token_id=IMAGE_TOKEN_ID,
         projector_hidden_act="gelu",  # Linear(1024, C) -> GELU -> Linear(C, C)
         vision_feature_layer=-2,
@@ -68,20 +91,110 @@ def llava_15_13b_config() -> LlavaConfig:
     return _llava_15(hidden_size=5120, num_layers=40, num_heads=40, intermediate_size=13824)
 
 
-PRESETS: dict[str, Callable[[], LlavaConfig]] = {
+def _llava_next(text: LlamaConfig | MistralConfig) -> LlavaNextConfig:
+    """LLaVA-NeXT: LLaVA-1.5's tower, feature selection and projector, anyres over 336-pixel tiles."""
+    return LlavaNextConfig(
+        vision_config=_clip_vit_l14_336(),
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",  # 576 tokens per tile
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        image_seq_length=576,
+        tie_word_embeddings=False,
+    )
+
+
+def llava_next_7b_config() -> LlavaNextConfig:
+    """LLaVA-NeXT-7B (``llava-hf/llava-v1.6-vicuna-7b-hf``): Vicuna-7B, as in LLaVA-1.5-7B."""
+    return _llava_next(_vicuna(hidden_size=4096, num_layers=32, num_heads=32, intermediate_size=11008))
+
+
+def llava_next_mistral_7b_config() -> LlavaNextConfig:
+    """LLaVA-NeXT-Mistral-7B (``llava-hf/llava-v1.6-mistral-7b-hf``): Mistral-7B-Instruct-v0.2 (hidden 4096, 32
+    layers, 32 query and 8 key/value heads, MLP 14336, no sliding window) with llava-hf's 32064 vocabulary."""
+    text = MistralConfig(
+        vocab_size=32064,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-5,
+        rope_theta=1000000.0,
+        sliding_window=None,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    return _llava_next(text)
+
+
+def llava_onevision_7b_config() -> LlavaOnevisionConfig:
+    """LLaVA-OneVision-7B (``llava-hf/llava-onevision-qwen2-7b-ov-hf``): SigLIP so400m-patch14-384 (26 layers, width
+    1152, MLP 4304, no pooling head) read at its last layer, all 729 tokens per tile (no CLS), a 2-layer GELU
+    projector, and Qwen2-7B (hidden 3584, 28 layers, 28 query and 4 key/value heads, MLP 18944, q/k/v biases)."""
+    vision = SiglipVisionConfig(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=26,
+        num_attention_heads=16,
+        image_size=384,
+        patch_size=14,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+        vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=152128,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        use_sliding_window=False,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        tie_word_embeddings=False,
+    )
+    return LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=151646,
+        video_token_id=151647,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",  # SigLIP has no CLS: (384 // 14) ** 2 = 729 tokens per tile
+        image_grid_pinpoints=ONEVISION_PINPOINTS,
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=False,
+    )
+
+
+PRESETS: dict[str, Callable[[], AnyLlavaConfig]] = {
     "llava-1.5-7b": llava_15_7b_config,
     "llava-1.5-13b": llava_15_13b_config,
+    "llava-next-7b": llava_next_7b_config,
+    "llava-next-mistral-7b": llava_next_mistral_7b_config,
+    "llava-onevision-7b": llava_onevision_7b_config,
 }
 
 
-def load_llava_config(name_or_path: str) -> LlavaConfig:
-    """A preset name, or an HF hub id / local directory whose ``config.json`` is read (never the weights)."""
+def load_llava_config(name_or_path: str) -> AnyLlavaConfig:
+    """A preset name, or an HF hub id / local directory whose ``config.json`` is read (never the weights): a
+    ``LlavaConfig``, ``LlavaNextConfig`` or ``LlavaOnevisionConfig``."""
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]()
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load a config from {name_or_path!r} (presets: {sorted(PRESETS)}): {err}") from err
-    if not isinstance(config, LlavaConfig):
-        raise ValueError(f"{name_or_path!r} is a {type(config).__name__}, not a LlavaConfig")
+    if not isinstance(config, SUPPORTED_CONFIGS):
+        supported = ", ".join(f"{c.model_type!r} ({c.__name__})" for c in SUPPORTED_CONFIGS)
+        raise ValueError(f"{name_or_path!r} has model_type {config.model_type!r}; supported: {supported}")
     return config

@@ -7,17 +7,27 @@ import json
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import LlamaConfig
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaOnevisionConfig,
+    MistralConfig,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from lvpruning.config import PruningConfig, paper_schedule
 from lvpruning.decision import DecisionModule
 from lvpruning.flops import (
     TOLERANCE,
+    EngineUnsupportedError,
     analytic_flops,
     decision_module_flops,
     decoder_layer_flops,
     dummy_inputs,
+    image_layout,
     measure_flops,
     num_vision_tokens,
     tokens_per_layer,
@@ -126,7 +136,7 @@ def test_paper_schedule():
 
 
 def test_presets_and_dummy_inputs():
-    assert set(PRESETS) == {"llava-1.5-7b", "llava-1.5-13b"}
+    assert {"llava-1.5-7b", "llava-1.5-13b"} <= set(PRESETS)
     big = llava_15_13b_config()
     assert (big.text_config.hidden_size, big.text_config.num_hidden_layers) == (5120, 40)
     config = load_llava_config("llava-1.5-7b")
@@ -134,9 +144,12 @@ def test_presets_and_dummy_inputs():
     assert config.image_token_id == 32000 and config.text_config.vocab_size == 32064
     inputs = dummy_inputs(config, 30, device="cpu")
     assert inputs["input_ids"].shape == (1, 606) and int((inputs["input_ids"] == 32000).sum()) == 576
-    assert inputs["pixel_values"].shape == (1, 3, 336, 336)
+    assert inputs["pixel_values"].shape == (1, 3, 336, 336) and "image_sizes" not in inputs
     with pytest.raises(ValueError, match="presets"):
         load_llava_config("/nonexistent/llava")
+    with pytest.raises(ValueError, match="only applies to LLaVA-NeXT"):
+        image_layout(config, (500, 800))
+    assert image_layout(config, (336, 336)).num_vision_tokens == 576
 
 
 def test_cli_json(capsys, tmp_path):
@@ -205,3 +218,153 @@ def test_each_method_at_its_published_7b_setting_on_meta(method, capsys):
     assert tuple(out["layers"]) == published.layers
     assert abs(out["agreement"]["pruned"]) < TOLERANCE
     assert out["pruned_tflops"] < out["baseline_tflops"]
+
+
+# ------------------------------------------------------------------------------- LLaVA-NeXT and LLaVA-OneVision
+
+TEXT_CONFIGS = {  # tiny decoders: MHA Llama, GQA Mistral, GQA Qwen2 with q/k/v biases
+    "llama": lambda: LlamaConfig(hidden_size=48, intermediate_size=72, num_attention_heads=4),
+    "mistral": lambda: MistralConfig(
+        hidden_size=40, intermediate_size=88, num_attention_heads=4, num_key_value_heads=2, sliding_window=None
+    ),
+    "qwen2": lambda: Qwen2Config(
+        hidden_size=56, intermediate_size=64, num_attention_heads=4, num_key_value_heads=1, use_sliding_window=False
+    ),
+}
+
+
+def tiny_text(model_type: str) -> LlamaConfig | MistralConfig | Qwen2Config:
+    text = TEXT_CONFIGS[model_type]()
+    text.num_hidden_layers, text.vocab_size, text.bos_token_id, text.eos_token_id = 4, 100, 1, 2
+    text.max_position_embeddings, text.tie_word_embeddings = 512, False
+    return text
+
+
+def tiny_next_config(model_type: str = "llama") -> LlavaNextConfig:
+    """LLaVA-NeXT-shaped: a CLIP tower on 16-pixel tiles of 4-pixel patches (16 tokens + CLS), anyres over 1 x 2,
+    2 x 1, 2 x 2, 3 x 1 and 1 x 3 tiles."""
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, image_size=16, patch_size=4
+    )
+    return LlavaNextConfig(
+        vision_config=vision,
+        text_config=tiny_text(model_type),
+        image_token_id=99,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[16, 32], [32, 16], [32, 32], [48, 16], [16, 48]],
+    )
+
+
+def tiny_onevision_config(model_type: str = "qwen2", max_tiles: int = 2) -> LlavaOnevisionConfig:
+    """LLaVA-OneVision-shaped: a SigLIP tower (16 tokens per tile, all kept), grids up to 3 x 3, and features of
+    more than ``max_tiles`` tiles' worth downscaled (``anyres_max_{max_tiles}``)."""
+    vision = SiglipVisionConfig(
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=4,
+        vision_use_head=False,
+    )
+    return LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=tiny_text(model_type),
+        image_token_id=99,
+        video_token_id=98,
+        image_grid_pinpoints=[[h, w] for h in (16, 32, 48) for w in (16, 32, 48)],
+        vision_aspect_ratio=f"anyres_max_{max_tiles}",
+    )
+
+
+ANYRES_CASES = [  # (config, image size (H, W), tiles, vision tokens: base + unpadded grid + a newline per row)
+    (tiny_next_config("llama"), (32, 32), 5, 16 + 8 * 8 + 8),  # 2 x 2 tiles
+    (tiny_next_config("mistral"), (20, 44), 4, 16 + 4 * 8 + 4),  # 1 x 3 tiles: 4 x 12 unpadded to 4 x 8
+    (tiny_next_config("qwen2"), (40, 13), 4, 16 + 12 * 4 + 12),  # 3 x 1 tiles, no padding to remove
+    (tiny_onevision_config("qwen2", max_tiles=9), (30, 30), 5, 16 + 8 * 8 + 8),  # 2 x 2 <= 9 tiles: as is
+    (tiny_onevision_config("qwen2"), (32, 32), 5, 16 + 5 * 5 + 5),  # 8 x 8 over 2 tiles' worth: / 1.41 -> 5 x 5
+    (tiny_onevision_config("llama"), (30, 46), 7, 16 + 4 * 6 + 4),  # 2 x 3 tiles, 8 x 12 / 1.73 -> 4 x 6
+]
+
+
+@pytest.mark.parametrize("config, size, tiles, tokens", ANYRES_CASES)
+def test_anyres_analytic_matches_measured_on_tiny_configs(config, size, tiles, tokens):
+    layout = image_layout(config, size)
+    assert (layout.num_tiles, layout.num_vision_tokens) == (tiles, tokens)
+    pruning = pruning_config(layers=(0, 1, 2), ratios=(0.7, 0.35, 0.1), num_heads=4)
+    report = analytic_flops(config, pruning, num_text_tokens=9, image_size=size)
+    assert report.num_tiles == tiles and report.kept_vision_tokens == tuple(int(r * tokens) for r in (0.7, 0.35, 0.1))
+    assert report.baseline_parts["projector"] % tiles == 0  # every tile's tokens, before the unpadding
+    assert measure_flops(config, num_text_tokens=9, image_size=size) == report.baseline
+
+
+@pytest.mark.parametrize(
+    "preset, size",
+    [
+        ("llava-next-7b", (672, 672)),
+        ("llava-next-mistral-7b", (672, 672)),
+        ("llava-onevision-7b", (672, 672)),
+        ("llava-next-7b", (336, 1008)),
+        ("llava-onevision-7b", (500, 800)),
+    ],
+)
+def test_anyres_7b_presets_on_meta_without_weights(preset, size):
+    config = load_llava_config(preset)
+    report = analytic_flops(config, pruning_config(ratios=paper_schedule(0.5)), image_size=size)
+    assert_close(measure_flops(config, image_size=size), report.baseline)
+    assert report.pruned < report.baseline
+
+
+def test_llava_next_7b_vision_tokens_at_672():
+    config = load_llava_config("llava-next-7b")
+    layout = image_layout(config)  # 672 x 672 by default
+    assert (layout.num_tiles, layout.grid, layout.tile_tokens) == (5, (2, 2), 576)
+    assert layout.num_vision_tokens == 576 + 48 * 48 + 48 == 2928
+    report = analytic_flops(config, pruning_config(ratios=paper_schedule(0.5)))
+    assert report.kept_vision_tokens == (1464, 878, 292)
+    inputs = dummy_inputs(config, 30)
+    assert inputs["pixel_values"].shape == (1, 5, 3, 336, 336) and inputs["input_ids"].shape == (1, 2958)
+    assert inputs["image_sizes"].device.type == "cpu" and inputs["image_sizes"].tolist() == [[672, 672]]
+    onevision = image_layout(load_llava_config("llava-onevision-7b"), (2000, 3000))  # 4 x 6 tiles: downscaled
+    assert (onevision.num_tiles, onevision.num_vision_tokens) == (25, 729 + 66 * 99 + 66)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=EngineUnsupportedError,
+    reason="the LVPruning engine has no LLaVA-NeXT / OneVision adapter yet (lvpruning/adapters.py, in progress)",
+)
+@pytest.mark.parametrize("config", [tiny_next_config("mistral"), tiny_onevision_config("qwen2")])
+def test_anyres_pruned_analytic_matches_measured(config):
+    pruning = pruning_config(layers=(0, 1, 2), ratios=(0.7, 0.35, 0.1), num_heads=4)
+    report = analytic_flops(config, pruning, num_text_tokens=9, image_size=(30, 46))
+    assert_close(measure_flops(config, pruning, num_text_tokens=9, image_size=(30, 46)), report.pruned)
+
+
+def test_cli_anyres_json_and_table(capsys, tmp_path):
+    tiny_next_config("mistral").save_pretrained(tmp_path)
+    argv = ["--model", str(tmp_path), "--layers", "0", "2", "--ratios", "0.5", "0.25", "--image-size", "20", "44"]
+    assert main([*argv, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["image_size"] == [20, 44] and out["num_tiles"] == 4 and out["num_vision_tokens"] == 52
+    assert abs(out["agreement"]["baseline"]) < TOLERANCE
+    if out["measured_pruned_tflops"] is None:  # until the engine supports LLaVA-NeXT
+        assert "needs the LVPruning engine's support" in out["measured_pruned_skipped"]
+    else:
+        assert abs(out["agreement"]["pruned"]) < TOLERANCE
+    assert main(["--model", "llava-onevision-7b", "--rho", "0.5", "--no-measure"]) == 0
+    table = capsys.readouterr().out
+    assert "1 image of 672 x 672 (5 tiles, 3699 vision tokens)" in table and "3699 -> 1849 -> 1109 -> 369" in table
+
+
+def test_unsupported_model_type(tmp_path, capsys):
+    LlamaConfig(hidden_size=32, num_attention_heads=4).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="model_type 'llama'; supported: 'llava'"):
+        load_llava_config(str(tmp_path))
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path), "--no-measure"])
+    assert "llava_onevision" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--image-size", "672", "672", "--no-measure"])  # LLaVA-1.5: 336 x 336 only
+    assert "336 x 336" in capsys.readouterr().err

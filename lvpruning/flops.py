@@ -37,7 +37,6 @@ from transformers import (
 from transformers.models.llava_next import modeling_llava_next
 from transformers.models.llava_onevision import modeling_llava_onevision
 
-from lvpruning.adapters import get_adapter
 from lvpruning.config import PruningConfig, check_schedule
 from lvpruning.engine import attach
 from lvpruning.policies import POLICIES, PruningPolicy, get_policy, is_trained
@@ -56,10 +55,6 @@ MODEL_CLASSES: dict[type[PreTrainedConfig], type[PreTrainedModel]] = {
     LlavaNextConfig: LlavaNextForConditionalGeneration,
     LlavaOnevisionConfig: LlavaOnevisionForConditionalGeneration,
 }
-
-
-class EngineUnsupportedError(NotImplementedError):
-    """The LVPruning engine has no adapter for this model family yet, so its pruned count cannot be measured."""
 
 
 @dataclass(frozen=True)
@@ -505,18 +500,10 @@ def measure_flops(
 ) -> int:
     """FlopCounterMode's count of one prefill on the dummy input: the plain HF forward when ``pruning`` is
     None, else ``attach(model, pruning)`` in eval mode (tokens physically removed), pruned by ``method`` after
-    ``layers`` (default ``pruning.layers``) with ``keep_ratios``. ``EngineUnsupportedError`` when the engine has no
-    adapter for the model's family."""
+    ``layers`` (default ``pruning.layers``) with ``keep_ratios``."""
     module: nn.Module = build_model(config, device)
     kwargs: dict[str, Any] = {"logits_to_keep": 1 if lm_head_positions == "last" else 0}
     if pruning is not None:
-        try:
-            get_adapter(module)
-        except ValueError as err:
-            raise EngineUnsupportedError(
-                f"measuring pruned counts on {type(module).__name__} needs the LVPruning engine's support for this "
-                f"family (an adapter in lvpruning/adapters.py); {err}"
-            ) from err
         with torch.device(device):  # the decision modules are created on the model's device
             module = attach(module, pruning).eval()
         kwargs["keep_ratios"] = tuple(keep_ratios if keep_ratios is not None else pruning.infer_ratios)

@@ -15,7 +15,6 @@ from lvpruning.flops import (
     ANYRES_IMAGE_SIZE,
     TERA,
     TOLERANCE,
-    EngineUnsupportedError,
     FlopsReport,
     analytic_flops,
     measure_flops,
@@ -84,8 +83,6 @@ def format_report(name: str, report: FlopsReport, result: dict[str, Any]) -> str
             lines.append(f"measured {kind} (FlopCounterMode, meta): {measured:.4f} ({diff:+.2%} vs analytic)")
     if "measured_pruned_error" in result:
         lines.append(f"measured pruned: failed ({result['measured_pruned_error']})")
-    if "measured_pruned_skipped" in result:
-        lines.append(f"measured pruned: skipped ({result['measured_pruned_skipped']})")
     return "\n".join(lines)
 
 
@@ -114,7 +111,7 @@ def pruning_setting(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the counts; 1 when the measured and analytic counts differ by more than ``TOLERANCE`` or the pruned
-    one failed to run, else 0 (a pruned count the engine cannot run on this family yet is skipped with a message)."""
+    one failed to run, else 0."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -141,8 +138,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 layers=layers,
                 image_size=image_size,
             )
-        except EngineUnsupportedError as err:
-            result["measured_pruned_skipped"] = str(err)
         except (RuntimeError, NotImplementedError) as err:  # a data-dependent op the meta device cannot run
             result["measured_pruned_error"] = f"{type(err).__name__}: {err}"
     for kind, value in measured.items():

@@ -141,7 +141,7 @@ def test_training_masks_equal_inference_removal_on_images_of_different_sizes(fam
     with torch.no_grad():
         removed = pruner(**batch, policy=get_policy("random", seed=4))
         decisions = []
-        for stage, ratio in zip(removed.kept_vision, (0.5, 0.3, 0.1)):
+        for stage in removed.kept_vision:
             keep = torch.zeros(2, max(counts))
             for i in range(2):
                 keep[i, stage[i][stage[i] >= 0]] = 1.0

@@ -36,20 +36,20 @@ def patch_mask(patches: set[int], spec: SceneSpec) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def split():
-    return make_split(seed=3, n_questions=2_400, spec=SPEC, split="train")
+    return make_split(seed=3, n_questions=3_200, spec=SPEC, split="train")
 
 
 def test_same_seed_same_world_other_seed_or_split_differs(split):
-    again = make_split(seed=3, n_questions=2_400, spec=SPEC, split="train")
+    again = make_split(seed=3, n_questions=3_200, spec=SPEC, split="train")
     assert again == split
     assert all(np.array_equal(render(a, SPEC), render(b, SPEC)) for (a, _), (b, _) in zip(again, split))
-    assert make_split(seed=4, n_questions=2_400, spec=SPEC, split="train") != split
-    assert make_split(seed=3, n_questions=2_400, spec=SPEC, split="test") != split
+    assert make_split(seed=4, n_questions=3_200, spec=SPEC, split="train") != split
+    assert make_split(seed=3, n_questions=3_200, spec=SPEC, split="test") != split
 
 
 def test_question_count_and_types(split):
     questions = [q for _, qs in split for q in qs]
-    assert len(questions) == 2_400
+    assert len(questions) == 3_200
     assert Counter(q.category for q in questions) == dict.fromkeys(QUESTION_TYPES, 400)
 
 
@@ -74,7 +74,7 @@ def test_objects_are_unique_disjoint_and_drawn_inside_their_patches(split):
 def test_every_answer_is_read_from_the_scene(split):
     for scene, questions in split:
         for q in questions:
-            assert solve(scene, q.category, q.named) == q.answer
+            assert solve(scene, q.category, q.named, q.axis) == q.answer
             assert len(q.answer.split()) == 1
 
 

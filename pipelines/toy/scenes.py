@@ -296,12 +296,11 @@ def _exist_named(rng: random.Random, scene: Scene, k: int) -> tuple[dict[str, st
     values = SHAPES if kind == "shape" else tuple(COLORS)
     present = {getattr(o, kind) for o in scene.objects}
     absent = [v for v in values if v not in present]
-    if k % 2 == 0 or not absent:
-        if not absent:  # every shape is in the scene: ask about an absent color instead
-            kind, present = "color", {o.color for o in scene.objects}
-            absent = [c for c in COLORS if c not in present]
-        else:
-            return {kind: getattr(rng.choice(scene.objects), kind)}, POPE_CATEGORIES[0]
+    if k % 2 == 0:
+        return {kind: getattr(rng.choice(scene.objects), kind)}, POPE_CATEGORIES[0]
+    if not absent:  # every shape is in the scene (4 objects): ask about an absent color instead
+        absent = [c for c in COLORS if c not in {o.color for o in scene.objects}]
+        kind = "color"
     return {kind: rng.choice(absent)}, POPE_CATEGORIES[0]
 
 

@@ -119,6 +119,25 @@ def test_position_questions_name_the_quadrant_of_their_object(split):
                 assert {r // half for r in rows} == {quadrant // 2} and {c // half for c in cols} == {quadrant % 2}
 
 
+def test_relation_and_where_questions_follow_the_patches_and_are_balanced(split):
+    half = SPEC.grid // 2
+    relations = Counter()
+    for scene, questions in split:
+        for q in questions:
+            index = 1 if q.axis == "x" else 0  # which of a patch's (row, col) the question is about
+            if q.category == "relation":
+                first, second = (scene.by(shape=value) for _, value in q.named)
+                a, b = ({divmod(p, SPEC.grid)[index] for p in o.patches(SPEC.grid)} for o in (first, second))
+                assert max(a) < min(b) or max(b) < min(a)  # apart along the axis
+                assert q.answer == ("yes" if max(a) < min(b) else "no")
+                relations[q.answer] += 1
+            elif q.category == "where":
+                (target,) = q.targets(scene)
+                halves = {divmod(p, SPEC.grid)[index] // half for p in target.patches(SPEC.grid)}
+                assert halves == {(("left", "right") if q.axis == "x" else ("top", "bottom")).index(q.answer)}
+    assert relations == {"yes": 200, "no": 200}
+
+
 def test_compare_questions_name_two_objects_and_are_balanced(split):
     answers = Counter()
     for scene, questions in split:

@@ -46,7 +46,7 @@ class HiresSpec:
 
     ``tile`` is the tower's input side (the base view's and every tile's) and ``patch`` its patch: 64 and 8 give
     the tower 64 tokens per view, as the low-res toy model, and 5 views per square image, so that the toy
-    LLaVA-NeXT costs about 4-5 times the toy LLaVA per image on a CPU (``benchmarks/TOY_WORLD.md``). ``aspects``
+    LLaVA-NeXT costs about 5 times the toy LLaVA per step on a CPU (measured: ``benchmarks/TOY_WORLD.md``). ``aspects``
     (names in ``ASPECTS``) are drawn per scene from the seed: several give images with different token counts.
     """
 

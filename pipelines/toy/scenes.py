@@ -124,7 +124,8 @@ class SceneSpec:
 @dataclass(frozen=True)
 class ToyObject:
     """One object: its top-left patch ``(row, col)``, the ``cells`` x ``cells`` patches it covers, its box side
-    ``side`` in pixels (drawn centred in those patches)."""
+    ``side`` in pixels (drawn centred in those patches); ``quadrant`` names the part of the image it is in (in the
+    high-res world, its tile)."""
 
     shape: str
     color: str
@@ -158,7 +159,7 @@ class Scene:
 
 
 class WorldSpec(Protocol):
-    """How a world draws and draws up its scenes: ``SceneSpec`` here, ``hires.HiresSpec`` for the high-res world."""
+    """How a world samples and renders its scenes: ``SceneSpec`` here, ``hires.HiresSpec`` for the high-res world."""
 
     question_types: tuple[str, ...]
 

@@ -15,7 +15,11 @@ Question types (the ``category`` of the benchmark files):
 - ``compare``: "Is the ring bigger than the cross?" -> yes / no, balanced: a relation between two named
   objects (yes when the first is large and the second small), as GQA's ``compare`` questions;
 - ``position``: "What shape is in the top left?" -> the shape of the object in a named quadrant;
-- ``size``: "What size is the ring?" -> small / large.
+- ``size``: "What size is the ring?" -> small / large;
+- ``relation``: "Is the ring left of the cross?" / "Is the ring above the cross?" -> yes / no, balanced: where two
+  named objects lie relative to each other, asked only along an axis on which they do not overlap;
+- ``where``: "Is the ring on the left or the right?" / "Is the ring at the top or the bottom?" -> the half of the
+  image the named object is in (in the high-resolution world, ``pipelines/toy/hires.py``, the tile column or row).
 
 The default world asks ``color``, ``shape``, ``exist`` and ``compare``. ``position`` (a named grid cell) stays
 available but is not in it: the toy model, trained from scratch, never learnt it in any budget tried here
@@ -28,6 +32,7 @@ import itertools
 import random
 import re
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -42,7 +47,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("square", "ring", "cross", "triangle")
 SIZES = ("small", "large")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
-QUESTION_TYPES = ("color", "shape", "exist", "compare", "position", "size")
+QUESTION_TYPES = ("color", "shape", "exist", "compare", "position", "size", "relation", "where")
 POPE_CATEGORIES = ("random",)
 _TEMPLATES = {
     "color": "What color is the {shape}?",
@@ -53,6 +58,12 @@ _TEMPLATES = {
     "position": "What shape is in the {quadrant}?",
     "size": "What size is the {shape}?",
 }
+# Questions asked along an axis (x: left/right, y: top/bottom); their words come last in ``toy_words``.
+_AXIS_TEMPLATES = {
+    "relation": {"x": "Is the {} left of the {}?", "y": "Is the {} above the {}?"},
+    "where": {"x": "Is the {} on the left or the right?", "y": "Is the {} at the top or the bottom?"},
+}
+_HALVES = {"x": ("left", "right"), "y": ("top", "bottom")}
 # For each attribute question: the attribute that names the object, and the one asked for.
 _ASKS = {
     "color": ("shape", "color"),
@@ -103,11 +114,18 @@ class SceneSpec:
         """Patches per side that an object of ``size`` covers."""
         return -(-self.side(size) // self.patch)
 
+    def sample(self, rng: random.Random) -> Scene:
+        return sample_scene(rng, self)
+
+    def render(self, scene: Scene) -> np.ndarray:
+        return render(scene, self)
+
 
 @dataclass(frozen=True)
 class ToyObject:
     """One object: its top-left patch ``(row, col)``, the ``cells`` x ``cells`` patches it covers, its box side
-    ``side`` in pixels (drawn centred in those patches)."""
+    ``side`` in pixels (drawn centred in those patches); ``quadrant`` names the part of the image it is in (in the
+    high-res world, its tile)."""
 
     shape: str
     color: str
@@ -125,10 +143,14 @@ class ToyObject:
 
 @dataclass(frozen=True)
 class Scene:
+    """The objects of a scene; ``size`` is its ``(height, width)`` in pixels where the world's images vary in size
+    (None: the spec's square image)."""
+
     objects: tuple[ToyObject, ...]
+    size: tuple[int, int] | None = None
 
     def key(self) -> tuple:
-        return tuple(sorted((o.shape, o.color, o.size, o.row, o.col) for o in self.objects))
+        return self.size, tuple(sorted((o.shape, o.color, o.size, o.row, o.col) for o in self.objects))
 
     def by(self, **attrs: str) -> ToyObject | None:
         """The object whose attributes match ``attrs`` (shapes and colors are unique), or None."""
@@ -136,18 +158,32 @@ class Scene:
         return found[0] if found else None
 
 
+class WorldSpec(Protocol):
+    """How a world samples and renders its scenes: ``SceneSpec`` here, ``hires.HiresSpec`` for the high-res world."""
+
+    question_types: tuple[str, ...]
+
+    def sample(self, rng: random.Random) -> Scene: ...
+
+    def render(self, scene: Scene) -> np.ndarray: ...
+
+
 @dataclass(frozen=True)
 class Question:
-    """A question about a scene: its type, what it names (e.g. ``(("shape", "ring"),)``; a ``compare``
-    question names two shapes, in order), its answer."""
+    """A question about a scene: its type, what it names (e.g. ``(("shape", "ring"),)``; a ``compare`` or
+    ``relation`` question names two shapes, in order), its answer, and the axis of a ``relation`` or ``where``
+    question (``"x"`` or ``"y"``)."""
 
     category: str
     named: tuple[tuple[str, str], ...]
     answer: str
     pope_category: str | None = None
+    axis: str | None = None
 
     @property
     def text(self) -> str:
+        if self.axis is not None:
+            return _AXIS_TEMPLATES[self.category][self.axis].format(*(value for _, value in self.named))
         if self.category == "compare":
             return _TEMPLATES["compare"].format(*(value for _, value in self.named))
         named = dict(self.named)
@@ -211,18 +247,46 @@ def render(scene: Scene, spec: SceneSpec) -> np.ndarray:
     return image
 
 
-def solve(scene: Scene, category: str, named: tuple[tuple[str, str], ...]) -> str:
-    """The answer to a question of type ``category`` naming ``named`` (as ``Question.named``), read off the scene."""
-    if category == "compare":
+def _before(a: ToyObject, b: ToyObject, axis: str) -> bool | None:
+    """Whether ``a`` lies wholly left of (``x``) or above (``y``) ``b``; None where they overlap along ``axis``."""
+    start_a, start_b = (a.col, b.col) if axis == "x" else (a.row, b.row)
+    if start_a + a.cells <= start_b:
+        return True
+    if start_b + b.cells <= start_a:
+        return False
+    return None
+
+
+def _half(obj: ToyObject, axis: str) -> str | None:
+    """The half of the image that ``obj`` is in along ``axis`` (``left``/``right`` or ``top``/``bottom``), read off its
+    quadrant's name; None where the name has no word for that axis (a high-res image one tile wide or high)."""
+    found = [word for word in obj.quadrant.split() if word in _HALVES[axis]]
+    return found[0] if found else None
+
+
+def solve(scene: Scene, category: str, named: tuple[tuple[str, str], ...], axis: str | None = None) -> str:
+    """The answer to a question of type ``category`` naming ``named`` (as ``Question.named``) along ``axis`` (for
+    ``relation`` and ``where``), read off the scene."""
+    if category in ("compare", "relation"):
         first, second = (scene.by(**dict([item])) for item in named)
         if first is None or second is None:
             raise ValueError(f"no object with {named} in the scene")
-        return "yes" if first.size == "large" and second.size == "small" else "no"
+        if category == "compare":
+            return "yes" if first.size == "large" and second.size == "small" else "no"
+        before = _before(first, second, axis)
+        if before is None:
+            raise ValueError(f"{named} overlap along {axis!r}")
+        return "yes" if before else "no"
     if category == "exist":
         return "yes" if scene.by(**dict(named)) is not None else "no"
     obj = scene.by(**dict(named))
     if obj is None:
         raise ValueError(f"no object with {named} in the scene")
+    if category == "where":
+        half = _half(obj, axis)
+        if half is None:
+            raise ValueError(f"the image is one tile along {axis!r}: no half to name")
+        return half
     return getattr(obj, _ASKS[category][1])
 
 
@@ -233,12 +297,11 @@ def _exist_named(rng: random.Random, scene: Scene, k: int) -> tuple[dict[str, st
     values = SHAPES if kind == "shape" else tuple(COLORS)
     present = {getattr(o, kind) for o in scene.objects}
     absent = [v for v in values if v not in present]
-    if k % 2 == 0 or not absent:
-        if not absent:  # every shape is in the scene: ask about an absent color instead
-            kind, present = "color", {o.color for o in scene.objects}
-            absent = [c for c in COLORS if c not in present]
-        else:
-            return {kind: getattr(rng.choice(scene.objects), kind)}, POPE_CATEGORIES[0]
+    if k % 2 == 0:
+        return {kind: getattr(rng.choice(scene.objects), kind)}, POPE_CATEGORIES[0]
+    if not absent:  # every shape is in the scene (4 objects): ask about an absent color instead
+        absent = [c for c in COLORS if c not in {o.color for o in scene.objects}]
+        kind = "color"
     return {kind: rng.choice(absent)}, POPE_CATEGORIES[0]
 
 
@@ -253,13 +316,44 @@ def _compare_named(rng: random.Random, scene: Scene, k: int) -> tuple[tuple[str,
     return (("shape", a.shape), ("shape", b.shape))
 
 
+def _relation_named(rng: random.Random, scene: Scene, k: int) -> tuple[tuple[tuple[str, str], ...], str] | None:
+    """The two shapes and the axis of the k-th ``relation`` question: the first object before the second (a "yes")
+    on even k, after it on odd k, along an axis on which they do not overlap; None with fewer than two objects."""
+    wanted = [
+        (a, b, axis)
+        for a, b in itertools.permutations(scene.objects, 2)
+        for axis in _HALVES
+        if _before(a, b, axis) is (k % 2 == 0)
+    ]
+    if not wanted:
+        return None
+    a, b, axis = rng.choice(wanted)
+    return (("shape", a.shape), ("shape", b.shape)), axis
+
+
+def _where_named(rng: random.Random, scene: Scene) -> tuple[tuple[tuple[str, str], ...], str] | None:
+    """The shape and the axis of a ``where`` question: an object and an axis along which the image has two halves."""
+    wanted = [(o, axis) for o in scene.objects for axis in _HALVES if _half(o, axis) is not None]
+    if not wanted:
+        return None
+    obj, axis = rng.choice(wanted)
+    return (("shape", obj.shape),), axis
+
+
 def ask(rng: random.Random, scene: Scene, category: str, k: int = 0) -> Question | None:
     """One question of type ``category``; ``k`` counts the questions of that type so far (for balancing). None
-    when the scene cannot ask it (``compare`` needs two objects, and a large and a small one for a "yes")."""
+    when the scene cannot ask it (``compare`` needs two objects, and a large and a small one for a "yes";
+    ``relation`` two objects)."""
     pope_category = None
     if category == "compare":
         pair = _compare_named(rng, scene, k)
         return None if pair is None else Question(category, pair, solve(scene, category, pair))
+    if category in ("relation", "where"):
+        found = _relation_named(rng, scene, k) if category == "relation" else _where_named(rng, scene)
+        if found is None:
+            return None
+        named, axis = found
+        return Question(category, named, solve(scene, category, named, axis), axis=axis)
     if category == "exist":
         named, pope_category = _exist_named(rng, scene, k)
     elif category in _ASKS:
@@ -272,7 +366,7 @@ def ask(rng: random.Random, scene: Scene, category: str, k: int = 0) -> Question
 
 
 def make_split(
-    seed: int, n_questions: int, spec: SceneSpec, split: str, exclude: set[tuple] | None = None
+    seed: int, n_questions: int, spec: WorldSpec, split: str, exclude: set[tuple] | None = None
 ) -> list[tuple[Scene, list[Question]]]:
     """``n_questions`` questions over fresh scenes, an equal share of each type (the first types take the
     remainder). Each scene asks one question of every type that has some left and that the scene can ask.
@@ -286,9 +380,9 @@ def make_split(
     left = dict(quota)
     out: list[tuple[Scene, list[Question]]] = []
     while any(left.values()):
-        scene = sample_scene(rng, spec)
+        scene = spec.sample(rng)
         while exclude and scene.key() in exclude:
-            scene = sample_scene(rng, spec)
+            scene = spec.sample(rng)
         questions = []
         for category in (c for c in types if left[c]):
             question = ask(rng, scene, category, quota[category] - left[category])
@@ -300,17 +394,21 @@ def make_split(
     return out
 
 
-def repaint(scene: Scene, target: ToyObject, color: str) -> Scene:
-    """The same scene with ``target`` painted ``color`` (for tests: only the target's patches change)."""
-    return Scene(tuple(replace(o, color=color) if o == target else o for o in scene.objects))
+def repaint(scene: Scene, target: ToyObject, color: str | None = None, shape: str | None = None) -> Scene:
+    """The same scene with ``target`` painted ``color`` and/or drawn as ``shape`` (for tests: only the target's
+    patches change)."""
+    changed = replace(target, color=color or target.color, shape=shape or target.shape)
+    return replace(scene, objects=tuple(changed if o == target else o for o in scene.objects))
 
 
-def toy_words() -> list[str]:
-    """Every word a toy question or answer uses (the tokenizer adds the template's own words)."""
+def toy_words(question_types: tuple[str, ...] = ()) -> list[str]:
+    """Every word a toy question or answer uses (the tokenizer adds the template's own words), then those of the
+    axis questions (``relation``, ``where``) among ``question_types``."""
     # "human's" in the vicuna_v1 system prompt splits into  human ' s  under the word-level tokenizer
     # Words new to a version of the world go last, so that a trained toy model keeps its token ids.
     templates = {k: re.sub(r"\{\w*\}", " ", t) for k, t in _TEMPLATES.items()}
     compare = templates.pop("compare")
     texts = ["' s", *templates.values(), *QUADRANTS, *COLORS, *SHAPES, *SIZES, "yes no", compare]
+    texts += [re.sub(r"\{\w*\}", " ", t) for c in question_types for t in _AXIS_TEMPLATES.get(c, {}).values()]
     words = [w for text in texts for w in text.replace("?", " ").lower().split()]
     return list(dict.fromkeys(words))

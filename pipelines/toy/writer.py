@@ -8,6 +8,9 @@ Layout under ``root``::
     test/questions.jsonl           LLaVA evaluation questions, category = question type
     test/ground_truth.jsonl        question_id, answer, category
     test/pope/llava_pope_test.jsonl + coco_pope_{random,adversarial}.json   the yes/no questions as POPE
+
+``spec`` chooses the world: ``SceneSpec`` (the default) or ``hires.HiresSpec``, the high-resolution world for
+LLaVA-NeXT (images of 64 x 128 to 128 x 128 pixels, in the same files).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pipelines.toy.formats import (
     question_record,
     write_jsonl,
 )
-from pipelines.toy.scenes import POPE_CATEGORIES, Scene, SceneSpec, make_split, render
+from pipelines.toy.scenes import POPE_CATEGORIES, Scene, SceneSpec, WorldSpec, make_split
 
 FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
@@ -63,13 +66,13 @@ class ToyWorldPaths:
         )
 
 
-def scene_parameters(spec: SceneSpec) -> dict:
+def scene_parameters(spec: WorldSpec) -> dict:
     """What a model trained on the world depends on: its format and how scenes and questions are drawn (not the
     seed or the split sizes), as JSON values."""
     return json.loads(json.dumps({"format_version": FORMAT_VERSION, **asdict(spec)}))
 
 
-def _parameters(seed: int, n_train: int, n_test: int, spec: SceneSpec) -> dict:
+def _parameters(seed: int, n_train: int, n_test: int, spec: WorldSpec) -> dict:
     return {"seed": seed, "n_train": n_train, "n_test": n_test, **scene_parameters(spec)}
 
 
@@ -84,11 +87,11 @@ def _matches(found: dict | None, wanted: dict) -> bool:
     return found is not None and {k: found.get(k) for k in wanted} == json.loads(json.dumps(wanted))
 
 
-def _save_image(scene: Scene, spec: SceneSpec, folder: Path, name: str) -> None:
-    Image.fromarray(render(scene, spec)).save(folder / name, optimize=False)
+def _save_image(scene: Scene, spec: WorldSpec, folder: Path, name: str) -> None:
+    Image.fromarray(spec.render(scene)).save(folder / name, optimize=False)
 
 
-def _write(root: Path, seed: int, n_train: int, n_test: int, spec: SceneSpec) -> None:
+def _write(root: Path, seed: int, n_train: int, n_test: int, spec: WorldSpec) -> None:
     paths = ToyWorldPaths.under(root)
     for folder in (paths.image_folder / "train", paths.image_folder / "test", paths.pope_questions.parent):
         folder.mkdir(parents=True)
@@ -132,9 +135,10 @@ def _write(root: Path, seed: int, n_train: int, n_test: int, spec: SceneSpec) ->
 
 
 def write_toy_world(
-    root: str | Path, seed: int = 0, n_train: int = 20_000, n_test: int = 2_000, spec: SceneSpec | None = None
+    root: str | Path, seed: int = 0, n_train: int = 20_000, n_test: int = 2_000, spec: WorldSpec | None = None
 ) -> ToyWorldPaths:
-    """Write (or reuse) the toy world with ``n_train`` training and ``n_test`` test questions under ``root``.
+    """Write (or reuse) the toy world with ``n_train`` training and ``n_test`` test questions under ``root``
+    (``spec=HiresSpec()``: the high-resolution world).
 
     A world whose manifest has the same parameters is reused as is. Otherwise the world is built in a
     temporary sibling folder and moved into place, so a crash never leaves a half-written world that looks

@@ -36,20 +36,20 @@ def patch_mask(patches: set[int], spec: SceneSpec) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def split():
-    return make_split(seed=3, n_questions=2_400, spec=SPEC, split="train")
+    return make_split(seed=3, n_questions=3_200, spec=SPEC, split="train")
 
 
 def test_same_seed_same_world_other_seed_or_split_differs(split):
-    again = make_split(seed=3, n_questions=2_400, spec=SPEC, split="train")
+    again = make_split(seed=3, n_questions=3_200, spec=SPEC, split="train")
     assert again == split
     assert all(np.array_equal(render(a, SPEC), render(b, SPEC)) for (a, _), (b, _) in zip(again, split))
-    assert make_split(seed=4, n_questions=2_400, spec=SPEC, split="train") != split
-    assert make_split(seed=3, n_questions=2_400, spec=SPEC, split="test") != split
+    assert make_split(seed=4, n_questions=3_200, spec=SPEC, split="train") != split
+    assert make_split(seed=3, n_questions=3_200, spec=SPEC, split="test") != split
 
 
 def test_question_count_and_types(split):
     questions = [q for _, qs in split for q in qs]
-    assert len(questions) == 2_400
+    assert len(questions) == 3_200
     assert Counter(q.category for q in questions) == dict.fromkeys(QUESTION_TYPES, 400)
 
 
@@ -74,7 +74,7 @@ def test_objects_are_unique_disjoint_and_drawn_inside_their_patches(split):
 def test_every_answer_is_read_from_the_scene(split):
     for scene, questions in split:
         for q in questions:
-            assert solve(scene, q.category, q.named) == q.answer
+            assert solve(scene, q.category, q.named, q.axis) == q.answer
             assert len(q.answer.split()) == 1
 
 
@@ -117,6 +117,25 @@ def test_position_questions_name_the_quadrant_of_their_object(split):
                 rows = {p // SPEC.grid for p in target.patches(SPEC.grid)}
                 cols = {p % SPEC.grid for p in target.patches(SPEC.grid)}
                 assert {r // half for r in rows} == {quadrant // 2} and {c // half for c in cols} == {quadrant % 2}
+
+
+def test_relation_and_where_questions_follow_the_patches_and_are_balanced(split):
+    half = SPEC.grid // 2
+    relations = Counter()
+    for scene, questions in split:
+        for q in questions:
+            index = 1 if q.axis == "x" else 0  # which of a patch's (row, col) the question is about
+            if q.category == "relation":
+                first, second = (scene.by(shape=value) for _, value in q.named)
+                a, b = ({divmod(p, SPEC.grid)[index] for p in o.patches(SPEC.grid)} for o in (first, second))
+                assert max(a) < min(b) or max(b) < min(a)  # apart along the axis
+                assert q.answer == ("yes" if max(a) < min(b) else "no")
+                relations[q.answer] += 1
+            elif q.category == "where":
+                (target,) = q.targets(scene)
+                halves = {divmod(p, SPEC.grid)[index] // half for p in target.patches(SPEC.grid)}
+                assert halves == {(("left", "right") if q.axis == "x" else ("top", "bottom")).index(q.answer)}
+    assert relations == {"yes": 200, "no": 200}
 
 
 def test_compare_questions_name_two_objects_and_are_balanced(split):

@@ -2,16 +2,16 @@
 
 Example::
 
-    from transformers import LlavaForConditionalGeneration
-    from lvpruning import PruningConfig, attach
+    from lvpruning import PruningConfig, attach, from_pretrained
 
-    model = LlavaForConditionalGeneration.from_pretrained("llava-hf/llava-1.5-7b-hf")
+    model = from_pretrained("llava-hf/llava-1.5-7b-hf")  # or llava-v1.6-*, llava-onevision-* (image_sizes=...)
     pruner = attach(model, PruningConfig(layers=(1, 8, 16), infer_ratios=(0.5, 0.3, 0.1)))
     pruner.train()   # training mode: masked attention, LM + ratio loss
     pruner.eval()    # inference mode: vision tokens removed, ratios per call
     base = pruner.detach()
 """
 
+from lvpruning.adapters import from_pretrained
 from lvpruning.checkpoint import load_decision_modules, read_pruning_config, save_decision_modules
 from lvpruning.config import PruningConfig, paper_schedule
 from lvpruning.decision import DecisionModule
@@ -24,6 +24,7 @@ __all__ = [
     "LVPruningOutput",
     "PruningConfig",
     "attach",
+    "from_pretrained",
     "keep_count",
     "load_decision_modules",
     "paper_schedule",

@@ -282,6 +282,18 @@ def boolean_causal_mask(padding: torch.Tensor) -> torch.Tensor:
     )
 
 
+def from_pretrained(name_or_path: str, **kwargs) -> nn.Module:
+    """A supported LLaVA-family model by hub id or local path, its class from its config (LLaVA-1.5, LLaVA-NeXT or
+    LLaVA-OneVision), with ``from_pretrained``'s keyword arguments; anything else fails naming what is supported."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    supported = {"llava", "llava_next", "llava_onevision"}
+    if config.model_type not in supported:
+        raise ValueError(f"{name_or_path}: model type {config.model_type!r}; supported: {sorted(supported)}")
+    return AutoModelForImageTextToText.from_pretrained(name_or_path, config=config, **kwargs)
+
+
 def get_adapter(model: nn.Module) -> LlavaAdapter:
     """The adapter for ``model``, or a clear error naming what is supported."""
     if isinstance(model, FAMILIES):

@@ -16,6 +16,7 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
@@ -26,6 +27,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
 # Words of the LLaVA-1.5 (vicuna_v1) template, so that prompts built for the real model tokenize here too.
@@ -130,6 +132,44 @@ def build_processor(config: LlavaConfig, words: Iterable[str] = ()) -> LlavaProc
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" feature selection
+    )
+
+
+# A vicuna_v1-like chat template for the tiny tiled processors (llava-v1.6-vicuna's shape: the image first, each
+# assistant turn closed by </s>), so that prompts are the processor's own, as for the real checkpoints.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' }}"
+    "{% for item in message['content'] if item['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] }}{% endfor %}{{ ' ' }}"
+    "{% else %}{{ 'ASSISTANT: ' }}"
+    "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] }}{% endfor %}{{ '</s>' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def build_tiled_processor(config: LlavaNextConfig, words: Iterable[str] = ()) -> LlavaNextProcessor:
+    """A ``LlavaNextProcessor`` for a tiny LLaVA-NeXT config (its tiles, grid and feature selection), whose
+    tokenizer covers ``words``, with :data:`TINY_CHAT_TEMPLATE`."""
+    tokenizer = build_tokenizer(words)
+    if len(tokenizer) > config.text_config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but text_config.vocab_size is {config.text_config.vocab_size}"
+        )
+    size = config.vision_config.image_size
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_grid_pinpoints=config.image_grid_pinpoints,
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" feature selection
+        chat_template=TINY_CHAT_TEMPLATE,
     )
 
 

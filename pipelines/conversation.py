@@ -1,4 +1,6 @@
-"""LLaVA-1.5 conversation template (``vicuna_v1``) and its tokenization into ``input_ids`` / ``labels``.
+"""Conversation templates and their tokenization into ``input_ids`` / ``labels``: LLaVA-1.5's hand-written
+``vicuna_v1`` (kept to reproduce LLaVA-1.5's published numbers), and for LLaVA-NeXT / OneVision the processor's own
+chat template (:class:`ChatTemplate`; :func:`prompt_template` picks one for a processor).
 
 The prompt is built exactly as LLaVA's ``conversation.py`` (``SeparatorStyle.TWO``) builds it::
 
@@ -15,7 +17,11 @@ The processor expands the single ``<image>`` into ``image_seq_length`` image tok
 which shifts every later character; the shift is read off the offsets of the last image token, so the
 masking does not depend on how the expansion is spelled.
 
-Shapes: L = tokens after image expansion, H = W = the vision tower's image size.
+With a chat template the answers' spans are found the same way: the prompt is rendered up to each answer (with
+the template's generation prompt) and through it, so the span covers the answer and whatever the template closes
+the turn with (its end-of-turn token, the ``</s>`` of ``vicuna_v1``).
+
+Shapes: L = tokens after image expansion, H = W = the vision tower's image size, S tiles (anyres).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 HUMAN, GPT = "human", "gpt"
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")  # what encode() returns
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")  # what encode() returns (+ image_sizes)
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,70 @@ class ConversationTemplate:
     roles: tuple[str, str] = ("USER", "ASSISTANT")
     sep: str = " "
     sep2: str = "</s>"
+
+    def render(self, turns: Sequence[tuple[str, str]]) -> Prompt:
+        """``get_prompt()`` of LLaVA's ``SeparatorStyle.TWO`` for complete (question, answer) rounds."""
+        user, assistant = self.roles
+        text = self.system + self.sep
+        spans = []
+        for question, answer in turns:
+            text += f"{user}: {question}{self.sep}{assistant}: "
+            start = len(text)
+            text += answer + self.sep2
+            spans.append((start, len(text)))
+        return Prompt(text=text, answer_spans=tuple(spans))
+
+    def single_turn(self, question: str) -> str:
+        """The inference prompt for one question (image placeholder included), ending with "ASSISTANT:" as
+        LLaVA's ``model_vqa_loader``."""
+        user, assistant = self.roles
+        return f"{self.system}{self.sep}{user}: {question}{self.sep}{assistant}:"
+
+
+class ChatTemplate:
+    """A processor's own chat template (``processor.apply_chat_template``): the prompts of LLaVA-NeXT and
+    LLaVA-OneVision, whose checkpoints each ship their own."""
+
+    name = "chat_template"
+
+    def __init__(self, processor: Any) -> None:
+        if not getattr(processor, "chat_template", None):
+            raise ValueError(f"{type(processor).__name__} has no chat_template: its prompts cannot be built")
+        self.processor = processor
+
+    def _text(self, turns: Sequence[tuple[str, str | None]], generation_prompt: bool) -> str:
+        messages = []
+        for question, answer in turns:
+            content = [{"type": "text", "text": question.replace(IMAGE_PLACEHOLDER, "").strip()}]
+            if IMAGE_PLACEHOLDER in question:
+                content.insert(0, {"type": "image"})
+            messages.append({"role": "user", "content": content})
+            if answer is not None:
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def render(self, turns: Sequence[tuple[str, str]]) -> Prompt:
+        """The conversation as the template writes it, with each answer's span through the end of its turn."""
+        text, spans = self._text(turns, generation_prompt=False), []
+        for i in range(len(turns)):
+            asked = self._text([*turns[:i], (turns[i][0], None)], generation_prompt=True)
+            answered = self._text(turns[: i + 1], generation_prompt=False).rstrip()
+            if not (text.startswith(answered) and answered.startswith(asked) and turns[i][1] in answered[len(asked) :]):
+                raise ValueError(f"{type(self.processor).__name__}'s chat template does not extend its prompts")
+            spans.append((answered.index(turns[i][1], len(asked)), len(answered)))
+        return Prompt(text=text, answer_spans=tuple(spans))
+
+    def single_turn(self, question: str) -> str:
+        """The inference prompt for one question, ending with the template's generation prompt."""
+        return self._text([(question, None)], generation_prompt=True)
+
+
+def prompt_template(processor: Any) -> ConversationTemplate | ChatTemplate:
+    """The template of ``processor``'s model: ``vicuna_v1`` for LLaVA-1.5, the processor's own chat template for
+    the tiled families (:func:`pipelines.images.tiled`)."""
+    from pipelines.images import tiled
+
+    return ChatTemplate(processor) if tiled(processor) else VICUNA_V1
 
 
 # LLaVA-1.5 is trained (scripts/v1_5/finetune.sh: --version v1) and evaluated (--conv-mode vicuna_v1)
@@ -109,31 +179,30 @@ def parse_turns(conversations: Any) -> list[tuple[str, str]]:
     return list(zip(values[0::2], values[1::2], strict=True))
 
 
-def render(turns: Sequence[tuple[str, str]], template: ConversationTemplate = VICUNA_V1) -> Prompt:
-    """``get_prompt()`` of LLaVA's ``SeparatorStyle.TWO`` for complete (question, answer) rounds."""
-    user, assistant = template.roles
-    text = template.system + template.sep
-    spans = []
-    for question, answer in turns:
-        text += f"{user}: {question}{template.sep}{assistant}: "
-        start = len(text)
-        text += answer + template.sep2
-        spans.append((start, len(text)))
-    return Prompt(text=text, answer_spans=tuple(spans))
+def render(turns: Sequence[tuple[str, str]], template: ConversationTemplate | ChatTemplate = VICUNA_V1) -> Prompt:
+    """The prompt of complete (question, answer) rounds in ``template``, with the answers' character spans."""
+    return template.render(turns)
 
 
-def single_turn_prompt(question: str, image: bool = True, template: ConversationTemplate = VICUNA_V1) -> str:
-    """The inference prompt for one question, ending with "ASSISTANT:" as LLaVA's ``model_vqa_loader``."""
+def single_turn_prompt(
+    question: str, image: bool = True, template: ConversationTemplate | ChatTemplate = VICUNA_V1
+) -> str:
+    """The inference prompt for one question (the image first, as LLaVA's ``model_vqa_loader``), ending where the
+    answer starts."""
     if image:
         question = f"{IMAGE_PLACEHOLDER}\n{question.replace(IMAGE_PLACEHOLDER, '').strip()}"
-    user, assistant = template.roles
-    return f"{template.system}{template.sep}{user}: {question}{template.sep}{assistant}:"
+    return template.single_turn(question)
 
 
-def count_image_tokens(processor: Any) -> int:
-    """How many image tokens the processor expands one ``<image>`` into (576 for LLaVA-1.5)."""
+def count_image_tokens(processor: Any) -> int | None:
+    """How many image tokens the processor expands one ``<image>`` into (576 for LLaVA-1.5); None where it depends
+    on the image's size (the tiled families)."""
     from PIL import Image
 
+    from pipelines.images import tiled
+
+    if tiled(processor):
+        return None
     probe = Image.new("RGB", (64, 64))  # any size: the image processor resizes and crops it
     ids = processor(text=[processor.image_token], images=[probe])["input_ids"][0]
     return int(np.count_nonzero(np.asarray(ids) == processor.image_token_id))
@@ -158,7 +227,8 @@ def supervised_mask(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np
 def encode(processor: Any, prompt: Prompt, image: Any) -> dict[str, np.ndarray]:
     """Model inputs for one conversation and its PIL image, with LLaVA's answer-only ``labels``.
 
-    Returns ``input_ids``, ``attention_mask``, ``labels`` (L,) int64 and ``pixel_values`` (3, H, W) float32.
+    Returns ``input_ids``, ``attention_mask``, ``labels`` (L,) int64 and ``pixel_values`` (3, H, W) float32, or
+    for the tiled families ``pixel_values`` (S, 3, H, W) and ``image_sizes`` (2,) (height, width).
     """
     out = processor(text=[prompt.text], images=[image], return_offsets_mapping=True, return_tensors="np")
     input_ids = np.asarray(out["input_ids"][0], dtype=np.int64)  # (L,)
@@ -183,8 +253,15 @@ def encode(processor: Any, prompt: Prompt, image: Any) -> dict[str, np.ndarray]:
         "input_ids": input_ids,
         "attention_mask": np.asarray(out["attention_mask"][0], dtype=np.int64),
         "labels": labels,
-        "pixel_values": np.asarray(out["pixel_values"][0], dtype=np.float32),  # (3, H, W)
-    }
+        "pixel_values": np.asarray(out["pixel_values"][0], dtype=np.float32),  # (3, H, W) or (S, 3, H, W)
+    } | image_sizes(out)
+
+
+def image_sizes(encoded: Any) -> dict[str, np.ndarray]:
+    """``{"image_sizes": (2,)}`` of a processor's output for one image, where the model takes it; else empty."""
+    if "image_sizes" not in encoded:
+        return {}
+    return {"image_sizes": np.asarray(encoded["image_sizes"][0], dtype=np.int64)}
 
 
 def split_supervised(labels: np.ndarray) -> list[np.ndarray]:

@@ -7,6 +7,7 @@ so a missing or corrupt file is the same ``RecordError`` reason everywhere (``mi
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from typing import Any
 
 from pipelines import storage
@@ -26,6 +27,21 @@ def expand_to_square(image: Any, background: tuple[int, int, int]) -> Any:
     square = Image.new(image.mode, (side, side), background)
     square.paste(image, ((side - width) // 2, (side - height) // 2))
     return square
+
+
+TILED_PROCESSORS = ("LlavaNextProcessor", "LlavaOnevisionProcessor")
+
+
+def tiled(processor: Any) -> bool:
+    """Whether ``processor`` cuts an image into anyres tiles (LLaVA-NeXT, OneVision): an image keeps its aspect
+    (no square padding) and its number of vision tokens depends on its size."""
+    return type(processor).__name__ in TILED_PROCESSORS
+
+
+def square_background(processor: Any) -> tuple[int, int, int] | None:
+    """The colour ``load_image`` pads to a square with for ``processor``'s model: LLaVA-1.5's mean colour
+    (``--image_aspect_ratio pad``); None for the tiled families, which take an image as it is."""
+    return None if tiled(processor) else mean_colour(processor)
 
 
 def mean_colour(processor: Any) -> tuple[int, int, int]:
@@ -52,3 +68,17 @@ def load_image(image_root: str, relative: str, square: tuple[int, int, int] | No
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise RecordError("corrupt_image", f"{path}: {e}") from e
     return expand_to_square(image, square) if square is not None else image
+
+
+def stack_pixels(pixels: Sequence[Any]) -> Any:
+    """One image per sample into a batch tensor: (B, 3, H, W) from (3, H, W) arrays, or (B, S, 3, H, W) from tiled
+    (S_b, 3, H, W) arrays, zero-padded to the largest S as the LLaVA-NeXT processors pad (the model reads only an
+    image's own tiles, from ``image_sizes``)."""
+    import numpy as np
+    import torch
+
+    arrays = [np.asarray(p, dtype=np.float32) for p in pixels]
+    if arrays[0].ndim == 4:
+        tiles = max(a.shape[0] for a in arrays)
+        arrays = [np.concatenate([a, np.zeros((tiles - a.shape[0], *a.shape[1:]), np.float32)]) for a in arrays]
+    return torch.from_numpy(np.stack(arrays))

@@ -3,8 +3,9 @@
 1. Driver: read the questions (jsonl, local or ``s3://``), drop those already answered (resume), take each
    question's text with the benchmark's suffix (:func:`question_text`).
 2. Preprocess (Ray Data tasks, :class:`Preprocessor`): each question's request as LLaVA's ``model_vqa_loader.py``
-   builds it: its text inside the vicuna_v1 conversation, its image read, decoded and square-padded (LLaVA-1.5's
-   ``pad``), through the processor. A question without a usable image gets its reason
+   builds it: its text inside the model's conversation template (vicuna_v1 for LLaVA-1.5, the processor's chat
+   template for LLaVA-NeXT / OneVision), its image read, decoded and square-padded (LLaVA-1.5's ``pad``; the tiled
+   families take it as it is), through the processor. A question without a usable image gets its reason
    (``pipelines.images.IMAGE_SKIPS``) instead of failing the run; it gets no answer and is reported.
 3. Generate (``map_batches``, ``ActorPoolStrategy(size=num_actors)``): each actor holds the model, decision
    modules and policy, and decodes greedily, several left-padded samples per batch.
@@ -35,12 +36,12 @@ import torch
 
 from lvpruning.policies import NONE
 from pipelines import storage
-from pipelines.conversation import RecordError, single_turn_prompt
+from pipelines.conversation import RecordError, image_sizes, prompt_template, single_turn_prompt
 from pipelines.eval.datasets import SHORT_ANSWER, build_prompt, with_suffix
 from pipelines.eval.models import ModelSpec, Setting, load_model, setting_policy, timed_generate
 from pipelines.eval.scoring import TOY_BENCHMARK
 from pipelines.eval.scoring.common import index_questions
-from pipelines.images import load_image, mean_colour
+from pipelines.images import load_image, square_background
 
 logger = logging.getLogger(__name__)
 
@@ -114,36 +115,42 @@ def read_answers(path: Path, expected: dict[str, Any]) -> dict[str, dict[str, An
 
 
 class Preprocessor:
-    """Questions and their images -> model inputs (:meth:`request`), as LLaVA-1.5 builds them: the batch inference's
-    Ray Data tasks, the latency's and the calibration's requests."""
+    """Questions and their images -> model inputs (:meth:`request`), as the model's own evaluation builds them: the
+    batch inference's Ray Data tasks, the latency's and the calibration's requests."""
 
     def __init__(self, processor: Any, image_root: str) -> None:
         from PIL import Image
 
         self.processor, self.image_root = processor, image_root
-        self.background = mean_colour(processor)
+        self.template = prompt_template(processor)
+        self.background = square_background(processor)
         probe = processor.image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="np")
-        self.blank = np.zeros(probe["pixel_values"].shape[1:], np.float32)  # (3, H, W), rows with no image
+        # rows with no image: a blank of the model's input shapes, (3, H, W) or (S, 3, H, W) (+ image_sizes)
+        self.blank = {"pixel_values": np.zeros(probe["pixel_values"].shape[1:], np.float32)} | image_sizes(probe)
 
-    def request(self, question: str, image: str) -> tuple[np.ndarray, np.ndarray]:
-        """One question's ``input_ids`` (L,), its single-turn vicuna_v1 prompt with the image token, and the
-        ``pixel_values`` (3, H, W) of its image (``image_root``-relative), padded to a square of the processor's
-        mean colour; ``RecordError`` (a reason of ``pipelines.images.IMAGE_SKIPS``) when the image cannot be used."""
+    def request(self, question: str, image: str) -> dict[str, np.ndarray]:
+        """One question's ``input_ids`` (L,), its single-turn prompt with the image token, and the ``pixel_values``
+        (3, H, W) of its image (``image_root``-relative), padded to a square of the processor's mean colour (or
+        for the tiled families (S, 3, H, W) and ``image_sizes`` (2,)); ``RecordError`` (a reason of
+        ``pipelines.images.IMAGE_SKIPS``) when the image cannot be used."""
         picture = load_image(self.image_root, image, self.background)
-        encoded = self.processor(text=[single_turn_prompt(question)], images=[picture], return_tensors="np")
-        input_ids = np.asarray(encoded["input_ids"][0], dtype=np.int64)
-        return input_ids, np.asarray(encoded["pixel_values"][0], dtype=np.float32)
+        prompt = single_turn_prompt(question, template=self.template)
+        encoded = self.processor(text=[prompt], images=[picture], return_tensors="np")
+        return {
+            "input_ids": np.asarray(encoded["input_ids"][0], dtype=np.int64),
+            "pixel_values": np.asarray(encoded["pixel_values"][0], dtype=np.float32),
+        } | image_sizes(encoded)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Rows (index, image, question) -> (index, error, input_ids, pixel_values): a row whose image cannot be
-        used has its reason as ``error``, no ids and a blank image."""
-        out: dict[str, list[Any]] = {"index": [], "error": [], "input_ids": [], "pixel_values": []}
+        """Rows (index, image, question) -> (index, error, input_ids, pixel_values[, image_sizes]): a row whose
+        image cannot be used has its reason as ``error``, no ids and a blank image."""
+        out: dict[str, list[Any]] = {"index": [], "error": [], "input_ids": [], **{k: [] for k in self.blank}}
         for index, image, question in zip(batch["index"].tolist(), batch["image"], batch["question"]):
             try:
-                row = (index, "", *self.request(str(question), str(image)))
+                row = {"index": index, "error": ""} | self.request(str(question), str(image))
             except RecordError as e:
-                row = (index, e.reason, np.zeros(0, dtype=np.int64), self.blank)
-            for name, value in zip(out, row):
+                row = {"index": index, "error": e.reason, "input_ids": np.zeros(0, dtype=np.int64)} | self.blank
+            for name, value in row.items():
                 out[name].append(value)
         return out
 
@@ -178,9 +185,10 @@ class Generator:
         out = {"index": batch["index"], "error": batch["error"], "text": np.full(n, "", dtype=object)}
         out |= {"prefill_ms": np.zeros(n), "e2e_ms": np.zeros(n), "batch_size": np.full(n, len(ok))}
         if ok:  # per sample: the batch's times amortized
-            prompts, pixels = [batch["input_ids"][i] for i in ok], batch["pixel_values"][ok]
+            images = {k: [batch[k][i] for i in ok] for k in ("pixel_values", "image_sizes") if k in batch}
+            prompts = [batch["input_ids"][i] for i in ok]
             texts, prefill_ms, e2e_ms = timed_generate(
-                self.model, self.tokenizer, prompts, pixels, self.setting, self.policy, self.max_new_tokens
+                self.model, self.tokenizer, prompts, images, self.setting, self.policy, self.max_new_tokens
             )
             out["text"][ok], out["prefill_ms"][ok], out["e2e_ms"][ok] = texts, prefill_ms / len(ok), e2e_ms / len(ok)
         return out

@@ -61,30 +61,29 @@ def summarize(times: Sequence[float]) -> tuple[float, float]:
 
 def latency_requests(
     benchmark: str, questions: str, image_root: str, processor: Any, options: LatencyOptions
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """The prompts (each (L,)) and images (B, 3, H, W) of the first ``batch_size`` questions with a usable image;
-    a benchmark with fewer fills the batch by repeating them."""
-    pre, prompts, pixels = Preprocessor(processor, image_root), [], []
+) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]]]:
+    """The prompts (each (L,)) and images (``pixel_values``, and ``image_sizes`` for the tiled families: one array
+    per prompt) of the first ``batch_size`` questions with a usable image; a benchmark with fewer fills the batch by
+    repeating them."""
+    pre, requests = Preprocessor(processor, image_root), []
     for record in read_questions(questions):
         try:
-            input_ids, pixel_values = pre.request(question_text(benchmark, record), str(record.get("image") or ""))
+            requests.append(pre.request(question_text(benchmark, record), str(record.get("image") or "")))
         except RecordError:
             continue
-        prompts.append(input_ids)
-        pixels.append(pixel_values)
-        if len(prompts) == options.batch_size:
+        if len(requests) == options.batch_size:
             break
-    if not prompts:
+    if not requests:
         raise ValueError(f"{questions}: no question with a usable image under {image_root} to time")
-    take = [i % len(prompts) for i in range(options.batch_size)]
-    return [prompts[i] for i in take], np.stack([pixels[i] for i in take])
+    take = [requests[i % len(requests)] for i in range(options.batch_size)]
+    return [r["input_ids"] for r in take], {k: [r[k] for r in take] for k in take[0] if k != "input_ids"}
 
 
 def time_settings(
     spec: ModelSpec,
     settings: Sequence[Setting],
     prompts: list[np.ndarray],
-    pixel_values: np.ndarray,
+    images: dict[str, list[np.ndarray]],
     tokenizer: Any,
     options: LatencyOptions,
 ) -> dict[str, dict[str, float]]:
@@ -100,7 +99,7 @@ def time_settings(
         for s in [*settings[shift:], *settings[:shift]]:
             model = base if s.method == NONE else pruner
             _, prefill, e2e = timed_generate(
-                model, tokenizer, prompts, pixel_values, s, policies[s.name], options.max_new_tokens
+                model, tokenizer, prompts, images, s, policies[s.name], options.max_new_tokens
             )
             if r >= options.warmup:
                 recorded[s.name]["prefill_ms"].append(prefill)
@@ -125,8 +124,8 @@ def _measure(
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(local_copy(spec.name_or_path))
-    prompts, pixels = latency_requests(benchmark, questions, image_root, processor, options)
-    return time_settings(spec, settings, prompts, pixels, processor.tokenizer, options)
+    prompts, images = latency_requests(benchmark, questions, image_root, processor, options)
+    return time_settings(spec, settings, prompts, images, processor.tokenizer, options)
 
 
 def measure_latency(

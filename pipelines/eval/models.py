@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from lvpruning import LVPruningModel, PruningConfig, attach, load_decision_modules
+from lvpruning import LVPruningModel, PruningConfig, attach, from_pretrained, load_decision_modules
 from lvpruning.policies import METHODS, NONE, POLICIES, PruningPolicy, get_policy, is_trained
 from pipelines.cluster import for_every_node
+from pipelines.images import stack_pixels
 from pipelines.storage import local_copy
 
 
@@ -98,11 +99,8 @@ def setting_policy(model: nn.Module, setting: Setting) -> PruningPolicy | None:
 
 def load_model(spec: ModelSpec, method: str, device: str | torch.device = "cpu") -> nn.Module:
     """The base model (``none``), or it with decision modules in inference mode (:func:`with_pruning`)."""
-    from transformers import LlavaForConditionalGeneration
-
     dtype, attn = getattr(torch, spec.dtype), spec.attn_implementation
-    path = local_copy(spec.name_or_path)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    model = from_pretrained(local_copy(spec.name_or_path), dtype=dtype, attn_implementation=attn)
     model = model.to(device).eval()
     return model if method == NONE else with_pruning(model, spec, method)
 
@@ -135,19 +133,22 @@ def timed_generate(
     model: nn.Module,
     tokenizer: Any,
     prompts: list[np.ndarray],
-    pixel_values: np.ndarray,
+    images: dict[str, Any],
     setting: Setting,
     policy: Any,
     max_new_tokens: int,
 ) -> tuple[list[str], float, float]:
-    """Greedy answers for prompts (each (L_i,)) and images (B, 3, H, W), left-padded into one batch, with the wall
-    times (ms) of the prefill and of the whole call. ``model``: the base model for ``none``, else an
+    """Greedy answers for prompts (each (L_i,)) and their ``images`` (``pixel_values``: B arrays (3, H, W), or
+    (S_b, 3, H, W) with ``image_sizes`` for the tiled families), left-padded into one batch, with the wall times
+    (ms) of the prefill and of the whole call. ``model``: the base model for ``none``, else an
     :class:`LVPruningModel` (``policy`` ranks the tokens). On GPU the device is synchronized at each clock read."""
     device = next(model.parameters()).device
     input_ids, attention_mask = left_padded(prompts, tokenizer.pad_token_id)
     N = input_ids.shape[1]
-    pixels = torch.from_numpy(np.asarray(pixel_values)).to(device, next(model.parameters()).dtype)
+    pixels = stack_pixels(images["pixel_values"]).to(device, next(model.parameters()).dtype)
     inputs = {"input_ids": input_ids.to(device), "pixel_values": pixels}
+    if "image_sizes" in images:
+        inputs["image_sizes"] = torch.from_numpy(np.stack(images["image_sizes"]).astype(np.int64)).to(device)
     inputs |= {"attention_mask": attention_mask.to(device), "max_new_tokens": max_new_tokens}
     inputs |= {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     prefill_end: list[float] = []  # the first forward pass is the prefill (HF's and the pruner's generate)

@@ -36,6 +36,7 @@ from pipelines.eval.evaluation import evaluate
 from pipelines.eval.inference import Preprocessor
 from pipelines.eval.metrics import MEAN, TFLOPS
 from pipelines.eval.models import ModelSpec, Setting, left_padded, load_model, setting_policy
+from pipelines.images import stack_pixels
 from pipelines.job import Job
 from pipelines.storage import local_copy
 from pipelines.tracking import trial_run
@@ -128,13 +129,14 @@ def check_calibration(cfg: JobConfig, num_layers: int) -> None:
 
 def calibration_requests(
     train_json: str, image_root: str, processor: Any, calibration: Calibration
-) -> tuple[list[np.ndarray], np.ndarray, int]:
-    """The prompts (each (L,)) and images (B, 3, H, W) of ``num_questions`` training conversations (their first
-    human turn, no answer), sampled with ``seed``; records without a usable image are skipped and counted (third)."""
+) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]], int]:
+    """The prompts (each (L,)) and images (``pixel_values``, and ``image_sizes`` for the tiled families: one array
+    per prompt) of ``num_questions`` training conversations (their first human turn, no answer), sampled with
+    ``seed``; records without a usable image are skipped and counted (third)."""
     records = read_records(train_json)
     order = list(range(len(records)))
     random.Random(calibration.seed).shuffle(order)
-    pre, prompts, pixels, skipped = Preprocessor(processor, image_root), [], [], 0
+    pre, requests, skipped = Preprocessor(processor, image_root), [], 0
     for i in order:
         record = records[i]
         turns = record.get("conversations") if isinstance(record, dict) else None
@@ -142,17 +144,16 @@ def calibration_requests(
             skipped += 1
             continue
         try:
-            input_ids, pixel_values = pre.request(str(turns[0]["value"]), str(record["image"]))
+            requests.append(pre.request(str(turns[0]["value"]), str(record["image"])))
         except RecordError:
             skipped += 1
             continue
-        prompts.append(input_ids)
-        pixels.append(pixel_values)
-        if len(prompts) == calibration.num_questions:
+        if len(requests) == calibration.num_questions:
             break
-    if not prompts:
+    if not requests:
         raise ValueError(f"{train_json}: no conversation with a usable image for the calibration set")
-    return prompts, np.stack(pixels), skipped
+    images = {k: [r[k] for r in requests] for k in requests[0] if k != "input_ids"}
+    return [r["input_ids"] for r in requests], images, skipped
 
 
 @torch.no_grad()
@@ -160,7 +161,7 @@ def hidden_similarity(
     spec: ModelSpec,
     setting: Setting,
     prompts: list[np.ndarray],
-    pixels: np.ndarray,
+    images: dict[str, list[np.ndarray]],
     pad_id: int,
     batch_size: int,
     device: str = "cpu",
@@ -176,7 +177,10 @@ def hidden_similarity(
     for start in range(0, len(prompts), batch_size):
         input_ids, attention_mask = left_padded(prompts[start : start + batch_size], pad_id)
         inputs = {"input_ids": input_ids.to(param.device), "attention_mask": attention_mask.to(param.device)}
-        inputs["pixel_values"] = torch.from_numpy(pixels[start : start + batch_size]).to(param.device, param.dtype)
+        batch = slice(start, start + batch_size)
+        inputs["pixel_values"] = stack_pixels(images["pixel_values"][batch]).to(param.device, param.dtype)
+        if "image_sizes" in images:
+            inputs["image_sizes"] = torch.from_numpy(np.stack(images["image_sizes"][batch])).to(param.device)
         full = base(**inputs, use_cache=False).last_hidden_state[:, -1]  # (B, C)
         out = model(**inputs, keep_ratios=setting.keep_ratios, policy=policy, layers=setting.layers, logits_to_keep=1)
         cosine = F.cosine_similarity(full.float(), out.last_hidden_state[:, -1].float(), dim=-1)
@@ -270,7 +274,7 @@ def calibration_trial(job: Job, params: dict[str, Any], trial_id: str, tags: dic
         spec = ModelSpec(model_path, modules, cfg.pruning, cfg.model.dtype, cfg.model.attn_implementation)
         spec = spec.for_every_node(cfg.run.storage_path)  # read by a Ray task, maybe on another node
         processor = AutoProcessor.from_pretrained(local_copy(model_path))
-        prompts, pixels, skipped = calibration_requests(cfg.data.train_json, cfg.data.image_root, processor, c)
+        prompts, images, skipped = calibration_requests(cfg.data.train_json, cfg.data.image_root, processor, c)
         ev = cfg.eval
         task = ray.remote(hidden_similarity).options(
             num_cpus=ev.cpus_per_actor,
@@ -278,7 +282,7 @@ def calibration_trial(job: Job, params: dict[str, Any], trial_id: str, tags: dic
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),  # not the trial's own group
         )
         pad, device = processor.tokenizer.pad_token_id, "cuda" if ev.use_gpu else "cpu"
-        similarity = ray.get(task.remote(spec, setting, prompts, pixels, pad, c.batch_size, device))
+        similarity = ray.get(task.remote(spec, setting, prompts, images, pad, c.batch_size, device))
         report = {
             SIMILARITY: similarity,
             RETENTION: retention(layers, setting.keep_ratios, job.num_layers),

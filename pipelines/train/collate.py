@@ -1,7 +1,8 @@
 """Pad model-input rows into a batch: right padding for training, left for generation.
 
-Rows carry ``input_ids`` / ``attention_mask`` / ``labels`` (L,) and ``pixel_values`` (3, H, W), as
-``pipelines.train.data`` makes them. Shapes: B = batch, T = longest row of the batch.
+Rows carry ``input_ids`` / ``attention_mask`` / ``labels`` (L,) and ``pixel_values`` (3, H, W), or for the tiled
+families (S, 3, H, W) with ``image_sizes`` (2,), as ``pipelines.train.data`` makes them. Shapes: B = batch, T =
+longest row of the batch, S tiles.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipelines.conversation import IGNORE_INDEX, MODEL_INPUTS
+from pipelines.images import stack_pixels
 
 
 def collate(
@@ -22,16 +24,17 @@ def collate(
     padding_side: str = "right",
 ) -> dict[str, torch.Tensor]:
     """Pad rows into a batch of torch tensors: ``input_ids`` with ``pad_token_id``, ``labels`` with -100,
-    ``attention_mask`` 0 on pads, ``pixel_values`` stacked.
+    ``attention_mask`` 0 on pads, ``pixel_values`` stacked (tiles zero-padded), ``image_sizes`` where rows have them.
 
     ``rows`` is a list of rows, or Ray's column batch (``iter_torch_batches(collate_fn=...)`` passes one).
-    Right padding is for training, left for generation. Returns (B, T) int64 tensors and (B, 3, H, W)
-    ``pixel_values``.
+    Right padding is for training, left for generation. Returns (B, T) int64 tensors and (B, 3, H, W) or
+    (B, S, 3, H, W) ``pixel_values``.
     """
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     if isinstance(rows, Mapping):
-        rows = [{name: rows[name][i] for name in MODEL_INPUTS} for i in range(len(rows["input_ids"]))]
+        names = [name for name in (*MODEL_INPUTS, "image_sizes") if name in rows]
+        rows = [{name: rows[name][i] for name in names} for i in range(len(rows["input_ids"]))]
     if not rows:
         raise ValueError("cannot collate an empty batch")
     longest = max(len(row["input_ids"]) for row in rows)
@@ -46,8 +49,9 @@ def collate(
             else:
                 padded[b, longest - len(values) :] = values
         batch[name] = torch.from_numpy(padded)
-    pixels = [np.asarray(row["pixel_values"], dtype=np.float32) for row in rows]
-    batch["pixel_values"] = torch.from_numpy(np.stack(pixels))  # (B, 3, H, W)
+    batch["pixel_values"] = stack_pixels([row["pixel_values"] for row in rows])  # (B, 3, H, W) or (B, S, 3, H, W)
+    if "image_sizes" in rows[0]:
+        batch["image_sizes"] = torch.from_numpy(np.stack([np.asarray(r["image_sizes"], np.int64) for r in rows]))
     return batch
 
 

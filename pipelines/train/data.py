@@ -45,16 +45,18 @@ from pipelines import storage
 from pipelines.conversation import (
     MODEL_INPUTS,
     VICUNA_V1,
+    ChatTemplate,
     ConversationTemplate,
     Prompt,
     RecordError,
     count_image_tokens,
     encode,
     parse_turns,
+    prompt_template,
     render,
     text_length,
 )
-from pipelines.images import load_image, mean_colour
+from pipelines.images import load_image, square_background
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +196,9 @@ def read_records(path: str) -> list[Any]:
     return records
 
 
-def prepare_record(index: int, record: Any, template: ConversationTemplate = VICUNA_V1) -> dict[str, Any]:
+def prepare_record(
+    index: int, record: Any, template: ConversationTemplate | ChatTemplate = VICUNA_V1
+) -> dict[str, Any]:
     """The encode stage's input row for one record, or ``RecordError`` naming why it cannot be used."""
     if not isinstance(record, dict):
         raise RecordError("malformed_conversation", f"record is a {type(record).__name__}, not an object")
@@ -218,14 +222,16 @@ class _Encoder:
 
     def __init__(self, processor: Any, image_root: str, max_length: int) -> None:
         self.processor, self.image_root, self.max_length = processor, image_root, max_length
-        self.n_image_tokens = count_image_tokens(processor)
-        self.background = mean_colour(processor)
+        self.n_image_tokens = count_image_tokens(processor)  # None: it depends on the image (tiled families)
+        self.background = square_background(processor)
 
     def __call__(
         self, batch: dict[str, np.ndarray]
     ) -> tuple[dict[str, list[Any]], list[int], dict[int, tuple[str, str]]]:
         """(model-input columns of the usable rows, their indices, {index: (reason, message)} of the rest)."""
         out: dict[str, list[Any]] = {name: [] for name in ("index", "id", *MODEL_INPUTS)}
+        if self.n_image_tokens is None:
+            out["image_sizes"] = []
         kept: list[int] = []
         skipped: dict[int, tuple[str, str]] = {}
         for i, index in enumerate(batch["index"].tolist()):
@@ -242,9 +248,10 @@ class _Encoder:
     def _encode_row(self, batch: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
         spans = zip(batch["span_starts"][i].tolist(), batch["span_ends"][i].tolist(), strict=True)
         prompt = Prompt(text=str(batch["text"][i]), answer_spans=tuple(spans))
-        length = text_length(self.processor, prompt, self.n_image_tokens)
-        if length > self.max_length:
-            raise RecordError("too_long", f"{length} tokens > max_length={self.max_length}")
+        if self.n_image_tokens is not None:  # too long before the image is read, where its tokens are known
+            length = text_length(self.processor, prompt, self.n_image_tokens)
+            if length > self.max_length:
+                raise RecordError("too_long", f"{length} tokens > max_length={self.max_length}")
         image = self._load_image(str(batch["image"][i]))
         row = encode(self.processor, prompt, image)
         if len(row["input_ids"]) > self.max_length:  # the processor is the authority on the length
@@ -252,7 +259,7 @@ class _Encoder:
         return row
 
     def _load_image(self, relative: str) -> Any:
-        return load_image(self.image_root, relative, self.background)  # LLaVA-1.5 pads to a square
+        return load_image(self.image_root, relative, self.background)  # LLaVA-1.5 pads to a square, tiles do not
 
 
 _ENCODERS: dict[tuple[Any, ...], _Encoder] = {}
@@ -345,7 +352,7 @@ def prepare_instruct_rows(
     *,
     max_length: int = 2048,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-    template: ConversationTemplate = VICUNA_V1,
+    template: ConversationTemplate | ChatTemplate | None = None,
     batch_size: int = 16,
     concurrency: int | None = None,
     num_cpus: float = 1.0,
@@ -356,6 +363,7 @@ def prepare_instruct_rows(
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
     records = read_records(data_path)
+    template = template or prompt_template(processor)
     rows: list[dict[str, Any]] = []
     text_counts: Counter[str] = Counter()
     for index, record in enumerate(records):
@@ -395,7 +403,7 @@ def build_instruct_dataset(
     *,
     max_length: int = 2048,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-    template: ConversationTemplate = VICUNA_V1,
+    template: ConversationTemplate | ChatTemplate | None = None,
     batch_size: int = 16,
     concurrency: int | None = None,
     num_cpus: float = 1.0,
@@ -405,8 +413,10 @@ def build_instruct_dataset(
     text stage (``prepare_instruct_rows``), then the encode stage over every usable row (``InstructRows.encode``).
 
     Rows: ``index`` (position in the file), ``id``, ``input_ids`` / ``attention_mask`` / ``labels`` (L,)
-    int64, ``pixel_values`` (3, H, W) float32. ``image_root`` is a folder or ``s3://bucket/prefix``;
-    ``processor`` is the model's ``LlavaProcessor``. Rows keep the file's order unless ``preserve_order=False``.
+    int64, ``pixel_values`` (3, H, W) float32 (tiled families: (S, 3, H, W) and ``image_sizes`` (2,)).
+    ``image_root`` is a folder or ``s3://bucket/prefix``; ``processor`` is the model's processor, ``template``
+    by default its model's (:func:`pipelines.conversation.prompt_template`). Rows keep the file's order unless
+    ``preserve_order=False``.
     """
     data, ledger = prepare_instruct_rows(
         data_path,

@@ -36,8 +36,9 @@ from deepspeed.utils import (
     safe_set_full_optimizer_state,
 )
 from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
-from transformers import LlavaForConditionalGeneration, get_scheduler
+from transformers import get_scheduler
 
+from lvpruning import from_pretrained
 from pipelines.config import JobConfig
 from pipelines.stages import Stage
 from pipelines.storage import load_json, local_copy
@@ -78,7 +79,7 @@ class TrainState:
 
 def setup_model(cfg: JobConfig, model_path: str, device: torch.device) -> tuple[torch.nn.Module, list]:
     """The module DeepSpeed trains and its trainable parameters (the stage's: decision modules, or every one)."""
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = from_pretrained(
         local_copy(model_path), dtype=getattr(torch, cfg.model.dtype), attn_implementation=cfg.model.attn_implementation
     )
     module = cfg.stage.trainable(model, cfg.pruning).train()

@@ -104,8 +104,8 @@ def test_calibration_set_skips_and_counts_unusable_records(world, tmp_path):
     write_conversations(world, tmp_path / "train.json")
     processor = AutoProcessor.from_pretrained(world.model)
     c = Calibration(num_questions=50, seed=3)  # more than there are: every record is read
-    prompts, pixels, skipped = calibration_requests(str(tmp_path / "train.json"), str(world.images), processor, c)
-    assert len(prompts) == world.n_good and pixels.shape[0] == world.n_good and skipped == 2
+    prompts, images, skipped = calibration_requests(str(tmp_path / "train.json"), str(world.images), processor, c)
+    assert len(prompts) == world.n_good and len(images["pixel_values"]) == world.n_good and skipped == 2
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     assert all(int((p == image_id).sum()) == 64 for p in prompts)
     again, _, _ = calibration_requests(str(tmp_path / "train.json"), str(world.images), processor, c)
@@ -130,15 +130,15 @@ def test_hidden_similarity_against_a_sample_by_sample_reference(world, tmp_path,
     write_conversations(world, tmp_path / "train.json")
     processor = AutoProcessor.from_pretrained(world.model)
     c = Calibration(num_questions=6)
-    prompts, pixels, _ = calibration_requests(str(tmp_path / "train.json"), str(world.images), processor, c)
+    prompts, images, _ = calibration_requests(str(tmp_path / "train.json"), str(world.images), processor, c)
     spec = ModelSpec(str(world.model), str(world.modules))
     pad = processor.tokenizer.pad_token_id
-    value = hidden_similarity(spec, setting, prompts, pixels, pad, batch_size=4)
+    value = hidden_similarity(spec, setting, prompts, images, pad, batch_size=4)
     model = load_model(spec, setting.method)
     policy = get_policy(setting.method, decision_modules=model.decision_modules)
     expected = []
     with torch.no_grad():
-        for prompt, image in zip(prompts, pixels):
+        for prompt, image in zip(prompts, images["pixel_values"]):
             ids = torch.from_numpy(np.asarray(prompt))[None]
             image = torch.from_numpy(image)[None]
             full = model.model(input_ids=ids, pixel_values=image, output_hidden_states=True).hidden_states[-1][0, -1]
@@ -149,7 +149,7 @@ def test_hidden_similarity_against_a_sample_by_sample_reference(world, tmp_path,
     assert value == pytest.approx(sum(expected) / len(expected), abs=1e-5)
     assert value < 1.0
     keep_all = Setting(setting.method, (1.0, 1.0), layers=setting.layers)
-    assert hidden_similarity(spec, keep_all, prompts, pixels, pad, batch_size=4) == pytest.approx(1.0, abs=1e-5)
+    assert hidden_similarity(spec, keep_all, prompts, images, pad, batch_size=4) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_left_padding_puts_every_prompt_at_the_end():

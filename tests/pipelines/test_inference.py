@@ -13,11 +13,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoProcessor
 
-from lvpruning import PruningConfig, attach, load_decision_modules, save_decision_modules
+from lvpruning import PruningConfig, attach, from_pretrained, load_decision_modules, save_decision_modules
 from lvpruning.policies import get_policy
-from lvpruning.tiny import build_processor, build_tokenizer, tiny_llava, tiny_llava_config
+from lvpruning.tiny import (
+    build_processor,
+    build_tiled_processor,
+    build_tokenizer,
+    tiny_llava,
+    tiny_llava_config,
+    tiny_tiled_config,
+)
 from pipelines.eval.inference import (
     InferenceOptions,
     answer_signature,
@@ -50,15 +57,18 @@ class TinyWorld:
     truth: Path
     images: Path
     n_good: int
+    tiled: bool = False
 
     def records(self) -> list[dict]:
         return [json.loads(line) for line in self.questions.read_text().splitlines()]
 
 
-def write_tiny_world(root: Path, n_good: int = 8) -> TinyWorld:
-    config = tiny_llava_config()
+def write_tiny_world(root: Path, n_good: int = 8, tiled: bool = False) -> TinyWorld:
+    """The tiny world; ``tiled``: a tiny LLaVA-NeXT and images of several sizes (different numbers of tiles)."""
+    config = tiny_tiled_config() if tiled else tiny_llava_config()
     n_fill = config.text_config.vocab_size - len(build_tokenizer(WORDS))  # every id decodes to a word
-    processor = build_processor(config, WORDS + [f"filler{i}" for i in range(n_fill)])
+    words = WORDS + [f"filler{i}" for i in range(n_fill)]
+    processor = build_tiled_processor(config, words) if tiled else build_processor(config, words)
     model = tiny_llava(config, seed=0)
     model.save_pretrained(root / "model")
     processor.save_pretrained(root / "model")
@@ -71,8 +81,10 @@ def write_tiny_world(root: Path, n_good: int = 8) -> TinyWorld:
     questions, truth = [], []
     categories = ("color", "shape")
     for i in range(n_good):
-        height = 32 if i % 2 else 24  # some non-square images: padded to a square first, as LLaVA-1.5 does
-        Image.fromarray(rng.integers(0, 256, (height, 32, 3), dtype=np.uint8)).save(root / "images" / f"img/{i}.png")
+        # some non-square images: padded to a square first (LLaVA-1.5), or cut into other numbers of tiles
+        height, width = [(32, 32), (20, 12), (16, 32), (32, 16)][i % 4] if tiled else (32 if i % 2 else 24, 32)
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"img/{i}.png")
         text = f"what {categories[i % 2]} is the {'large ' * (i % 3)}circle?"  # prompts of several lengths
         questions.append({"question_id": i, "image": f"img/{i}.png", "text": text, "category": categories[i % 2]})
         truth.append({"question_id": i, "answer": ["red", "circle"][i % 2], "category": categories[i % 2]})
@@ -83,7 +95,7 @@ def write_tiny_world(root: Path, n_good: int = 8) -> TinyWorld:
     for name, records in (("questions.jsonl", questions), ("truth.jsonl", truth)):
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in records))
     return TinyWorld(
-        root / "model", root / "modules", root / "questions.jsonl", root / "truth.jsonl", root / "images", n_good
+        root / "model", root / "modules", root / "questions.jsonl", root / "truth.jsonl", root / "images", n_good, tiled
     )
 
 
@@ -98,18 +110,22 @@ def direct_answers(world: TinyWorld, setting: Setting, records: list[dict]) -> d
     """The same questions through ``pruner.generate`` (or HF ``generate``) in this process, one at a time."""
     processor = AutoProcessor.from_pretrained(world.model)
     tok = processor.tokenizer
-    model = LlavaForConditionalGeneration.from_pretrained(world.model).eval()
+    model = from_pretrained(str(world.model)).eval()
     pruner = load_decision_modules(model, world.modules).eval() if setting.method != "none" else None
     out = {}
     for r in records:
         image = Image.open(world.images / r["image"]).convert("RGB")
-        side = max(image.size)
-        mean = tuple(int(x * 255) for x in processor.image_processor.image_mean)
-        square = Image.new("RGB", (side, side), mean)
-        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        prompt = f"{SYSTEM} USER: <image>\n{r['text']}\n{SUFFIX} ASSISTANT:"
+        if world.tiled:  # the processor's chat template (lvpruning.tiny's), the image as it is
+            prompt, square = f"USER: <image>\n{r['text']}\n{SUFFIX} ASSISTANT:", image
+        else:
+            side = max(image.size)
+            mean = tuple(int(x * 255) for x in processor.image_processor.image_mean)
+            square = Image.new("RGB", (side, side), mean)
+            square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+            prompt = f"{SYSTEM} USER: <image>\n{r['text']}\n{SUFFIX} ASSISTANT:"
         enc = processor(text=[prompt], images=[square], return_tensors="pt")
         kwargs = {"attention_mask": enc["attention_mask"], "max_new_tokens": OPTIONS.max_new_tokens}
+        kwargs |= {"image_sizes": enc["image_sizes"]} if world.tiled else {}
         kwargs |= {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
         if pruner is None:
             tokens = model.generate(enc["input_ids"], pixel_values=enc["pixel_values"], do_sample=False, **kwargs)
@@ -137,6 +153,26 @@ def test_actor_pool_answers_match_direct_generation(world, learned_run):
     expected = direct_answers(world, Setting("lvpruning", RATIOS), world.records()[: world.n_good])
     assert {a["question_id"]: a["text"] for a in answers} == expected
     assert any(expected.values()), "the tiny model should say something for at least one question"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("setting", [Setting("none"), Setting("lvpruning", RATIOS), Setting("fastv", RATIOS)])
+def test_a_tiled_model_answers_images_of_different_sizes_as_direct_generation(tiled_world, tmp_path_factory, setting):
+    """LLaVA-NeXT through the Ray Data pipeline: images of 5 and 3 tiles in one batch (different numbers of vision
+    tokens), prompts from the processor's chat template; each answer is the one generated for it alone."""
+    world = tiled_world
+    answers = tmp_path_factory.mktemp("answers") / "toy.jsonl"
+    spec = ModelSpec(str(world.model), modules=str(world.modules))
+    report = run_inference("toy", str(world.questions), str(world.images), answers, spec, setting, OPTIONS)
+    assert report.generated == world.n_good and report.skipped == {"missing_image": 1, "corrupt_image": 1}
+    expected = direct_answers(world, setting, world.records()[: world.n_good])
+    assert {a["question_id"]: a["text"] for a in read_lines(answers)} == expected
+    assert any(expected.values())
+
+
+@pytest.fixture(scope="module")
+def tiled_world(tmp_path_factory) -> TinyWorld:
+    return write_tiny_world(tmp_path_factory.mktemp("tiled_world"), tiled=True)
 
 
 def test_answers_are_in_llava_format_with_settings_and_latency(world, learned_run):

@@ -105,11 +105,18 @@ class ChatTemplate:
         return self._text([(question, None)], generation_prompt=True)
 
 
+TILED_PROCESSORS = ("LlavaNextProcessor", "LlavaOnevisionProcessor")
+
+
+def tiled(processor: Any) -> bool:
+    """Whether ``processor`` cuts an image into anyres tiles (LLaVA-NeXT, OneVision): an image keeps its aspect
+    (no square padding) and its number of vision tokens depends on its size."""
+    return type(processor).__name__ in TILED_PROCESSORS
+
+
 def prompt_template(processor: Any) -> ConversationTemplate | ChatTemplate:
     """The template of ``processor``'s model: ``vicuna_v1`` for LLaVA-1.5, the processor's own chat template for
-    the tiled families (:func:`pipelines.images.tiled`)."""
-    from pipelines.images import tiled
-
+    the tiled families (:func:`tiled`)."""
     return ChatTemplate(processor) if tiled(processor) else VICUNA_V1
 
 
@@ -198,8 +205,6 @@ def count_image_tokens(processor: Any) -> int | None:
     """How many image tokens the processor expands one ``<image>`` into (576 for LLaVA-1.5); None where it depends
     on the image's size (the tiled families)."""
     from PIL import Image
-
-    from pipelines.images import tiled
 
     if tiled(processor):
         return None

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipelines import storage
-from pipelines.conversation import RecordError
+from pipelines.conversation import RecordError, tiled
 
 IMAGE_SKIPS = ("no_image", "missing_image", "corrupt_image")  # the RecordError reasons of load_image
 
@@ -27,15 +27,6 @@ def expand_to_square(image: Any, background: tuple[int, int, int]) -> Any:
     square = Image.new(image.mode, (side, side), background)
     square.paste(image, ((side - width) // 2, (side - height) // 2))
     return square
-
-
-TILED_PROCESSORS = ("LlavaNextProcessor", "LlavaOnevisionProcessor")
-
-
-def tiled(processor: Any) -> bool:
-    """Whether ``processor`` cuts an image into anyres tiles (LLaVA-NeXT, OneVision): an image keeps its aspect
-    (no square padding) and its number of vision tokens depends on its size."""
-    return type(processor).__name__ in TILED_PROCESSORS
 
 
 def square_background(processor: Any) -> tuple[int, int, int] | None:

@@ -15,7 +15,8 @@ import pytest
 
 from lvpruning import paper_schedule
 from lvpruning.config import check_schedule
-from lvpruning.flops import analytic_flops, num_vision_tokens
+from lvpruning.flops import analytic_flops, image_layout, num_vision_tokens
+from lvpruning.policies import POLICIES
 from lvpruning.presets import load_llava_config
 from pipelines.config import load_config
 from pipelines.eval.evaluation import PAPER_TEXT_TOKENS, make_settings
@@ -114,6 +115,17 @@ def test_toy_sweep_configs_fit_the_toy_model(name, monkeypatch):
     assert cfg.model.name_or_path == "toy"
     text = toy_config().text_config
     assert all(layers[-1] < text.num_hidden_layers - 1 for layers in cfg.sweep.space.layers)
+
+
+def test_llava_next_7b_config_fits_its_model_with_the_papers_schedule():
+    cfg = load_config(JOBS / "configs" / "llava_next_7b.yaml")
+    assert cfg.model.name_or_path == "llava-hf/llava-v1.6-vicuna-7b-hf"
+    shape = load_llava_config("llava-next-7b")  # the shape of that checkpoint, offline
+    cfg.pruning.check_model(shape.text_config.num_hidden_layers, shape.text_config.hidden_size)
+    assert cfg.pruning.layers == (1, 8, 16) and cfg.pruning.train_ratios == paper_schedule(0.5)
+    assert cfg.data.max_length > image_layout(shape).num_vision_tokens == 2928  # a 672 x 672 image fits
+    assert cfg.gradient_accumulation_steps(8) == 2 and cfg.run.name != load_config(CONFIGS[0]).run.name
+    assert all(POLICIES[m].published.layers[0] >= 0 for m in cfg.eval.methods if m != "none")  # LLM-side only
 
 
 def test_sweep_configs_fit_their_models():

@@ -106,7 +106,7 @@ class LlavaAdapter:
         vision = self.model.config.vision_config
         side = vision.image_size // vision.patch_size
         if not self.tiled:
-            return base_grid_layout(num_samples, side)
+            return base_grid_layout(num_samples, side, num_slots)
         rows = []
         for size in image_sizes.tolist():
             tiles = image_size_to_num_patches(size, self.model.config.image_grid_pinpoints, vision.image_size) - 1

@@ -441,11 +441,15 @@ class LVPruningModel(nn.Module):
         it says so)."""
         counts = state.vision_counts.tolist() if not state.vision_counts.is_meta else [state.num_vision]
         k = [keep_count(keep_ratio, n) for n in counts]
-        if len(set(k)) > 1 and type(policy).plan is not PruningPolicy.plan:
-            raise ValueError(f"{policy.name} merges tokens and needs every sample of a batch to keep as many; got {k}")
         stage_input = self._stage_input(state, stage, layer, hidden_in, tower)
+        plan = policy.plan(stage_input, max(k))
+        if len(set(k)) > 1 and plan.hidden is not None:
+            raise ValueError(
+                f"{policy.name} merges tokens at layer {layer} and needs every sample of a batch to keep as many; "
+                f"this batch keeps {k} (images of different sizes): batch images of one size"
+            )
         per_sample = torch.tensor(k, device=state.vision_index.device).expand(stage_input.vision_pos.shape[0])
-        state.apply_plan(stage_input, policy.plan(stage_input, max(k)), per_sample)
+        state.apply_plan(stage_input, plan, per_sample)
 
     def _stage_input(
         self, state: PrefillState, stage: int, layer: int, hidden_in: torch.Tensor, tower: VisionTower | None

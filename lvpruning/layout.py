@@ -49,11 +49,14 @@ class VisionLayout:
         return VisionLayout(*out.unbind(-1))
 
 
-def base_grid_layout(num_samples: int, side: int) -> VisionLayout:
-    """LLaVA-1.5's layout: one ``side x side`` base view per sample, in raster order."""
-    cells = torch.arange(side * side)
-    row = torch.stack([torch.zeros_like(cells), torch.full_like(cells, -1), cells // side, cells % side], dim=1)
-    return VisionLayout.stack([row] * num_samples, side * side)
+def base_grid_layout(num_samples: int, side: int, num_tokens: int) -> VisionLayout:
+    """LLaVA-1.5's layout: one ``side x side`` base view per sample, in raster order, after the tower's extra
+    tokens where the feature selection keeps them (``full``: the CLS token first, row and column -1)."""
+    extra = num_tokens - side * side
+    cells = torch.arange(-extra, side * side)
+    grid = torch.stack([cells // side, cells % side], dim=1).masked_fill(cells[:, None] < 0, -1)
+    row = torch.cat([torch.zeros_like(grid[:, :1]), torch.full_like(grid[:, :1], -1), grid], dim=1)
+    return VisionLayout.stack([row] * num_samples, num_tokens)
 
 
 def equalize_vision(

@@ -90,14 +90,27 @@ class ChatTemplate:
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
     def render(self, turns: Sequence[tuple[str, str]]) -> Prompt:
-        """The conversation as the template writes it, with each answer's span through the end of its turn."""
-        text, spans = self._text(turns, generation_prompt=False), []
-        for i in range(len(turns)):
+        """The conversation as the template writes it, with each answer's span through the end of its turn. Where
+        the template closes an assistant turn without the end-of-sequence token (llava-hf's vicuna template), the
+        token is written after the answer and supervised, as LLaVA's ``preprocess_v1`` does with ``</s>``: the
+        model must learn to stop."""
+        text, parts = self._text(turns, generation_prompt=False), []
+        for i, (_, answer) in enumerate(turns):
             asked = self._text([*turns[:i], (turns[i][0], None)], generation_prompt=True)
             answered = self._text(turns[: i + 1], generation_prompt=False).rstrip()
-            if not (text.startswith(answered) and answered.startswith(asked) and turns[i][1] in answered[len(asked) :]):
+            if not (text.startswith(answered) and answered.startswith(asked)):
                 raise ValueError(f"{type(self.processor).__name__}'s chat template does not extend its prompts")
-            spans.append((answered.index(turns[i][1], len(asked)), len(answered)))
+            start = answered.find(answer.strip(), len(asked))
+            if start < 0:
+                raise RecordError("malformed_conversation", f"answer {i} is not in the chat template's text")
+            parts.append((start, start + len(answer.strip()), len(answered)))
+        eos, spans = self.processor.tokenizer.eos_token or "", []
+        for start, end, turn_end in reversed(parts):  # from the last: inserting shifts only what follows
+            if eos and eos not in text[end:turn_end]:
+                text = text[:end] + eos + text[end:]
+                spans = [(a + len(eos), b + len(eos)) for a, b in spans]
+                turn_end += len(eos)
+            spans.insert(0, (start, turn_end))
         return Prompt(text=text, answer_spans=tuple(spans))
 
     def single_turn(self, question: str) -> str:

@@ -12,7 +12,7 @@ from lvpruning import PruningConfig, attach, engine
 from lvpruning.layout import BASE, EMPTY, NEWLINE, TILE
 from lvpruning.policies import POLICIES, get_policy
 from lvpruning.stage import keep_count
-from lvpruning.tiny import tiny_llava, tiny_tiled_config
+from lvpruning.tiny import tiny_llava, tiny_llava_config, tiny_tiled_config
 from tests.lvpruning.conftest import IMAGE_TOKEN, VOCAB
 
 MODELS = [("llava_next", "llama"), ("llava_next", "mistral"), ("llava_next", "qwen2"), ("llava_onevision", "qwen2")]
@@ -237,3 +237,23 @@ def test_tiled_models_fail_clearly_before_model_work():
     config.text_config.sliding_window = 8
     with pytest.raises(ValueError, match="sliding_window = 8"):
         attach(tiny_llava(config))
+
+
+def test_llava_with_every_tower_token_counts_the_cls_token_as_a_vision_token():
+    """LLaVA-1.5's ``full`` feature selection keeps the CLS token: 65 vision tokens, the first outside the grid."""
+    config = tiny_llava_config(vocab_size=VOCAB)
+    config.vision_feature_select_strategy = "full"
+    pruning = PruningConfig(layers=(0, 1), train_ratios=(0.5, 0.25), infer_ratios=(0.5, 0.25), num_heads=4)
+    pruner = attach(tiny_llava(config, seed=8), pruning).eval()
+    g = torch.Generator().manual_seed(8)
+    words = torch.randint(10, VOCAB, (9,), generator=g)
+    input_ids = torch.cat([torch.tensor([1]), words[:5], torch.full((65,), IMAGE_TOKEN), words[5:]])[None]
+    pixel_values = torch.randn(1, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        out = pruner(input_ids=input_ids, pixel_values=pixel_values, keep_ratios=(1.0, 0.5))
+        full = pruner(input_ids=input_ids, pixel_values=pixel_values, keep_ratios=(1.0, 1.0)).logits
+        expected = pruner.model(input_ids=input_ids, pixel_values=pixel_values).logits
+    torch.testing.assert_close(full, expected, atol=1e-5, rtol=1e-5)
+    assert out.kept_vision[1].shape == (1, keep_count(0.5, 65))
+    layout = pruner.adapter.layout(1, None, 65)
+    assert layout.row[0, :2].tolist() == [-1, 0] and layout.col[0, -1] == 7 and bool((layout.kind == BASE).all())

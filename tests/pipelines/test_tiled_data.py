@@ -10,11 +10,19 @@ from PIL import Image
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from lvpruning import PruningConfig, attach
-from lvpruning.tiny import build_processor, build_tiled_processor, tiny_llava, tiny_llava_config, tiny_tiled_config
+from lvpruning.tiny import (
+    TINY_CHAT_TEMPLATE,
+    build_processor,
+    build_tiled_processor,
+    tiny_llava,
+    tiny_llava_config,
+    tiny_tiled_config,
+)
 from pipelines.conversation import (
     IGNORE_INDEX,
     VICUNA_V1,
     ChatTemplate,
+    RecordError,
     encode,
     parse_turns,
     prompt_template,
@@ -58,6 +66,28 @@ def test_the_tiled_families_take_the_processors_chat_template(tiled):
     bare.chat_template = None
     with pytest.raises(ValueError, match="LlavaNextProcessor has no chat_template"):
         prompt_template(bare)
+
+
+def test_a_template_that_closes_turns_without_eos_gets_it_after_each_answer(tiled):
+    """llava-hf's vicuna template ends an assistant turn with a space: the end-of-sequence token is written after
+    each answer and supervised (LLaVA's ``</s>``), so the model learns to stop; an answer's own trailing space is
+    the template's to write; an answer the template drops fails as a counted record error."""
+    _, processor = tiled
+    bare = build_tiled_processor(tiny_tiled_config(), WORDS)
+    bare.chat_template = TINY_CHAT_TEMPLATE.replace("{{ '</s>' }}", "{{ ' ' }}")
+    turns = parse_turns(conversation(2))
+    turns[0] = (turns[0][0], "red ")
+    prompt = render(turns, prompt_template(bare))
+    assert (
+        prompt.text
+        == "USER: <image>\nwhat color is the ring? ASSISTANT: red</s>  USER: is there a square? ASSISTANT: no</s> "
+    )
+    assert [prompt.text[a:b] for a, b in prompt.answer_spans] == ["red</s>", "no</s>"]
+    bare.chat_template = bare.chat_template.replace(
+        "{{ item['text'] }}{% endfor %}{{ ' ' }}{% endif %}", "{% endfor %}{{ ' ' }}{% endif %}"
+    )
+    with pytest.raises(RecordError, match="malformed_conversation: answer 0 is not in the chat template's text"):
+        render(turns, prompt_template(bare))
 
 
 @pytest.mark.parametrize("size", SIZES)

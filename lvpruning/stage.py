@@ -84,6 +84,10 @@ class StageShape:
     num_vision: int  # V, vision tokens in it
     num_text: int  # T
     kept: int = 0  # k, the vision tokens the stage keeps
+    # the vision-tower stage on LLaVA-NeXT: per tower pass (base view, then each tile) the patches that reach the
+    # decoder (after HF's unpadding), and the newline tokens; () and 0 for LLaVA-1.5's single pass
+    tower_passes: tuple[int, ...] = ()
+    newlines: int = 0
 
 
 @dataclass(frozen=True)

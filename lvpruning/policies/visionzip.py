@@ -159,6 +159,8 @@ class VisionZipPolicy(PruningPolicy):
         return torch.cat(slots), torch.cat(news[1:] + news[:1])
 
     def tower_flops(self, config: LlavaConfig, stage: StageShape) -> int:
+        if stage.tower_passes:
+            return self._tiles_flops(config, stage)
         v = config.vision_config
         patches, k = stage.num_vision, stage.kept
         if k >= patches:
@@ -171,3 +173,20 @@ class VisionZipPolicy(PruningPolicy):
             flops += nearest_flops(others, num_contextual, head_dim)
             flops += group_sum_flops(others, num_contextual, v.hidden_size)
         return flops + projector_flops(config, num_contextual + 1)
+
+    def _tiles_flops(self, config: LlavaConfig, stage: StageShape) -> int:
+        """LLaVA-NeXT: the CLS rows on every pass, and each pass's merge within its share of k."""
+        v = config.vision_config
+        tokens = (v.image_size // v.patch_size) ** 2 + 1  # M, CLS included
+        flops = len(stage.tower_passes) * vision_attention_rows_flops(v, 1, tokens)
+        head_dim = v.hidden_size // v.num_attention_heads
+        for n, k in zip(stage.tower_passes, pass_budgets(stage.kept, list(stage.tower_passes))):
+            if k == 0 or k >= n:
+                continue
+            num_contextual = contextual_count(k)
+            others = n - (k - num_contextual - 1) - num_contextual
+            if num_contextual:
+                flops += nearest_flops(others, num_contextual, head_dim)
+                flops += group_sum_flops(others, num_contextual, v.hidden_size)
+            flops += projector_flops(config, num_contextual + 1)
+        return flops

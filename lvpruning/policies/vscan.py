@@ -151,11 +151,26 @@ class VScanPolicy(PruningPolicy):
 
     def tower_flops(self, config: LlavaConfig, stage: StageShape) -> int:
         patches, k, width = stage.num_vision, stage.kept, config.text_config.hidden_size
+        if stage.tower_passes:  # LLaVA-NeXT: both rows on every pass, each pass's merge within its share
+            lines = min(stage.newlines, max(0, k - len(stage.tower_passes)))
+            merges = sum(
+                nearest_flops(n - k_p, k_p, width) + group_sum_flops(n - k_p, k_p, width)
+                for n, k_p in zip(stage.tower_passes, pass_budgets(k - lines, list(stage.tower_passes)))
+                if 0 < k_p < n
+            )
+            return len(stage.tower_passes) * self._rows_flops(config) + merges
         if k >= patches:
             return 0
+        rows = self._rows_flops(config)
+        return rows + nearest_flops(patches - k, k, width) + group_sum_flops(patches - k, k, width)
+
+    @staticmethod
+    def _rows_flops(config: LlavaConfig) -> int:
+        """The CLS rows of the shallow and the feature layer on one tower pass."""
         v = config.vision_config
-        rows = 2 * vision_attention_rows_flops(v, 1, patches + 1)
+        tokens = (v.image_size // v.patch_size) ** 2 + 1
+        rows = 2 * vision_attention_rows_flops(v, 1, tokens)
         feature = config.vision_feature_layer % (v.num_hidden_layers + 1) - 1
         if shallow_layer(v.num_hidden_layers) == feature:  # one layer (a small tower): its keys computed once
-            rows -= 2 * (patches + 1) * v.hidden_size**2
-        return rows + nearest_flops(patches - k, k, width) + group_sum_flops(patches - k, k, width)
+            rows -= 2 * tokens * v.hidden_size**2
+        return rows

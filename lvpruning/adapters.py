@@ -10,6 +10,7 @@ Mistral, Qwen2); what differs between decoders (biases, the rotary code) comes f
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,8 +23,11 @@ from transformers import (
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 
-from lvpruning.layout import BASE, NEWLINE, TILE, VisionLayout, base_grid_layout
+from lvpruning.layout import BASE, NEWLINE, TILE, VisionLayout, base_grid_layout, tower_tokens
 from lvpruning.stage import gather_tokens
+
+if TYPE_CHECKING:
+    from lvpruning.policies import PruningPolicy
 
 FAMILIES = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaOnevisionForConditionalGeneration)
 DECODERS = ("llama", "mistral", "qwen2")
@@ -74,8 +78,10 @@ class LlavaAdapter:
         """Token embeddings with the projected image features scattered in (HF's ``get_image_features`` ->
         ``get_placeholder_mask`` -> ``masked_scatter`` hand-off), one image per sample. Returns embeddings
         (B, N, C), the vision mask (B, N), each sample's number of vision tokens (B,), known from shapes alone (so
-        ``meta`` tensors work), and with ``tower_states`` the vision tower's hidden states (each (B, M, C_v), CLS
-        first: index ``l`` is encoder layer ``l``'s input; otherwise ``None``).
+        ``meta`` tensors work), and with ``tower_states`` the vision tower's hidden states, CLS first, index ``l``
+        encoder layer ``l``'s input: each (B, M, C_v) for LLaVA-1.5, (B, P, M, C_v) per tower pass for LLaVA-NeXT
+        (the base view, then each tile: P the batch's most, a sample's missing passes zero); ``None`` otherwise
+        and for OneVision (its SigLIP tower has no CLS token for the tower methods to read).
 
         ``pixel_values``: (B, 3, H, W) for LLaVA-1.5; (B, tiles, 3, H, W) with ``image_sizes`` (B, 2) (height,
         width) for the tiled families, as their processors return them."""
@@ -83,7 +89,10 @@ class LlavaAdapter:
         if self.tiled:
             if image_sizes is None:
                 raise ValueError(f"{type(self.model).__name__} needs image_sizes beside pixel_values")
-            image = self.model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes)
+            tower_states = tower_states and isinstance(self.model, LlavaNextForConditionalGeneration)
+            image = self.model.model.get_image_features(
+                pixel_values=pixel_values, image_sizes=image_sizes, output_hidden_states=tower_states
+            )
         else:
             image = self.model.model.get_image_features(
                 pixel_values=pixel_values, return_dict=True, output_hidden_states=tower_states
@@ -96,7 +105,30 @@ class LlavaAdapter:
         inputs_embeds = inputs_embeds.masked_scatter(placeholder, features)
         vision_mask = input_ids == self.model.config.image_token_id  # (B, N)
         counts = torch.tensor([f.shape[0] for f in per_image], device="cpu")
-        return inputs_embeds, vision_mask, counts, tuple(image.hidden_states) if tower_states else None
+        states = None
+        if tower_states:
+            states = tuple(image.hidden_states)
+            if self.tiled:
+                states = self._per_pass(states, self._passes(image_sizes))
+        return inputs_embeds, vision_mask, counts, states
+
+    def _passes(self, image_sizes: torch.Tensor) -> list[int]:
+        """Tower passes of each image (the base view + its tiles), as HF's ``get_image_features`` counts them."""
+        tile = self.model.config.vision_config.image_size
+        grid = self.model.config.image_grid_pinpoints
+        return [image_size_to_num_patches(size, grid, tile) for size in image_sizes.tolist()]
+
+    @staticmethod
+    def _per_pass(states: tuple[torch.Tensor, ...], passes: list[int]) -> tuple[torch.Tensor, ...]:
+        """The tower's hidden states over all real tiles of the batch, each (sum P_b, M, C_v), as (B, P, M, C_v)
+        per sample (P = max P_b; zero passes beyond a sample's own)."""
+        out = []
+        for hidden in states:
+            padded = hidden.new_zeros(len(passes), max(passes), *hidden.shape[1:])  # (B, P, M, C_v)
+            for b, chunk in enumerate(hidden.split(passes)):
+                padded[b, : chunk.shape[0]] = chunk
+            out.append(padded)
+        return tuple(out)
 
     def layout(self, num_samples: int, image_sizes: torch.Tensor | None, num_slots: int) -> VisionLayout:
         """Where each vision token comes from (:class:`~lvpruning.layout.VisionLayout`), (B, ``num_slots``): found
@@ -145,17 +177,33 @@ class LlavaAdapter:
         tile_of = torch.where(kind == TILE, (row // side) * grid_width + col // side, -1)
         return torch.stack([kind, tile_of, row, col], dim=1)
 
-    def check_tower_stage(self) -> None:
-        """Fail before any model work where the vision-tower stage cannot run (tiles: not yet)."""
-        if self.tiled:
+    def check_tower_stage(self, policy: PruningPolicy) -> None:
+        """Fail before any model work where ``policy`` cannot run the vision-tower stage on this model: on the tiled
+        families only a policy that reads the tower per tile (``tower_tiles``), and on OneVision none that reads
+        the CLS token's attention (``tower_cls``: SigLIP has no CLS token)."""
+        name = type(self.model).__name__
+        if not self.tiled:
+            return
+        if not policy.tower_tiles:
             raise ValueError(
-                f"a vision-tower stage (layer -1) runs on LLaVA-1.5 only; {type(self.model).__name__} encodes "
-                "each tile apart, which the vision-tower stage does not read yet"
+                f"{policy.name}'s vision-tower stage (layer -1) runs on LLaVA-1.5 only; {name} encodes each tile "
+                "apart, which it does not read"
+            )
+        if policy.tower_cls and not isinstance(self.model, LlavaNextForConditionalGeneration):
+            raise ValueError(
+                f"{policy.name} ranks by the tower's CLS attention; {name}'s SigLIP tower has no CLS token, so its "
+                "vision-tower stage runs on LLaVA-1.5 and LLaVA-NeXT (CLIP) only"
             )
 
+    def tower_tokens(self, layout: VisionLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each vision token's tower pass and tower token (:func:`lvpruning.layout.tower_tokens`)."""
+        vision = self.model.config.vision_config
+        return tower_tokens(layout, vision.image_size // vision.patch_size)
+
     def feature_layer(self) -> int:
-        """The encoder layer whose output LLaVA projects (``hidden_states[-2]``: layer 22 of 24 in LLaVA-1.5). The
-        vision-tower stage maps vision token ``j`` to tower token ``j + 1``: LLaVA-1.5's feature selection only."""
+        """The encoder layer whose output LLaVA projects (``hidden_states[-2]``: layer 22 of 24 in LLaVA-1.5 and
+        LLaVA-NeXT). The vision-tower stage maps vision tokens to tower tokens (:meth:`tower_tokens`) under their
+        feature selection only (CLS dropped)."""
         config = self.model.config
         layer = config.vision_feature_layer
         if config.vision_feature_select_strategy != "default" or not isinstance(layer, int):

@@ -84,6 +84,7 @@ class Prepared:
     vision_counts: torch.Tensor  # (B,) n_b
     layout: VisionLayout  # (B, Nv)
     vision_states: tuple[torch.Tensor, ...] | None
+    layout_host: VisionLayout | None = None  # the layout on the CPU (values known even when running on meta)
 
     @property
     def num_vision(self) -> int:
@@ -103,6 +104,7 @@ class PrefillState:
     vision_counts: torch.Tensor  # (B,) each sample's own vision tokens n_b
     layout: VisionLayout  # (B, Nv)
     vision_index: torch.Tensor  # (B, V) index of each kept vision token among the image's Nv
+    layout_host: VisionLayout | None = None  # (B, Nv) on the CPU
     records: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, N0), by original position
     kept_vision: list[torch.Tensor] = field(default_factory=list)  # per stage, (B, k_s)
     keep_fractions: list[torch.Tensor] = field(default_factory=list)  # per stage, (B,)
@@ -137,31 +139,53 @@ class PrefillState:
 
 @dataclass
 class VisionTower:
-    """The vision-tower stage's view of the CLIP tower: its hidden states (each (B, M, C_v)), and each encoder
-    layer's keys computed once, shared by the attention rows."""
+    """The vision-tower stage's view of the CLIP tower: its hidden states (each (B, M, C_v), or (B, P, M, C_v) per
+    tower pass on LLaVA-NeXT), and each encoder layer's keys computed once, shared by the attention rows."""
 
     adapter: LlavaAdapter
-    states: tuple[torch.Tensor, ...]
+    states: tuple[torch.Tensor, ...] | None
+    layout: VisionLayout  # (B, Nv) on the device
     keys_by_layer: dict[int, torch.Tensor] = field(default_factory=dict)
 
+    @property
+    def passes(self) -> tuple[int, ...]:
+        """(B, P) of per-pass states, () for LLaVA-1.5's single pass."""
+        return tuple(self.states[0].shape[:2]) if self.states and self.states[0].dim() == 4 else ()
+
+    def flat(self) -> tuple[torch.Tensor, ...]:
+        """The states with the passes flattened into the batch, each (B * P, M, C_v)."""
+        return tuple(s.flatten(0, 1) for s in self.states) if self.passes else self.states
+
     def keys(self, layer: int) -> torch.Tensor:
-        """Encoder layer ``layer``'s keys (B, h_v, M, d_v)."""
+        """Encoder layer ``layer``'s keys (B, h_v, M, d_v), or (B, P, h_v, M, d_v) per pass."""
         if layer not in self.keys_by_layer:
-            self.keys_by_layer[layer] = self.adapter.vision_keys(layer, self.states)
+            keys = self.adapter.vision_keys(layer, self.flat())  # (B [* P], h_v, M, d_v)
+            self.keys_by_layer[layer] = keys.unflatten(0, self.passes) if self.passes else keys
         return self.keys_by_layer[layer]
 
     def attention(self, layer: int, queries: torch.Tensor | None = None) -> torch.Tensor:
-        """Encoder layer ``layer``'s softmax attention (B, h_v, Q, M) of the tower tokens ``queries`` (B, Q)."""
-        return self.adapter.vision_attention_rows(layer, self.states, queries, self.keys(layer))
+        """Encoder layer ``layer``'s softmax attention (B, h_v, Q, M) of the tower tokens ``queries`` (B, Q); per
+        pass, ``queries`` (B, P, Q) -> (B, P, h_v, Q, M)."""
+        keys = self.keys(layer)
+        if not self.passes:
+            return self.adapter.vision_attention_rows(layer, self.states, queries, keys)
+        flat_queries = None if queries is None else queries.flatten(0, 1)  # (B * P, Q)
+        rows = self.adapter.vision_attention_rows(layer, self.flat(), flat_queries, keys.flatten(0, 1))
+        return rows.unflatten(0, self.passes)  # (B, P, h_v, Q, M)
 
     def stage_fields(self) -> dict[str, Any]:
-        """The ``StageInput`` fields of the vision-tower stage."""
+        """The ``StageInput`` fields of the vision-tower stage (none where the tower is not read: OneVision)."""
+        if self.states is None:
+            return {}
+        tower_pass, tower_token = self.adapter.tower_tokens(self.layout)
         return {
             "vision_states": self.states,
             "vision_attention": self.attention,
             "vision_keys": self.keys,
             "project": self.adapter.project,
             "feature_layer": self.adapter.feature_layer(),
+            "tower_pass": tower_pass,
+            "tower_token": tower_token,
         }
 
 
@@ -245,7 +269,7 @@ class LVPruningModel(nn.Module):
         num_vision = int(counts.max())
         layout = self.adapter.layout(input_ids.shape[0], image_sizes, num_vision)
         device = input_ids.device
-        return Prepared(seq, input_ids, labels, counts.to(device), layout.to(device), vision_states)
+        return Prepared(seq, input_ids, labels, counts.to(device), layout.to(device), vision_states, layout)
 
     # ------------------------------------------------------------------ forward
 
@@ -298,7 +322,7 @@ class LVPruningModel(nn.Module):
         check_schedule(layers, ratios, self.adapter.text_config.num_hidden_layers)
         policy.check_layers(layers)
         if layers[0] == -1:
-            self.adapter.check_tower_stage()
+            self.adapter.check_tower_stage(policy)
         return layers, ratios
 
     def _forward_train(self, prepared: Prepared) -> LVPruningOutput:
@@ -384,12 +408,19 @@ class LVPruningModel(nn.Module):
         seq, input_ids, num_vision = prepared.seq, prepared.input_ids, prepared.num_vision
         vision_index = torch.arange(num_vision, device=input_ids.device).expand(input_ids.shape[0], -1)  # (B, Nv)
         state = PrefillState(
-            seq, input_ids, pixel_values, num_vision, prepared.vision_counts, prepared.layout, vision_index
+            seq,
+            input_ids,
+            pixel_values,
+            num_vision,
+            prepared.vision_counts,
+            prepared.layout,
+            vision_index,
+            prepared.layout_host,
         )
         cache = PrunedCache(config=self.adapter.text_config) if use_cache else None
         recorded = set(policy.recorded_layers(layers))
         if layers[0] == -1:  # the vision-tower stage, before decoder layer 0
-            tower = VisionTower(self.adapter, prepared.vision_states)
+            tower = VisionTower(self.adapter, prepared.vision_states, prepared.layout)
             self._prune(state, policy, 0, -1, ratios[0], seq.hidden, tower)
         prepared.vision_states = None  # the tower's hidden states serve only the vision-tower stage
         mask, rope = self._begin_segment(state)
@@ -439,11 +470,12 @@ class LVPruningModel(nn.Module):
         """Stage ``stage``, after decoder layer ``layer`` (-1: the vision tower) whose input was ``hidden_in``: the
         policy plans, and ``state`` keeps ``k_s = keep_count(rho_s, n_b)`` vision tokens of each sample (merged if
         it says so)."""
-        counts = state.vision_counts.tolist() if not state.vision_counts.is_meta else [state.num_vision]
+        B = state.vision_index.shape[0]
+        counts = state.vision_counts.tolist() if not state.vision_counts.is_meta else [state.num_vision] * B
         k = [keep_count(keep_ratio, n) for n in counts]
-        stage_input = self._stage_input(state, stage, layer, hidden_in, tower)
+        stage_input = self._stage_input(state, stage, layer, hidden_in, tower, tuple(k))
         plan = policy.plan(stage_input, max(k))
-        if len(set(k)) > 1 and plan.hidden is not None:
+        if len(set(k)) > 1 and plan.hidden is not None and not policy.per_sample_budgets:
             raise ValueError(
                 f"{policy.name} merges tokens at layer {layer} and needs every sample of a batch to keep as many; "
                 f"this batch keeps {k} (images of different sizes): batch images of one size"
@@ -452,7 +484,13 @@ class LVPruningModel(nn.Module):
         state.apply_plan(stage_input, plan, per_sample)
 
     def _stage_input(
-        self, state: PrefillState, stage: int, layer: int, hidden_in: torch.Tensor, tower: VisionTower | None
+        self,
+        state: PrefillState,
+        stage: int,
+        layer: int,
+        hidden_in: torch.Tensor,
+        tower: VisionTower | None,
+        keep_counts: tuple[int, ...],
     ) -> StageInput:
         """What the policy reads at ``stage``: the current sequence (the layer's output) and readers of attention."""
         seq = state.seq
@@ -475,6 +513,8 @@ class LVPruningModel(nn.Module):
             num_vision=state.num_vision,
             vision_counts=state.vision_counts,
             layout=state.layout,
+            layout_host=state.layout_host,
+            keep_counts=keep_counts,
             token_index=seq.index,
             instruction=seq.instruction,
             padding=seq.padding,

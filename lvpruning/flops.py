@@ -13,6 +13,7 @@ How these numbers relate to the paper's Table 1: ``docs/flops.md``. CLI: ``pytho
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -308,9 +309,11 @@ def analytic_flops(
     layers = pruning.layers if layers is None else tuple(layers)
     ratios = tuple(keep_ratios if keep_ratios is not None else pruning.infer_ratios)
     _check_count(text, pruning, method, layers, ratios, num_text_tokens, lm_head_positions)
-    if layers and layers[0] < 0 and not isinstance(config, LlavaConfig):
-        raise ValueError(f"{method}'s vision-tower stage (layer -1) is counted for LLaVA-1.5 only, not anyres tiles")
     layout = image_layout(config, image_size)
+    tower = None
+    if layers and layers[0] < 0 and not isinstance(config, LlavaConfig):
+        _check_tower_tiles(config, method)
+        tower = tower_passes(config, layout) if isinstance(config, LlavaNextConfig) else None
     n_vis, n_text = layout.num_vision_tokens, num_text_tokens
     kept = tuple(keep_count(r, n_vis) for r in ratios)  # k_s of eq. 13, fractions of the ORIGINAL |I_V|
     per_layer = tokens_per_layer(text.num_hidden_layers, layers, kept, n_vis, n_text)
@@ -320,7 +323,7 @@ def analytic_flops(
         overhead = [decision_module_flops(text.hidden_size, q, n_text, *shape) for q in (n_vis, *kept[:-1])]
     else:
         policy = get_policy(method, params=params)
-        overhead = policy_overhead_flops(config, policy, layers, kept, per_layer, n_text, n_vis)
+        overhead = policy_overhead_flops(config, policy, layers, kept, per_layer, n_text, n_vis, tower)
     return FlopsReport(
         method=method,
         num_vision_tokens=n_vis,
@@ -341,6 +344,33 @@ def analytic_flops(
         image_size=layout.image_size,
         num_tiles=layout.num_tiles,
     )
+
+
+def _check_tower_tiles(config: AnyLlavaConfig, method: str) -> None:
+    """The vision-tower stage on the tiled families: as the engine allows it (``LlavaAdapter.check_tower_stage``)."""
+    policy = POLICIES[method]
+    if not policy.tower_tiles:
+        raise ValueError(f"{method}'s vision-tower stage (layer -1) is counted for LLaVA-1.5 only, not anyres tiles")
+    if policy.tower_cls and not isinstance(config, LlavaNextConfig):
+        raise ValueError(f"{method} ranks by the tower's CLS attention; OneVision's SigLIP tower has no CLS token")
+
+
+def tower_passes(config: LlavaNextConfig, layout: ImageLayout) -> tuple[tuple[int, ...], int]:
+    """Per tower pass (the base view, then each tile) the patches that reach the decoder, and the newline tokens:
+    HF's ``pack_image_features`` run on each feature's own index (CPU, tiny) instead of features."""
+    n = layout.tile_tokens
+    cells = [torch.arange(layout.num_tiles * n, dtype=torch.float32).view(layout.num_tiles, n, 1)]
+    owner = SimpleNamespace(config=config)
+    packed, _ = modeling_llava_next.LlavaNextModel.pack_image_features(
+        owner,
+        cells,
+        [list(layout.image_size)],
+        config.vision_feature_select_strategy,
+        image_newline=torch.tensor([-1.0]),
+    )
+    ids = packed[0][:, 0].long()  # (n_vis,), -1 on the newlines
+    per_pass = torch.bincount(ids[ids >= 0] // n, minlength=layout.num_tiles)
+    return tuple(per_pass.tolist()), int((ids < 0).sum())
 
 
 def _check_count(
@@ -385,15 +415,19 @@ def policy_overhead_flops(
     layer_tokens: Sequence[int],
     num_text: int,
     num_vision: int | None = None,
+    tower: tuple[tuple[int, ...], int] | None = None,
 ) -> list[int]:
     """A training-free method's own FLOPs per stage (the stages after ``layers``, keeping ``kept`` of
     ``num_vision`` vision tokens (default: the config's at its default image size); decoder layer ``i`` sees
     ``layer_tokens[i]`` tokens): its overhead at each stage, the tower's at the vision-tower stage, and each recorded
-    layer's in the stage that follows it."""
+    layer's in the stage that follows it. ``tower``: LLaVA-NeXT's patches per tower pass and newline tokens
+    (:func:`tower_passes`), for a vision-tower stage on its tiles."""
     text = config.text_config
     num_vision = num_vision_tokens(config) if num_vision is None else num_vision
     recorded = policy.recorded_layers(layers)
     shapes = {i: stage_shape(i, layers, kept, layer_tokens, num_vision, num_text) for i in (*layers, *recorded)}
+    if tower is not None and -1 in shapes:  # LLaVA-NeXT: the tower stage runs per pass
+        shapes[-1] = dataclasses.replace(shapes[-1], tower_passes=tower[0], newlines=tower[1])
     overhead = [
         policy.overhead_flops(text, shapes[i]) + (policy.tower_flops(config, shapes[i]) if i < 0 else 0) for i in layers
     ]

@@ -49,6 +49,17 @@ class VisionLayout:
         return VisionLayout(*out.unbind(-1))
 
 
+def tower_tokens(layout: VisionLayout, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each vision token's tower pass and tower token, same shape as ``layout``, -1 where it has none (newline,
+    empty), for a CLIP tower of ``side x side`` patches per pass with CLS first: the base view's (row, col) is pass 0,
+    token 1 + row * side + col; tile t's is pass 1 + t, token 1 + (row % side) * side + col % side."""
+    base, tile = (layout.kind == BASE) & (layout.row >= 0), layout.kind == TILE  # not a kept CLS token
+    token = 1 + (layout.row % side) * side + layout.col % side
+    none = torch.full_like(token, -1)
+    tower_pass = torch.where(base, 0, torch.where(tile, 1 + layout.tile, none))
+    return tower_pass, torch.where(base | tile, token, none)
+
+
 def base_grid_layout(num_samples: int, side: int, num_tokens: int) -> VisionLayout:
     """LLaVA-1.5's layout: one ``side x side`` base view per sample, in raster order, after the tower's extra
     tokens where the feature selection keeps them (``full``: the CLS token first, row and column -1)."""

@@ -84,6 +84,10 @@ class StageShape:
     num_vision: int  # V, vision tokens in it
     num_text: int  # T
     kept: int = 0  # k, the vision tokens the stage keeps
+    # the vision-tower stage on LLaVA-NeXT: per tower pass (base view, then each tile) the patches that reach the
+    # decoder (after HF's unpadding), and the newline tokens; () and 0 for LLaVA-1.5's single pass
+    tower_passes: tuple[int, ...] = ()
+    newlines: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,12 @@ class StageInput:
     decoder's width) and ``feature_layer`` the encoder layer whose output LLaVA projects (22 of 24 in LLaVA-1.5).
     Vision token ``j`` of the image (``vision_index``) is tower token ``j + 1``.
 
+    On LLaVA-NeXT the tower runs once per tile (pass 0 the base view, pass 1 + t tile t): ``vision_states`` are
+    then (B, P, M, C_v) (P the batch's most passes; a sample's missing passes are zero), ``vision_attention(l,
+    queries)`` takes queries (B, P, Q) (or ``None``) and returns (B, P, h_v, Q, M), ``vision_keys(l)`` is
+    (B, P, h_v, M, d_v), and ``tower_pass`` / ``tower_token`` (B, Nv) give each vision token's pass and tower token
+    (-1 for the newline tokens, which have none, and empty slots); on LLaVA-1.5 they are 0 and ``j + 1``.
+
     Samples may have different numbers of vision tokens (LLaVA-NeXT, LLaVA-OneVision): a sample's slots beyond its
     own are padding (``vision_valid``), and the engine never keeps them; ``layout`` says, per vision token, whether
     it is the base view, a tile (which, and its row and column) or a grid row's newline token."""
@@ -135,6 +145,7 @@ class StageInput:
     num_vision: int  # Nv, vision slots per sample (the batch's largest count)
     vision_counts: torch.Tensor  # (B,) each sample's own number of vision tokens n_b
     layout: VisionLayout  # (B, Nv) where each vision token comes from: base view, tile (row, col) or newline
+    keep_counts: tuple[int, ...]  # k_b, the vision tokens each sample keeps at this stage (its first k_b of keep)
     token_index: torch.Tensor  # (B, N) original position of each token
     instruction: torch.Tensor  # (B, N) bool, the instruction tokens that guide pruning
     padding: torch.Tensor  # (B, N) bool, True on real tokens
@@ -154,6 +165,9 @@ class StageInput:
     vision_keys: Callable[[int], torch.Tensor] | None = None  # layer -> (B, h_v, M, d_v)
     project: Callable[[torch.Tensor], torch.Tensor] | None = None  # (B, n, C_v) -> (B, n, C)
     feature_layer: int | None = None
+    tower_pass: torch.Tensor | None = None  # (B, Nv) each vision token's tower pass, -1: none
+    tower_token: torch.Tensor | None = None  # (B, Nv) its token in that pass (CLS 0), -1: none
+    layout_host: VisionLayout | None = None  # ``layout`` on the CPU, for plans that branch on it (also on meta)
 
     def vision_valid(self) -> torch.Tensor:
         """(B, V) True on the vision tokens still in play: False on a sample's empty slots (fewer vision tokens than

@@ -43,6 +43,7 @@ class RandomPolicy(PruningPolicy):
     name = "random"
     published = PAPER
     tower_stage = True
+    tower_tiles = True  # reads no tower: every family
     seeded = True
 
     def __init__(self, seed: int = 0):

@@ -8,6 +8,7 @@ from transformers import LlavaConfig
 from lvpruning.adapters import projector_flops, vision_attention_rows_flops
 from lvpruning.merging import group_sum, group_sum_flops, nearest, nearest_flops
 from lvpruning.policies.base import PruningPolicy, Schedule
+from lvpruning.policies.tiles import pass_budgets, per_sample_plan, tower_passes
 from lvpruning.stage import MergePlan, StageInput, StageShape, gather_tokens
 
 CONTEXTUAL_SHARE = 10 / 64  # published 54 + 10, 108 + 20, 162 + 30
@@ -34,17 +35,34 @@ class VisionZipPolicy(PruningPolicy):
     54 + 10, 108 + 20, 162 + 30 (D counts the CLS token). Slots: here every token keeps an original position
     (eq. 14; the reference renumbers): a dominant patch its own, a contextual token its target's, the CLS token the
     image's first free slot (VisionZip places it first).
+
+    LLaVA-NeXT (``visionzip/llava_arch.py``, ``restore_image_features_sorted``; the authors: "we simply apply
+    VisionZip to each part directly, similar to LLaVA-1.5", 640 / 320 / 160 tokens = 5 passes x 128 / 64 / 32 on a
+    2 x 2 grid): the rule above runs on every tower pass apart (the base view, then each tile), each keeping its
+    share of the sample's k_b (:func:`~lvpruning.policies.tiles.pass_budgets`: equal shares, the base view first
+    for the remainder) as D + K of that share (K = 10/64 of it), its own CLS token and contextual tokens included.
+    The reference drops every newline token (its restore replaces the unpadding and adds none): here they are
+    never kept, unless k_b exceeds the sample's patches (then the first ones fill it, unchanged). Where we differ:
+    the reference keeps a fixed D + K per pass whatever the grid (so 3 x 128 on a 1 x 2 grid) and skips HF's
+    unpadding, so it may keep, and merge, patches of a tile's letterbox rows; here each sample keeps its own
+    k_b of its own count, and only the patches that reach the decoder (those HF's unpadding keeps) are ranked
+    and merged. Slots as on LLaVA-1.5, per pass: a pass's CLS token takes that pass's first free slot.
     """
 
     name = "visionzip"
     published = Schedule(layers=(-1,), ratios=(64 / 576,))
     tower_stage = True
+    tower_tiles = True
+    tower_cls = True
+    per_sample_budgets = True
 
     def check_layers(self, layers: tuple[int, ...]) -> None:
         if tuple(layers) != (-1,):
             raise ValueError(f"visionzip prunes at the vision tower only: layers [-1], not {list(layers)}")
 
     def plan(self, stage: StageInput, k: int) -> MergePlan:
+        if stage.vision_states[0].dim() == 4:
+            return self._plan_tiles(stage)
         B, P = stage.vision_pos.shape
         if k >= P:
             return MergePlan(torch.arange(P, device=stage.vision_pos.device).expand(B, P))
@@ -77,7 +95,72 @@ class VisionZipPolicy(PruningPolicy):
         projected = stage.project(torch.cat(news[1:] + news[:1], dim=1))  # contextual..., CLS
         return MergePlan(torch.cat(slots, dim=1), torch.cat([*hidden, projected.to(stage.hidden_out.dtype)], 1))
 
+    def _plan_tiles(self, stage: StageInput) -> MergePlan:
+        """LLaVA-NeXT: the LLaVA-1.5 rule on each tower pass, within its share of the sample's k_b."""
+        layer, device = stage.feature_layer, stage.hidden_out.device
+        features = stage.vision_states[layer + 1]  # (B, P, M, C_v)
+        B, P = features.shape[:2]
+        cls_query = torch.zeros(B, P, 1, dtype=torch.long, device=device)
+        s = stage.vision_attention(layer, cls_query).sum(dim=2)[:, :, 0]  # (B, P, M), summed over heads
+        keys = stage.vision_keys(layer).mean(dim=2)  # (B, P, M, d): head-mean keys
+        passes, newlines = tower_passes(stage)
+        keep, hidden = [], []
+        for b, (mine, k_b) in enumerate(zip(passes, stage.keep_counts)):
+            budgets = pass_budgets(k_b, [tp.slots.shape[0] for tp in mine])
+            slots, states = [], []
+            for tp, k_p in zip(mine, budgets):
+                if k_p == 0:
+                    continue
+                tokens, own = tp.tokens.to(device), tp.slots.to(device)
+                if k_p >= own.shape[0]:  # the whole pass
+                    slots.append(own)
+                    states.append(stage.hidden_out[b, stage.vision_pos[b, own]])
+                    continue
+                pass_slots, new = self._zip_pass(
+                    s[b, tp.index, tokens], keys[b, tp.index, tokens], features[b, tp.index], tokens, k_p
+                )
+                slots.append(own[pass_slots])
+                dominant = pass_slots[: pass_slots.shape[0] - new.shape[0]]
+                projected = stage.project(new[None])[0].to(stage.hidden_out.dtype)  # (K + 1, C)
+                states.append(torch.cat([stage.hidden_out[b, stage.vision_pos[b, own[dominant]]], projected]))
+            spare = k_b - sum(budgets)  # only when k_b exceeds the sample's patches: newlines fill it
+            lines = newlines[b][:spare].to(device)
+            keep.append(torch.cat([*slots, lines]))
+            hidden.append(torch.cat([*states, stage.hidden_out[b, stage.vision_pos[b, lines]]]))
+        return per_sample_plan(stage, keep, hidden)
+
+    @staticmethod
+    def _zip_pass(
+        s: torch.Tensor, keys: torch.Tensor, features: torch.Tensor, tokens: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of n candidate patches (tower ``tokens`` (n,)), keeping ``k`` < n: CLS scores ``s`` (n,), keys
+        (n, d), the pass's ``features`` (M, C_v). Returns the kept slots (k,) among the n (dominant, then each
+        contextual token's target, then the CLS token's slot) and the new tokens' features (K + 1, C_v)
+        (contextual..., CLS)."""
+        n = s.shape[0]
+        num_contextual = contextual_count(k)
+        dominant = s.topk(k - num_contextual - 1).indices  # (D - 1,)
+        is_dominant = torch.zeros(n, dtype=torch.bool, device=s.device).scatter(0, dominant, True)
+        remaining = torch.argsort(is_dominant.to(torch.int8), stable=True)[: n - dominant.shape[0]]  # (Nf,) raster
+        slots, news = [dominant], [features[:1]]  # the CLS token
+        if num_contextual:
+            num_rest = remaining.shape[0]
+            targets = torch.arange(0, num_rest, max(1, num_rest // num_contextual))[:num_contextual]
+            others = torch.ones(num_rest, dtype=torch.bool)
+            others[targets] = False
+            targets, others = targets.to(s.device), others.nonzero()[:, 0].to(s.device)
+            rest_keys, rest = keys[remaining], features[tokens[remaining]]  # (Nf, d), (Nf, C_v)
+            join = nearest(rest_keys[None, others], rest_keys[None, targets])  # (1, Nf - K)
+            sums, counts = group_sum(rest[None, others], join, num_contextual)
+            news.append(rest[targets] + (sums[0] / counts[0].clamp_min(1)[:, None]).to(rest.dtype))
+            slots.append(remaining[targets])
+        taken = is_dominant.scatter(0, slots[-1], True)
+        slots.append(torch.argmax((~taken).to(torch.int8), dim=0, keepdim=True))  # the CLS token's slot
+        return torch.cat(slots), torch.cat(news[1:] + news[:1])
+
     def tower_flops(self, config: LlavaConfig, stage: StageShape) -> int:
+        if stage.tower_passes:
+            return self._tiles_flops(config, stage)
         v = config.vision_config
         patches, k = stage.num_vision, stage.kept
         if k >= patches:
@@ -90,3 +173,20 @@ class VisionZipPolicy(PruningPolicy):
             flops += nearest_flops(others, num_contextual, head_dim)
             flops += group_sum_flops(others, num_contextual, v.hidden_size)
         return flops + projector_flops(config, num_contextual + 1)
+
+    def _tiles_flops(self, config: LlavaConfig, stage: StageShape) -> int:
+        """LLaVA-NeXT: the CLS rows on every pass, and each pass's merge within its share of k."""
+        v = config.vision_config
+        tokens = (v.image_size // v.patch_size) ** 2 + 1  # M, CLS included
+        flops = len(stage.tower_passes) * vision_attention_rows_flops(v, 1, tokens)
+        head_dim = v.hidden_size // v.num_attention_heads
+        for n, k in zip(stage.tower_passes, pass_budgets(stage.kept, list(stage.tower_passes))):
+            if k == 0 or k >= n:
+                continue
+            num_contextual = contextual_count(k)
+            others = n - (k - num_contextual - 1) - num_contextual
+            if num_contextual:
+                flops += nearest_flops(others, num_contextual, head_dim)
+                flops += group_sum_flops(others, num_contextual, v.hidden_size)
+            flops += projector_flops(config, num_contextual + 1)
+        return flops

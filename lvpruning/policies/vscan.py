@@ -10,6 +10,7 @@ from transformers import LlavaConfig, PreTrainedConfig
 from lvpruning.adapters import attention_rows_flops, vision_attention_rows_flops
 from lvpruning.merging import group_sum, group_sum_flops, nearest, nearest_flops
 from lvpruning.policies.base import PruningPolicy, Schedule
+from lvpruning.policies.tiles import pass_budgets, per_sample_plan, tower_passes
 from lvpruning.stage import MergePlan, StageInput, StageShape, gather_tokens
 
 WINDOWS = 4  # per side: 6 x 6 windows on LLaVA-1.5's 24 x 24 grid
@@ -37,15 +38,31 @@ class VScanPolicy(PruningPolicy):
     scripts): 96 tokens after the tower, 32 after layer 15 (``layer_list [16]``: pruning before 16), 64 on average.
     Where we differ: when the local share is not a multiple of 16 the global scan fills the budget (the reference
     keeps fewer than k); kept tokens keep their original positions (the reference renumbers).
+
+    LLaVA-NeXT (the same ``llava_arch.py``: ``encode_images`` on every crop, ``scripts/llava1_6``: 96 tokens per
+    crop, then 32 in all after layer 15): both scans and the merge run on every tower pass apart (the base view,
+    then each tile; windows of each pass's own grid; a dropped token joins a kept token of its own pass). The
+    newline tokens are kept as structure, unchanged, as the reference's index mask keeps them (as many as fit
+    while every pass keeps one); the rest of the sample's k_b is split over the passes
+    (:func:`~lvpruning.policies.tiles.pass_budgets`). Its decoder stage ranks newlines like any vision token, as
+    the reference does. Where we differ: the reference keeps 96 per crop whatever the grid and selects before
+    HF's unpadding (a token kept in a letterbox row is then lost, with what merged into it); here each sample
+    keeps its own k_b of its own count, and only the tokens that reach the decoder are scanned and merged (a
+    window keeps at most the tokens it has there).
     """
 
     name = "vscan"
     published = Schedule(layers=(-1, 15), ratios=(96 / 576, 32 / 576))
     tower_stage = True
+    tower_tiles = True
+    tower_cls = True
+    per_sample_budgets = True
 
     def plan(self, stage: StageInput, k: int) -> MergePlan:
         if stage.layer != -1:
             return super().plan(stage, k)
+        if stage.vision_states[0].dim() == 4:
+            return self._plan_tiles(stage)
         B, P = stage.vision_pos.shape
         if k >= P:
             return MergePlan(torch.arange(P, device=stage.vision_pos.device).expand(B, P))
@@ -72,6 +89,59 @@ class VScanPolicy(PruningPolicy):
         sums, counts = group_sum(x_dropped, nearest(x_dropped, x_kept), k)
         return MergePlan(keep, (x_kept.float() + sums) / (1 + counts[..., None]))
 
+    def _plan_tiles(self, stage: StageInput) -> MergePlan:
+        """LLaVA-NeXT: the newline tokens kept, then both scans and the merge on each tower pass apart."""
+        device = stage.hidden_out.device
+        B, P = stage.vision_states[0].shape[:2]
+        side = math.isqrt(stage.vision_states[0].shape[-2] - 1)
+        cls_query = torch.zeros(B, P, 1, dtype=torch.long, device=device)
+        shallow = shallow_layer(len(stage.vision_states) - 1)
+        local_rows = stage.vision_attention(shallow, cls_query).mean(dim=2)[:, :, 0]  # (B, P, M)
+        global_rows = stage.vision_attention(stage.feature_layer, cls_query).mean(dim=2)[:, :, 0]
+        passes, newlines = tower_passes(stage)
+        keep, hidden = [], []
+        for b, (mine, k_b) in enumerate(zip(passes, stage.keep_counts)):
+            lines = newlines[b][: min(newlines[b].shape[0], max(0, k_b - len(mine)))].to(device)
+            budgets = pass_budgets(k_b - lines.shape[0], [tp.slots.shape[0] for tp in mine])
+            slots = [lines]
+            states = [stage.hidden_out[b, stage.vision_pos[b, lines]]]
+            for tp, k_p in zip(mine, budgets):
+                if k_p == 0:
+                    continue
+                tokens, own = tp.tokens.to(device), tp.slots.to(device)
+                x = stage.hidden_out[b, stage.vision_pos[b, own]]  # (n_p, C) the projector's output
+                if k_p >= own.shape[0]:
+                    slots.append(own)
+                    states.append(x)
+                    continue
+                cell = tp.tokens - 1
+                window = (cell // side * WINDOWS // side) * WINDOWS + (cell % side) * WINDOWS // side  # (n_p,)
+                kept = self._scan_pass(local_rows[b, tp.index, tokens], global_rows[b, tp.index, tokens], window, k_p)
+                is_kept = torch.zeros(own.shape[0], dtype=torch.bool, device=device).scatter(0, kept, True)
+                dropped = torch.argsort(is_kept.to(torch.int8), stable=True)[: own.shape[0] - k_p]
+                x_kept, x_dropped = x[kept][None], x[dropped][None]  # (1, k_p, C), (1, n_p - k_p, C)
+                sums, counts = group_sum(x_dropped, nearest(x_dropped, x_kept), k_p)
+                slots.append(own[kept])
+                states.append(((x_kept.float() + sums) / (1 + counts[..., None]))[0])
+            keep.append(torch.cat(slots))
+            hidden.append(torch.cat([h.to(stage.hidden_out.dtype) for h in states]))
+        return per_sample_plan(stage, keep, hidden)
+
+    @staticmethod
+    def _scan_pass(local: torch.Tensor, global_: torch.Tensor, window: torch.Tensor, k: int) -> torch.Tensor:
+        """One pass's kept tokens (k,) among its n: the top ``floor(k / 2) / 16`` by ``local`` (n,) in each
+        ``window`` (n,) (at most the window's tokens), then the top by ``global_`` (n,) among the rest."""
+        per_window = k // 2 // WINDOWS**2
+        counts = torch.bincount(window, minlength=WINDOWS**2).tolist()
+        window = window.to(local.device)
+        local_kept = [
+            local.masked_fill(window != w, float("-inf")).topk(min(per_window, counts[w])).indices
+            for w in range(WINDOWS**2)
+        ]
+        local_kept = torch.cat(local_kept)
+        rest = global_.scatter(0, local_kept, float("-inf"))
+        return torch.cat([local_kept, rest.topk(k - local_kept.shape[0]).indices])
+
     def scores(self, stage: StageInput) -> torch.Tensor:
         rows = stage.next_attention(stage.last_instruction()).mean(dim=1)[:, 0]  # (B, N), mean over heads
         return rows.gather(1, stage.vision_pos)
@@ -81,11 +151,26 @@ class VScanPolicy(PruningPolicy):
 
     def tower_flops(self, config: LlavaConfig, stage: StageShape) -> int:
         patches, k, width = stage.num_vision, stage.kept, config.text_config.hidden_size
+        if stage.tower_passes:  # LLaVA-NeXT: both rows on every pass, each pass's merge within its share
+            lines = min(stage.newlines, max(0, k - len(stage.tower_passes)))
+            merges = sum(
+                nearest_flops(n - k_p, k_p, width) + group_sum_flops(n - k_p, k_p, width)
+                for n, k_p in zip(stage.tower_passes, pass_budgets(k - lines, list(stage.tower_passes)))
+                if 0 < k_p < n
+            )
+            return len(stage.tower_passes) * self._rows_flops(config) + merges
         if k >= patches:
             return 0
+        rows = self._rows_flops(config)
+        return rows + nearest_flops(patches - k, k, width) + group_sum_flops(patches - k, k, width)
+
+    @staticmethod
+    def _rows_flops(config: LlavaConfig) -> int:
+        """The CLS rows of the shallow and the feature layer on one tower pass."""
         v = config.vision_config
-        rows = 2 * vision_attention_rows_flops(v, 1, patches + 1)
+        tokens = (v.image_size // v.patch_size) ** 2 + 1
+        rows = 2 * vision_attention_rows_flops(v, 1, tokens)
         feature = config.vision_feature_layer % (v.num_hidden_layers + 1) - 1
         if shallow_layer(v.num_hidden_layers) == feature:  # one layer (a small tower): its keys computed once
-            rows -= 2 * (patches + 1) * v.hidden_size**2
-        return rows + nearest_flops(patches - k, k, width) + group_sum_flops(patches - k, k, width)
+            rows -= 2 * tokens * v.hidden_size**2
+        return rows

@@ -359,3 +359,32 @@ def test_unsupported_model_type(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--image-size", "672", "672", "--no-measure"])  # LLaVA-1.5: 336 x 336 only
     assert "336 x 336" in capsys.readouterr().err
+
+
+TOWER_ON_TILES = [  # (method, layers, keep ratios): VisionZip 8 per crop on a 2 x 2 grid (40 of 88), VScan, Random
+    ("visionzip", (-1,), (40 / 88,)),
+    ("visionzip", (-1,), (0.2,)),
+    ("vscan", (-1, 1), (0.6, 0.1)),
+    ("random", (-1, 1), (0.5, 0.2)),
+]
+
+
+@pytest.mark.parametrize("method, layers, ratios", TOWER_ON_TILES)
+@pytest.mark.parametrize("size", [(32, 32), (20, 44)])  # 2 x 2 tiles; 1 x 3 with letterbox columns unpadded
+def test_tower_methods_on_tiles_analytic_matches_measured(method, layers, ratios, size):
+    """The vision-tower stage on LLaVA-NeXT runs once per tower pass: its overhead counted per pass (each pass's
+    patches after the unpadding) equals what the engine runs on meta."""
+    config = tiny_next_config("llama")
+    pruning = pruning_config(layers=(0, 1, 2), ratios=(0.7, 0.35, 0.1), num_heads=4)
+    kwargs = {"num_text_tokens": 9, "method": method, "layers": layers, "image_size": size}
+    report = analytic_flops(config, pruning, ratios, **kwargs)
+    assert (report.decision_per_stage[0] > 0) == (method != "random")
+    assert measure_flops(config, pruning, ratios, **kwargs) == report.pruned
+
+
+def test_tower_methods_that_read_cls_are_not_counted_on_onevision():
+    config, pruning = tiny_onevision_config(), pruning_config(layers=(0,), ratios=(0.5,), num_heads=4)
+    with pytest.raises(ValueError, match="visionzip ranks by the tower's CLS attention"):
+        analytic_flops(config, pruning, (0.3,), method="visionzip", layers=(-1,))
+    with pytest.raises(ValueError, match="vflowopt's vision-tower stage .* LLaVA-1.5 only"):
+        analytic_flops(tiny_next_config(), pruning, (0.3, 0.3, 0.1), method="vflowopt", layers=(-1, 0, 1))

@@ -227,8 +227,8 @@ def test_tiled_models_fail_clearly_before_model_work():
     batch = make_tiled_batch(pruner.model, [SIZES[0]], [(1, 2)])
     with pytest.raises(ValueError, match="needs image_sizes"):
         pruner(**{k: v for k, v in batch.items() if k != "image_sizes"})
-    with pytest.raises(ValueError, match="vision-tower stage .* LLaVA-1.5 only; LlavaNextForConditionalGeneration"):
-        pruner(**batch, policy=get_policy("visionzip"), layers=(-1,), keep_ratios=(0.5,))
+    with pytest.raises(ValueError, match="vflowopt's vision-tower stage .* LLaVA-1.5 only"):
+        pruner(**batch, policy=get_policy("vflowopt"), layers=(-1,), keep_ratios=(0.5,))
     two = make_tiled_batch(pruner.model, [SIZES[2], SIZES[3]], [(1, 2), (1, 2)])  # 3 tiles each
     swapped = dict(two, image_sizes=two["image_sizes"].flip(0))  # as many features in all, not per sample
     with pytest.raises(ValueError, match=r"\[52, 56\] image tokens for \[56, 52\] features"):

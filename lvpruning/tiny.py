@@ -117,13 +117,19 @@ def tiny_llava_config(
     )
 
 
-def build_processor(config: LlavaConfig, words: Iterable[str] = ()) -> LlavaProcessor:
-    """A ``LlavaProcessor`` (CLIP normalization, square resize) whose tokenizer covers ``words``."""
+def fitting_tokenizer(config: PreTrainedConfig, words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
+    """:func:`build_tokenizer` over ``words``, checked to fit ``config``'s vocabulary."""
     tokenizer = build_tokenizer(words)
     if len(tokenizer) > config.text_config.vocab_size:
         raise ValueError(
             f"tokenizer has {len(tokenizer)} tokens but text_config.vocab_size is {config.text_config.vocab_size}"
         )
+    return tokenizer
+
+
+def build_processor(config: LlavaConfig, words: Iterable[str] = ()) -> LlavaProcessor:
+    """A ``LlavaProcessor`` (CLIP normalization, square resize) whose tokenizer covers ``words``."""
+    tokenizer = fitting_tokenizer(config, words)
     size = config.vision_config.image_size
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return LlavaProcessor(
@@ -152,11 +158,7 @@ TINY_CHAT_TEMPLATE = (
 def build_tiled_processor(config: LlavaNextConfig, words: Iterable[str] = ()) -> LlavaNextProcessor:
     """A ``LlavaNextProcessor`` for a tiny LLaVA-NeXT config (its tiles, grid and feature selection), whose
     tokenizer covers ``words``, with :data:`TINY_CHAT_TEMPLATE`."""
-    tokenizer = build_tokenizer(words)
-    if len(tokenizer) > config.text_config.vocab_size:
-        raise ValueError(
-            f"tokenizer has {len(tokenizer)} tokens but text_config.vocab_size is {config.text_config.vocab_size}"
-        )
+    tokenizer = fitting_tokenizer(config, words)
     size = config.vision_config.image_size
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": size},

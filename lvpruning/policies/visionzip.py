@@ -19,6 +19,15 @@ def contextual_count(k: int) -> int:
     return min(k - 1, round(k * CONTEXTUAL_SHARE))
 
 
+def contextual_targets(num_rest: int, num_contextual: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip's contextual targets among the ``num_rest`` remaining tokens (every ``max(1, Nf // K)``-th, the
+    first K), and the others that merge into them: two index tensors, (K,) and (Nf - K,)."""
+    targets = torch.arange(0, num_rest, max(1, num_rest // num_contextual))[:num_contextual]
+    others = torch.ones(num_rest, dtype=torch.bool)
+    others[targets] = False
+    return targets.to(device), others.nonzero()[:, 0].to(device)
+
+
 class VisionZipPolicy(PruningPolicy):
     """VisionZip (Yang et al., CVPR 2025, "Longer is Better but Not Necessary"; dvlab-research/VisionZip,
     ``visionzip/clip_encoder.py``, ``visionzip/utils.py``). One stage at the vision tower, on the encoder layer
@@ -80,10 +89,7 @@ class VisionZipPolicy(PruningPolicy):
         news = [features[:, :1]]  # the CLS token
         if num_contextual:
             num_rest = remaining.shape[1]
-            targets = torch.arange(0, num_rest, max(1, num_rest // num_contextual))[:num_contextual]
-            others = torch.ones(num_rest, dtype=torch.bool)
-            others[targets] = False
-            targets, others = targets.to(features.device), others.nonzero()[:, 0].to(features.device)
+            targets, others = contextual_targets(num_rest, num_contextual, features.device)
             keys = stage.vision_keys(layer).mean(dim=1)[:, 1:]  # (B, P, d): the head-mean keys of the patches
             rest_keys, rest = gather_tokens(keys, remaining), gather_tokens(features[:, 1:], remaining)
             join = nearest(rest_keys[:, others], rest_keys[:, targets])  # (B, Nf - K)
@@ -145,10 +151,7 @@ class VisionZipPolicy(PruningPolicy):
         slots, news = [dominant], [features[:1]]  # the CLS token
         if num_contextual:
             num_rest = remaining.shape[0]
-            targets = torch.arange(0, num_rest, max(1, num_rest // num_contextual))[:num_contextual]
-            others = torch.ones(num_rest, dtype=torch.bool)
-            others[targets] = False
-            targets, others = targets.to(s.device), others.nonzero()[:, 0].to(s.device)
+            targets, others = contextual_targets(num_rest, num_contextual, s.device)
             rest_keys, rest = keys[remaining], features[tokens[remaining]]  # (Nf, d), (Nf, C_v)
             join = nearest(rest_keys[None, others], rest_keys[None, targets])  # (1, Nf - K)
             sums, counts = group_sum(rest[None, others], join, num_contextual)

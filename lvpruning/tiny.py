@@ -191,21 +191,26 @@ def tiny_tiled_config(
     patch_size: int = 4,
     grid: tuple[tuple[int, int], ...] = ((1, 2), (2, 1), (2, 2)),
     vision_hidden: int = 32,
+    vision_layers: int = 2,
     hidden_size: int = 64,
     num_layers: int = 4,
     num_heads: int = 4,
     num_kv_heads: int | None = 2,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 1024,
+    initializer_range: float = 0.02,
     image_token_id: int = SPECIAL_TOKENS.index("<image>"),
     vision_aspect_ratio: str = "anyres_max_9",
 ) -> LlavaNextConfig | LlavaOnevisionConfig:
     """A tiny anyres config: ``family`` ``llava_next`` (CLIP tower, penultimate layer, CLS dropped, as
     llava-v1.6) or ``llava_onevision`` (SigLIP tower, last layer, every token, as llava-onevision), tiles of
     ``tile_size`` pixels, ``grid`` the (rows, columns) of tiles an image may be cut into, and a ``decoder`` of
-    ``llama``, ``mistral`` (no sliding window, as llava-v1.6-mistral) or ``qwen2`` (q/k/v biases)."""
+    ``llama``, ``mistral`` (no sliding window, as llava-v1.6-mistral) or ``qwen2`` (q/k/v biases). The sizes mean
+    what they mean in :func:`tiny_llava_config` (``intermediate_size`` None: twice the hidden size)."""
     vision_kwargs = {
         "hidden_size": vision_hidden,
         "intermediate_size": 2 * vision_hidden,
-        "num_hidden_layers": 2,
+        "num_hidden_layers": vision_layers,
         "num_attention_heads": max(1, vision_hidden // 16),
         "image_size": tile_size,
         "patch_size": patch_size,
@@ -213,11 +218,12 @@ def tiny_tiled_config(
     text = DECODER_CONFIGS[decoder](
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads or num_heads,
-        max_position_embeddings=1024,
+        max_position_embeddings=max_position_embeddings,
+        initializer_range=initializer_range,
         pad_token_id=SPECIAL_TOKENS.index("<pad>"),
         bos_token_id=SPECIAL_TOKENS.index("<s>"),
         eos_token_id=SPECIAL_TOKENS.index("</s>"),

@@ -18,7 +18,7 @@ from lvpruning.config import check_schedule
 from lvpruning.policies import AT_TOWER, METHODS, NONE, POLICIES, TRAINING_FREE, get_policy
 from pipelines.stages import STAGES, Stage
 from pipelines.storage import decode_utf8
-from pipelines.toy.scenes import SceneSpec
+from pipelines.toy.writer import VARIANTS, world_spec
 
 TOY = "toy"  # the embedded default model and data: the toy world, built and cached locally
 TOY_LAYERS = (0, 1, 2)  # decision modules after these of the toy model's 4 layers; 7B: see llava15_7b.yaml
@@ -45,7 +45,8 @@ class DataSection(_Strict):
     toy_root: str = "./toy"  # the toy world's data and its cached base model
     toy_train_samples: int = Field(24000, gt=0)  # questions; up to 4 per scene, one conversation per scene
     toy_test_samples: int = Field(800, gt=0)
-    toy_question_types: tuple[str, ...] | None = None  # None: the toy world's own (SceneSpec.question_types)
+    toy_question_types: tuple[str, ...] | None = None  # None: the toy world's own (its spec's question_types)
+    toy_variant: Literal[VARIANTS] = "default"  # "hires": the high-resolution world and its toy LLaVA-NeXT
     seed: int = 0  # the sample order: a permutation of the records per epoch (pipelines.train.order)
 
 
@@ -395,7 +396,7 @@ class JobConfig(_Strict):
         if t.init_from is not None and not self.stage.exports_model:
             raise ValueError("train.init_from continues a toy base model: it needs train.stage 'base'")
         if self.data.toy_question_types is not None:
-            SceneSpec(question_types=self.data.toy_question_types)  # unknown types fail here, named
+            world_spec(self.data.toy_variant, self.data.toy_question_types)  # unknown types fail here, named
         for schedule in self.eval.schedules:
             self.pruning.check_ratios(schedule)
         return self

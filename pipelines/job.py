@@ -21,7 +21,7 @@ from pipelines.config import TOY, JobConfig
 from pipelines.storage import is_s3
 from pipelines.toy.base import ToyWorld
 from pipelines.toy.model import toy_config
-from pipelines.toy.writer import ToyWorldPaths
+from pipelines.toy.writer import ToyWorldPaths, world_spec
 from pipelines.tracking import resolve_uri
 
 
@@ -49,7 +49,7 @@ class Job:
     def toy_world(self) -> ToyWorld | None:
         """The toy world of ``data`` (for the toy model; written by ``pipelines.train.experiment.prepare_model``)."""
         d = self.config.data
-        return ToyWorld.at(d.toy_root, d.seed, d.toy_question_types) if self.is_toy else None
+        return ToyWorld.at(d.toy_root, d.seed, d.toy_question_types, d.toy_variant) if self.is_toy else None
 
     @property
     def base_model(self) -> str:
@@ -75,9 +75,10 @@ class Job:
         return Job(self.config, self.model_config, base)
 
 
-def model_config(name_or_path: str) -> LlavaConfig:
-    """The config of ``model.name_or_path``: the toy model's, a preset's, a hub id's or directory's ``config.json``."""
-    return toy_config() if name_or_path == TOY else load_llava_config(name_or_path)
+def model_config(name_or_path: str, toy_variant: str = "default") -> LlavaConfig:
+    """The config of ``model.name_or_path``: the toy model's (of the ``data.toy_variant`` world), a preset's, a hub
+    id's or directory's ``config.json``."""
+    return toy_config(world_spec(toy_variant)) if name_or_path == TOY else load_llava_config(name_or_path)
 
 
 def resolve(cfg: JobConfig, *, model: str | None = None, modules: str | None = None) -> Job:
@@ -86,7 +87,7 @@ def resolve(cfg: JobConfig, *, model: str | None = None, modules: str | None = N
     Fails with the key's name before any cluster work."""
     if model is not None:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name_or_path": model})})
-    shape = model_config(cfg.model.name_or_path)
+    shape = model_config(cfg.model.name_or_path, cfg.data.toy_variant)
     text = shape.text_config
     cfg.pruning.check_model(text.num_hidden_layers, text.hidden_size)
     for i, own in enumerate(cfg.eval.at_own_layers):

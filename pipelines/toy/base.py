@@ -2,6 +2,10 @@
 starts from, and the trained base model: ``<toy_root>/base_model`` when this machine trained one, else the one
 shipped in the repository (``pipelines/toy/base_model``, trained by ``jobs/configs/toy_base.yaml``).
 
+Two variants (``data.toy_variant``): ``default``, the 64 x 64 world of the toy LLaVA, and ``hires``, the
+high-resolution world (``hires.HiresSpec``) of the toy LLaVA-NeXT, whose base model (``pipelines/toy/base_model_hires``
+once shipped; ``jobs/configs/toy_base_hires.yaml``) starts from the toy LLaVA's (``continued_model``).
+
 A trained base model carries ``toy_world.json``: the scene parameters of the world it learnt
 (``writer.scene_parameters``). One whose stamp differs from the current world's, e.g. a ``<toy_root>/base_model``
 left by an older version of the toy world, is not used.
@@ -13,15 +17,21 @@ import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-from transformers import AutoTokenizer, LlavaForConditionalGeneration
+from transformers import AutoTokenizer
 
-from pipelines.toy.model import build_toy_model, save_toy_model, toy_processor
-from pipelines.toy.scenes import SceneSpec
-from pipelines.toy.writer import ToyWorldPaths, scene_parameters, write_toy_world
+from lvpruning import from_pretrained
+from pipelines.toy.hires import HiresSpec
+from pipelines.toy.model import build_toy_model, save_toy_model, toy_config, toy_processor
+from pipelines.toy.scenes import SceneSpec, WorldSpec
+from pipelines.toy.writer import ToyWorldPaths, scene_parameters, world_spec, write_toy_world
 
-SHIPPED_BASE_MODEL = Path(__file__).parent / "base_model"
+HERE = Path(__file__).parent
+SHIPPED_BASE_MODELS = {"default": HERE / "base_model", "hires": HERE / "base_model_hires"}  # by data.toy_variant
+SHIPPED_BASE_MODEL = SHIPPED_BASE_MODELS["default"]
 WORLD_STAMP = "toy_world.json"
+
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +41,20 @@ class ToyWorld:
     paths: ToyWorldPaths  # the data: instruction JSON + images for training, benchmark files for test
     root: Path
     seed: int
-    spec: SceneSpec = field(default_factory=SceneSpec)
+    spec: WorldSpec = field(default_factory=SceneSpec)
 
     @classmethod
-    def at(cls, root: str | Path, seed: int, question_types: tuple[str, ...] | None = None) -> ToyWorld:
-        """The toy world under ``root`` of ``question_types`` (None: the toy world's own,
-        ``SceneSpec.question_types``): its files' places, written by :meth:`written`."""
-        spec = SceneSpec() if question_types is None else SceneSpec(question_types=question_types)
-        return cls(ToyWorldPaths.under(Path(root) / "world"), Path(root), seed, spec)
+    def at(
+        cls, root: str | Path, seed: int, question_types: tuple[str, ...] | None = None, variant: str = "default"
+    ) -> ToyWorld:
+        """The toy world ``variant`` under ``root`` of ``question_types`` (None: the variant's own): its files'
+        places, written by :meth:`written`."""
+        return cls(ToyWorldPaths.under(Path(root) / "world"), Path(root), seed, world_spec(variant, question_types))
+
+    @property
+    def shipped_base_model(self) -> Path:
+        """Where the repository ships this variant's trained base model."""
+        return SHIPPED_BASE_MODELS["hires" if isinstance(self.spec, HiresSpec) else "default"]
 
     def written(self, n_train: int, n_test: int) -> ToyWorld:
         """This world with ``n_train`` training and ``n_test`` test questions written now (or reused)."""
@@ -53,7 +69,7 @@ class ToyWorld:
     def trained_base(self) -> Path | None:
         """The trained base model of this world: this machine's, else the shipped one, else None."""
         wanted = scene_parameters(self.spec)
-        for path in (self.base_model, SHIPPED_BASE_MODEL):
+        for path in (self.base_model, self.shipped_base_model):
             if not ((path / "config.json").is_file() and (path / "model.safetensors").is_file()):
                 continue
             try:
@@ -72,18 +88,35 @@ class ToyWorld:
     def continued_model(self, init_from: str | Path) -> Path:
         """``init_from``'s weights with this world's processor, for the ``base`` stage to go on training (saved
         under ``<toy_root>/continued_model``). A newer world's words take new token ids, so every word the saved
-        tokenizer knows must keep its id; otherwise this fails."""
-        model = LlavaForConditionalGeneration.from_pretrained(init_from)
-        processor = toy_processor(model.config)
+        tokenizer knows must keep its id; otherwise this fails. A toy LLaVA continued into the high-resolution
+        world becomes the toy LLaVA-NeXT of the same sizes: every weight carried over, the newline token new."""
+        model = from_pretrained(str(init_from))
+        config = toy_config(self.spec) if type(model.config) is not type(toy_config(self.spec)) else model.config
+        processor = toy_processor(config, self.spec)
         known, wanted = AutoTokenizer.from_pretrained(init_from).get_vocab(), processor.tokenizer.get_vocab()
         moved = sorted(w for w, i in known.items() if wanted.get(w) != i)
         if moved:
             raise ValueError(f"train.init_from: {init_from}'s tokenizer gives other ids to {moved[:10]}")
+        if config is not model.config:
+            model = carried_over(model, build_toy_model(config, seed=self.seed), init_from)
         return save_toy_model(self.root / "continued_model", model, processor)
 
     def init_model(self) -> Path:
         """The randomly initialised toy model (and its processor) that the ``base`` stage trains, saved once."""
         path = self.root / "init_model"
         if not (path / "model.safetensors").is_file():
-            save_toy_model(path, build_toy_model(seed=self.seed), toy_processor())
+            config = toy_config(self.spec)
+            save_toy_model(path, build_toy_model(config, seed=self.seed), toy_processor(config, self.spec))
         return path
+
+
+def carried_over(source: Any, target: Any, name: str | Path) -> Any:
+    """``target`` with every weight of ``source`` (same names and shapes), its own where ``source`` has none (the
+    newline token of a LLaVA-NeXT built from a LLaVA); anything else fails naming the weights."""
+    weights, own = source.state_dict(), target.state_dict()
+    wrong = sorted(k for k in weights if k not in own or own[k].shape != weights[k].shape)
+    missing = sorted(set(own) - set(weights))
+    if wrong or any("image_newline" not in k for k in missing):
+        raise ValueError(f"train.init_from: {name} does not fit the toy model: {(wrong + missing)[:5]}")
+    target.load_state_dict(weights, strict=False)
+    return target

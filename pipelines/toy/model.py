@@ -3,18 +3,24 @@
 64 vision tokens (an 8 x 8 grid of 8-pixel patches over a 64-pixel image) and a 4-layer Llama, so that pruning
 stages fit in the model's own layers (e.g. after layers 0, 1, 2) and the base model trains on a CPU (how long:
 ``benchmarks/TOY_WORLD.md``, "Eighth round"; the file records the learning curves behind these numbers).
+
+For the high-resolution world (``hires.HiresSpec``) the same sizes make a toy LLaVA-NeXT: the same tower on each
+64 x 64 view (the base view and every tile), the same projector and Llama, plus the learned newline; its tile grids
+are the world's aspects, and its prompts the processor's chat template.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaProcessor
 
-from lvpruning.tiny import build_processor, tiny_llava, tiny_llava_config
-from pipelines.toy.scenes import SceneSpec, toy_words
+from lvpruning.tiny import build_processor, build_tiled_processor, tiny_llava, tiny_llava_config, tiny_tiled_config
+from pipelines.toy.hires import ASPECTS, HiresSpec
+from pipelines.toy.scenes import SceneSpec, WorldSpec, toy_words
 
 TOY_MODEL: dict[str, float] = {
     "vocab_size": 96,
@@ -30,19 +36,30 @@ TOY_MODEL: dict[str, float] = {
 VISION_POSITION_STD = 0.5  # scale of the CLIP position embeddings at init (CLIP: std 0.02); see build_toy_model
 
 
-def toy_config(spec: SceneSpec | None = None, **overrides: float) -> LlavaConfig:
-    """The toy model's config: image and patch sizes from ``spec``, the rest ``TOY_MODEL`` + overrides."""
+def toy_config(spec: WorldSpec | None = None, **overrides: float) -> LlavaConfig | LlavaNextConfig:
+    """The toy model's config: image and patch sizes from ``spec``, the rest ``TOY_MODEL`` + overrides; a
+    LLaVA-NeXT config (tiles of ``spec.tile``, one grid per aspect) for the high-resolution world."""
     spec = spec or SceneSpec()
     unknown = set(overrides) - set(TOY_MODEL)
     if unknown:
         raise ValueError(f"unknown toy model keys {sorted(unknown)}; known: {sorted(TOY_MODEL)}")
     sizes = {**TOY_MODEL, **overrides}
+    if isinstance(spec, HiresSpec):  # up to 336 vision tokens + the conversation: past the low-res 256 positions
+        sizes["max_position_embeddings"] = max(sizes["max_position_embeddings"], 1024)
+        grid = tuple(ASPECTS[a] for a in ASPECTS)
+        return tiny_tiled_config(tile_size=spec.tile, patch_size=spec.patch, grid=grid, num_kv_heads=None, **sizes)
     return tiny_llava_config(image_size=spec.image_size, patch_size=spec.patch, **sizes)
 
 
-def toy_processor(config: LlavaConfig | None = None) -> LlavaProcessor:
-    """A ``LlavaProcessor`` whose tokenizer covers the vicuna_v1 template and every toy word."""
-    return build_processor(config or toy_config(), words=toy_words())
+def toy_processor(config: LlavaConfig | LlavaNextConfig | None = None, spec: WorldSpec | None = None) -> Any:
+    """The toy model's processor, whose tokenizer covers its template and every word of ``spec``'s questions: a
+    ``LlavaProcessor`` (vicuna_v1), or for the high-resolution world a ``LlavaNextProcessor`` (chat template)."""
+    spec = spec or SceneSpec()
+    config = config or toy_config(spec)
+    words = toy_words(spec.question_types)
+    if isinstance(config, LlavaNextConfig):
+        return build_tiled_processor(config, words=words)
+    return build_processor(config, words=words)
 
 
 def build_toy_model(

@@ -32,10 +32,21 @@ from pipelines.toy.formats import (
     question_record,
     write_jsonl,
 )
+from pipelines.toy.hires import HiresSpec
 from pipelines.toy.scenes import POPE_CATEGORIES, Scene, SceneSpec, WorldSpec, make_split
 
 FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
+VARIANTS = ("default", "hires")  # data.toy_variant: the 64 x 64 world, the high-resolution one (hires.HiresSpec)
+
+
+def world_spec(variant: str = "default", question_types: tuple[str, ...] | None = None) -> WorldSpec:
+    """The scenes of the toy world ``variant`` (``VARIANTS``), asking ``question_types`` (None: the variant's own);
+    unknown names fail here, named."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown toy world variant {variant!r}; choose from {list(VARIANTS)}")
+    spec = HiresSpec if variant == "hires" else SceneSpec
+    return spec() if question_types is None else spec(question_types=question_types)
 
 
 @dataclass(frozen=True)

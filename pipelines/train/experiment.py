@@ -28,7 +28,8 @@ from pipelines.train.data import prepare_instruct_rows
 from pipelines.train.driver import export, fit, planned_steps
 from pipelines.train.worker import deepspeed_config
 
-BASE_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "toy_base.yaml"
+CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+BASE_CONFIGS = {"default": CONFIGS / "toy_base.yaml", "hires": CONFIGS / "toy_base_hires.yaml"}  # data.toy_variant
 
 
 @dataclass(frozen=True)
@@ -64,16 +65,18 @@ def prepare_model(job: Job) -> str:
     if trained is not None:
         print(f"toy base model: {trained}")
         return str(trained)
-    print(f"no trained toy base model under {world.base_model}: training it with {BASE_CONFIG}")
+    base_config = BASE_CONFIGS[cfg.data.toy_variant]
+    print(f"no trained toy base model under {world.base_model}: training it with {base_config}")
     overrides = [
         f"data.toy_root={cfg.data.toy_root}",
+        f"data.toy_variant={cfg.data.toy_variant}",
         f"run.storage_path={cfg.run.storage_path}",
         f"run.output_dir={cfg.run.output_dir}",
         f"mlflow.experiment={cfg.mlflow.experiment}",
         f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
         f"run.name={cfg.run.name}",
     ]
-    return run_training(resolve(load_config(BASE_CONFIG, overrides))).model_path
+    return run_training(resolve(load_config(base_config, overrides))).model_path
 
 
 def toy_world(job: Job) -> ToyWorld:

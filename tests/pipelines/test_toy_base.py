@@ -71,3 +71,42 @@ def test_a_continued_model_keeps_its_weights_and_learns_the_new_words(tmp_path):
     other = save_toy_model(tmp_path / "shuffled", model, shuffled)
     with pytest.raises(ValueError, match="other ids"):
         world_at(tmp_path / "second").continued_model(other)
+
+
+def test_the_hires_world_continues_the_shipped_toy_llava_as_a_toy_llava_next(tmp_path):
+    """``data.toy_variant: hires``: the toy LLaVA-NeXT of the same sizes, every weight of the shipped toy LLaVA carried
+    over (its tower reads the same 64 x 64 views), the newline new, the old words' ids kept, the tiles' vision tokens
+    those of HF's own model for the world's images."""
+    from PIL import Image
+    from transformers import LlavaNextForConditionalGeneration
+
+    from pipelines.conversation import encode, parse_turns, prompt_template, render
+    from pipelines.toy.hires import HiresSpec
+
+    world = ToyWorld.at(tmp_path, seed=0, variant="hires")
+    assert isinstance(world.spec, HiresSpec) and world.trained_base() is None  # none shipped yet
+    path = world.continued_model(SHIPPED_BASE_MODEL)
+    model = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
+    base = LlavaForConditionalGeneration.from_pretrained(SHIPPED_BASE_MODEL)
+    carried = dict(base.state_dict())
+    for name, value in model.state_dict().items():
+        if "image_newline" not in name:
+            assert torch.equal(value, carried.pop(name)), name
+    assert not carried
+    processor = AutoProcessor.from_pretrained(path)
+    old = AutoProcessor.from_pretrained(SHIPPED_BASE_MODEL).tokenizer.get_vocab()
+    assert all(processor.tokenizer.get_vocab()[w] == i for w, i in old.items())
+    turns = parse_turns(
+        [{"from": "human", "value": "<image>\nwhat color is the ring?"}, {"from": "gpt", "value": "red"}]
+    )
+    row = encode(processor, render(turns, prompt_template(processor)), Image.new("RGB", (128, 128)))
+    assert row["pixel_values"].shape == (5, 3, 64, 64)
+    with torch.no_grad():
+        packed = model.model.get_image_features(
+            pixel_values=torch.from_numpy(row["pixel_values"])[None], image_sizes=torch.tensor([[128, 128]])
+        ).pooler_output[0]
+    assert int((row["input_ids"] == model.config.image_token_id).sum()) == packed.shape[0] == 336
+    init = world.init_model()
+    assert isinstance(LlavaNextForConditionalGeneration.from_pretrained(init), LlavaNextForConditionalGeneration)
+    with pytest.raises(ValueError, match="unknown toy world variant 'huge'"):
+        ToyWorld.at(tmp_path, seed=0, variant="huge")

@@ -156,7 +156,7 @@ def test_actor_pool_answers_match_direct_generation(world, learned_run):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("setting", [Setting("none"), Setting("lvpruning", RATIOS), Setting("fastv", RATIOS)])
+@pytest.mark.parametrize("setting", [Setting("none"), Setting("lvpruning", RATIOS)])
 def test_a_tiled_model_answers_images_of_different_sizes_as_direct_generation(tiled_world, tmp_path_factory, setting):
     """LLaVA-NeXT through the Ray Data pipeline: images of 5 and 3 tiles in one batch (different numbers of vision
     tokens), prompts from the processor's chat template; each answer is the one generated for it alone."""

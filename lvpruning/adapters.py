@@ -21,9 +21,9 @@ from transformers import (
     PreTrainedConfig,
 )
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from lvpruning.layout import BASE, NEWLINE, TILE, VisionLayout, base_grid_layout, tower_tokens
+from lvpruning.layout import VisionLayout, base_grid_layout, packed_cells, tower_tokens
 from lvpruning.stage import gather_tokens
 
 if TYPE_CHECKING:
@@ -131,51 +131,13 @@ class LlavaAdapter:
         return tuple(out)
 
     def layout(self, num_samples: int, image_sizes: torch.Tensor | None, num_slots: int) -> VisionLayout:
-        """Where each vision token comes from (:class:`~lvpruning.layout.VisionLayout`), (B, ``num_slots``): found
-        by running the model's own packing (``pack_image_features``: base view, tile grid, letterbox removal,
-        OneVision's downscaling of large grids, newline tokens) on a map of cell coordinates in place of features,
-        so it follows whatever HF's packing does."""
+        """Where each vision token comes from (:class:`~lvpruning.layout.VisionLayout`), (B, ``num_slots``): the
+        base grid, or on the tiled families HF's own packing (:func:`~lvpruning.layout.packed_cells`)."""
         vision = self.model.config.vision_config
         side = vision.image_size // vision.patch_size
         if not self.tiled:
             return base_grid_layout(num_samples, side, num_slots)
-        rows = []
-        for size in image_sizes.tolist():
-            tiles = image_size_to_num_patches(size, self.model.config.image_grid_pinpoints, vision.image_size) - 1
-            rows.append(self._packed_cells(size, tiles, side))
-        return VisionLayout.stack(rows, num_slots)
-
-    def _packed_cells(self, image_size: list[int], tiles: int, side: int) -> torch.Tensor:
-        """(n, 4) rows of (kind, tile, row, col) for one image of ``image_size`` with ``tiles`` grid tiles."""
-        cell = torch.arange(side * side)
-        base = torch.stack([torch.full_like(cell, BASE), cell // side, cell % side], dim=1)  # (side^2, 3)
-        grid = self.model.config.image_grid_pinpoints
-        _, grid_width = get_anyres_image_grid_shape(image_size, grid, self.model.config.vision_config.image_size)
-        tile = torch.arange(tiles)[:, None]  # (tiles, 1)
-        tiled = torch.stack(
-            [
-                torch.full((tiles, side * side), TILE),
-                (tile // grid_width) * side + cell // side,
-                (tile % grid_width) * side + cell % side,
-            ],
-            dim=-1,
-        )
-        cells = [torch.cat([base[None], tiled]).float()]  # (1 + tiles, side^2, 3)
-        sizes = torch.tensor([image_size])
-        newline = torch.tensor([NEWLINE, -1.0, -1.0])
-        if isinstance(self.model, LlavaNextForConditionalGeneration):
-            packed, _ = self.model.model.pack_image_features(cells, sizes, "default", image_newline=newline)
-        else:
-            aspect = self.model.config.vision_aspect_ratio
-            packed, _ = self.model.model.pack_image_features(
-                cells, sizes, image_newline=newline, vision_aspect_ratio=aspect
-            )
-        kind, row, col = packed[0].round().long().unbind(-1)  # (n,) each
-        closes = kind == NEWLINE  # a newline closes the row of the token before it
-        row = torch.where(closes, row.roll(1), row)
-        col = torch.where(closes, col.roll(1) + 1, col)
-        tile_of = torch.where(kind == TILE, (row // side) * grid_width + col // side, -1)
-        return torch.stack([kind, tile_of, row, col], dim=1)
+        return VisionLayout.stack([packed_cells(self.model.config, size) for size in image_sizes.tolist()], num_slots)
 
     def check_tower_stage(self, policy: PruningPolicy) -> None:
         """Fail before any model work where ``policy`` cannot run the vision-tower stage on this model: on the tiled

@@ -19,7 +19,6 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
@@ -40,6 +39,7 @@ from transformers.models.llava_onevision import modeling_llava_onevision
 
 from lvpruning.config import PruningConfig, check_schedule
 from lvpruning.engine import attach
+from lvpruning.layout import BASE, NEWLINE, packed_cells
 from lvpruning.policies import POLICIES, PruningPolicy, get_policy, is_trained
 from lvpruning.presets import AnyLlavaConfig
 from lvpruning.stage import StageShape, keep_count
@@ -86,7 +86,8 @@ def tower_tokens(vision_config: PreTrainedConfig) -> int:
 def image_layout(config: AnyLlavaConfig, image_size: Sequence[int] | None = None) -> ImageLayout:
     """The tiles and vision tokens of one image of ``image_size`` (H, W), computed by Hugging Face's own anyres
     helpers (``image_size_to_num_patches``, ``get_anyres_image_grid_shape`` and the model's ``pack_image_features``
-    on ``meta`` features, so unpadding, OneVision's downscaling and the newlines are HF's). LLaVA-1.5 takes only its
+    through :func:`~lvpruning.layout.packed_cells`, so unpadding, OneVision's downscaling and the newlines are
+    HF's). LLaVA-1.5 takes only its
     fixed square size; LLaVA-NeXT / OneVision default to ``ANYRES_IMAGE_SIZE``."""
     v = config.vision_config
     tile_tokens = tower_tokens(v) - (config.vision_feature_select_strategy == "default")  # "default" drops CLS
@@ -106,18 +107,8 @@ def image_layout(config: AnyLlavaConfig, image_size: Sequence[int] | None = None
     pinpoints, tile = config.image_grid_pinpoints, v.image_size
     num_tiles = hf.image_size_to_num_patches(size, pinpoints, tile)  # base + rows * cols
     grid = hf.get_anyres_image_grid_shape(size, pinpoints, tile)  # (rows, cols)
-    features = [torch.empty(num_tiles, tile_tokens, 1, device="meta")]  # (tiles, tokens per tile, 1 channel)
-    newline = torch.empty(1, device="meta")
-    owner = SimpleNamespace(config=config)  # pack_image_features reads nothing else of the model
-    if isinstance(config, LlavaNextConfig):
-        packed, _ = hf.LlavaNextModel.pack_image_features(
-            owner, features, [size], config.vision_feature_select_strategy, image_newline=newline
-        )
-    else:
-        packed, _ = hf.LlavaOnevisionModel.pack_image_features(
-            owner, features, [size], image_newline=newline, vision_aspect_ratio=config.vision_aspect_ratio
-        )
-    return ImageLayout((size[0], size[1]), tile, tuple(grid), num_tiles, tile_tokens, packed[0].shape[0])
+    num_vision = packed_cells(config, size).shape[0]
+    return ImageLayout((size[0], size[1]), tile, tuple(grid), num_tiles, tile_tokens, num_vision)
 
 
 def num_vision_tokens(config: AnyLlavaConfig, image_size: Sequence[int] | None = None) -> int:
@@ -356,21 +347,12 @@ def _check_tower_tiles(config: AnyLlavaConfig, method: str) -> None:
 
 
 def tower_passes(config: LlavaNextConfig, layout: ImageLayout) -> tuple[tuple[int, ...], int]:
-    """Per tower pass (the base view, then each tile) the patches that reach the decoder, and the newline tokens:
-    HF's ``pack_image_features`` run on each feature's own index (CPU, tiny) instead of features."""
-    n = layout.tile_tokens
-    cells = [torch.arange(layout.num_tiles * n, dtype=torch.float32).view(layout.num_tiles, n, 1)]
-    owner = SimpleNamespace(config=config)
-    packed, _ = modeling_llava_next.LlavaNextModel.pack_image_features(
-        owner,
-        cells,
-        [list(layout.image_size)],
-        config.vision_feature_select_strategy,
-        image_newline=torch.tensor([-1.0]),
-    )
-    ids = packed[0][:, 0].long()  # (n_vis,), -1 on the newlines
-    per_pass = torch.bincount(ids[ids >= 0] // n, minlength=layout.num_tiles)
-    return tuple(per_pass.tolist()), int((ids < 0).sum())
+    """Per tower pass (the base view, then each tile) the patches that reach the decoder, and the newline tokens,
+    from HF's own packing (:func:`~lvpruning.layout.packed_cells`)."""
+    kind, tile = packed_cells(config, list(layout.image_size))[:, :2].unbind(-1)
+    tower_pass = torch.where(kind == BASE, 0, 1 + tile)[kind != NEWLINE]
+    per_pass = torch.bincount(tower_pass, minlength=layout.num_tiles)
+    return tuple(per_pass.tolist()), int((kind == NEWLINE).sum())
 
 
 def _check_count(

@@ -13,8 +13,12 @@ Shapes: B batch, N0 prompt tokens, Nv vision slots per sample.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
+from transformers import LlavaNextConfig, PreTrainedConfig
+from transformers.models.llava_next import modeling_llava_next
+from transformers.models.llava_onevision import modeling_llava_onevision
 
 BASE, TILE, NEWLINE, EMPTY = 0, 1, 2, -1  # VisionLayout.kind
 
@@ -58,6 +62,39 @@ def tower_tokens(layout: VisionLayout, side: int) -> tuple[torch.Tensor, torch.T
     none = torch.full_like(token, -1)
     tower_pass = torch.where(base, 0, torch.where(tile, 1 + layout.tile, none))
     return tower_pass, torch.where(base | tile, token, none)
+
+
+def packed_cells(config: PreTrainedConfig, image_size: list[int]) -> torch.Tensor:
+    """(n, 4) rows of (kind, tile, row, col), :class:`VisionLayout`'s fields, for the n vision tokens of one image of
+    ``image_size`` (H, W) on a LLaVA-NeXT or LLaVA-OneVision ``config``: Hugging Face's own ``pack_image_features``
+    (base view, tile grid, letterbox removal, OneVision's downscaling of large grids, newlines) run on a map of cell
+    coordinates in place of features, so the layout follows whatever HF's packing does."""
+    v, pinpoints = config.vision_config, config.image_grid_pinpoints
+    side = v.image_size // v.patch_size
+    hf = modeling_llava_next if isinstance(config, LlavaNextConfig) else modeling_llava_onevision
+    tiles = hf.image_size_to_num_patches(image_size, pinpoints, v.image_size) - 1
+    _, grid_width = hf.get_anyres_image_grid_shape(image_size, pinpoints, v.image_size)
+    cell = torch.arange(side * side)
+    base = torch.stack([torch.full_like(cell, BASE), cell // side, cell % side], dim=1)  # (side^2, 3)
+    tile = torch.arange(tiles)[:, None]  # (tiles, 1)
+    row, col = (tile // grid_width) * side + cell // side, (tile % grid_width) * side + cell % side  # full grid
+    tiled = torch.stack([torch.full((tiles, side * side), TILE), row, col], dim=-1)
+    cells = [torch.cat([base[None], tiled]).float()]  # (1 + tiles, side^2, 3)
+    owner, newline = SimpleNamespace(config=config), torch.tensor([NEWLINE, -1.0, -1.0])  # packing reads only config
+    if isinstance(config, LlavaNextConfig):
+        packed, _ = hf.LlavaNextModel.pack_image_features(
+            owner, cells, [image_size], config.vision_feature_select_strategy, image_newline=newline
+        )
+    else:
+        packed, _ = hf.LlavaOnevisionModel.pack_image_features(
+            owner, cells, [image_size], image_newline=newline, vision_aspect_ratio=config.vision_aspect_ratio
+        )
+    kind, row, col = packed[0].round().long().unbind(-1)  # (n,) each
+    closes = kind == NEWLINE  # a newline closes the row of the token before it
+    row = torch.where(closes, row.roll(1), row)
+    col = torch.where(closes, col.roll(1) + 1, col)
+    tile_of = torch.where(kind == TILE, (row // side) * grid_width + col // side, -1)
+    return torch.stack([kind, tile_of, row, col], dim=1)
 
 
 def base_grid_layout(num_samples: int, side: int, num_tokens: int) -> VisionLayout:

@@ -33,26 +33,26 @@ FAMILIES = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, Ll
 DECODERS = ("llama", "mistral", "qwen2")
 
 
-class LlavaAdapter:
-    """Hugging Face ``LlavaForConditionalGeneration`` (LLaVA-1.5), ``LlavaNextForConditionalGeneration`` and
-    ``LlavaOnevisionForConditionalGeneration`` (anyres tiles, ``image_sizes``), with a Llama, Mistral or Qwen2
-    decoder."""
+class DecoderAdapter:
+    """The decoder side every family shares (``model.model.language_model``, ``model.lm_head``): its layers, rotary
+    embedding, final norm and head, recomputed attention rows, recorded layers and masks. A family's adapter adds
+    how a prompt is embedded with its images, where each vision token comes from, and its positions.
+
+    Position ids are in the model's own format, tokens on the last axis: (B, N) for the 1-D RoPE of the LLaVA
+    families, (3, B, N) for Qwen-VL's M-RoPE; ``rotary`` hands them to the decoder's own ``rotary_emb``."""
 
     def __init__(self, model: nn.Module):
         text_config = model.config.text_config
-        if text_config.model_type not in DECODERS:
-            raise ValueError(f"LVPruning supports the decoders {DECODERS}, got '{text_config.model_type}'")
         if getattr(text_config, "sliding_window", None) is not None and (
             text_config.model_type == "mistral" or getattr(text_config, "use_sliding_window", False)
         ):
             raise ValueError(
                 f"text_config.sliding_window = {text_config.sliding_window}: LVPruning's masks and attention rows "
-                "are full causal; none of the supported checkpoints (llava-v1.6-mistral-7b, llava-onevision-qwen2) "
-                "turns the window on"
+                "are full causal; none of the supported checkpoints (llava-v1.6-mistral-7b, llava-onevision-qwen2, "
+                "Qwen2-VL, Qwen2.5-VL) turns the window on"
             )
         self.model = model
         self.decoder = model.model.language_model
-        self.tiled = not isinstance(model, LlavaForConditionalGeneration)
         self.rotary_code = sys.modules[type(self.decoder.layers[0].self_attn).__module__].apply_rotary_pos_emb
 
     @property
@@ -62,6 +62,107 @@ class LlavaAdapter:
     @property
     def layers(self) -> nn.ModuleList:
         return self.decoder.layers
+
+    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_sizes) -> torch.Tensor:
+        """The prompt's padding-aware positions, as HF ``generate`` gives them: ``cumsum(attention_mask) - 1``,
+        (B, N)."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+    def last_position(self, position_ids: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """The position the first decoded token follows (it takes this + 1, and each next one + 1 more), from the
+        prompt's positions (left-padded): the last token's, (B, 1)."""
+        return position_ids[..., -1:]
+
+    def layer_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """The ``position_ids`` a decoder layer receives beside its RoPE (read by FlashAttention only)."""
+        return position_ids
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.decoder.rotary_emb(hidden, position_ids=position_ids)
+
+    def norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder's final norm: the last hidden state the LM head reads."""
+        return self.decoder.norm(hidden)
+
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        """The LM head on final-normed hidden states."""
+        return self.model.lm_head(normed)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(hidden))
+
+    def attention_rows(
+        self,
+        layer_index: int,
+        layer_input: torch.Tensor,
+        position_ids: torch.Tensor,
+        padding: torch.Tensor,
+        queries: torch.Tensor,
+    ) -> torch.Tensor:
+        """The softmax attention (B, h, Q, N) that the tokens at ``queries`` (B, Q) pay every token in decoder layer
+        ``layer_index``, recomputed from the layer's input (B, N, C) with its own weights: only these Q rows, in
+        fp32. Keys that are padding (``padding`` (B, N) False) or later than the query (causal) get 0."""
+        attn = self.layers[layer_index].self_attn
+        h = self.layers[layer_index].input_layernorm(layer_input)
+        B, N, _ = h.shape
+        Q = queries.shape[1]
+        q = attn.q_proj(gather_tokens(h, queries)).view(B, Q, -1, attn.head_dim).transpose(1, 2)  # (B, h, Q, d)
+        k = attn.k_proj(h).view(B, N, -1, attn.head_dim).transpose(1, 2)  # (B, h_kv, N, d)
+        cos, sin = self.rotary(h, position_ids)  # (B, N, d)
+        q, _ = self.rotary_code(q, q, gather_tokens(cos, queries), gather_tokens(sin, queries))
+        _, k = self.rotary_code(k, k, cos, sin)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, h, N, d)
+        scores = (q.float() @ k.float().transpose(2, 3)) * attn.scaling  # (B, h, Q, N), fp32 as in eager
+        later = torch.arange(N, device=h.device)[None, None, :] > queries[..., None]  # (B, Q, N)
+        hidden = later | ~padding[:, None, :]
+        scores = scores.masked_fill(hidden[:, None], float("-inf"))
+        return torch.nan_to_num(scores.softmax(dim=-1))  # a padding query sees no key: a row of 0
+
+    def recorded_layer(self, layer_index: int, hidden: torch.Tensor, **kwargs) -> tuple[torch.Tensor, dict]:
+        """Decoder layer ``layer_index`` run sub-block by sub-block (as ``LlamaDecoderLayer.forward``), returning its
+        output and the sub-blocks' normed inputs and outputs: ``attn_in``, ``attn_out``, ``mlp_in``, ``mlp_out``."""
+        layer = self.layers[layer_index]
+        attn_in = layer.input_layernorm(hidden)
+        attn_out, _ = layer.self_attn(hidden_states=attn_in, **kwargs)
+        hidden = hidden + attn_out
+        mlp_in = layer.post_attention_layernorm(hidden)
+        mlp_out = layer.mlp(mlp_in)
+        parts = {"attn_in": attn_in, "attn_out": attn_out, "mlp_in": mlp_in, "mlp_out": mlp_out}
+        return hidden + mlp_out, parts
+
+    def attention_mask(self, padding: torch.Tensor, q_length: int, dtype: torch.dtype):
+        """A causal + padding mask for the last ``q_length`` of the ``padding.shape[1]`` keys, in the format of
+        the model's own attention implementation (``None`` where it can use ``is_causal``)."""
+        kv_length = padding.shape[1]
+        make_mask = ALL_MASK_ATTENTION_FUNCTIONS[self.text_config._attn_implementation]
+        return make_mask(
+            batch_size=padding.shape[0],
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=kv_length - q_length,
+            mask_function=causal_mask_function,
+            attention_mask=padding,
+            allow_is_causal_skip=True,
+            dtype=dtype,
+            config=self.text_config,
+            device=padding.device,
+        )
+
+
+class LlavaAdapter(DecoderAdapter):
+    """Hugging Face ``LlavaForConditionalGeneration`` (LLaVA-1.5), ``LlavaNextForConditionalGeneration`` and
+    ``LlavaOnevisionForConditionalGeneration`` (anyres tiles, ``image_sizes``), with a Llama, Mistral or Qwen2
+    decoder."""
+
+    def __init__(self, model: nn.Module):
+        text_config = model.config.text_config
+        if text_config.model_type not in DECODERS:
+            raise ValueError(f"LVPruning supports the decoders {DECODERS}, got '{text_config.model_type}'")
+        super().__init__(model)
+        self.tiled = not isinstance(model, LlavaForConditionalGeneration)
 
     @property
     def vision_layers(self) -> nn.ModuleList:
@@ -129,6 +230,10 @@ class LlavaAdapter:
                 padded[b, : chunk.shape[0]] = chunk
             out.append(padded)
         return tuple(out)
+
+    def sample_pixels(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> torch.Tensor:
+        """The images as the policies read them (``StageInput.pixel_values``), one row per sample: as given."""
+        return pixel_values
 
     def layout(self, num_samples: int, image_sizes: torch.Tensor | None, num_slots: int) -> VisionLayout:
         """Where each vision token comes from (:class:`~lvpruning.layout.VisionLayout`), (B, ``num_slots``): found
@@ -242,80 +347,6 @@ class LlavaAdapter:
         k = self.vision_keys(layer_index, states) if keys is None else keys  # (B, h, M, d)
         return ((q.float() @ k.float().transpose(2, 3)) * attn.scale).softmax(dim=-1)
 
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(input_ids)
-
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.decoder.rotary_emb(hidden, position_ids=position_ids)
-
-    def norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The decoder's final norm: the last hidden state the LM head reads."""
-        return self.decoder.norm(hidden)
-
-    def head(self, normed: torch.Tensor) -> torch.Tensor:
-        """The LM head on final-normed hidden states."""
-        return self.model.lm_head(normed)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(hidden))
-
-    def attention_rows(
-        self,
-        layer_index: int,
-        layer_input: torch.Tensor,
-        position_ids: torch.Tensor,
-        padding: torch.Tensor,
-        queries: torch.Tensor,
-    ) -> torch.Tensor:
-        """The softmax attention (B, h, Q, N) that the tokens at ``queries`` (B, Q) pay every token in decoder layer
-        ``layer_index``, recomputed from the layer's input (B, N, C) with its own weights: only these Q rows, in
-        fp32. Keys that are padding (``padding`` (B, N) False) or later than the query (causal) get 0."""
-        attn = self.layers[layer_index].self_attn
-        h = self.layers[layer_index].input_layernorm(layer_input)
-        B, N, _ = h.shape
-        Q = queries.shape[1]
-        q = attn.q_proj(gather_tokens(h, queries)).view(B, Q, -1, attn.head_dim).transpose(1, 2)  # (B, h, Q, d)
-        k = attn.k_proj(h).view(B, N, -1, attn.head_dim).transpose(1, 2)  # (B, h_kv, N, d)
-        cos, sin = self.rotary(h, position_ids)  # (B, N, d)
-        q, _ = self.rotary_code(q, q, gather_tokens(cos, queries), gather_tokens(sin, queries))
-        _, k = self.rotary_code(k, k, cos, sin)
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, h, N, d)
-        scores = (q.float() @ k.float().transpose(2, 3)) * attn.scaling  # (B, h, Q, N), fp32 as in eager
-        later = torch.arange(N, device=h.device)[None, None, :] > queries[..., None]  # (B, Q, N)
-        hidden = later | ~padding[:, None, :]
-        scores = scores.masked_fill(hidden[:, None], float("-inf"))
-        return torch.nan_to_num(scores.softmax(dim=-1))  # a padding query sees no key: a row of 0
-
-    def recorded_layer(self, layer_index: int, hidden: torch.Tensor, **kwargs) -> tuple[torch.Tensor, dict]:
-        """Decoder layer ``layer_index`` run sub-block by sub-block (as ``LlamaDecoderLayer.forward``), returning its
-        output and the sub-blocks' normed inputs and outputs: ``attn_in``, ``attn_out``, ``mlp_in``, ``mlp_out``."""
-        layer = self.layers[layer_index]
-        attn_in = layer.input_layernorm(hidden)
-        attn_out, _ = layer.self_attn(hidden_states=attn_in, **kwargs)
-        hidden = hidden + attn_out
-        mlp_in = layer.post_attention_layernorm(hidden)
-        mlp_out = layer.mlp(mlp_in)
-        parts = {"attn_in": attn_in, "attn_out": attn_out, "mlp_in": mlp_in, "mlp_out": mlp_out}
-        return hidden + mlp_out, parts
-
-    def attention_mask(self, padding: torch.Tensor, q_length: int, dtype: torch.dtype):
-        """A causal + padding mask for the last ``q_length`` of the ``padding.shape[1]`` keys, in the format of
-        the model's own attention implementation (``None`` where it can use ``is_causal``)."""
-        kv_length = padding.shape[1]
-        make_mask = ALL_MASK_ATTENTION_FUNCTIONS[self.text_config._attn_implementation]
-        return make_mask(
-            batch_size=padding.shape[0],
-            q_length=q_length,
-            kv_length=kv_length,
-            q_offset=kv_length - q_length,
-            mask_function=causal_mask_function,
-            attention_mask=padding,
-            allow_is_causal_skip=True,
-            dtype=dtype,
-            config=self.text_config,
-            device=padding.device,
-        )
-
 
 def boolean_causal_mask(padding: torch.Tensor) -> torch.Tensor:
     """The causal + padding mask as booleans (B, 1, N, N), True where attention is allowed (``A-bar``, eq. 8)."""
@@ -331,25 +362,31 @@ def boolean_causal_mask(padding: torch.Tensor) -> torch.Tensor:
 
 
 def from_pretrained(name_or_path: str, **kwargs) -> nn.Module:
-    """A supported LLaVA-family model by hub id or local path, its class from its config (LLaVA-1.5, LLaVA-NeXT or
-    LLaVA-OneVision), with ``from_pretrained``'s keyword arguments; anything else fails naming what is supported."""
+    """A supported model by hub id or local path, its class from its config (LLaVA-1.5, LLaVA-NeXT,
+    LLaVA-OneVision, Qwen2-VL or Qwen2.5-VL), with ``from_pretrained``'s keyword arguments; anything else fails
+    naming what is supported."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(name_or_path)
-    supported = {"llava", "llava_next", "llava_onevision"}
+    supported = {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"}
     if config.model_type not in supported:
         raise ValueError(f"{name_or_path}: model type {config.model_type!r}; supported: {sorted(supported)}")
     return AutoModelForImageTextToText.from_pretrained(name_or_path, config=config, **kwargs)
 
 
-def get_adapter(model: nn.Module) -> LlavaAdapter:
+def get_adapter(model: nn.Module) -> DecoderAdapter:
     """The adapter for ``model``, or a clear error naming what is supported."""
+    from lvpruning.qwen_vl import QWEN_VL_FAMILIES, QwenVLAdapter  # it builds on this module
+
     if isinstance(model, FAMILIES):
         return LlavaAdapter(model)
-    names = ", ".join(f.__name__ for f in FAMILIES)
+    if isinstance(model, QWEN_VL_FAMILIES):
+        return QwenVLAdapter(model)
+    names = ", ".join(f.__name__ for f in (*FAMILIES, *QWEN_VL_FAMILIES))
     raise ValueError(
-        f"LVPruning has no adapter for {type(model).__name__}; supported: {names} with a decoder of {DECODERS} "
-        "(e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-onevision-qwen2-7b-ov-hf)"
+        f"LVPruning has no adapter for {type(model).__name__}; supported: {names} (the LLaVA families with a "
+        f"decoder of {DECODERS}; e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, "
+        "llava-hf/llava-onevision-qwen2-7b-ov-hf, Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct)"
     )
 
 

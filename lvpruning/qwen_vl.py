@@ -107,7 +107,10 @@ class QwenVLAdapter(DecoderAdapter):
         return VisionLayout.stack(rows, num_slots)
 
     def check_tower_stage(self, policy: PruningPolicy) -> None:
-        """Fail before any model work: the vision-tower stage (layer -1) is not ported to Qwen-VL's tower."""
+        """Fail before any model work where ``policy``'s vision-tower stage (layer -1) reads the tower: not ported
+        to Qwen-VL's (a policy that reads nothing of it, ``tower_free``, prunes the embeddings before layer 0)."""
+        if policy.tower_free:
+            return
         raise ValueError(
             f"{policy.name}'s vision-tower stage (layer -1) runs on the LLaVA families only; it is not ported to "
             f"{type(self.model).__name__}'s vision tower: prune after a decoder layer (layers >= 0)"

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lvpruning import PruningConfig, attach, engine
+from lvpruning import PruningConfig, attach, engine, from_pretrained
 from lvpruning.layout import BASE, EMPTY
 from lvpruning.policies import POLICIES, get_policy
+from lvpruning.qwen_vl import QwenVLAdapter
 from lvpruning.stage import keep_count
 from lvpruning.tiny import QWEN_VL_TOKENS, tiny_llava, tiny_qwen_vl_config
 from tests.lvpruning.conftest import VOCAB
@@ -306,3 +307,15 @@ def test_the_vision_tower_stage_is_refused_by_name_before_model_work(family, mon
             pruner(**batch, policy=get_policy(method), layers=(-1,), keep_ratios=(0.5,))
     with pytest.raises(ValueError, match="needs image_grid_thw"):
         qwen_pruner(family)(**{k: v for k, v in batch.items() if k != "image_grid_thw"})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_from_pretrained_loads_a_saved_qwen_vl_and_attach_picks_its_adapter(family, tmp_path):
+    model = tiny_llava(tiny_qwen_vl_config(family, vocab_size=VOCAB), seed=10)
+    model.save_pretrained(tmp_path)
+    loaded = from_pretrained(str(tmp_path))
+    assert type(loaded) is type(model)
+    pruner = attach(loaded, PruningConfig(layers=(0,), train_ratios=(0.5,), infer_ratios=(0.5,), num_heads=4))
+    assert isinstance(pruner.adapter, QwenVLAdapter)
+    for name, weight in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], weight), name

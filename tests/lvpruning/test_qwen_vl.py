@@ -307,6 +307,10 @@ def test_the_vision_tower_stage_is_refused_by_name_before_model_work(family, mon
             pruner(**batch, policy=get_policy(method), layers=(-1,), keep_ratios=(0.5,))
     with pytest.raises(ValueError, match="needs image_grid_thw"):
         qwen_pruner(family)(**{k: v for k, v in batch.items() if k != "image_grid_thw"})
+    config = tiny_qwen_vl_config(family)
+    config.text_config.use_sliding_window, config.text_config.sliding_window = True, 8
+    with pytest.raises(ValueError, match="sliding_window = 8"):
+        attach(tiny_llava(config))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

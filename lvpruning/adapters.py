@@ -33,26 +33,26 @@ FAMILIES = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, Ll
 DECODERS = ("llama", "mistral", "qwen2")
 
 
-class LlavaAdapter:
-    """Hugging Face ``LlavaForConditionalGeneration`` (LLaVA-1.5), ``LlavaNextForConditionalGeneration`` and
-    ``LlavaOnevisionForConditionalGeneration`` (anyres tiles, ``image_sizes``), with a Llama, Mistral or Qwen2
-    decoder."""
+class DecoderAdapter:
+    """The decoder side every family shares (``model.model.language_model``, ``model.lm_head``): its layers, rotary
+    embedding, final norm and head, recomputed attention rows, recorded layers and masks. A family's adapter adds
+    how a prompt is embedded with its images, where each vision token comes from, and its positions.
+
+    Position ids are in the model's own format, tokens on the last axis: (B, N) for the 1-D RoPE of the LLaVA
+    families, (3, B, N) for Qwen-VL's M-RoPE; ``rotary`` hands them to the decoder's own ``rotary_emb``."""
 
     def __init__(self, model: nn.Module):
         text_config = model.config.text_config
-        if text_config.model_type not in DECODERS:
-            raise ValueError(f"LVPruning supports the decoders {DECODERS}, got '{text_config.model_type}'")
         if getattr(text_config, "sliding_window", None) is not None and (
             text_config.model_type == "mistral" or getattr(text_config, "use_sliding_window", False)
         ):
             raise ValueError(
                 f"text_config.sliding_window = {text_config.sliding_window}: LVPruning's masks and attention rows "
-                "are full causal; none of the supported checkpoints (llava-v1.6-mistral-7b, llava-onevision-qwen2) "
-                "turns the window on"
+                "are full causal; none of the supported checkpoints (llava-v1.6-mistral-7b, llava-onevision-qwen2, "
+                "Qwen2-VL, Qwen2.5-VL) turns the window on"
             )
         self.model = model
         self.decoder = model.model.language_model
-        self.tiled = not isinstance(model, LlavaForConditionalGeneration)
         self.rotary_code = sys.modules[type(self.decoder.layers[0].self_attn).__module__].apply_rotary_pos_emb
 
     @property
@@ -63,146 +63,19 @@ class LlavaAdapter:
     def layers(self) -> nn.ModuleList:
         return self.decoder.layers
 
-    @property
-    def vision_layers(self) -> nn.ModuleList:
-        """The vision tower's encoder layers (CLIP)."""
-        return self.model.model.vision_tower.encoder.layers
+    def position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_sizes) -> torch.Tensor:
+        """The prompt's padding-aware positions, as HF ``generate`` gives them: ``cumsum(attention_mask) - 1``,
+        (B, N)."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
-    def embed(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor,
-        image_sizes: torch.Tensor | None = None,
-        tower_states: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """Token embeddings with the projected image features scattered in (HF's ``get_image_features`` ->
-        ``get_placeholder_mask`` -> ``masked_scatter`` hand-off), one image per sample. Returns embeddings
-        (B, N, C), the vision mask (B, N), each sample's number of vision tokens (B,), known from shapes alone (so
-        ``meta`` tensors work), and with ``tower_states`` the vision tower's hidden states, CLS first, index ``l``
-        encoder layer ``l``'s input: each (B, M, C_v) for LLaVA-1.5, (B, P, M, C_v) per tower pass for LLaVA-NeXT
-        (the base view, then each tile: P the batch's most, a sample's missing passes zero); ``None`` otherwise
-        and for OneVision (its SigLIP tower has no CLS token for the tower methods to read).
+    def last_position(self, position_ids: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """The position the first decoded token follows (it takes this + 1, and each next one + 1 more), from the
+        prompt's positions (left-padded): the last token's, (B, 1)."""
+        return position_ids[..., -1:]
 
-        ``pixel_values``: (B, 3, H, W) for LLaVA-1.5; (B, tiles, 3, H, W) with ``image_sizes`` (B, 2) (height,
-        width) for the tiled families, as their processors return them."""
-        inputs_embeds = self.model.get_input_embeddings()(input_ids)  # (B, N, C)
-        if self.tiled:
-            if image_sizes is None:
-                raise ValueError(f"{type(self.model).__name__} needs image_sizes beside pixel_values")
-            tower_states = tower_states and isinstance(self.model, LlavaNextForConditionalGeneration)
-            image = self.model.model.get_image_features(
-                pixel_values=pixel_values, image_sizes=image_sizes, output_hidden_states=tower_states
-            )
-        else:
-            image = self.model.model.get_image_features(
-                pixel_values=pixel_values, return_dict=True, output_hidden_states=tower_states
-            )
-        per_image = list(image.pooler_output)  # B x (n_b, C)
-        features = torch.cat(per_image, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-        placeholder = self.model.model.get_placeholder_mask(input_ids, inputs_embeds, features)  # (B, N, C)
-        if isinstance(placeholder, tuple):  # OneVision's: (images, videos)
-            placeholder = placeholder[0]
-        inputs_embeds = inputs_embeds.masked_scatter(placeholder, features)
-        vision_mask = input_ids == self.model.config.image_token_id  # (B, N)
-        counts = torch.tensor([f.shape[0] for f in per_image], device="cpu")
-        states = None
-        if tower_states:
-            states = tuple(image.hidden_states)
-            if self.tiled:
-                states = self._per_pass(states, self._passes(image_sizes))
-        return inputs_embeds, vision_mask, counts, states
-
-    def _passes(self, image_sizes: torch.Tensor) -> list[int]:
-        """Tower passes of each image (the base view + its tiles), as HF's ``get_image_features`` counts them."""
-        tile = self.model.config.vision_config.image_size
-        grid = self.model.config.image_grid_pinpoints
-        return [image_size_to_num_patches(size, grid, tile) for size in image_sizes.tolist()]
-
-    @staticmethod
-    def _per_pass(states: tuple[torch.Tensor, ...], passes: list[int]) -> tuple[torch.Tensor, ...]:
-        """The tower's hidden states over all real tiles of the batch, each (sum P_b, M, C_v), as (B, P, M, C_v)
-        per sample (P = max P_b; zero passes beyond a sample's own)."""
-        out = []
-        for hidden in states:
-            padded = hidden.new_zeros(len(passes), max(passes), *hidden.shape[1:])  # (B, P, M, C_v)
-            for b, chunk in enumerate(hidden.split(passes)):
-                padded[b, : chunk.shape[0]] = chunk
-            out.append(padded)
-        return tuple(out)
-
-    def layout(self, num_samples: int, image_sizes: torch.Tensor | None, num_slots: int) -> VisionLayout:
-        """Where each vision token comes from (:class:`~lvpruning.layout.VisionLayout`), (B, ``num_slots``): the
-        base grid, or on the tiled families HF's own packing (:func:`~lvpruning.layout.packed_cells`)."""
-        vision = self.model.config.vision_config
-        side = vision.image_size // vision.patch_size
-        if not self.tiled:
-            return base_grid_layout(num_samples, side, num_slots)
-        return VisionLayout.stack([packed_cells(self.model.config, size) for size in image_sizes.tolist()], num_slots)
-
-    def check_tower_stage(self, policy: PruningPolicy) -> None:
-        """Fail before any model work where ``policy`` cannot run the vision-tower stage on this model: on the tiled
-        families only a policy that reads the tower per tile (``tower_tiles``), and on OneVision none that reads
-        the CLS token's attention (``tower_cls``: SigLIP has no CLS token)."""
-        name = type(self.model).__name__
-        if not self.tiled:
-            return
-        if not policy.tower_tiles:
-            raise ValueError(
-                f"{policy.name}'s vision-tower stage (layer -1) runs on LLaVA-1.5 only; {name} encodes each tile "
-                "apart, which it does not read"
-            )
-        if policy.tower_cls and not isinstance(self.model, LlavaNextForConditionalGeneration):
-            raise ValueError(
-                f"{policy.name} ranks by the tower's CLS attention; {name}'s SigLIP tower has no CLS token, so its "
-                "vision-tower stage runs on LLaVA-1.5 and LLaVA-NeXT (CLIP) only"
-            )
-
-    def tower_tokens(self, layout: VisionLayout) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each vision token's tower pass and tower token (:func:`lvpruning.layout.tower_tokens`)."""
-        vision = self.model.config.vision_config
-        return tower_tokens(layout, vision.image_size // vision.patch_size)
-
-    def feature_layer(self) -> int:
-        """The encoder layer whose output LLaVA projects (``hidden_states[-2]``: layer 22 of 24 in LLaVA-1.5 and
-        LLaVA-NeXT). The vision-tower stage maps vision tokens to tower tokens (:meth:`tower_tokens`) under their
-        feature selection only (CLS dropped)."""
-        config = self.model.config
-        layer = config.vision_feature_layer
-        if config.vision_feature_select_strategy != "default" or not isinstance(layer, int):
-            raise ValueError(
-                "a vision-tower stage (layer -1) needs LLaVA-1.5's feature selection (one vision_feature_layer, "
-                f"strategy 'default'); got {layer!r}, {config.vision_feature_select_strategy!r}"
-            )
-        return (layer % (len(self.vision_layers) + 1)) - 1
-
-    def project(self, features: torch.Tensor) -> torch.Tensor:
-        """LLaVA's projector on tower features (B, n, C_v) -> (B, n, C)."""
-        return self.model.model.multi_modal_projector(features)
-
-    def vision_keys(self, layer_index: int, states: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """Encoder layer ``layer_index``'s keys (B, h, M, d) from its input ``states[layer_index]``."""
-        layer = self.vision_layers[layer_index]
-        h = layer.layer_norm1(states[layer_index])
-        return layer.self_attn.k_proj(h).view(*h.shape[:2], -1, layer.self_attn.head_dim).transpose(1, 2)
-
-    def vision_attention_rows(
-        self,
-        layer_index: int,
-        states: tuple[torch.Tensor, ...],
-        queries: torch.Tensor | None = None,
-        keys: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The softmax attention (B, h, Q, M) that the tower tokens ``queries`` (B, Q) (all M when ``None``) pay every
-        tower token in encoder layer ``layer_index``, recomputed in fp32 from that layer's input ``states[layer_index]``
-        with its own weights (CLIP: bidirectional, no mask), so the tower keeps its SDPA attention. ``keys``: that
-        layer's :meth:`vision_keys`, when the caller has them already."""
-        layer = self.vision_layers[layer_index]
-        attn = layer.self_attn
-        h = layer.layer_norm1(states[layer_index])  # (B, M, C_v)
-        rows = h if queries is None else gather_tokens(h, queries)
-        q = attn.q_proj(rows).view(*rows.shape[:2], -1, attn.head_dim).transpose(1, 2)  # (B, h, Q, d)
-        k = self.vision_keys(layer_index, states) if keys is None else keys  # (B, h, M, d)
-        return ((q.float() @ k.float().transpose(2, 3)) * attn.scale).softmax(dim=-1)
+    def layer_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        """The ``position_ids`` a decoder layer receives beside its RoPE (read by FlashAttention only)."""
+        return position_ids
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
@@ -279,6 +152,164 @@ class LlavaAdapter:
         )
 
 
+class LlavaAdapter(DecoderAdapter):
+    """Hugging Face ``LlavaForConditionalGeneration`` (LLaVA-1.5), ``LlavaNextForConditionalGeneration`` and
+    ``LlavaOnevisionForConditionalGeneration`` (anyres tiles, ``image_sizes``), with a Llama, Mistral or Qwen2
+    decoder."""
+
+    def __init__(self, model: nn.Module):
+        text_config = model.config.text_config
+        if text_config.model_type not in DECODERS:
+            raise ValueError(f"LVPruning supports the decoders {DECODERS}, got '{text_config.model_type}'")
+        super().__init__(model)
+        self.tiled = not isinstance(model, LlavaForConditionalGeneration)
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        """The vision tower's encoder layers (CLIP)."""
+        return self.model.model.vision_tower.encoder.layers
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        tower_states: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Token embeddings with the projected image features scattered in (HF's ``get_image_features`` ->
+        ``get_placeholder_mask`` -> ``masked_scatter`` hand-off), one image per sample. Returns embeddings
+        (B, N, C), the vision mask (B, N), each sample's number of vision tokens (B,), known from shapes alone (so
+        ``meta`` tensors work), and with ``tower_states`` the vision tower's hidden states, CLS first, index ``l``
+        encoder layer ``l``'s input: each (B, M, C_v) for LLaVA-1.5, (B, P, M, C_v) per tower pass for LLaVA-NeXT
+        (the base view, then each tile: P the batch's most, a sample's missing passes zero); ``None`` otherwise
+        and for OneVision (its SigLIP tower has no CLS token for the tower methods to read).
+
+        ``pixel_values``: (B, 3, H, W) for LLaVA-1.5; (B, tiles, 3, H, W) with ``image_sizes`` (B, 2) (height,
+        width) for the tiled families, as their processors return them."""
+        inputs_embeds = self.model.get_input_embeddings()(input_ids)  # (B, N, C)
+        if self.tiled:
+            if image_sizes is None:
+                raise ValueError(f"{type(self.model).__name__} needs image_sizes beside pixel_values")
+            tower_states = tower_states and isinstance(self.model, LlavaNextForConditionalGeneration)
+            image = self.model.model.get_image_features(
+                pixel_values=pixel_values, image_sizes=image_sizes, output_hidden_states=tower_states
+            )
+        else:
+            image = self.model.model.get_image_features(
+                pixel_values=pixel_values, return_dict=True, output_hidden_states=tower_states
+            )
+        per_image = list(image.pooler_output)  # B x (n_b, C)
+        features = torch.cat(per_image, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+        placeholder = self.model.model.get_placeholder_mask(input_ids, inputs_embeds, features)  # (B, N, C)
+        if isinstance(placeholder, tuple):  # OneVision's: (images, videos)
+            placeholder = placeholder[0]
+        inputs_embeds = inputs_embeds.masked_scatter(placeholder, features)
+        vision_mask = input_ids == self.model.config.image_token_id  # (B, N)
+        counts = torch.tensor([f.shape[0] for f in per_image], device="cpu")
+        states = None
+        if tower_states:
+            states = tuple(image.hidden_states)
+            if self.tiled:
+                states = self._per_pass(states, self._passes(image_sizes))
+        return inputs_embeds, vision_mask, counts, states
+
+    def _passes(self, image_sizes: torch.Tensor) -> list[int]:
+        """Tower passes of each image (the base view + its tiles), as HF's ``get_image_features`` counts them."""
+        tile = self.model.config.vision_config.image_size
+        grid = self.model.config.image_grid_pinpoints
+        return [image_size_to_num_patches(size, grid, tile) for size in image_sizes.tolist()]
+
+    @staticmethod
+    def _per_pass(states: tuple[torch.Tensor, ...], passes: list[int]) -> tuple[torch.Tensor, ...]:
+        """The tower's hidden states over all real tiles of the batch, each (sum P_b, M, C_v), as (B, P, M, C_v)
+        per sample (P = max P_b; zero passes beyond a sample's own)."""
+        out = []
+        for hidden in states:
+            padded = hidden.new_zeros(len(passes), max(passes), *hidden.shape[1:])  # (B, P, M, C_v)
+            for b, chunk in enumerate(hidden.split(passes)):
+                padded[b, : chunk.shape[0]] = chunk
+            out.append(padded)
+        return tuple(out)
+
+    def sample_pixels(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> torch.Tensor:
+        """The images as the policies read them (``StageInput.pixel_values``), one row per sample: as given."""
+        return pixel_values
+
+    def layout(self, num_samples: int, image_sizes: torch.Tensor | None, num_slots: int) -> VisionLayout:
+        """Where each vision token comes from (:class:`~lvpruning.layout.VisionLayout`), (B, ``num_slots``): the
+        base grid, or on the tiled families HF's own packing (:func:`~lvpruning.layout.packed_cells`)."""
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        if not self.tiled:
+            return base_grid_layout(num_samples, side, num_slots)
+        return VisionLayout.stack([packed_cells(self.model.config, size) for size in image_sizes.tolist()], num_slots)
+
+    def check_tower_stage(self, policy: PruningPolicy) -> None:
+        """Fail before any model work where ``policy`` cannot run the vision-tower stage on this model: on the tiled
+        families only a policy that reads the tower per tile (``tower_tiles``), and on OneVision none that reads
+        the CLS token's attention (``tower_cls``: SigLIP has no CLS token)."""
+        name = type(self.model).__name__
+        if not self.tiled:
+            return
+        if not policy.tower_tiles:
+            raise ValueError(
+                f"{policy.name}'s vision-tower stage (layer -1) runs on LLaVA-1.5 only; {name} encodes each tile "
+                "apart, which it does not read"
+            )
+        if policy.tower_cls and not isinstance(self.model, LlavaNextForConditionalGeneration):
+            raise ValueError(
+                f"{policy.name} ranks by the tower's CLS attention; {name}'s SigLIP tower has no CLS token, so its "
+                "vision-tower stage runs on LLaVA-1.5 and LLaVA-NeXT (CLIP) only"
+            )
+
+    def tower_tokens(self, layout: VisionLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each vision token's tower pass and tower token (:func:`lvpruning.layout.tower_tokens`)."""
+        vision = self.model.config.vision_config
+        return tower_tokens(layout, vision.image_size // vision.patch_size)
+
+    def feature_layer(self) -> int:
+        """The encoder layer whose output LLaVA projects (``hidden_states[-2]``: layer 22 of 24 in LLaVA-1.5 and
+        LLaVA-NeXT). The vision-tower stage maps vision tokens to tower tokens (:meth:`tower_tokens`) under their
+        feature selection only (CLS dropped)."""
+        config = self.model.config
+        layer = config.vision_feature_layer
+        if config.vision_feature_select_strategy != "default" or not isinstance(layer, int):
+            raise ValueError(
+                "a vision-tower stage (layer -1) needs LLaVA-1.5's feature selection (one vision_feature_layer, "
+                f"strategy 'default'); got {layer!r}, {config.vision_feature_select_strategy!r}"
+            )
+        return (layer % (len(self.vision_layers) + 1)) - 1
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """LLaVA's projector on tower features (B, n, C_v) -> (B, n, C)."""
+        return self.model.model.multi_modal_projector(features)
+
+    def vision_keys(self, layer_index: int, states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Encoder layer ``layer_index``'s keys (B, h, M, d) from its input ``states[layer_index]``."""
+        layer = self.vision_layers[layer_index]
+        h = layer.layer_norm1(states[layer_index])
+        return layer.self_attn.k_proj(h).view(*h.shape[:2], -1, layer.self_attn.head_dim).transpose(1, 2)
+
+    def vision_attention_rows(
+        self,
+        layer_index: int,
+        states: tuple[torch.Tensor, ...],
+        queries: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The softmax attention (B, h, Q, M) that the tower tokens ``queries`` (B, Q) (all M when ``None``) pay every
+        tower token in encoder layer ``layer_index``, recomputed in fp32 from that layer's input ``states[layer_index]``
+        with its own weights (CLIP: bidirectional, no mask), so the tower keeps its SDPA attention. ``keys``: that
+        layer's :meth:`vision_keys`, when the caller has them already."""
+        layer = self.vision_layers[layer_index]
+        attn = layer.self_attn
+        h = layer.layer_norm1(states[layer_index])  # (B, M, C_v)
+        rows = h if queries is None else gather_tokens(h, queries)
+        q = attn.q_proj(rows).view(*rows.shape[:2], -1, attn.head_dim).transpose(1, 2)  # (B, h, Q, d)
+        k = self.vision_keys(layer_index, states) if keys is None else keys  # (B, h, M, d)
+        return ((q.float() @ k.float().transpose(2, 3)) * attn.scale).softmax(dim=-1)
+
+
 def boolean_causal_mask(padding: torch.Tensor) -> torch.Tensor:
     """The causal + padding mask as booleans (B, 1, N, N), True where attention is allowed (``A-bar``, eq. 8)."""
     B, N = padding.shape
@@ -293,25 +324,31 @@ def boolean_causal_mask(padding: torch.Tensor) -> torch.Tensor:
 
 
 def from_pretrained(name_or_path: str, **kwargs) -> nn.Module:
-    """A supported LLaVA-family model by hub id or local path, its class from its config (LLaVA-1.5, LLaVA-NeXT or
-    LLaVA-OneVision), with ``from_pretrained``'s keyword arguments; anything else fails naming what is supported."""
+    """A supported model by hub id or local path, its class from its config (LLaVA-1.5, LLaVA-NeXT,
+    LLaVA-OneVision, Qwen2-VL or Qwen2.5-VL), with ``from_pretrained``'s keyword arguments; anything else fails
+    naming what is supported."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(name_or_path)
-    supported = {"llava", "llava_next", "llava_onevision"}
+    supported = {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"}
     if config.model_type not in supported:
         raise ValueError(f"{name_or_path}: model type {config.model_type!r}; supported: {sorted(supported)}")
     return AutoModelForImageTextToText.from_pretrained(name_or_path, config=config, **kwargs)
 
 
-def get_adapter(model: nn.Module) -> LlavaAdapter:
+def get_adapter(model: nn.Module) -> DecoderAdapter:
     """The adapter for ``model``, or a clear error naming what is supported."""
+    from lvpruning.qwen_vl import QWEN_VL_FAMILIES, QwenVLAdapter  # it builds on this module
+
     if isinstance(model, FAMILIES):
         return LlavaAdapter(model)
-    names = ", ".join(f.__name__ for f in FAMILIES)
+    if isinstance(model, QWEN_VL_FAMILIES):
+        return QwenVLAdapter(model)
+    names = ", ".join(f.__name__ for f in (*FAMILIES, *QWEN_VL_FAMILIES))
     raise ValueError(
-        f"LVPruning has no adapter for {type(model).__name__}; supported: {names} with a decoder of {DECODERS} "
-        "(e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, llava-hf/llava-onevision-qwen2-7b-ov-hf)"
+        f"LVPruning has no adapter for {type(model).__name__}; supported: {names} (the LLaVA families with a "
+        f"decoder of {DECODERS}; e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, "
+        "llava-hf/llava-onevision-qwen2-7b-ov-hf, Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct)"
     )
 
 

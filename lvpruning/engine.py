@@ -10,8 +10,9 @@ Conventions:
   keeps ``k_s = max(1, floor(rho_s * n_b))`` vision tokens (the paper's ``rho_s * |I_V|`` rounded down, as
   DynamicViT's ``int(N * ratio)``; a 1e-6 tolerance absorbs float error, so 0.3 * 10 keeps 3). Where samples keep
   different numbers, the batch keeps the largest and marks the rest of a sample's slots padding (re-padded).
-- Position ids are the padding-aware original positions (``cumsum(attention_mask) - 1``, as HF ``generate`` does)
-  and are kept for every surviving token (eq. 14).
+- Position ids are the padding-aware original positions, as the adapter computes them (``cumsum(attention_mask) -
+  1``, as HF ``generate`` does; Qwen-VL's 3-D M-RoPE positions (3, B, N) from its own ``get_rope_index``), and are
+  kept for every surviving token (eq. 14); decoding continues from the prompt's (``adapter.last_position``).
 - The instruction tokens (keys/values of the decision modules) are the non-vision, non-padding tokens, minus the
   supervised answer tokens when ``labels`` are given.
 """
@@ -31,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 from transformers.utils import ModelOutput
 
-from lvpruning.adapters import LlavaAdapter, boolean_causal_mask, get_adapter
+from lvpruning.adapters import DecoderAdapter, boolean_causal_mask, get_adapter
 from lvpruning.attention import ATTN_IMPLEMENTATION, attention_implementation
 from lvpruning.config import PruningConfig, check_schedule
 from lvpruning.decision import DecisionModule, decide, gumbel_decisions
@@ -69,7 +70,7 @@ class PrunedCache(DynamicCache):
     layers, which cached tokens are padding, and the last original position, for the decoding steps."""
 
     paddings: list[torch.Tensor]  # per segment, (B, cached length) bool
-    position_ids: torch.Tensor  # (B, 1), the last original position seen
+    position_ids: torch.Tensor  # (B, 1), or (3, B, 1) on Qwen-VL: the position the last token took
     stage_layers: tuple[int, ...]  # the decoder layers a segment ends after (a vision-tower stage ends none)
 
 
@@ -99,12 +100,13 @@ class PrefillState:
 
     seq: TokenSequence  # the current sequence, N tokens
     input_ids: torch.Tensor  # (B, N0) the prompt
-    pixel_values: torch.Tensor  # (B, 3, H, W), or (B, tiles, 3, H, W)
+    pixel_values: torch.Tensor  # (B, 3, H, W), (B, tiles, 3, H, W), or (B, patches, D) (Qwen-VL)
     num_vision: int  # Nv, vision slots per sample
     vision_counts: torch.Tensor  # (B,) each sample's own vision tokens n_b
     layout: VisionLayout  # (B, Nv)
     vision_index: torch.Tensor  # (B, V) index of each kept vision token among the image's Nv
     layout_host: VisionLayout | None = None  # (B, Nv) on the CPU
+    last_position: torch.Tensor | None = None  # the prompt's, for decoding (``PrunedCache.position_ids``)
     records: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, N0), by original position
     kept_vision: list[torch.Tensor] = field(default_factory=list)  # per stage, (B, k_s)
     keep_fractions: list[torch.Tensor] = field(default_factory=list)  # per stage, (B,)
@@ -142,7 +144,7 @@ class VisionTower:
     """The vision-tower stage's view of the CLIP tower: its hidden states (each (B, M, C_v), or (B, P, M, C_v) per
     tower pass on LLaVA-NeXT), and each encoder layer's keys computed once, shared by the attention rows."""
 
-    adapter: LlavaAdapter
+    adapter: DecoderAdapter
     states: tuple[torch.Tensor, ...] | None
     layout: VisionLayout  # (B, Nv) on the device
     keys_by_layer: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -257,7 +259,7 @@ class LVPruningModel(nn.Module):
                     input_ids, embeds, vision, attention_mask, labels, instruction_mask, counts.to(input_ids.device)
                 )
         padding = attention_mask.bool()
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        position_ids = self.adapter.position_ids(input_ids, attention_mask, image_sizes)  # (B, N) or (3, B, N)
         if instruction_mask is None:
             instruction_mask = padding & ~vision
             if labels is not None:
@@ -286,6 +288,7 @@ class LVPruningModel(nn.Module):
         layers: tuple[int, ...] | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
+        image_grid_thw: torch.Tensor | None = None,
     ) -> LVPruningOutput:
         """Training mode when ``self.training`` (the inference-only arguments are unused), inference mode
         otherwise, where ``policy`` ranks the vision tokens (default: the learned decision modules) at the stages
@@ -294,10 +297,13 @@ class LVPruningModel(nn.Module):
 
         input_ids/attention_mask/labels: (B, N) with the image placeholders already expanded (as the llava-hf
         processors do); pixel_values: (B, 3, H, W), or (B, tiles, 3, H, W) with image_sizes (B, 2) for LLaVA-NeXT
-        and LLaVA-OneVision; instruction_mask: (B, N) bool, the tokens that guide pruning. Where the samples have
+        and LLaVA-OneVision, or Qwen-VL's flattened patches (sum P_b, D) with image_grid_thw (B, 3);
+        instruction_mask: (B, N) bool, the tokens that guide pruning. Where the samples have
         different numbers of vision tokens, the outputs' positions (``token_index``, training ``logits``) are those
         of the equalized layout (``lvpruning.layout.equalize_vision``).
         """
+        if image_grid_thw is not None:  # Qwen-VL's image sizes: each image's patch grid (t, h, w)
+            image_sizes = image_grid_thw
         if self.training:
             with torch.no_grad():
                 prepared = self._prepare(input_ids, pixel_values, image_sizes, attention_mask, labels, instruction_mask)
@@ -307,6 +313,7 @@ class LVPruningModel(nn.Module):
         prepared = self._prepare(
             input_ids, pixel_values, image_sizes, attention_mask, labels, instruction_mask, layers[0] == -1
         )
+        pixel_values = self.adapter.sample_pixels(pixel_values, image_sizes)  # what the policies read
         return self._forward_infer(prepared, pixel_values, layers, ratios, policy, use_cache, logits_to_keep)
 
     def schedule(
@@ -334,8 +341,9 @@ class LVPruningModel(nn.Module):
             rope = self.adapter.rotary(seq.hidden, seq.position_ids)
             mask = self.adapter.attention_mask(seq.padding, seq.padding.shape[1], seq.hidden.dtype)
             hidden = seq.hidden
+            position_ids = self.adapter.layer_position_ids(seq.position_ids)
             for layer in layers[: cfg.layers[0] + 1]:
-                hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, position_ids=seq.position_ids)
+                hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, position_ids=position_ids)
         seq.hidden = hidden
 
         allowed = boolean_causal_mask(seq.padding)  # A-bar's mask (B, 1, N, N)
@@ -352,7 +360,7 @@ class LVPruningModel(nn.Module):
                     hidden,
                     attention_mask=allowed,
                     position_embeddings=rope,
-                    position_ids=seq.position_ids,
+                    position_ids=position_ids,
                     token_keep=token_keep,
                 )
 
@@ -416,6 +424,7 @@ class LVPruningModel(nn.Module):
             prepared.layout,
             vision_index,
             prepared.layout_host,
+            self.adapter.last_position(seq.position_ids, seq.padding),
         )
         cache = PrunedCache(config=self.adapter.text_config) if use_cache else None
         recorded = set(policy.recorded_layers(layers))
@@ -426,7 +435,8 @@ class LVPruningModel(nn.Module):
         mask, rope = self._begin_segment(state)
         for i, layer in enumerate(self.adapter.layers):
             layer_input = state.seq.hidden  # (B, N, C)
-            kwargs = {"attention_mask": mask, "position_embeddings": rope, "position_ids": state.seq.position_ids}
+            position_ids = self.adapter.layer_position_ids(state.seq.position_ids)
+            kwargs = {"attention_mask": mask, "position_embeddings": rope, "position_ids": position_ids}
             kwargs |= {"cache": cache, "use_cache": use_cache}
             if i in recorded:
                 state.seq.hidden = self._recorded_layer(state, policy, i, layer_input, **kwargs)
@@ -544,7 +554,7 @@ class LVPruningModel(nn.Module):
         if labels is not None:
             loss = causal_lm_loss(logits, labels.gather(1, seq.index[:, -logits.shape[1] :]))
         if cache is not None:
-            cache.paddings, cache.position_ids = state.paddings, seq.position_ids[:, -1:]
+            cache.paddings, cache.position_ids = state.paddings, state.last_position
             cache.stage_layers = tuple(i for i in layers if i >= 0)
         return LVPruningOutput(
             loss=loss,
@@ -562,7 +572,7 @@ class LVPruningModel(nn.Module):
         """One cached decoding step after a pruned prefill: input_ids (B, 1) -> logits (B, 1, vocab).
 
         Every segment of layers keeps its own (shorter) cache; the new token takes the position after the
-        last original position, as if nothing had been pruned."""
+        last original position, as if nothing had been pruned (on Qwen-VL, HF's ``rope_deltas`` rule)."""
         hidden = self.adapter.embed_tokens(input_ids)  # (B, 1, C)
         cache.position_ids = cache.position_ids + 1
         rope = self.adapter.rotary(hidden, cache.position_ids)
@@ -576,7 +586,7 @@ class LVPruningModel(nn.Module):
                 hidden,
                 attention_mask=masks[segment],
                 position_embeddings=rope,
-                position_ids=cache.position_ids,
+                position_ids=self.adapter.layer_position_ids(cache.position_ids),
                 cache=cache,
                 use_cache=True,
             )

@@ -55,6 +55,7 @@ def generate(
     pixel_values: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     image_sizes: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
     keep_ratios: tuple[float, ...] | None = None,
     policy: PruningPolicy | None = None,
     layers: tuple[int, ...] | None = None,
@@ -68,7 +69,7 @@ def generate(
 ) -> torch.Tensor:
     """Greedy (default) or sampled decoding with an :class:`~lvpruning.engine.LVPruningModel` ``pruner``, pruning
     with ``policy`` after ``layers`` at ``keep_ratios`` (its forward's defaults); ``image_sizes`` beside a tiled
-    family's ``pixel_values``. Returns (B, N + new) token ids: the
+    family's ``pixel_values``, ``image_grid_thw`` beside Qwen-VL's. Returns (B, N + new) token ids: the
     prompt followed by the new tokens; a sample that finished early is filled with ``pad_token_id``, like Hugging
     Face ``generate``."""
     if pruner.training:
@@ -86,6 +87,7 @@ def generate(
         pixel_values=pixel_values,
         attention_mask=attention_mask,
         image_sizes=image_sizes,
+        image_grid_thw=image_grid_thw,
         keep_ratios=keep_ratios,
         policy=policy,
         layers=layers,

@@ -46,14 +46,16 @@ class TokenSequence:
     hidden: torch.Tensor  # (B, N, C)
     index: torch.Tensor  # (B, N) original positions
     padding: torch.Tensor  # (B, N) bool, True on real tokens
-    position_ids: torch.Tensor  # (B, N)
+    position_ids: torch.Tensor  # (B, N), or (3, B, N) for Qwen-VL's M-RoPE: tokens on the last axis
     vision: torch.Tensor  # (B, N) bool
     instruction: torch.Tensor  # (B, N) bool
 
     def select(self, index: torch.Tensor) -> TokenSequence:
-        """Keep the positions ``index`` (B, N') of this sequence, in order."""
-        fields = (self.index, self.padding, self.position_ids, self.vision, self.instruction)
-        return TokenSequence(gather_tokens(self.hidden, index), *(t.gather(1, index) for t in fields))
+        """Keep the positions ``index`` (B, N') of this sequence, in order (each keeps its position id)."""
+        fields = (self.index, self.padding, self.vision, self.instruction)
+        index_, padding, vision, instruction = (t.gather(1, index) for t in fields)
+        position_ids = self.position_ids.gather(-1, index.expand(*self.position_ids.shape[:-2], -1, -1))
+        return TokenSequence(gather_tokens(self.hidden, index), index_, padding, position_ids, vision, instruction)
 
 
 @dataclass(frozen=True)
@@ -149,9 +151,9 @@ class StageInput:
     token_index: torch.Tensor  # (B, N) original position of each token
     instruction: torch.Tensor  # (B, N) bool, the instruction tokens that guide pruning
     padding: torch.Tensor  # (B, N) bool, True on real tokens
-    position_ids: torch.Tensor  # (B, N)
+    position_ids: torch.Tensor  # (B, N), or (3, B, N) on Qwen-VL (M-RoPE: temporal, height, width)
     input_ids: torch.Tensor  # (B, N0) the prompt (``input_ids.gather(1, token_index)``: the tokens at this stage)
-    pixel_values: torch.Tensor  # (B, 3, H, W), or (B, tiles, 3, H, W) for the tiled families
+    pixel_values: torch.Tensor  # (B, 3, H, W); (B, tiles, 3, H, W) tiled; (B, patches, D) Qwen-VL, zero-padded
     records: Mapping[int, torch.Tensor]
     # queries (B, Q) -> the softmax attention (B, h, Q, N) that those tokens pay every token in this stage's layer,
     # 0 on padding keys and on later (causal) keys

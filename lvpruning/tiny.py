@@ -1,4 +1,5 @@
-"""Tiny LLaVA builders: a small CLIP tower, projector and Llama built from configs, with an offline processor.
+"""Tiny LLaVA and Qwen-VL builders: a small CLIP tower, projector and Llama built from configs, with an offline
+processor; tiny LLaVA-NeXT / OneVision and Qwen2-VL / Qwen2.5-VL configs.
 
 Tests use them with random weights; the toy world (``pipelines.toy``) trains one. Everything here is built
 locally: no hub access. The shapes follow Hugging Face's own LLaVA tester (hidden sizes of a few dozen).
@@ -23,7 +24,11 @@ from transformers import (
     MistralConfig,
     PreTrainedConfig,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
     SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -180,6 +185,8 @@ MODEL_CLASSES = {
     LlavaConfig: LlavaForConditionalGeneration,
     LlavaNextConfig: LlavaNextForConditionalGeneration,
     LlavaOnevisionConfig: LlavaOnevisionForConditionalGeneration,
+    Qwen2VLConfig: Qwen2VLForConditionalGeneration,
+    Qwen2_5_VLConfig: Qwen2_5_VLForConditionalGeneration,
 }
 
 
@@ -253,9 +260,71 @@ def tiny_tiled_config(
     raise ValueError(f"unknown tiled family {family!r}; choose 'llava_next' or 'llava_onevision'")
 
 
+# Qwen-VL's special tokens in the tiny vocabulary: <|image_pad|> is the LLaVA image token's id.
+QWEN_VL_TOKENS = {"image": SPECIAL_TOKENS.index("<image>"), "video": 5, "vision_start": 6, "vision_end": 7}
+
+
+def tiny_qwen_vl_config(
+    family: str = "qwen2_vl",
+    vocab_size: int = 128,
+    patch_size: int = 4,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    mrope_section: tuple[int, int, int] = (2, 3, 3),
+    max_position_embeddings: int = 1024,
+    initializer_range: float = 0.02,
+) -> Qwen2VLConfig | Qwen2_5_VLConfig:
+    """A tiny Qwen-VL config, as transformers' own Qwen2-VL / Qwen2.5-VL testers build them: ``family``
+    ``qwen2_vl`` (a ViT with a 2 x 2 ``PatchMerger``) or ``qwen2_5_vl`` (window attention over 4 x 4 merged
+    tokens, the last block full), patches of ``patch_size`` pixels, 2 frames per temporal patch, and a
+    Qwen2 decoder with M-RoPE (``mrope_section`` splits the head's half-width into temporal, height and width
+    frequencies). The image token ids are :data:`QWEN_VL_TOKENS`."""
+    text = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "max_position_embeddings": max_position_embeddings,
+        "initializer_range": initializer_range,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section)},
+        "pad_token_id": SPECIAL_TOKENS.index("<pad>"),
+        "bos_token_id": SPECIAL_TOKENS.index("<s>"),
+        "eos_token_id": SPECIAL_TOKENS.index("</s>"),
+        "tie_word_embeddings": False,
+    }
+    vision = {
+        "depth": vision_layers,
+        "num_heads": max(1, vision_hidden // 16),
+        "patch_size": patch_size,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "initializer_range": initializer_range,
+    }
+    tokens = {f"{name}_token_id": token for name, token in QWEN_VL_TOKENS.items()}
+    if family == "qwen2_vl":
+        vision |= {"embed_dim": vision_hidden, "hidden_size": hidden_size, "mlp_ratio": 2}
+        return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **tokens)
+    if family == "qwen2_5_vl":
+        vision |= {
+            "hidden_size": vision_hidden,
+            "out_hidden_size": hidden_size,
+            "intermediate_size": 2 * vision_hidden,
+            "window_size": 4 * patch_size * 2,
+            "fullatt_block_indexes": [vision_layers - 1],
+        }
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **tokens)
+    raise ValueError(f"unknown Qwen-VL family {family!r}; choose 'qwen2_vl' or 'qwen2_5_vl'")
+
+
 def tiny_llava(config: PreTrainedConfig | None = None, seed: int = 0, attn_implementation: str = "sdpa"):
-    """A randomly initialised tiny LLaVA (``LlavaForConditionalGeneration``, or the LLaVA-NeXT / OneVision class for
-    their configs) in eval mode (fp32)."""
+    """A randomly initialised tiny LLaVA (``LlavaForConditionalGeneration``, or the LLaVA-NeXT / OneVision /
+    Qwen2-VL / Qwen2.5-VL class for their configs) in eval mode (fp32)."""
     import torch
 
     config = config or tiny_llava_config()

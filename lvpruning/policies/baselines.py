@@ -44,6 +44,7 @@ class RandomPolicy(PruningPolicy):
     published = PAPER
     tower_stage = True
     tower_tiles = True  # reads no tower: every family
+    tower_free = True
     seeded = True
 
     def __init__(self, seed: int = 0):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoTokenizer
 
 from lvpruning import from_pretrained
@@ -89,7 +90,8 @@ class ToyWorld:
         """``init_from``'s weights with this world's processor, for the ``base`` stage to go on training (saved
         under ``<toy_root>/continued_model``). A newer world's words take new token ids, so every word the saved
         tokenizer knows must keep its id; otherwise this fails. A toy LLaVA continued into the high-resolution
-        world becomes the toy LLaVA-NeXT of the same sizes: every weight carried over, the newline token new."""
+        world becomes the toy LLaVA-NeXT of the same sizes: every weight carried over (its tower made to read
+        checkerboards, :func:`read_checkerboards`), the newline token new."""
         model = from_pretrained(str(init_from))
         config = toy_config(self.spec) if type(model.config) is not type(toy_config(self.spec)) else model.config
         processor = toy_processor(config, self.spec)
@@ -98,7 +100,7 @@ class ToyWorld:
         if moved:
             raise ValueError(f"train.init_from: {init_from}'s tokenizer gives other ids to {moved[:10]}")
         if config is not model.config:
-            model = carried_over(model, build_toy_model(config, seed=self.seed), init_from)
+            model = read_checkerboards(carried_over(model, build_toy_model(config, seed=self.seed), init_from))
         return save_toy_model(self.root / "continued_model", model, processor)
 
     def init_model(self) -> Path:
@@ -120,3 +122,17 @@ def carried_over(source: Any, target: Any, name: str | Path) -> Any:
         raise ValueError(f"train.init_from: {name} does not fit the toy model: {(wrong + missing)[:5]}")
     target.load_state_dict(weights, strict=False)
     return target
+
+
+def read_checkerboards(model: Any) -> Any:
+    """``model`` with its tower's patch embedding reading only the even pixels of each patch (x + y even), at twice
+    the weight. The high-resolution world draws an object's shape as a 1-pixel checkerboard whose even pixels are
+    its color (``pipelines.toy.hires``), so the toy LLaVA's tower, trained on flat shapes, then sees each object as
+    the flat shape it knows, in a grey box; flat regions look as before (the default world's accuracy: 97.4% ->
+    95.8%, ``benchmarks/TOY_WORLD.md``). Without it the base stage stays at the answer prior for hundreds of steps."""
+    conv = model.model.vision_tower.embeddings.patch_embedding
+    rows, cols = conv.weight.shape[-2:]
+    even = (torch.arange(rows)[:, None] + torch.arange(cols)[None, :]) % 2 == 0  # patches start on even pixels
+    with torch.no_grad():
+        conv.weight.mul_(2.0 * even.to(conv.weight.dtype))
+    return model

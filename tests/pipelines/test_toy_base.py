@@ -75,8 +75,9 @@ def test_a_continued_model_keeps_its_weights_and_learns_the_new_words(tmp_path):
 
 def test_the_hires_world_continues_the_shipped_toy_llava_as_a_toy_llava_next(tmp_path):
     """``data.toy_variant: hires``: the toy LLaVA-NeXT of the same sizes, every weight of the shipped toy LLaVA carried
-    over (its tower reads the same 64 x 64 views), the newline new, the old words' ids kept, the tiles' vision tokens
-    those of HF's own model for the world's images."""
+    over (its tower reads the same 64 x 64 views) but the patch embedding, which reads only the even pixels of each
+    patch (a checkerboard's color) at twice the weight; the newline new, the old words' ids kept, the tiles' vision
+    tokens those of HF's own model for the world's images."""
     from PIL import Image
     from transformers import LlavaNextForConditionalGeneration
 
@@ -89,10 +90,24 @@ def test_the_hires_world_continues_the_shipped_toy_llava_as_a_toy_llava_next(tmp
     model = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
     base = LlavaForConditionalGeneration.from_pretrained(SHIPPED_BASE_MODEL)
     carried = dict(base.state_dict())
+    patch = "model.vision_tower.embeddings.patch_embedding.weight"
     for name, value in model.state_dict().items():
-        if "image_newline" not in name:
+        if "image_newline" not in name and name != patch:
             assert torch.equal(value, carried.pop(name)), name
-    assert not carried
+    assert list(carried) == [patch]
+    old_conv, new_conv = (
+        base.model.vision_tower.embeddings.patch_embedding,
+        model.model.vision_tower.embeddings.patch_embedding,
+    )
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(2, 3, 64, 64, generator=g)
+    y, x = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    odd = (y + x) % 2 == 1
+    other = torch.where(odd, torch.randn(2, 3, 64, 64, generator=g), image)  # the same even pixels
+    evens_doubled = torch.where(odd, 0.0, 2 * image)
+    with torch.no_grad():
+        torch.testing.assert_close(new_conv(image), new_conv(other))
+        torch.testing.assert_close(new_conv(image), old_conv(evens_doubled))
     processor = AutoProcessor.from_pretrained(path)
     old = AutoProcessor.from_pretrained(SHIPPED_BASE_MODEL).tokenizer.get_vocab()
     assert all(processor.tokenizer.get_vocab()[w] == i for w, i in old.items())

@@ -9,10 +9,10 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from lvpruning.tiny import build_processor
-from pipelines.toy.base import SHIPPED_BASE_MODEL, WORLD_STAMP, ToyWorld
+from pipelines.toy.base import SHIPPED_BASE_MODEL, SHIPPED_BASE_MODELS, WORLD_STAMP, ToyWorld
 from pipelines.toy.model import build_toy_model, save_toy_model, toy_processor
 from pipelines.toy.scenes import SceneSpec, toy_words
-from pipelines.toy.writer import FORMAT_VERSION, ToyWorldPaths, scene_parameters
+from pipelines.toy.writer import FORMAT_VERSION, ToyWorldPaths, scene_parameters, world_spec
 
 
 def world_at(root: Path, spec: SceneSpec | None = None) -> ToyWorld:
@@ -26,10 +26,11 @@ def fake_model(path: Path) -> Path:
     return path
 
 
-def test_shipped_base_model_was_trained_for_the_default_world():
-    """Changing the toy world (its format or SceneSpec defaults) needs a retrained shipped model."""
-    stamp = json.loads((SHIPPED_BASE_MODEL / WORLD_STAMP).read_text())
-    assert stamp == scene_parameters(SceneSpec())
+@pytest.mark.parametrize("variant", ["default", "hires"])
+def test_shipped_base_models_were_trained_for_their_worlds(variant):
+    """Changing a toy world (its format or spec defaults) needs its shipped model retrained."""
+    stamp = json.loads((SHIPPED_BASE_MODELS[variant] / WORLD_STAMP).read_text())
+    assert stamp == scene_parameters(world_spec(variant, None))
     assert stamp["format_version"] == FORMAT_VERSION
 
 
@@ -85,7 +86,7 @@ def test_the_hires_world_continues_the_shipped_toy_llava_as_a_toy_llava_next(tmp
     from pipelines.toy.hires import HiresSpec
 
     world = ToyWorld.at(tmp_path, seed=0, variant="hires")
-    assert isinstance(world.spec, HiresSpec) and world.trained_base() is None  # none shipped yet
+    assert isinstance(world.spec, HiresSpec) and world.trained_base() == SHIPPED_BASE_MODELS["hires"]
     path = world.continued_model(SHIPPED_BASE_MODEL)
     model = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
     base = LlavaForConditionalGeneration.from_pretrained(SHIPPED_BASE_MODEL)

@@ -2,7 +2,8 @@
 
 Convention (paper section 4.1, Fig. 1): one image plus ``T`` text tokens (``T = 30``), batch 1, one forward
 pass (the prefill). LLaVA-1.5 sees the image as one 336 x 336 tile; LLaVA-NeXT and LLaVA-OneVision ("anyres") see
-an image of any size as a base tile plus a grid of tiles (``image_layout``; 672 x 672 unless given). Only matrix
+an image of any size as a base tile plus a grid of tiles (``image_layout``; 672 x 672 unless given); Qwen2-VL and
+Qwen2.5-VL see it at its own resolution (672 x 672 unless given; the tower: ``lvpruning.flops_qwen``). Only matrix
 multiplications are counted, ``2 m n k`` FLOPs each (a multiply-add is 2 FLOPs), as
 ``torch.utils.flop_counter.FlopCounterMode`` counts them; norms, activations, softmax, RoPE and
 residual adds are ignored. Attention is counted as full ``N x N`` matmuls even when causal, as the counter
@@ -43,8 +44,8 @@ from transformers.models.llava_next import modeling_llava_next
 from transformers.models.llava_onevision import modeling_llava_onevision
 
 from lvpruning.config import PruningConfig, check_schedule
-from lvpruning.engine import LVPruningModel, attach
-from lvpruning.flops_qwen import is_qwen_vl, patch_grid, vision_tower_flops
+from lvpruning.engine import attach
+from lvpruning.flops_qwen import is_qwen_vl, patch_grid, positions_on_meta, vision_tower_flops, zero_positions
 from lvpruning.layout import BASE, NEWLINE, packed_cells
 from lvpruning.policies import POLICIES, PruningPolicy, get_policy, is_trained
 from lvpruning.presets import AnyLlavaConfig
@@ -110,7 +111,7 @@ def image_layout(config: AnyLlavaConfig, image_size: Sequence[int] | None = None
         if image_size is not None and tuple(image_size) != (v.image_size, v.image_size):
             raise ValueError(
                 f"LLaVA-1.5 resizes every image to {v.image_size} x {v.image_size}; an image size of "
-                f"{' x '.join(map(str, image_size))} only applies to LLaVA-NeXT and LLaVA-OneVision"
+                f"{' x '.join(map(str, image_size))} only applies to LLaVA-NeXT, LLaVA-OneVision and Qwen-VL"
             )
         return ImageLayout((v.image_size, v.image_size), v.image_size, (0, 0), 1, tile_tokens, tile_tokens)
     if not isinstance(config, (LlavaNextConfig, LlavaOnevisionConfig)):
@@ -527,32 +528,6 @@ def dummy_inputs(
     return inputs
 
 
-@contextmanager
-def _qwen_positions_on_meta(module: nn.Module) -> Iterator[None]:
-    """Qwen-VL on ``meta``: positions are computed from values, which meta tensors lack, and cost no matmul. The
-    tower's patch positions come from ``image_grid_thw`` on the CPU and are moved to the tower's device before
-    its rotary embedding (a forward pre-hook); the engine's M-RoPE positions (``QwenVLAdapter.position_ids``, HF's
-    ``get_rope_index``) are replaced by zeros of their shape (3, B, N), as :func:`measure_flops` passes HF's forward.
-    """
-    model = module.model if isinstance(module, LVPruningModel) else module
-    hook = model.model.visual.rotary_pos_emb.register_forward_pre_hook(
-        lambda _, args: (args[0], args[1].to(args[0].device))  # (x, position_ids (P, 2))
-    )
-    if isinstance(module, LVPruningModel):
-        module.adapter.position_ids = lambda ids, mask, grid: _zero_positions(ids)
-    try:
-        yield
-    finally:
-        hook.remove()
-        if isinstance(module, LVPruningModel):
-            del module.adapter.position_ids  # the class's method again
-
-
-def _zero_positions(input_ids: torch.Tensor) -> torch.Tensor:
-    """M-RoPE positions (3, B, N) with no meaning, for a count on ``meta``."""
-    return torch.zeros(3, *input_ids.shape, dtype=torch.long, device=input_ids.device)
-
-
 def count_flops(module: nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> int:
     """Total FLOPs FlopCounterMode records for one no-grad ``module(**inputs, **kwargs)``. SDPA (the decision
     modules') runs its math backend: the same matmuls as explicit ops, where CPU's fused kernel is invisible to the
@@ -578,8 +553,8 @@ def measure_flops(
     """FlopCounterMode's count of one prefill on the dummy input: the plain HF forward when ``pruning`` is
     None, else ``attach(model, pruning)`` in eval mode (tokens physically removed), pruned by ``method`` after
     ``layers`` (default ``pruning.layers``) with ``keep_ratios``. Qwen-VL on ``meta``: see
-    :func:`_qwen_positions_on_meta` (the tower and the decoder run as they are; on a real device nothing is
-    replaced)."""
+    :func:`~lvpruning.flops_qwen.positions_on_meta` (the tower and the decoder run as they are; on a real device
+    nothing is replaced)."""
     module: nn.Module = build_model(config, device)
     kwargs: dict[str, Any] = {"logits_to_keep": 1 if lm_head_positions == "last" else 0}
     if pruning is not None:
@@ -594,8 +569,8 @@ def measure_flops(
     if not (is_qwen_vl(config) and torch.device(device).type == "meta"):
         return count_flops(module, inputs, **kwargs)
     if pruning is None:
-        kwargs["position_ids"] = _zero_positions(inputs["input_ids"])
-    with _qwen_positions_on_meta(module):
+        kwargs["position_ids"] = zero_positions(inputs["input_ids"])
+    with positions_on_meta(module):
         return count_flops(module, inputs, **kwargs)
 
 

@@ -9,15 +9,22 @@ spatial_merge_size`` = 4 x 4 merged cells (8 x 8 patches), partial windows at th
 smaller, not padded (HF splits the sequence at ``cu_window_seqlens`` and runs one unpadded attention per window),
 except the blocks in ``fullatt_block_indexes``, which attend over the whole frame; Qwen2-VL's blocks all do.
 Counted as in ``lvpruning.flops``: matmuls only, ``2 m n k`` each. ``lvpruning.flops`` imports this module,
-never the reverse.
+never the reverse. The measured count runs HF's tower as it is, on ``meta`` too: ``image_grid_thw`` stays on the
+CPU, so HF computes the windows and ``cu_seqlens`` from its values and runs one attention per segment; only the
+positions, which are values and no matmul, are helped onto ``meta`` (:func:`positions_on_meta`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
+import torch
+from torch import nn
 from transformers import PreTrainedConfig, Qwen2_5_VLConfig, Qwen2VLConfig
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # the PIL backend: no torchvision
+
+from lvpruning.engine import LVPruningModel
 
 QwenVLConfig = Qwen2VLConfig | Qwen2_5_VLConfig
 QWEN_CONFIGS = (Qwen2VLConfig, Qwen2_5_VLConfig)
@@ -79,3 +86,29 @@ def vision_tower_flops(config: QwenVLConfig, h: int, w: int) -> dict[str, int]:
         "vision_layers": v.depth * (2 * p * d * 3 * d + 2 * p * d * d + mlp) + attention,
         "projector": 2 * merged * wide * wide + 2 * merged * wide * out,
     }
+
+
+@contextmanager
+def positions_on_meta(module: nn.Module) -> Iterator[None]:
+    """Qwen-VL on ``meta``: positions are computed from values, which meta tensors lack, and cost no matmul. The
+    tower's patch positions come from ``image_grid_thw`` on the CPU and are moved to the tower's device before
+    its rotary embedding (a forward pre-hook); the engine's M-RoPE positions (``QwenVLAdapter.position_ids``, HF's
+    ``get_rope_index``) are replaced by zeros of their shape (3, B, N), as ``lvpruning.flops.measure_flops``
+    passes to HF's forward."""
+    model = module.model if isinstance(module, LVPruningModel) else module
+    hook = model.model.visual.rotary_pos_emb.register_forward_pre_hook(
+        lambda _, args: (args[0], args[1].to(args[0].device))  # (x, position_ids (P, 2))
+    )
+    if isinstance(module, LVPruningModel):
+        module.adapter.position_ids = lambda ids, mask, grid: zero_positions(ids)
+    try:
+        yield
+    finally:
+        hook.remove()
+        if isinstance(module, LVPruningModel):
+            del module.adapter.position_ids  # the class's method again
+
+
+def zero_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """M-RoPE positions (3, B, N) with no meaning, for a count on ``meta``."""
+    return torch.zeros(3, *input_ids.shape, dtype=torch.long, device=input_ids.device)

@@ -2,7 +2,8 @@
 
 Convention (paper section 4.1, Fig. 1): one image plus ``T`` text tokens (``T = 30``), batch 1, one forward
 pass (the prefill). LLaVA-1.5 sees the image as one 336 x 336 tile; LLaVA-NeXT and LLaVA-OneVision ("anyres") see
-an image of any size as a base tile plus a grid of tiles (``image_layout``; 672 x 672 unless given). Only matrix
+an image of any size as a base tile plus a grid of tiles (``image_layout``; 672 x 672 unless given); Qwen2-VL and
+Qwen2.5-VL see it at its own resolution (672 x 672 unless given; the tower: ``lvpruning.flops_qwen``). Only matrix
 multiplications are counted, ``2 m n k`` FLOPs each (a multiply-add is 2 FLOPs), as
 ``torch.utils.flop_counter.FlopCounterMode`` counts them; norms, activations, softmax, RoPE and
 residual adds are ignored. Attention is counted as full ``N x N`` matmuls even when causal, as the counter
@@ -23,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     LlavaConfig,
@@ -33,12 +35,17 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
     PreTrainedConfig,
     PreTrainedModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
 )
 from transformers.models.llava_next import modeling_llava_next
 from transformers.models.llava_onevision import modeling_llava_onevision
 
 from lvpruning.config import PruningConfig, check_schedule
 from lvpruning.engine import attach
+from lvpruning.flops_qwen import is_qwen_vl, patch_grid, positions_on_meta, vision_tower_flops, zero_positions
 from lvpruning.layout import BASE, NEWLINE, packed_cells
 from lvpruning.policies import POLICIES, PruningPolicy, get_policy, is_trained
 from lvpruning.presets import AnyLlavaConfig
@@ -46,7 +53,8 @@ from lvpruning.stage import StageShape, keep_count
 
 TOLERANCE = 0.02  # analytic and measured counts must agree within 2%
 LogitPositions = Literal["all", "last"]
-_LLAMA_LIKE = {"llama", "mistral", "qwen2"}  # q/k/v/o projections + gated (SwiGLU) MLP
+# q/k/v/o projections + gated (SwiGLU) MLP; Qwen-VL's M-RoPE changes no matmul
+_LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text"}
 TERA = 1e12  # FLOPs per TFLOP
 _CHECK_SWITCH = "TRANSFORMERS_DISABLE_TORCH_CHECK"
 ANYRES_IMAGE_SIZE = (672, 672)  # (H, W) when LLaVA-NeXT / OneVision are given no image size
@@ -55,6 +63,8 @@ MODEL_CLASSES: dict[type[PreTrainedConfig], type[PreTrainedModel]] = {
     LlavaConfig: LlavaForConditionalGeneration,
     LlavaNextConfig: LlavaNextForConditionalGeneration,
     LlavaOnevisionConfig: LlavaOnevisionForConditionalGeneration,
+    Qwen2VLConfig: Qwen2VLForConditionalGeneration,
+    Qwen2_5_VLConfig: Qwen2_5_VLForConditionalGeneration,
 }
 
 
@@ -63,7 +73,9 @@ class ImageLayout:
     """How one ``image_size`` (H, W) image reaches the decoder: the tower runs on ``num_tiles`` square crops of
     ``tile_size`` pixels (anyres: the base view, then a grid of ``grid`` (rows, cols) tiles; LLaVA-1.5: the base
     view only, grid (0, 0)), the projector on ``tile_tokens`` tokens of each; after unpadding the grid (and
-    OneVision's downscaling) and one image_newline per grid row, ``num_vision_tokens`` (|I_V|) reach the decoder."""
+    OneVision's downscaling) and one image_newline per grid row, ``num_vision_tokens`` (|I_V|) reach the decoder.
+    Qwen-VL: ``image_size`` is the resized image, the tower runs once (``num_tiles`` 1) on its ``grid`` (h, w) of
+    ``tile_size``-pixel patches (``tile_tokens`` = h * w), and the merger leaves h * w / 4 vision tokens."""
 
     image_size: tuple[int, int]
     tile_size: int
@@ -88,14 +100,18 @@ def image_layout(config: AnyLlavaConfig, image_size: Sequence[int] | None = None
     helpers (``image_size_to_num_patches``, ``get_anyres_image_grid_shape`` and the model's ``pack_image_features``
     through :func:`~lvpruning.layout.packed_cells`, so unpadding, OneVision's downscaling and the newlines are
     HF's). LLaVA-1.5 takes only its
-    fixed square size; LLaVA-NeXT / OneVision default to ``ANYRES_IMAGE_SIZE``."""
+    fixed square size; LLaVA-NeXT / OneVision default to ``ANYRES_IMAGE_SIZE``, Qwen-VL to ``QWEN_IMAGE_SIZE``
+    (resized by the processor's ``smart_resize``, see :mod:`lvpruning.flops_qwen`)."""
     v = config.vision_config
+    if is_qwen_vl(config):
+        resized, h, w = patch_grid(config, image_size)
+        return ImageLayout(resized, v.patch_size, (h, w), 1, h * w, h * w // v.spatial_merge_size**2)
     tile_tokens = tower_tokens(v) - (config.vision_feature_select_strategy == "default")  # "default" drops CLS
     if isinstance(config, LlavaConfig):
         if image_size is not None and tuple(image_size) != (v.image_size, v.image_size):
             raise ValueError(
                 f"LLaVA-1.5 resizes every image to {v.image_size} x {v.image_size}; an image size of "
-                f"{' x '.join(map(str, image_size))} only applies to LLaVA-NeXT and LLaVA-OneVision"
+                f"{' x '.join(map(str, image_size))} only applies to LLaVA-NeXT, LLaVA-OneVision and Qwen-VL"
             )
         return ImageLayout((v.image_size, v.image_size), v.image_size, (0, 0), 1, tile_tokens, tile_tokens)
     if not isinstance(config, (LlavaNextConfig, LlavaOnevisionConfig)):
@@ -179,6 +195,8 @@ def vision_and_projector_flops(config: AnyLlavaConfig, layout: ImageLayout | Non
     runs) and is also returned on its own as the unused part.
     """
     v, layout = config.vision_config, layout or image_layout(config)
+    if is_qwen_vl(config):  # the merger is the projector; every block feeds the merger
+        return vision_tower_flops(config, *layout.grid), 0
     seq, d = tower_tokens(v), v.hidden_size  # CLIP: patches + CLS
     patches, tiles = (v.image_size // v.patch_size) ** 2, layout.num_tiles
     per_layer = 4 * 2 * seq * d * d + 2 * 2 * seq * seq * d + 2 * 2 * seq * d * v.intermediate_size
@@ -302,7 +320,9 @@ def analytic_flops(
     _check_count(text, pruning, method, layers, ratios, num_text_tokens, lm_head_positions)
     layout = image_layout(config, image_size)
     tower = None
-    if layers and layers[0] < 0 and not isinstance(config, LlavaConfig):
+    if layers and layers[0] < 0 and is_qwen_vl(config):
+        _check_qwen_tower(method)
+    elif layers and layers[0] < 0 and not isinstance(config, LlavaConfig):
         _check_tower_tiles(config, method)
         tower = tower_passes(config, layout) if isinstance(config, LlavaNextConfig) else None
     n_vis, n_text = layout.num_vision_tokens, num_text_tokens
@@ -344,6 +364,12 @@ def _check_tower_tiles(config: AnyLlavaConfig, method: str) -> None:
         raise ValueError(f"{method}'s vision-tower stage (layer -1) is counted for LLaVA-1.5 only, not anyres tiles")
     if policy.tower_cls and not isinstance(config, LlavaNextConfig):
         raise ValueError(f"{method} ranks by the tower's CLS attention; OneVision's SigLIP tower has no CLS token")
+
+
+def _check_qwen_tower(method: str) -> None:
+    """The vision-tower stage on Qwen-VL: only where it reads nothing of the tower (``QwenVLAdapter``'s rule)."""
+    if not POLICIES[method].tower_free:
+        raise ValueError(f"{method}'s vision-tower stage (layer -1) is not ported to Qwen-VL's vision tower")
 
 
 def tower_passes(config: LlavaNextConfig, layout: ImageLayout) -> tuple[tuple[int, ...], int]:
@@ -474,7 +500,8 @@ def dummy_inputs(
 
     LLaVA-NeXT / OneVision: ``pixel_values`` (1, tiles, 3, S, S) and ``image_sizes`` [[H, W]] of ``image_size``
     (see :func:`image_layout`). ``image_sizes`` stays on the CPU when ``device`` is ``meta``: HF reads its values
-    (``tolist``) to choose the tile grid.
+    (``tolist``) to choose the tile grid. Qwen-VL: the flattened patches ``pixel_values`` (h * w, D) and
+    ``image_grid_thw`` [[1, h, w]] (on the CPU under ``meta`` too: HF reads it to cut the attention segments).
     """
     if num_text_tokens < 1:
         raise ValueError(f"num_text_tokens must be at least 1, got {num_text_tokens}")
@@ -484,21 +511,30 @@ def dummy_inputs(
         text_id = (config.image_token_id + 1) % config.text_config.vocab_size
     input_ids = torch.full((1, n_vis + num_text_tokens), text_id, dtype=torch.long)
     input_ids[0, 1 : 1 + n_vis] = config.image_token_id
-    channels, side = config.vision_config.num_channels, layout.tile_size
     inputs = {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device)}
+    sizes_device = "cpu" if torch.device(device).type == "meta" else device
+    if is_qwen_vl(config):
+        v, (h, w) = config.vision_config, layout.grid
+        patch = v.in_channels * v.temporal_patch_size * v.patch_size**2  # D
+        inputs["pixel_values"] = torch.zeros(h * w, patch).to(device)  # (P, D)
+        inputs["image_grid_thw"] = torch.tensor([[1, h, w]], device=sizes_device)  # (1, 3): t, h, w
+        return inputs
+    channels, side = config.vision_config.num_channels, layout.tile_size
     if isinstance(config, LlavaConfig):
         inputs["pixel_values"] = torch.zeros(1, channels, side, side).to(device)
         return inputs
     inputs["pixel_values"] = torch.zeros(1, layout.num_tiles, channels, side, side).to(device)  # (1, tiles, 3, S, S)
-    sizes_device = "cpu" if torch.device(device).type == "meta" else device
     inputs["image_sizes"] = torch.tensor([layout.image_size], device=sizes_device)  # (1, 2): H, W
     return inputs
 
 
 def count_flops(module: nn.Module, inputs: dict[str, torch.Tensor], **kwargs: Any) -> int:
-    """Total FLOPs FlopCounterMode records for one no-grad ``module(**inputs, **kwargs)``."""
-    with _value_checks_off(), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        module(**inputs, **kwargs)
+    """Total FLOPs FlopCounterMode records for one no-grad ``module(**inputs, **kwargs)``. SDPA (the decision
+    modules') runs its math backend: the same matmuls as explicit ops, where CPU's fused kernel is invisible to the
+    counter (on ``meta`` SDPA decomposes into them anyway)."""
+    with _value_checks_off(), torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as counter:
+            module(**inputs, **kwargs)
     return counter.get_total_flops()
 
 
@@ -516,7 +552,9 @@ def measure_flops(
 ) -> int:
     """FlopCounterMode's count of one prefill on the dummy input: the plain HF forward when ``pruning`` is
     None, else ``attach(model, pruning)`` in eval mode (tokens physically removed), pruned by ``method`` after
-    ``layers`` (default ``pruning.layers``) with ``keep_ratios``."""
+    ``layers`` (default ``pruning.layers``) with ``keep_ratios``. Qwen-VL on ``meta``: see
+    :func:`~lvpruning.flops_qwen.positions_on_meta` (the tower and the decoder run as they are; on a real device
+    nothing is replaced)."""
     module: nn.Module = build_model(config, device)
     kwargs: dict[str, Any] = {"logits_to_keep": 1 if lm_head_positions == "last" else 0}
     if pruning is not None:
@@ -525,7 +563,15 @@ def measure_flops(
         kwargs["keep_ratios"] = tuple(keep_ratios if keep_ratios is not None else pruning.infer_ratios)
         kwargs["policy"] = get_policy(method, decision_modules=module.decision_modules, params=params)
         kwargs["layers"] = tuple(layers) if layers is not None else pruning.layers
-    return count_flops(module, dummy_inputs(config, num_text_tokens, device, image_size), **kwargs)
+    inputs = dummy_inputs(config, num_text_tokens, device, image_size)
+    if is_qwen_vl(config) and pruning is None:  # HF's M-RoPE needs the token types (the processor's output)
+        kwargs["mm_token_type_ids"] = (inputs["input_ids"] == config.image_token_id).int()  # (1, N)
+    if not (is_qwen_vl(config) and torch.device(device).type == "meta"):
+        return count_flops(module, inputs, **kwargs)
+    if pruning is None:
+        kwargs["position_ids"] = zero_positions(inputs["input_ids"])
+    with positions_on_meta(module):
+        return count_flops(module, inputs, **kwargs)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The FLOPs CLI, ``python -m lvpruning.flops``: the analytic prefill count of a preset or HF config (LLaVA-1.5,
-LLaVA-NeXT or LLaVA-OneVision), beside FlopCounterMode's count on the ``meta`` device; a table, or one JSON object
-with ``--json``."""
+LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL or Qwen2.5-VL), beside FlopCounterMode's count on the ``meta`` device; a
+table, or one JSON object with ``--json``."""
 
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs=2,
         metavar=("H", "W"),
-        help=f"image height and width in pixels, LLaVA-NeXT / OneVision (default {ANYRES_IMAGE_SIZE[0]} "
-        f"{ANYRES_IMAGE_SIZE[1]}); LLaVA-1.5 takes only its fixed 336 336",
+        help=f"image height and width in pixels, LLaVA-NeXT / OneVision / Qwen-VL (default {ANYRES_IMAGE_SIZE[0]} "
+        f"{ANYRES_IMAGE_SIZE[1]}; Qwen-VL rounds both to multiples of 28 as its processor's smart_resize does); "
+        "LLaVA-1.5 takes only its fixed 336 336",
     )
     add("--method", choices=list(POLICIES), default="lvpruning", help="pruning method (default: LVPruning)")
     add("--layers", type=int, nargs="+", help="zero-based decoder layers (default: the method's published ones)")

@@ -4,7 +4,9 @@ LLaVA-1.5 follows the ``llava-hf/llava-1.5-{7b,13b}-hf`` ``config.json`` files: 
 its penultimate layer with the CLS token dropped (576 vision tokens), a 2-layer GELU projector, and a Vicuna (Llama)
 text model with the llava-hf vocabulary of 32064 (32000 + the ``<image>`` and ``<pad>`` tokens, padded to 64).
 LLaVA-NeXT (1.6) and LLaVA-OneVision add "anyres": the tower also runs on a grid of tiles of the image (see
-``lvpruning.flops.image_layout``).
+``lvpruning.flops.image_layout``). Qwen2-VL and Qwen2.5-VL follow the ``Qwen/Qwen2-VL-7B-Instruct`` and
+``Qwen/Qwen2.5-VL-{7B,3B}-Instruct`` ``config.json`` files, written here from the published files (nothing can be
+downloaded here): their towers see the image at its own resolution (see ``lvpruning.flops_qwen``).
 """
 
 from __future__ import annotations
@@ -20,14 +22,18 @@ from transformers import (
     LlavaNextConfig,
     LlavaOnevisionConfig,
     MistralConfig,
+    Qwen2_5_VLConfig,
     Qwen2Config,
+    Qwen2VLConfig,
     SiglipVisionConfig,
 )
 
 IMAGE_TOKEN_ID = 32000  # llava-hf's "<image>"
 PAD_TOKEN_ID = 32001  # llava-hf's "<pad>"
-AnyLlavaConfig: TypeAlias = LlavaConfig | LlavaNextConfig | LlavaOnevisionConfig
-SUPPORTED_CONFIGS = (LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig)
+AnyLlavaConfig: TypeAlias = LlavaConfig | LlavaNextConfig | LlavaOnevisionConfig | Qwen2VLConfig | Qwen2_5_VLConfig
+SUPPORTED_CONFIGS = (LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig, Qwen2VLConfig, Qwen2_5_VLConfig)
+# Qwen-VL's special tokens (the Qwen2 tokenizer's <|vision_start|>, <|vision_end|>, <|image_pad|>, <|video_pad|>)
+QWEN_VL_TOKENS = {"vision_start": 151652, "vision_end": 151653, "image": 151655, "video": 151656}
 # LLaVA-NeXT's anyres resolutions (H, W), in pixels: 2 x 1, 1 x 2, 2 x 2, 3 x 1 and 1 x 3 tiles of 336
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 # OneVision's anyres_max_9: every grid of 1 to 6 x 1 to 6 tiles of 384 (features downscaled past 9 tiles' worth)
@@ -176,18 +182,109 @@ def llava_onevision_7b_config() -> LlavaOnevisionConfig:
     )
 
 
+def _qwen_vl_text(
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    intermediate_size: int,
+    vocab_size: int,
+    max_position_embeddings: int,
+    tie_word_embeddings: bool,
+) -> dict:
+    """A Qwen-VL decoder (Qwen2 with q/k/v biases and M-RoPE, ``mrope_section`` [16, 24, 24] of the 64 rotary
+    frequencies for time, height and width)."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "max_position_embeddings": max_position_embeddings,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        "use_sliding_window": False,
+        "hidden_act": "silu",
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "tie_word_embeddings": tie_word_embeddings,
+    }
+
+
+def _qwen_vl_tokens() -> dict[str, int]:
+    return {f"{name}_token_id": token for name, token in QWEN_VL_TOKENS.items()}
+
+
+def qwen2_vl_7b_config() -> Qwen2VLConfig:
+    """Qwen2-VL-7B (``Qwen/Qwen2-VL-7B-Instruct``): a 675M ViT (32 blocks, width 1280, 16 heads, MLP 5120 with
+    QuickGELU, full attention, 14-pixel patches over 2 frames) and a 2 x 2 merger into Qwen2-7B (hidden 3584, 28
+    layers, 28 query and 4 key/value heads, MLP 18944, vocabulary 152064)."""
+    vision = {
+        "depth": 32,
+        "embed_dim": 1280,
+        "mlp_ratio": 4,
+        "num_heads": 16,
+        "hidden_size": 3584,  # the merger's output: the decoder's width
+        "hidden_act": "quick_gelu",
+        "in_channels": 3,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    text = _qwen_vl_text(3584, 28, 28, 4, 18944, 152064, 32768, tie_word_embeddings=False)
+    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_qwen_vl_tokens())
+
+
+def _qwen25_vl(text: dict) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL: the same ViT at 7B and 3B (32 blocks, width 1280, 16 heads, gated SwiGLU MLP 3420, RMSNorm,
+    window attention over 112-pixel windows except blocks 7, 15, 23 and 31), merged 2 x 2 into ``text``."""
+    vision = {
+        "depth": 32,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "out_hidden_size": text["hidden_size"],
+        "hidden_act": "silu",
+        "in_channels": 3,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2,
+    }
+    tie = text["tie_word_embeddings"]
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **_qwen_vl_tokens())
+
+
+def qwen25_vl_7b_config() -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-7B (``Qwen/Qwen2.5-VL-7B-Instruct``): hidden 3584, 28 layers, 28 query and 4 key/value heads,
+    MLP 18944, vocabulary 152064, untied lm_head."""
+    return _qwen25_vl(_qwen_vl_text(3584, 28, 28, 4, 18944, 152064, 128000, tie_word_embeddings=False))
+
+
+def qwen25_vl_3b_config() -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-3B (``Qwen/Qwen2.5-VL-3B-Instruct``): hidden 2048, 36 layers, 16 query and 2 key/value heads,
+    MLP 11008, vocabulary 151936, lm_head tied to the embeddings (still one matmul)."""
+    return _qwen25_vl(_qwen_vl_text(2048, 36, 16, 2, 11008, 151936, 128000, tie_word_embeddings=True))
+
+
 PRESETS: dict[str, Callable[[], AnyLlavaConfig]] = {
     "llava-1.5-7b": llava_15_7b_config,
     "llava-1.5-13b": llava_15_13b_config,
     "llava-next-7b": llava_next_7b_config,
     "llava-next-mistral-7b": llava_next_mistral_7b_config,
     "llava-onevision-7b": llava_onevision_7b_config,
+    "qwen2-vl-7b": qwen2_vl_7b_config,
+    "qwen2.5-vl-7b": qwen25_vl_7b_config,
+    "qwen2.5-vl-3b": qwen25_vl_3b_config,
 }
 
 
 def load_llava_config(name_or_path: str) -> AnyLlavaConfig:
     """A preset name, or an HF hub id / local directory whose ``config.json`` is read (never the weights): a
-    ``LlavaConfig``, ``LlavaNextConfig`` or ``LlavaOnevisionConfig``."""
+    ``LlavaConfig``, ``LlavaNextConfig``, ``LlavaOnevisionConfig``, ``Qwen2VLConfig`` or ``Qwen2_5_VLConfig``."""
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]()
     try:

@@ -163,6 +163,7 @@ class LlavaAdapter(DecoderAdapter):
             raise ValueError(f"LVPruning supports the decoders {DECODERS}, got '{text_config.model_type}'")
         super().__init__(model)
         self.tiled = not isinstance(model, LlavaForConditionalGeneration)
+        self.cells: dict[tuple[int, int], torch.Tensor] = {}  # image size -> packed_cells, computed once
 
     @property
     def vision_layers(self) -> nn.ModuleList:
@@ -242,7 +243,12 @@ class LlavaAdapter(DecoderAdapter):
         side = vision.image_size // vision.patch_size
         if not self.tiled:
             return base_grid_layout(num_samples, side, num_slots)
-        return VisionLayout.stack([packed_cells(self.model.config, size) for size in image_sizes.tolist()], num_slots)
+        rows = []
+        for size in map(tuple, image_sizes.tolist()):
+            if size not in self.cells:
+                self.cells[size] = packed_cells(self.model.config, list(size))
+            rows.append(self.cells[size])
+        return VisionLayout.stack(rows, num_slots)
 
     def check_tower_stage(self, policy: PruningPolicy) -> None:
         """Fail before any model work where ``policy`` cannot run the vision-tower stage on this model: on the tiled

@@ -24,6 +24,7 @@ from transformers import (
     MistralConfig,
     PreTrainedConfig,
     PreTrainedTokenizerFast,
+    ProcessorMixin,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
@@ -132,20 +133,6 @@ def fitting_tokenizer(config: PreTrainedConfig, words: Iterable[str] = ()) -> Pr
     return tokenizer
 
 
-def build_processor(config: LlavaConfig, words: Iterable[str] = ()) -> LlavaProcessor:
-    """A ``LlavaProcessor`` (CLIP normalization, square resize) whose tokenizer covers ``words``."""
-    tokenizer = fitting_tokenizer(config, words)
-    size = config.vision_config.image_size
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" feature selection
-    )
-
-
 # A vicuna_v1-like chat template for the tiny tiled processors (llava-v1.6-vicuna's shape: the image first, each
 # assistant turn closed by </s>), so that prompts are the processor's own, as for the real checkpoints.
 TINY_CHAT_TEMPLATE = (
@@ -160,24 +147,23 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def build_tiled_processor(config: LlavaNextConfig, words: Iterable[str] = ()) -> LlavaNextProcessor:
-    """A ``LlavaNextProcessor`` for a tiny LLaVA-NeXT config (its tiles, grid and feature selection), whose
-    tokenizer covers ``words``, with :data:`TINY_CHAT_TEMPLATE`."""
+def build_processor(config: LlavaConfig | LlavaNextConfig, words: Iterable[str] = ()) -> ProcessorMixin:
+    """The processor of a tiny config, whose tokenizer covers ``words``: a ``LlavaProcessor`` (CLIP normalization,
+    square resize) for LLaVA-1.5, a ``LlavaNextProcessor`` (its tiles, grid and feature selection, with
+    :data:`TINY_CHAT_TEMPLATE`) for LLaVA-NeXT."""
     tokenizer = fitting_tokenizer(config, words)
     size = config.vision_config.image_size
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_grid_pinpoints=config.image_grid_pinpoints,
-    )
-    return LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" feature selection
-        chat_template=TINY_CHAT_TEMPLATE,
-    )
+    square = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+    common = {
+        "tokenizer": tokenizer,
+        "patch_size": config.vision_config.patch_size,
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "num_additional_image_tokens": 1,  # CLIP's CLS token, dropped by the "default" feature selection
+    }
+    if isinstance(config, LlavaNextConfig):
+        image_processor = LlavaNextImageProcessorPil(**square, image_grid_pinpoints=config.image_grid_pinpoints)
+        return LlavaNextProcessor(image_processor=image_processor, chat_template=TINY_CHAT_TEMPLATE, **common)
+    return LlavaProcessor(image_processor=CLIPImageProcessorPil(**square), **common)
 
 
 DECODER_CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaProcessor
 
-from lvpruning.tiny import build_processor, build_tiled_processor, tiny_llava, tiny_llava_config, tiny_tiled_config
+from lvpruning.tiny import build_processor, tiny_llava, tiny_llava_config, tiny_tiled_config
 from pipelines.toy.hires import ASPECTS, HiresSpec
 from pipelines.toy.scenes import SceneSpec, WorldSpec, toy_words
 
@@ -57,8 +57,6 @@ def toy_processor(config: LlavaConfig | LlavaNextConfig | None = None, spec: Wor
     spec = spec or SceneSpec()
     config = config or toy_config(spec)
     words = toy_words(spec.question_types)
-    if isinstance(config, LlavaNextConfig):
-        return build_tiled_processor(config, words=words)
     return build_processor(config, words=words)
 
 

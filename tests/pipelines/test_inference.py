@@ -19,7 +19,6 @@ from lvpruning import PruningConfig, attach, from_pretrained, load_decision_modu
 from lvpruning.policies import get_policy
 from lvpruning.tiny import (
     build_processor,
-    build_tiled_processor,
     build_tokenizer,
     tiny_llava,
     tiny_llava_config,
@@ -68,7 +67,7 @@ def write_tiny_world(root: Path, n_good: int = 8, tiled: bool = False) -> TinyWo
     config = tiny_tiled_config() if tiled else tiny_llava_config()
     n_fill = config.text_config.vocab_size - len(build_tokenizer(WORDS))  # every id decodes to a word
     words = WORDS + [f"filler{i}" for i in range(n_fill)]
-    processor = build_tiled_processor(config, words) if tiled else build_processor(config, words)
+    processor = build_processor(config, words) if tiled else build_processor(config, words)
     model = tiny_llava(config, seed=0)
     model.save_pretrained(root / "model")
     processor.save_pretrained(root / "model")

@@ -13,7 +13,6 @@ from lvpruning import PruningConfig, attach
 from lvpruning.tiny import (
     TINY_CHAT_TEMPLATE,
     build_processor,
-    build_tiled_processor,
     tiny_llava,
     tiny_llava_config,
     tiny_tiled_config,
@@ -39,7 +38,7 @@ SIZES = [(32, 32), (20, 12), (16, 32), (32, 16)]  # (height, width)
 @pytest.fixture(scope="module")
 def tiled():
     config = tiny_tiled_config("llava_next", "llama", vocab_size=128)
-    return tiny_llava(config, seed=0), build_tiled_processor(config, WORDS)
+    return tiny_llava(config, seed=0), build_processor(config, WORDS)
 
 
 def conversation(turns: int = 2) -> list[dict]:
@@ -62,7 +61,7 @@ def test_the_tiled_families_take_the_processors_chat_template(tiled):
     assert [prompt.text[a:b] for a, b in prompt.answer_spans] == ["red</s>", "no</s>"]
     assert prompt_template(build_processor(tiny_llava_config(), WORDS)) is VICUNA_V1
     assert square_background(processor) is None  # anyres takes the image as it is
-    bare = build_tiled_processor(tiny_tiled_config(), WORDS)
+    bare = build_processor(tiny_tiled_config(), WORDS)
     bare.chat_template = None
     with pytest.raises(ValueError, match="LlavaNextProcessor has no chat_template"):
         prompt_template(bare)
@@ -73,7 +72,7 @@ def test_a_template_that_closes_turns_without_eos_gets_it_after_each_answer(tile
     each answer and supervised (LLaVA's ``</s>``), so the model learns to stop; an answer's own trailing space is
     the template's to write; an answer the template drops fails as a counted record error."""
     _, processor = tiled
-    bare = build_tiled_processor(tiny_tiled_config(), WORDS)
+    bare = build_processor(tiny_tiled_config(), WORDS)
     bare.chat_template = TINY_CHAT_TEMPLATE.replace("{{ '</s>' }}", "{{ ' ' }}")
     turns = parse_turns(conversation(2))
     turns[0] = (turns[0][0], "red ")

@@ -8,7 +8,7 @@ view halves the image along each axis that has two tiles, and the tiles are the 
 An object is a flat grey box (``GREY``) with its shape drawn inside as a 1-pixel checkerboard of its color and the
 complement of that color about ``GREY`` (``c`` on even pixels, ``2 * GREY - c`` on odd ones). Every 2 pixels along
 a halved axis average to ``GREY``, so the base view shows a grey blob where each object is (its place and size) and
-neither its color nor its shape; a tile shows both. Shapes are ``_shape_mask`` drawn in 2 x 2-pixel cells and their
+neither its color nor its shape; a tile shows both. Shapes are ``shape_mask`` drawn in 2 x 2-pixel cells and their
 edges softened by ``[1/4, 1/2, 1/4]`` along each axis: a sharp edge in the checkerboard's strength would leak into
 the base view (13% of the jump at one axis halved, measured); the softening has no response at the checkerboard's
 frequency, so the leak falls to PIL's rounding (test_toy_hires.py measures it on the processor's own base view).
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pipelines.toy.scenes import COLORS, QUESTION_TYPES, SHAPES, Scene, ToyObject, _shape_mask
+from pipelines.toy.scenes import COLORS, SHAPES, Scene, ToyObject, check_objects, check_question_types, shape_mask
 
 ASPECTS: dict[str, tuple[int, int]] = {"square": (2, 2), "wide": (1, 2), "tall": (2, 1)}  # tile rows, tile cols
 GREY = 128  # every object's mean color: all the base view sees of it
@@ -66,11 +66,7 @@ class HiresSpec:
             raise ValueError(f"aspects must be a non-empty subset of {tuple(ASPECTS)}, got {unknown}")
         if self.tile % (_SLOTS * self.patch):
             raise ValueError(f"tile must be a multiple of {_SLOTS} patches, got tile {self.tile}, patch {self.patch}")
-        if not 1 <= self.min_objects <= self.max_objects <= len(SHAPES):
-            raise ValueError(
-                f"min_objects, max_objects must satisfy 1 <= min <= max <= {len(SHAPES)}, got {self.min_objects}, "
-                f"{self.max_objects}"
-            )
+        check_objects(self.min_objects, self.max_objects, len(SHAPES))
         slot = self.tile // _SLOTS
         if not (5 * CELL <= self.small_px < self.large_px and self.cells("large") * self.patch <= slot) or (
             self.small_px % CELL or self.large_px % CELL
@@ -79,9 +75,7 @@ class HiresSpec:
                 f"small_px, large_px must be multiples of {CELL} with {5 * CELL} <= small < large and large in "
                 f"whole patches <= {slot} (a slot), got {self.small_px}, {self.large_px}"
             )
-        unknown = set(self.question_types) - set(QUESTION_TYPES)
-        if unknown or not self.question_types:
-            raise ValueError(f"question_types must be a non-empty subset of {QUESTION_TYPES}, got {unknown}")
+        check_question_types(self.question_types)
 
     def side(self, size: str) -> int:
         return self.small_px if size == "small" else self.large_px
@@ -150,7 +144,7 @@ def render_hires(scene: Scene, spec: HiresSpec) -> np.ndarray:
     for obj in scene.objects:
         inset = (obj.cells * spec.patch - obj.side) // 2  # centre the box in its patches
         y0, x0 = obj.row * spec.patch + inset, obj.col * spec.patch + inset
-        cells = _shape_mask(obj.shape, obj.side // CELL).astype(np.float64)  # (side / CELL, side / CELL)
+        cells = shape_mask(obj.shape, obj.side // CELL).astype(np.float64)  # (side / CELL, side / CELL)
         strength = _soften(np.kron(cells, np.ones((CELL, CELL))))  # (side, side), 1 inside the shape, 0 outside
         offset = strength[..., None] * (np.array(COLORS[obj.color]) - GREY)  # (side, side, 3)
         box = GREY + sign[y0 : y0 + obj.side, x0 : x0 + obj.side] * offset

@@ -73,6 +73,21 @@ _ASKS = {
 }
 
 
+def check_objects(min_objects: int, max_objects: int, most: int) -> None:
+    """A scene spec's object counts: ``1 <= min_objects <= max_objects <= most``."""
+    if not 1 <= min_objects <= max_objects <= most:
+        raise ValueError(
+            f"min_objects, max_objects must satisfy 1 <= min <= max <= {most}, got {min_objects}, {max_objects}"
+        )
+
+
+def check_question_types(question_types: tuple[str, ...]) -> None:
+    """A scene spec's question types: a non-empty subset of ``QUESTION_TYPES``."""
+    unknown = set(question_types) - set(QUESTION_TYPES)
+    if unknown or not question_types:
+        raise ValueError(f"question_types must be a non-empty subset of {QUESTION_TYPES}, got {unknown}")
+
+
 @dataclass(frozen=True)
 class SceneSpec:
     """How scenes and questions are drawn. ``grid**2`` is the number of vision tokens of the toy model."""
@@ -89,19 +104,13 @@ class SceneSpec:
     def __post_init__(self) -> None:
         if self.grid % 2 or self.grid < 4:
             raise ValueError(f"grid must be even and >= 4, got {self.grid}")
-        if not 1 <= self.min_objects <= self.max_objects <= len(QUADRANTS):
-            raise ValueError(
-                f"min_objects, max_objects must satisfy 1 <= min <= max <= 4, got {self.min_objects}, "
-                f"{self.max_objects}"
-            )
+        check_objects(self.min_objects, self.max_objects, len(QUADRANTS))
         if not 5 <= self.small_px < self.large_px <= self.grid // 2 * self.patch:
             raise ValueError(
                 f"small_px, large_px must satisfy 5 <= small < large <= quadrant side, got "
                 f"{self.small_px}, {self.large_px}"
             )
-        unknown = set(self.question_types) - set(QUESTION_TYPES)
-        if unknown or not self.question_types:
-            raise ValueError(f"question_types must be a non-empty subset of {QUESTION_TYPES}, got {unknown}")
+        check_question_types(self.question_types)
 
     @property
     def image_size(self) -> int:
@@ -212,7 +221,7 @@ def sample_scene(rng: random.Random, spec: SceneSpec) -> Scene:
     return Scene(tuple(objects))
 
 
-def _shape_mask(shape: str, side: int) -> np.ndarray:
+def shape_mask(shape: str, side: int) -> np.ndarray:
     """Boolean ``(side, side)`` mask of a shape drawn in a box of ``side`` pixels with a 1-pixel margin.
 
     The four shapes differ in many pixels at every size (a filled box, its outline, a plus, a triangle), and
@@ -243,7 +252,7 @@ def render(scene: Scene, spec: SceneSpec) -> np.ndarray:
         inset = (obj.cells * spec.patch - obj.side) // 2  # centre the box in its patches
         y0, x0 = obj.row * spec.patch + inset, obj.col * spec.patch + inset
         box = image[y0 : y0 + obj.side, x0 : x0 + obj.side]  # (side, side, 3), a view
-        box[_shape_mask(obj.shape, obj.side)] = COLORS[obj.color]
+        box[shape_mask(obj.shape, obj.side)] = COLORS[obj.color]
     return image
 
 

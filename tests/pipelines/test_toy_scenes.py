@@ -16,11 +16,11 @@ from pipelines.toy.scenes import (
     QUESTION_TYPES,
     SHAPES,
     SceneSpec,
-    _shape_mask,
     make_split,
     render,
     repaint,
     sample_scene,
+    shape_mask,
     solve,
 )
 
@@ -194,7 +194,7 @@ def test_shapes_differ_in_every_patch_they_cover(side):
     # A vision token sees one patch: a small shape whole, a large one by quarters. Any two shapes must differ
     # in at least 1/8 of the pixels of every patch they cover, or the tower cannot tell them apart quickly.
     patch = SceneSpec().patch
-    masks = {shape: _shape_mask(shape, side) for shape in SHAPES}
+    masks = {shape: shape_mask(shape, side) for shape in SHAPES}
     for a, b in itertools.combinations(SHAPES, 2):
         for r in range(0, side, patch):
             for c in range(0, side, patch):

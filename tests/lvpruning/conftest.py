@@ -66,6 +66,18 @@ def make_pruner(seed: int = 0, layers=(0, 1, 2), num_layers: int = 5, attn: str 
     return attach(model, pruning).eval()
 
 
+def decisions_of(kept_vision: list[torch.Tensor], num_slots: int) -> list[torch.Tensor]:
+    """Hard training decisions (B, num_slots) per stage that keep exactly what inference kept (``kept_vision``,
+    each (B, k) with -1 on a sample's surplus slots)."""
+    decisions = []
+    for stage in kept_vision:
+        keep = torch.zeros(stage.shape[0], num_slots)
+        for i, kept in enumerate(stage):
+            keep[i, kept[kept >= 0]] = 1.0
+        decisions.append(keep)
+    return decisions
+
+
 def generate_alone(pruner, batch: dict[str, torch.Tensor], i: int, **kwargs) -> torch.Tensor:
     """Sample ``i`` of a left-padded batch generated on its own, its padding removed: (1, L_i + new)."""
     keep = batch["attention_mask"][i].bool()

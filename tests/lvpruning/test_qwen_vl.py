@@ -13,7 +13,7 @@ from lvpruning.policies import POLICIES, get_policy
 from lvpruning.qwen_vl import QwenVLAdapter
 from lvpruning.stage import keep_count
 from lvpruning.tiny import QWEN_VL_TOKENS, tiny_llava, tiny_qwen_vl_config
-from tests.lvpruning.conftest import VOCAB
+from tests.lvpruning.conftest import VOCAB, decisions_of
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 GRIDS = [(1, 8, 8), (1, 4, 6), (1, 6, 10), (1, 4, 4)]  # (t, h, w) patches: 16, 6, 15 and 4 vision tokens
@@ -162,12 +162,7 @@ def test_training_masks_equal_inference_removal_at_random_decisions(family, monk
     n = counts(batch)
     with torch.no_grad():
         removed = pruner(**batch, policy=get_policy("random", seed=4))
-        decisions = []
-        for stage in removed.kept_vision:
-            keep = torch.zeros(2, max(n))
-            for i in range(2):
-                keep[i, stage[i][stage[i] >= 0]] = 1.0
-            decisions.append(keep)
+        decisions = decisions_of(removed.kept_vision, max(n))
         monkeypatch.setattr(engine, "gumbel_decisions", lambda gamma, tau: decisions.pop(0))
         masked = pruner.train()(**batch)
     index = removed.token_index  # (B, N_out) positions (of the equalized layout) that survived

@@ -13,7 +13,7 @@ from lvpruning.layout import BASE, EMPTY, NEWLINE, TILE
 from lvpruning.policies import POLICIES, get_policy
 from lvpruning.stage import keep_count
 from lvpruning.tiny import tiny_llava, tiny_llava_config, tiny_tiled_config
-from tests.lvpruning.conftest import IMAGE_TOKEN, VOCAB
+from tests.lvpruning.conftest import IMAGE_TOKEN, VOCAB, decisions_of
 
 MODELS = [("llava_next", "llama"), ("llava_next", "mistral"), ("llava_next", "qwen2"), ("llava_onevision", "qwen2")]
 SIZES = [(32, 32), (20, 12), (16, 32), (32, 16)]  # (height, width): 88, 46, 52 and 56 vision tokens
@@ -145,12 +145,7 @@ def test_training_masks_equal_inference_removal_on_images_of_different_sizes(fam
     counts = vision_counts(pruner.model, sizes)
     with torch.no_grad():
         removed = pruner(**batch, policy=get_policy("random", seed=4))
-        decisions = []
-        for stage in removed.kept_vision:
-            keep = torch.zeros(2, max(counts))
-            for i in range(2):
-                keep[i, stage[i][stage[i] >= 0]] = 1.0
-            decisions.append(keep)
+        decisions = decisions_of(removed.kept_vision, max(counts))
         monkeypatch.setattr(engine, "gumbel_decisions", lambda gamma, tau: decisions.pop(0))
         masked = pruner.train()(**batch)
     index = removed.token_index  # (B, N_out) positions (of the equalized layout) that survived

@@ -61,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from pipelines.cluster import connect_ray
     from pipelines.eval.evaluation import evaluate, format_table
+    from pipelines.tracking import experiment_link
 
     try:  # a path that another node of the cluster would need but cannot read fails here, naming its key
         connect_ray(job)
@@ -69,6 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         print(format_table(evaluate(job)))
+        print(experiment_link(job.config))
     finally:
         ray.shutdown()
     return 0

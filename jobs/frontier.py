@@ -45,7 +45,7 @@ def report(result: FrontierResult, uri: str) -> None:
     print(
         f"frontier run {result.run_id} (experiment {result.experiment_id}): frontier.png, frontier.html, frontier.csv"
     )
-    print(ui_hint(uri))
+    print(ui_hint(uri, result.experiment_id, result.run_id))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipelines.config import load_config
     from pipelines.eval.evaluation import evaluate, evaluate_command, format_table
     from pipelines.job import resolve
-    from pipelines.tracking import ui_hint
+    from pipelines.tracking import experiment_link
     from pipelines.train.experiment import check_training, run_training
 
     try:  # the config, resolved and checked against the model's shape: a bad one fails here, before any cluster work
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-    print(f"\nMLflow: experiment '{cfg.mlflow.experiment}' at {uri}\n  {ui_hint(uri)}")
+    print(f"\n{experiment_link(cfg)}")
     return 0
 
 

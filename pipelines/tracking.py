@@ -92,11 +92,28 @@ def tracking_path(uri: str) -> str | None:
     return None if "://" in uri else uri
 
 
-def ui_hint(uri: str) -> str:
-    """How to open the UI on this store (bound to loopback; pass --host to share it deliberately)."""
-    if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   # then open http://127.0.0.1:5000"
+UI = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves by default (loopback)
+MODEL_TRAINING = "workflowType=machine_learning"  # MLflow 3's runs view; without it a link opens its GenAI view
+
+
+def ui_hint(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """How to open the UI on this store (bound to loopback; pass --host to share it deliberately), and links to the
+    experiment's runs and to ``run_id``'s page, in MLflow's model-training view."""
+    uri = redact(uri)
+    server = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI
+    lines = [] if server != UI else [f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"]
+    lines.append(f"runs: {server}/#/experiments/{experiment_id}?{MODEL_TRAINING}")
+    if run_id is not None:
+        lines.append(f"run: {server}/#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING}")
+    return "\n  ".join(lines)
+
+
+def experiment_link(cfg: JobConfig) -> str:
+    """Where the config's experiment is and how to open its runs in the UI (:func:`ui_hint`)."""
+    uri = tracking_uri(cfg)
+    experiment = MlflowClient(uri).get_experiment_by_name(cfg.mlflow.experiment)
+    where = f"MLflow: experiment '{cfg.mlflow.experiment}' at {redact(uri)}"
+    return where if experiment is None else f"{where}\n  {ui_hint(uri, experiment.experiment_id)}"
 
 
 def latest_training_run(cfg: JobConfig, uri: str) -> Run | None:

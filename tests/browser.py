@@ -94,3 +94,17 @@ def open_artifact(
         if not (facts and facts["complete"] and facts["natural_width"] > 0 and facts["width"] > 0):
             pytest.fail(f"{artifact_path} never rendered at {url} within {timeout} s (last: {facts}); see {screenshot}")
         return facts | {"url": url, "screenshot": str(screenshot)}
+
+
+def page_text(url: str, expected: str, timeout: float = 30) -> tuple[str, str]:
+    """Open ``url`` in a fresh session and wait until its text shows ``expected`` (or ``timeout`` passes): the
+    page's text and the URL the app ended on."""
+    with chrome() as driver:
+        driver.get(url)
+        deadline, text = time.monotonic() + timeout, ""
+        while time.monotonic() < deadline:
+            text = driver.execute_script("return document.body.innerText")
+            if expected in text:
+                break
+            time.sleep(0.25)
+        return text, driver.current_url

@@ -128,9 +128,10 @@ class AccuracySearch(Objective):
         cfg = job.config
         frontier = run_frontier(cfg.mlflow.tracking_uri, [cfg.mlflow.experiment])
         uri = redact(cfg.mlflow.tracking_uri)  # shown without the user:password@ a server URL may carry
+        links = ui_hint(uri, frontier.experiment_id, frontier.run_id)
         return (
             f"Pareto frontier (accuracy/mean against TFLOPs), frontier run {frontier.run_id}:\n{frontier.table}\n\n"
-            f"MLflow: experiment '{cfg.mlflow.experiment}' at {uri}\n  {ui_hint(uri)}"
+            f"MLflow: experiment '{cfg.mlflow.experiment}' at {uri}\n  {links}"
         )
 
 

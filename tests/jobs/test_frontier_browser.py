@@ -1,5 +1,6 @@
-"""The frontier as a user sees it: ``jobs/frontier.py`` against an ``mlflow server``, then its PNG in the MLflow UI in
-headless chromium (a screenshot is saved under ``$PYTEST_ARTIFACTS`` or ``test-artifacts/``)."""
+"""The frontier as a user sees it: ``jobs/frontier.py`` against an ``mlflow server``, then the links it prints and
+its PNG in the MLflow UI in headless chromium (a screenshot is saved under ``$PYTEST_ARTIFACTS`` or
+``test-artifacts/``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from tests.browser import browser_binaries, open_artifact, screenshot_path
+from tests.browser import browser_binaries, open_artifact, page_text, screenshot_path
 from tests.pipelines.test_frontier import log_setting, setting_metrics
 
 JOB = Path(__file__).resolve().parents[2] / "jobs" / "frontier.py"
@@ -32,7 +33,12 @@ def test_frontier_png_renders_in_the_mlflow_ui(mlflow_server, tmp_path):
             client, experiment, "lv", "lvpruning", setting_metrics(tflops, acc, acc + 6, 10 * tflops), ratios=ratios
         )
         log_setting(
-            client, experiment, "rand", "random", setting_metrics(tflops - 0.3, acc - 8, acc - 2), ratios=ratios
+            client,
+            experiment,
+            "random-setting",
+            "random",
+            setting_metrics(tflops - 0.3, acc - 8, acc - 2),
+            ratios=ratios,
         )
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -41,6 +47,19 @@ def test_frontier_png_renders_in_the_mlflow_ui(mlflow_server, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = client.search_runs([experiment], filter_string="tags.`lvpruning.kind` = 'frontier'")
     assert f"frontier run {run.info.run_id}" in done.stdout
+
+    # The printed links open MLflow's model-training view (the runs, the run's page); the bare experiment link
+    # opens its GenAI view, where the runs are not listed.
+    links = {
+        k: v.strip() for k, v in (line.strip().split(": ", 1) for line in done.stdout.splitlines() if ": http" in line)
+    }
+    assert links["runs"] == f"{mlflow_server}/#/experiments/{experiment}?workflowType=machine_learning"
+    text, landed = page_text(links["runs"], "random-setting")
+    assert "random-setting" in text and "/runs" in landed, (text[:500], landed)
+    text, _ = page_text(links["run"], run.info.run_id)
+    assert run.info.run_id in text and "Artifacts" in text, text[:500]
+    text, landed = page_text(links["runs"].split("?")[0], "Usage")  # its overview
+    assert "random-setting" not in text and "genai" in landed, (text[:500], landed)
 
     shot = screenshot_path("frontier-ui.png")
     facts = open_artifact(mlflow_server, experiment, run.info.run_id, "frontier.png", shot)

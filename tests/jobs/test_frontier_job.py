@@ -36,6 +36,8 @@ def test_frontier_job_prints_the_table_and_the_frontier_run(tmp_path):
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in out
     (frontier,) = client.search_runs([experiment], filter_string="tags.`lvpruning.kind` = 'frontier'")
     assert f"frontier run {frontier.info.run_id}" in out
+    link = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{frontier.info.run_id}?workflowType=machine_learning"
+    assert f"run: {link}" in out.splitlines()[-1]  # the frontier run, in MLflow's model-training view
     rows = out[out.index("method") :].splitlines()[1:3]
     assert [r.split()[0] for r in rows] == ["lvpruning", "none"] and rows[0].split()[-1] == paper[:8]
 

@@ -24,7 +24,7 @@ from pipelines.eval.evaluation import (
 )
 from pipelines.eval.models import ModelSpec, Setting
 from pipelines.eval.scoring import ScoringError, score
-from pipelines.tracking import redact
+from pipelines.tracking import redact, ui_hint
 from tests.pipelines.test_inference import OPTIONS, RATIOS, direct_answers
 
 pytestmark = pytest.mark.usefixtures("local_ray")
@@ -80,6 +80,10 @@ def test_settings_config_and_redaction(tmp_path):
         "fastv_0.3-0.1",
     ]
     assert redact({"uri": ["https://me:secret@mlflow.example.com/x"]}) == {"uri": ["https://mlflow.example.com/x"]}
+    links = ui_hint("https://me:secret@mlflow.example.com/", "7", "abc")
+    assert "secret" not in links and links.splitlines()[-1].strip() == (
+        "run: https://mlflow.example.com/#/experiments/7/runs/abc?workflowType=machine_learning"
+    )
 
     config = load_config(None, ["eval.benchmarks=[toy,gqa]", f"eval.toy_world={tmp_path}"])
     with pytest.raises(ValueError, match=r"eval.data has no files for benchmarks \['gqa'\]"):

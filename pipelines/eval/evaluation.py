@@ -4,7 +4,9 @@
 Metrics of a setting (MLflow names):
 
 - ``accuracy/<benchmark>``: the scorer's headline score in percent; ``accuracy/<benchmark>/<category>`` where the
-  scorer splits it by question type (the toy world); ``accuracy/mean`` over the benchmarks.
+  scorer splits it by question type (the toy world); ``accuracy/mean`` over the benchmarks. ``ci_low/<accuracy>``
+  and ``ci_high/<accuracy>``: the 95% percentile-bootstrap interval over questions of a benchmark's headline and of
+  the mean (:mod:`pipelines.eval.scoring.intervals`).
 - ``tflops``: the analytic prefill TFLOPs (``lvpruning.flops``) in the paper's convention, 1 image + 30 text
   tokens: the base model for ``none``; for a pruning method with its own overhead counted (LVPruning's decision
   modules, the training-free methods' recomputed attention rows and arithmetic).
@@ -28,6 +30,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lvpruning import PruningConfig
 from lvpruning.checkpoint import read_pruning_config
 from lvpruning.flops import analytic_flops
@@ -44,9 +48,10 @@ from pipelines.eval.inference import (
     run_inference,
 )
 from pipelines.eval.latency import LatencyOptions, measure_latency
-from pipelines.eval.metrics import E2E_MS, MEAN, PREFILL_MS, TFLOPS
+from pipelines.eval.metrics import E2E_MS, MEAN, PREFILL_MS, TFLOPS, interval_names
 from pipelines.eval.models import ModelSpec, Setting
 from pipelines.eval.scoring import score
+from pipelines.eval.scoring.intervals import interval
 from pipelines.job import Job
 from pipelines.storage import local_copy
 from pipelines.tracking import PARENT_TAG, get_or_create_experiment, redact, runs_with_tags
@@ -132,10 +137,13 @@ def evaluate_setting(
         scored = score(bench.name, questions, answered, bench.annotations)
         result.reports[bench.name], result.scores[bench.name] = report, scored
         result.metrics[f"accuracy/{bench.name}"] = scored["score"]
+        result.metrics.update(zip(interval_names(f"accuracy/{bench.name}"), scored["interval"], strict=True))
         for category, value in (scored["breakdown"].get("category") or {}).items():
             result.metrics[f"accuracy/{bench.name}/{category}"] = value
         result.metrics[f"unanswered/{bench.name}"] = float(len(questions) - len(answered))
     result.metrics[MEAN] = statistics.fmean(result.metrics[f"accuracy/{b.name}"] for b in benchmarks)
+    mean_replicates = np.mean([result.scores[b.name]["replicates"] for b in benchmarks], axis=0)  # resample-wise
+    result.metrics.update(zip(interval_names(MEAN), interval(mean_replicates), strict=True))
     return result
 
 
@@ -200,7 +208,8 @@ def run_setting(
         result.metrics |= latency or {}
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in result.metrics.items()])
-        client.log_dict(run_id, result.scores, "scores.json")
+        scores = {b: {k: v for k, v in scored.items() if k != "replicates"} for b, scored in result.scores.items()}
+        client.log_dict(run_id, scores, "scores.json")
     except KeyboardInterrupt:
         client.set_terminated(run_id, "KILLED")
         raise
@@ -332,16 +341,18 @@ def check_modules(methods: Sequence[str], modules: str | None) -> None:
 
 
 def format_table(results: Sequence[SettingResult]) -> str:
-    """method, ratios, TFLOPs, accuracy per benchmark, mean, latencies; then accuracy per question type."""
+    """method, ratios, TFLOPs, accuracy per benchmark, mean and its 95% interval, latencies; then accuracy per
+    question type."""
     benches = list(dict.fromkeys(b for r in results for b in r.scores))
-    head = ["method", "ratios", "tflops", *benches, "mean", "prefill_ms", "e2e_ms"]
+    head = ["method", "ratios", "tflops", *benches, "mean", "mean_95%_ci", "prefill_ms", "e2e_ms"]
     rows = []
     for r in results:
         m = r.metrics
         ratios = "-".join(f"{x:g}" for x in r.setting.keep_ratios or ()) or "-"
-        cells = [m.get(f"accuracy/{b}", float("nan")) for b in benches] + [m[MEAN]]
-        cells += [m.get(PREFILL_MS, float("nan")), m.get(E2E_MS, float("nan"))]
-        rows.append([r.setting.method, ratios, f"{m[TFLOPS]:.4g}", *(f"{c:.2f}" for c in cells)])
+        accuracy = [f"{m.get(f'accuracy/{b}', float('nan')):.2f}" for b in benches] + [f"{m[MEAN]:.2f}"]
+        low, high = (m.get(name, float("nan")) for name in interval_names(MEAN))
+        latency = [f"{m.get(name, float('nan')):.2f}" for name in (PREFILL_MS, E2E_MS)]
+        rows.append([r.setting.method, ratios, f"{m[TFLOPS]:.4g}", *accuracy, f"{low:.2f}-{high:.2f}", *latency])
     lines = _columns([head, *rows])
     for r in results:  # accuracy per question type, where the scorer gives one
         per = [f"{k[len('accuracy/') :]} {v:.2f}" for k, v in r.metrics.items() if k.count("/") == 2]

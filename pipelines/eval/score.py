@@ -62,7 +62,8 @@ def _rows(prefix: str, value: Any) -> list[tuple[str, str]]:
 
 def format_table(res: Mapping[str, Any]) -> str:
     """A small readable table: headline, breakdown, counts."""
-    rows = [("benchmark", res["benchmark"]), (res["metric"], f"{res['score']:.2f}")]
+    low, high = res["interval"]
+    rows = [("benchmark", res["benchmark"]), (res["metric"], f"{res['score']:.2f} (95% CI {low:.2f} - {high:.2f})")]
     rows += _rows("", res["breakdown"]) + _rows("counts/", res["counts"])
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -80,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"warning: {w}", file=sys.stderr)
     if len(warnings) > _MAX_WARNINGS_SHOWN:
         print(f"warning: ... and {len(warnings) - _MAX_WARNINGS_SHOWN} more", file=sys.stderr)
-    print(json.dumps(res, indent=2, ensure_ascii=False) if args.json else format_table(res))
+    shown = {k: v for k, v in res.items() if k != "replicates"}  # the interval is shown; its resamples are not
+    print(json.dumps(shown, indent=2, ensure_ascii=False) if args.json else format_table(res))
     return 0
 
 

@@ -24,6 +24,7 @@ from pipelines.eval.evaluation import (
 )
 from pipelines.eval.models import ModelSpec, Setting
 from pipelines.eval.scoring import ScoringError, score
+from pipelines.eval.scoring.intervals import interval, mean_replicates
 from pipelines.tracking import redact, ui_hint
 from tests.pipelines.test_inference import OPTIONS, RATIOS, direct_answers
 
@@ -128,6 +129,10 @@ def test_run_setting_logs_one_run_with_params_and_metrics(world, tmp_path, monke
     assert metrics["accuracy/toy/color"] == pytest.approx(100 * n_color / (n_color + 2))  # +2 unanswered
     assert metrics["accuracy/toy/shape"] == 0.0 and metrics["unanswered/toy"] == 2
     assert metrics["accuracy/mean"] == metrics["accuracy/toy"]
+    hits = [1] * n_color + [0] * (world.n_good + 2 - n_color)  # the toy scorer's questions, resampled alike
+    for name in ("accuracy/toy", "accuracy/mean"):
+        expected = interval(mean_replicates(hits, "toy"))
+        assert (metrics[f"ci_low/{name}"], metrics[f"ci_high/{name}"]) == pytest.approx(expected)
     assert metrics["tflops"] == pytest.approx(setting_tflops(tiny_llava_config(), spec.pruning, setting))
     assert {k: metrics[k] for k in latency} == latency  # pipelines.eval.latency's, logged as they are
     logged = Path(MlflowClient(uri).download_artifacts(result.run_id, "config.json", str(tmp_path)))
@@ -135,6 +140,11 @@ def test_run_setting_logs_one_run_with_params_and_metrics(world, tmp_path, monke
     assert (tmp_path / "eval" / "lvpruning_0.5-0.25" / "toy.jsonl").is_file()
     table = format_table([result])
     assert "lvpruning" in table and "0.5-0.25" in table and "toy/color" in table
+    assert f"{metrics['ci_low/accuracy/mean']:.2f}-{metrics['ci_high/accuracy/mean']:.2f}" in table
+    scores = json.loads(
+        Path(MlflowClient(uri).download_artifacts(result.run_id, "scores.json", str(tmp_path))).read_text()
+    )
+    assert scores["toy"]["interval"] == pytest.approx(expected) and "replicates" not in scores["toy"]
 
 
 def test_a_failing_setting_ends_its_run_failed(world, tmp_path, monkeypatch):

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
+
+from pipelines.eval.scoring.intervals import interval
 from pipelines.storage import NotUtf8Error, decode_utf8
 
 Records = Sequence[Mapping[str, Any]]
@@ -214,16 +217,20 @@ def result(
     score: float,
     breakdown: Mapping[str, Any],
     counts: Mapping[str, int],
-    warnings: Sequence[str] = (),
+    warnings: Sequence[str],
+    replicates: np.ndarray,
 ) -> dict[str, Any]:
-    """The dict every scorer returns: the headline ``score`` (percent, as published) named by ``metric``."""
+    """The dict every scorer returns: the headline ``score`` (percent, as published) named by ``metric``, its
+    bootstrap ``replicates`` (R,) and their 95% ``interval`` (low, high) (:mod:`pipelines.eval.scoring.intervals`)."""
     return {
         "benchmark": benchmark,
         "metric": metric,
         "score": score,
+        "interval": interval(replicates),
         "breakdown": dict(breakdown),
         "counts": dict(counts),
         "warnings": list(warnings),
+        "replicates": replicates,
     }
 
 

@@ -24,6 +24,7 @@ from pipelines.eval.scoring.common import (
     read_json,
     result,
 )
+from pipelines.eval.scoring.intervals import mean_replicates
 
 
 def normalize_prediction(text: str) -> str:
@@ -56,4 +57,5 @@ def score_gqa(questions: Source, answers: Source, annotations: str | None) -> di
     breakdown = {k: pct(sum(v), len(v)) for k, v in scores.items() if v}
     breakdown.setdefault("accuracy", 0.0)
     counts = base_counts(len(qs), len(by_id), answer_file) | {"scored": len(scores["accuracy"])}
-    return result(GQA, "accuracy", breakdown["accuracy"], breakdown, counts, answer_file.malformed)
+    replicates = mean_replicates(scores["accuracy"], GQA)
+    return result(GQA, "accuracy", breakdown["accuracy"], breakdown, counts, answer_file.malformed, replicates)

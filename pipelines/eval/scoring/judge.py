@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
+
 from pipelines.eval.scoring.common import Answered, ScoringError, base_counts, result
 
 T = TypeVar("T")
@@ -153,10 +155,11 @@ def judged_result(
     counts: Mapping[str, int],
     errors: Sequence[JudgeError],
     unparsed: int,
+    replicates: np.ndarray,
 ) -> dict[str, Any]:
     """A judged scorer's result: the base counts, its own ``counts``, the judge's failures and unparsed replies;
     the malformed answer lines and the judge's errors as warnings."""
     counts = base_counts(len(answered.questions), len(answered.by_id), answered.file) | dict(counts)
     counts |= {"judge_failures": len(errors), "unparsed": unparsed}
     warnings = answered.file.malformed + [str(e) for e in errors]
-    return result(benchmark, metric, score, breakdown, counts, warnings)
+    return result(benchmark, metric, score, breakdown, counts, warnings, replicates)

@@ -22,8 +22,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipelines.eval.datasets import LLAVA_BENCH
 from pipelines.eval.scoring.common import ScoringError, Source, read_answered, read_json, read_jsonl
+from pipelines.eval.scoring.intervals import bootstrap
 from pipelines.eval.scoring.judge import JudgeClient, judge_all, judged_result, require_judge
 
 SYSTEM_PROMPT = "You are a helpful and precise assistant for checking the quality of the answer."
@@ -159,4 +162,10 @@ def score_llava_bench(
     breakdown = {k: _relative(v) for k, v in sorted(pairs.items()) if v}
     headline = breakdown["all"]["relative_score"] if "all" in breakdown else 0.0
     counts = {"judged": len(pairs.get("all", []))}
-    return judged_result(LLAVA_BENCH, "relative score", headline, breakdown, answered, counts, errors, unparsed)
+    reference, model = (np.array([p[i] for p in pairs.get("all", [])], dtype=np.float64) for i in (0, 1))  # (n,)
+    replicates = bootstrap(  # the ratio of the two means over resampled questions (unrounded)
+        len(reference), lambda counts: 100 * (counts @ model) / np.maximum(counts @ reference, 1e-12), LLAVA_BENCH
+    )
+    return judged_result(
+        LLAVA_BENCH, "relative score", headline, breakdown, answered, counts, errors, unparsed, replicates
+    )

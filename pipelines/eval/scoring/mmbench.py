@@ -42,6 +42,7 @@ from pipelines.eval.scoring.common import (
     result,
     source_name,
 )
+from pipelines.eval.scoring.intervals import mean_replicates
 
 CIRCULAR_STRIDE = 1_000_000
 _SEPARATORS = ".()[],:;!*#{}"
@@ -168,4 +169,6 @@ def score_mmbench(benchmark: str, questions: Source, answers: Source, annotation
         "questions_circular": len(circular["overall"]),
         "unparsed": unparsed,
     }
-    return result(benchmark, "circular accuracy", breakdown["circular"], breakdown, counts, answer_file.malformed)
+    replicates = mean_replicates(circular["overall"], benchmark)  # over questions, each with its circular passes
+    headline = breakdown["circular"]
+    return result(benchmark, "circular accuracy", headline, breakdown, counts, answer_file.malformed, replicates)

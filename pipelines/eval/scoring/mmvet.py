@@ -24,6 +24,7 @@ from typing import Any
 
 from pipelines.eval.datasets import MMVET
 from pipelines.eval.scoring.common import ScoringError, Source, pct, read_answered, read_json
+from pipelines.eval.scoring.intervals import mean_replicates
 from pipelines.eval.scoring.judge import JudgeClient, judge_all, judged_result, require_judge
 
 GRADER_PROMPT = """Compare the ground truth and prediction from AI models, to give a correctness score for the prediction. <AND> in the ground truth means it is totally right only when all elements in the ground truth are present in the prediction, and <OR> means it is totally right when any one element in the ground truth is present in the prediction. The correctness score is 0.0 (totally wrong), 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, or 1.0 (totally right). Just complete the last space of the correctness score.
@@ -125,4 +126,6 @@ def score_mmvet(
         },
     }
     counts = {"scored": len(totals["total"])}
-    return judged_result(MMVET, "total score", breakdown["total"], breakdown, answered, counts, errors, unparsed)
+    replicates = mean_replicates(totals["total"], MMVET)
+    headline = breakdown["total"]
+    return judged_result(MMVET, "total score", headline, breakdown, answered, counts, errors, unparsed, replicates)

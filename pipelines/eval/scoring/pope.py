@@ -17,6 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipelines.eval.datasets import POPE
 from pipelines.eval.scoring.common import (
     ScoringError,
@@ -30,6 +32,7 @@ from pipelines.eval.scoring.common import (
     read_jsonl,
     result,
 )
+from pipelines.eval.scoring.intervals import bootstrap, mean_replicates
 
 SPLITS = ("random", "popular", "adversarial")
 
@@ -63,6 +66,18 @@ def binary_metrics(preds: list[str], labels: list[str]) -> dict[str, float]:
     }
 
 
+def f1_replicates(preds: list[str], labels: list[str], seed: str) -> np.ndarray:
+    """Bootstrap replicates (R,) of :func:`binary_metrics`' F1 (percent) over the questions of one split."""
+    positive = np.array([p == "yes" for p in preds], dtype=np.float64)  # (n,)
+    truth = np.array([lab == "yes" for lab in labels], dtype=np.float64)  # (n,)
+
+    def f1(counts: np.ndarray) -> np.ndarray:  # (r, n) -> (r,): 2 tp / (2 tp + fp + fn), as precision and recall give
+        tp, fp, fn = counts @ (positive * truth), counts @ (positive * (1 - truth)), counts @ ((1 - positive) * truth)
+        return np.divide(200 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=tp > 0)
+
+    return bootstrap(len(labels), f1, seed)
+
+
 def _question_text(text: str) -> str:
     return text.split("\n")[0].strip()
 
@@ -83,7 +98,7 @@ def score_pope(questions: Source, answers: Source, annotations: str | None) -> d
     splits = [s for s in SPLITS if s in present] + sorted(present - set(SPLITS))
     breakdown: dict[str, Any] = {}
     warnings = list(answer_file.malformed)
-    n_answered = 0
+    n_answered, replicates = 0, []
     for split in splits:
         label_file = folder / f"coco_pope_{split}.json"
         labels = read_jsonl(label_file, "POPE label")
@@ -108,9 +123,12 @@ def score_pope(questions: Source, answers: Source, annotations: str | None) -> d
         for n, lab in labels:
             if lab.get("label") not in ("yes", "no"):
                 raise ScoringError(f"{label_file}:{n}: 'label' must be 'yes' or 'no'")
-        breakdown[split] = binary_metrics([parse_yes_no(a.text) for a in cur], [lab["label"] for _, lab in labels])
+        preds, truth = [parse_yes_no(a.text) for a in cur], [lab["label"] for _, lab in labels]
+        breakdown[split] = binary_metrics(preds, truth)
+        replicates.append(f1_replicates(preds, truth, f"{POPE}/{split}"))  # each split resampled within itself
         n_answered += len({a.qid for a in cur})
     f1 = sum(breakdown[s]["f1"] for s in splits) / len(splits) if splits else 0.0
     breakdown = {"f1_mean": f1, **breakdown}
     counts = base_counts(len(qs), n_answered, answer_file)
-    return result(POPE, "f1 (mean over splits)", f1, breakdown, counts, warnings)
+    replicates = np.mean(replicates, axis=0) if replicates else mean_replicates([], POPE)
+    return result(POPE, "f1 (mean over splits)", f1, breakdown, counts, warnings, replicates)

@@ -31,6 +31,7 @@ from pipelines.eval.scoring.common import (
     result,
     source_name,
 )
+from pipelines.eval.scoring.intervals import mean_replicates
 
 OPTIONS = ("A", "B", "C", "D", "E")
 FAILED = "FAILED"
@@ -69,6 +70,7 @@ def score_scienceqa(questions: Source, answers: Source, annotations: str | None 
     answer_file = load_answers(answers)
     by_id = answers_by_id(answer_file, qs, name)
 
+    img_hits = []  # the headline's questions (those with an image)
     correct = {"all": 0, "img": 0, "no_img": 0}
     total = {"all": 0, "img": 0, "no_img": 0}
     failed = 0
@@ -78,6 +80,8 @@ def score_scienceqa(questions: Source, answers: Source, annotations: str | None 
         failed += ans is not None and letter == FAILED
         hit = letter == _ground_truth(name, where, problem)
         subset = "img" if "image" in problem else "no_img"
+        if subset == "img":
+            img_hits.append(hit)
         for key in ("all", subset):
             total[key] += 1
             correct[key] += hit
@@ -88,4 +92,6 @@ def score_scienceqa(questions: Source, answers: Source, annotations: str | None 
         "img_questions": total["img"],
     }
     counts = base_counts(len(qs), len(by_id), answer_file) | {"unparsed": failed}
-    return result(SCIENCEQA, "img_accuracy", breakdown["img_accuracy"], breakdown, counts, answer_file.malformed)
+    replicates = mean_replicates(img_hits, SCIENCEQA)
+    headline = breakdown["img_accuracy"]
+    return result(SCIENCEQA, "img_accuracy", headline, breakdown, counts, answer_file.malformed, replicates)

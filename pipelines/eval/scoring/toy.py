@@ -22,6 +22,7 @@ from pipelines.eval.scoring.common import (
     result,
 )
 from pipelines.eval.scoring.gqa import normalize_prediction
+from pipelines.eval.scoring.intervals import mean_replicates
 
 TOY_BENCHMARK = "toy"
 
@@ -46,4 +47,5 @@ def score_toy(questions: Source, answers: Source, annotations: str | None) -> di
     accuracy = pct(sum(hits), len(hits))
     breakdown = {"accuracy": accuracy, "category": {c: pct(sum(v), len(v)) for c, v in sorted(per_category.items())}}
     counts = base_counts(len(qs), len(by_id), answer_file)
-    return result(TOY_BENCHMARK, "accuracy", accuracy, breakdown, counts, answer_file.malformed)
+    replicates = mean_replicates(hits, TOY_BENCHMARK)
+    return result(TOY_BENCHMARK, "accuracy", accuracy, breakdown, counts, answer_file.malformed, replicates)

@@ -49,6 +49,7 @@ from pipelines.eval.scoring.common import (
     read_json,
     result,
 )
+from pipelines.eval.scoring.intervals import mean_replicates
 
 # The official tables: contractions written without apostrophe -> with (word level, after lower-casing, so the
 # capitalized keys never match; "somebody'd" -> "somebodyd" is the official table's own entry).
@@ -255,4 +256,5 @@ def score_vqa(
     if set(per_type) != {"all"}:
         breakdown["per_answer_type"] = {t: pct(sum(v), len(v)) for t, v in sorted(per_type.items())}
     counts = base_counts(len(qs), len(by_id), answer_file)
-    return result(benchmark, "accuracy", breakdown["accuracy"], breakdown, counts, answer_file.malformed)
+    replicates = mean_replicates(accs, benchmark)
+    return result(benchmark, "accuracy", breakdown["accuracy"], breakdown, counts, answer_file.malformed, replicates)

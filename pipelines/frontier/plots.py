@@ -1,6 +1,7 @@
 """The frontier's pictures: a PNG (matplotlib) and an interactive HTML page (plotly, self-contained) of accuracy
-against cost, methods told apart by colour and marker, the no-pruning point and the paper's schedule marked, each
-frontier drawn as a step line."""
+against cost, each method its own colour and marker, each point's 95% interval as an error bar, the no-pruning point
+and the paper's schedule marked, each frontier drawn as a step line, its points ringed: solid where on it beyond
+noise, dashed where within noise of a cheaper point (:func:`pipelines.frontier.pareto.noise_status`)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.eval.metrics import PREFILL_MS, TFLOPS
-from pipelines.frontier.pareto import Front, Point, layers_text, ratios_text
+from pipelines.frontier.pareto import FRONTIER_NOISY, Front, Point, interval_text, layers_text, ratios_text
 
 METHODS = ("none", "lvpruning", "random", "fastv")  # fixed colours and markers; other methods come after
+# 10 colours and 11 markers: method i gets colour i % 10 and marker i % 11, a pair of its own for 110 methods
 _COLOURS = ("#7f7f7f", "#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
-_MARKERS = ("*", "o", "s", "^", "D", "v", "P", "X", "h")
+_COLOURS += ("#bcbd22",)
+_MARKERS = ("*", "o", "s", "^", "D", "v", "P", "X", "h", "<", "p")
 _PLOTLY_SYMBOLS = {"*": "star", "o": "circle", "s": "square", "^": "triangle-up", "D": "diamond"}
-_PLOTLY_SYMBOLS |= {"v": "triangle-down", "P": "cross", "X": "x", "h": "hexagon"}
+_PLOTLY_SYMBOLS |= {"v": "triangle-down", "P": "cross", "X": "x", "h": "hexagon", "<": "triangle-left"}
+_PLOTLY_SYMBOLS |= {"p": "pentagon"}
 _LABELS = {  # annotation: text, offset in points (up is +), alignment; the baseline is the costliest point
     "none": ("no pruning", (-14, 14), "right"),
     "paper": ("paper's schedule 0.5-0.3-0.1", (14, -22), "left"),
@@ -29,7 +33,8 @@ _COST_LABELS = {TFLOPS: "TFLOPs (prefill, 1 image + 30 text tokens)", PREFILL_MS
 def method_styles(points: Sequence[Point]) -> dict[str, tuple[str, str]]:
     """Method -> (colour, matplotlib marker): fixed for the known methods, then the others by name."""
     extra = sorted({p.method for p in points} - set(METHODS))
-    return {m: (_COLOURS[i % len(_COLOURS)], _MARKERS[i % len(_MARKERS)]) for i, m in enumerate([*METHODS, *extra])}
+    methods = [*METHODS, *extra]
+    return {m: (_COLOURS[i % len(_COLOURS)], _MARKERS[i % len(_MARKERS)]) for i, m in enumerate(methods)}
 
 
 def plot_panels(points: Sequence[Point], fronts: Sequence[Front]) -> list[Front]:
@@ -47,24 +52,30 @@ class _Panel:
 
     x: np.ndarray  # (n,) cost
     y: np.ndarray  # (n,) accuracy
+    err: np.ndarray  # (2, n) below and above y: the 95% interval (0 where none was logged)
     by_method: dict[str, list[int]]  # method -> indices of its plottable points
     on: list[int]  # frontier indices by cost
+    noisy: list[int]  # the frontier's points within noise of a cheaper point
     labels: list[tuple[int, str]]  # (index, key of _LABELS): the baseline and the paper's schedule
 
     @classmethod
     def of(cls, points: Sequence[Point], fr: Front, methods: Sequence[str]) -> _Panel:
         x, y = (np.array([p.value(m) for p in points], dtype=float) for m in (fr.cost, fr.accuracy))
+        low, high = np.array([p.interval(fr.accuracy) for p in points], dtype=float).reshape(-1, 2).T
+        err = np.nan_to_num(np.stack([y - low, high - y]))  # (2, n)
         ok = [i for i in range(len(points)) if not (np.isnan(x[i]) or np.isnan(y[i]))]
         by_method = {m: [i for i in ok if points[i].method == m] for m in methods}
         on = sorted(np.flatnonzero(fr.mask).tolist(), key=lambda i: x[i])
         labels = [(i, "none") for i in ok if points[i].method == "none"]
         labels += [(i, "paper") for i in ok if points[i].is_paper_schedule]
-        return cls(x, y, {m: idx for m, idx in by_method.items() if idx}, on, labels)
+        noisy = [i for i in on if fr.status[i] == FRONTIER_NOISY]
+        return cls(x, y, err, {m: idx for m, idx in by_method.items() if idx}, on, noisy, labels)
 
 
 def _title(fr: Front, n: int) -> str:
     excluded = f", {fr.excluded} excluded" if fr.excluded else ""
-    return f"{fr.accuracy} vs {fr.cost}: {int(fr.mask.sum())} of {n} on the frontier{excluded}"
+    on = f"{int(fr.mask.sum())} of {n} on the frontier ({fr.beyond_doubt} beyond noise)"
+    return f"{fr.accuracy} vs {fr.cost}: {on}{excluded}"
 
 
 def plot_png(points: Sequence[Point], fronts: Sequence[Front], path: str | Path) -> None:
@@ -80,10 +91,17 @@ def plot_png(points: Sequence[Point], fronts: Sequence[Front], path: str | Path)
         ax, pa = fig.add_subplot(rows, cols, k + 1), _Panel.of(points, fr, list(styles))
         for method, idx in pa.by_method.items():
             colour, marker = styles[method]
+            ax.errorbar(pa.x[idx], pa.y[idx], yerr=pa.err[:, idx], fmt="none", ecolor=colour, elinewidth=0.8, alpha=0.5)
             ax.scatter(pa.x[idx], pa.y[idx], c=colour, marker=marker, s=140 if marker == "*" else 50, label=method)
         if pa.on:
             ax.step(pa.x[pa.on], pa.y[pa.on], where="post", color="black", lw=1.2, alpha=0.6, label="Pareto frontier")
-            ax.scatter(pa.x[pa.on], pa.y[pa.on], s=160, facecolors="none", edgecolors="black", lw=1, zorder=4)
+            sure = [i for i in pa.on if i not in pa.noisy]
+            ring = {"s": 160, "facecolors": "none", "lw": 1, "zorder": 4}
+            ax.scatter(pa.x[sure], pa.y[sure], edgecolors="black", label="beyond noise", **ring)
+            if pa.noisy:
+                ax.scatter(
+                    pa.x[pa.noisy], pa.y[pa.noisy], edgecolors="dimgray", linestyles="--", label="within noise", **ring
+                )
         for i, key in pa.labels:
             text, offset, ha = _LABELS[key]
             ax.annotate(
@@ -98,7 +116,7 @@ def plot_png(points: Sequence[Point], fronts: Sequence[Front], path: str | Path)
     fig.savefig(path, dpi=110)
 
 
-def _hover(p: Point) -> list[str]:
+def _hover(p: Point, fr: Front, i: int) -> list[str]:
     return [
         p.method,
         p.run_name,
@@ -106,6 +124,8 @@ def _hover(p: Point) -> list[str]:
         ratios_text(p.train_ratios),
         ratios_text(p.infer_ratios),
         p.run_id,
+        interval_text(p.interval(fr.accuracy)),
+        fr.status[i],
     ]
 
 
@@ -119,14 +139,17 @@ def plot_html(points: Sequence[Point], fronts: Sequence[Front], path: str | Path
     titles, rows = [_title(fr, len(points)) for fr in panels], len(panels)
     fig = make_subplots(rows=rows, cols=1, subplot_titles=titles, vertical_spacing=0.3 / rows)
     hover = "<b>%{customdata[0]}</b> %{customdata[1]}<br>layers %{customdata[2]}<br>train %{customdata[3]}"
-    hover += "<br>infer %{customdata[4]}<br>%{x:.4g}, %{y:.2f}<br>run %{customdata[5]}<extra></extra>"
+    hover += "<br>infer %{customdata[4]}<br>%{x:.4g}, %{y:.2f} (95% CI %{customdata[6]})<br>%{customdata[7]}"
+    hover += "<br>run %{customdata[5]}<extra></extra>"
     for k, fr in enumerate(panels):
         at, pa = {"row": k + 1, "col": 1}, _Panel.of(points, fr, list(styles))
         for method, idx in pa.by_method.items():
             colour, marker = styles[method]
             symbol = {"color": colour, "symbol": _PLOTLY_SYMBOLS[marker], "size": 14 if marker == "*" else 10}
-            data = [_hover(points[i]) for i in idx]
+            data = [_hover(points[i], fr, i) for i in idx]
+            bars = {"type": "data", "symmetric": False, "array": pa.err[1, idx], "arrayminus": pa.err[0, idx]}
             trace = go.Scatter(x=pa.x[idx], y=pa.y[idx], mode="markers", name=method, legendgroup=method, marker=symbol)
+            trace.update(error_y=bars | {"color": colour, "thickness": 1})
             fig.add_trace(trace.update(customdata=data, hovertemplate=hover, showlegend=k == 0), **at)
         if pa.on:
             line = go.Scatter(x=pa.x[pa.on], y=pa.y[pa.on], mode="lines", line={"shape": "hv", "color": "black"})

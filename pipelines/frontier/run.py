@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.eval.metrics import MEAN, TFLOPS
+from pipelines.eval.metrics import MEAN, TFLOPS, interval_names
 from pipelines.frontier.pareto import TAG_PREFIX, Front, Point, compute_fronts, pareto_table, write_csv
 from pipelines.frontier.plots import plot_html, plot_png
 from pipelines.tracking import KIND_TAG, get_or_create_experiment
@@ -71,6 +71,17 @@ def _parse_list(text: str | None, kind: type) -> tuple | None:
     return tuple(kind(x) for x in value) if isinstance(value, list) else None
 
 
+def intervals(metrics: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """Each accuracy's logged 95% interval (``ci_low/accuracy/<k>``, ``ci_high/...``), keyed ``<k>``."""
+    out = {}
+    for name in metrics:
+        if name.startswith("accuracy/"):
+            low, high = interval_names(name)
+            if low in metrics and high in metrics:
+                out[name.removeprefix("accuracy/")] = (float(metrics[low]), float(metrics[high]))
+    return out
+
+
 def as_point(run: Any, experiment: str) -> Point | None:
     """The run as a point, or None when it is not an evaluated setting (see the module docstring)."""
     metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
@@ -87,6 +98,7 @@ def as_point(run: Any, experiment: str) -> Point | None:
         tflops=float(metrics[TFLOPS]),
         accuracy={k.removeprefix("accuracy/"): float(v) for k, v in metrics.items() if k.startswith("accuracy/")},
         latency={k.removeprefix("latency/"): float(v) for k, v in metrics.items() if k.startswith("latency/")},
+        intervals=intervals(metrics),
     )
 
 

@@ -14,7 +14,19 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from PIL import Image
 
-from pipelines.frontier.pareto import excluded_count, pareto_mask
+from pipelines.frontier.pareto import (
+    DOMINATED,
+    DOMINATED_NOISY,
+    EXCLUDED,
+    FRONTIER,
+    FRONTIER_NOISY,
+    Point,
+    compute_fronts,
+    excluded_count,
+    noise_status,
+    pareto_mask,
+)
+from pipelines.frontier.plots import method_styles, plot_html, plot_png
 from pipelines.frontier.run import run_frontier
 from pipelines.tracking import KIND_TAG
 
@@ -115,6 +127,61 @@ def log_setting(client, experiment_id, name, method, metrics, *, ratios=None, ta
     return run_id
 
 
+def slow_noise_status(accuracy, cost, low, high):
+    """The noise rule point by point: two points are told apart when |a_i - a_j| > 1.96 sqrt(se_i^2 + se_j^2),
+    se = interval width / 3.92 (0 without one)."""
+    n, out = len(accuracy), []
+    se = [0.0 if math.isnan(lo) else (hi - lo) / (2 * 1.959964) for lo, hi in zip(low, high)]
+    valid = [not (math.isnan(accuracy[i]) or math.isnan(cost[i])) for i in range(n)]
+
+    def apart(i, j):
+        return abs(accuracy[i] - accuracy[j]) > 1.959964 * math.sqrt(se[i] ** 2 + se[j] ** 2)
+
+    for i in range(n):
+        if not valid[i]:
+            out.append(EXCLUDED)
+            continue
+        others = [j for j in range(n) if j != i and valid[j]]
+        dominators = [
+            j for j in others
+            if cost[j] <= cost[i] and accuracy[j] >= accuracy[i] and (cost[j] < cost[i] or accuracy[j] > accuracy[i])
+        ]  # fmt: skip
+        if dominators:
+            out.append(DOMINATED if all(apart(i, j) for j in dominators) else DOMINATED_NOISY)
+        else:
+            cheaper = [j for j in others if cost[j] <= cost[i]]
+            out.append(FRONTIER if all(apart(i, j) for j in cheaper) else FRONTIER_NOISY)
+    return out
+
+
+def test_noise_status_matches_the_rule_on_random_point_sets():
+    rng, seen = np.random.default_rng(0), set()
+    for _ in range(6):
+        n = 40
+        accuracy, cost = rng.uniform(50, 90, n).round(1), rng.integers(1, 15, n).astype(float)
+        half = rng.uniform(0.2, 4.0, n)
+        low, high = accuracy - half, accuracy + half
+        accuracy[rng.random(n) < 0.1] = math.nan
+        low[rng.random(n) < 0.2] = math.nan  # runs logged before intervals: exact
+        expected = slow_noise_status(accuracy.tolist(), cost.tolist(), low.tolist(), high.tolist())
+        assert noise_status(accuracy, cost, low, high) == expected
+        seen |= set(expected)
+    assert seen == {FRONTIER, FRONTIER_NOISY, DOMINATED, DOMINATED_NOISY, EXCLUDED}  # the draws exercise the rule
+
+
+def test_the_toy_sweep_frontier_of_issue_31_is_mostly_within_noise():
+    """VisionZip 91.25 and 95.00, VFlowOpt 95.62, TransPrune 96.88 and 97.50 at growing TFLOPs, 160 questions
+    each (Wilson's intervals): only the cheapest is on the frontier beyond doubt."""
+    accuracy = np.array([91.25, 95.00, 95.62, 96.88, 97.50, 80.0])
+    cost = np.array([6.8e-5, 7.9e-5, 9.1e-5, 1.0e-4, 1.09e-4, 1.2e-4])
+    z, n, p = 1.959964, 160, accuracy / 100
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    status = noise_status(accuracy, cost, 100 * (centre - half), 100 * (centre + half))
+    assert status == [FRONTIER, *[FRONTIER_NOISY] * 4, DOMINATED]  # 80.0 at the highest cost: beaten beyond noise
+    assert noise_status(accuracy, cost, accuracy, accuracy)[:5] == [FRONTIER] * 5  # exact values: all apart
+
+
 def setting_metrics(tflops, toy, pope, prefill_ms=None):
     out = {"tflops": tflops, "accuracy/toy": toy, "accuracy/pope": pope, "accuracy/mean": (toy + pope) / 2}
     out |= {"accuracy/toy/color": toy + 2, "accuracy/toy/count": toy - 2, "latency/e2e_ms": 2 * tflops}
@@ -211,7 +278,8 @@ def test_run_frontier_tags_runs_and_logs_the_frontier_run(store, tmp_path):
 
     lines = result.table.splitlines()
     assert lines[0].split() == [
-        "method", "layers", "train", "infer", "tflops", "pope", "toy/color", "toy/count", "toy", "mean", "run"
+        "method", "layers", "train", "infer", "tflops", "pope", "toy/color", "toy/count", "toy", "mean",
+        "mean_95%_ci", "status", "run",
     ]  # fmt: skip
     assert [line.split()[0] for line in lines[1:]] == ["lvpruning", "lvpruning", "none"]  # by TFLOPs
     assert lines[2].split()[3:5] == ["0.5-0.3-0.1", "3.7"] and lines[3].split()[1:4] == ["-", "-", "-"]
@@ -240,3 +308,23 @@ def test_run_frontier_names_a_missing_experiment_and_an_empty_one(store):
     client.create_experiment("empty")
     with pytest.raises(ValueError, match=r"no evaluated settings .* \['empty'\]"):
         run_frontier(uri, ["empty"])
+
+
+def test_every_method_has_its_own_colour_and_marker_and_points_their_error_bars(tmp_path):
+    """Fifteen methods (the project's list and more): no two share a colour-marker pair (``none`` and ``vscan``
+    once shared a grey star); the HTML carries each point's interval as an asymmetric error bar."""
+    methods = ["none", "lvpruning", "random", "fastv", "visionzip", "vscan", "vflowopt", "transprune"]
+    methods += ["adaptinfer", "star", "ptp", "lrs_vqa", "m1", "m2", "m3"]
+    points = [
+        Point(f"r{i}", "e", m, m, None, None, None, 1.0 + i, {"mean": 50.0 + i}, {}, {"mean": (48.0 + i, 53.0 + i)})
+        for i, m in enumerate(methods)
+    ]
+    styles = method_styles(points)
+    assert len(set(styles.values())) == len(methods) and styles["none"] == ("#7f7f7f", "*")
+    fronts = compute_fronts(points)
+    plot_html(points, fronts, tmp_path / "f.html")
+    html = (tmp_path / "f.html").read_text()
+    assert html.count('"error_y":{"array"') == len(methods)  # one error bar per method's trace
+    plot_png(points, fronts, tmp_path / "f.png")
+    with Image.open(tmp_path / "f.png") as image:
+        assert image.format == "PNG"

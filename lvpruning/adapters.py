@@ -268,6 +268,13 @@ class LlavaAdapter(DecoderAdapter):
                 "vision-tower stage runs on LLaVA-1.5 and LLaVA-NeXT (CLIP) only"
             )
 
+    def vision_tower(self, states: tuple[torch.Tensor, ...] | None, layout: VisionLayout):
+        """The vision-tower stage's view of the tower (:class:`lvpruning.engine.VisionTower`) from ``embed``'s
+        states."""
+        from lvpruning.engine import VisionTower  # it builds on this module
+
+        return VisionTower(self, states, layout)
+
     def tower_tokens(self, layout: VisionLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """Each vision token's tower pass and tower token (:func:`lvpruning.layout.tower_tokens`)."""
         vision = self.model.config.vision_config

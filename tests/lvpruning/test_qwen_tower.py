@@ -1,0 +1,126 @@
+"""The vision-tower stage (layer -1) on Qwen2-VL and Qwen2.5-VL, tiny and random: the tower's attention rows,
+un-permuted from Qwen2.5-VL's window order and recomputed per sample, against the attention weights HF's own eager
+tower computes; VisionZip and VScan on merged tokens (the mean attention received instead of the CLS attention)
+giving each image of a batch what it gets alone; the refusals that remain."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+from transformers.models.qwen2_vl import modeling_qwen2_vl
+from transformers.vision_utils import get_vision_window_index
+
+from lvpruning import PruningConfig, attach
+from lvpruning.policies import POLICIES
+from lvpruning.qwen_vl import mean_received_attention
+from lvpruning.tiny import tiny_llava, tiny_qwen_vl_config
+from tests.lvpruning.conftest import VOCAB
+from tests.lvpruning.test_qwen_vl import make_qwen_batch
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+# (t, h, w) patches: 30 vision tokens on a 6 x 5 merged grid (Qwen2.5-VL: 2 x 2 windows, partial ones at the
+# bottom and right), 6 on 2 x 3, 20 on 4 x 5
+GRIDS = [(1, 12, 10), (1, 4, 6), (1, 8, 10)]
+MODELING = {"qwen2_vl": modeling_qwen2_vl, "qwen2_5_vl": modeling_qwen2_5_vl}
+MERGED = [name for name in POLICIES if POLICIES[name].tower_merged]
+
+
+def tower_pruner(family, seed=0, dtype=torch.float32, vision_layers=3, attn="sdpa"):
+    config = tiny_qwen_vl_config(family, vocab_size=VOCAB, num_layers=5, vision_layers=vision_layers)
+    model = tiny_llava(config, seed=seed, attn_implementation=attn).to(dtype)
+    pruning = PruningConfig(layers=(0, 1, 2), train_ratios=(0.5, 0.3, 0.1), infer_ratios=(0.5, 0.3, 0.1))
+    return attach(model, pruning).to(dtype).eval()
+
+
+def hf_tower_attention(family, pruner, batch, monkeypatch) -> list[torch.Tensor]:
+    """Per block, HF's eager attention weights over all the batch's patches (sum P, h_v, ...) as a dense
+    (h_v, P, P) in the order HF runs the blocks (window order on Qwen2.5-VL), 0 where the block computes nothing,
+    captured from the eager attention function each window / image calls."""
+    module = MODELING[family]
+    calls = []
+    original = module.eager_attention_forward
+
+    def recording(*args, **kwargs):
+        out, weights = original(*args, **kwargs)
+        calls.append(weights[0])  # (h_v, n, n) one window or image
+        return out, weights
+
+    monkeypatch.setattr(module, "eager_attention_forward", recording)
+    with torch.no_grad():
+        pruner.model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+    P = int(batch["image_grid_thw"].prod(-1).sum())
+    blocks, dense, start = [], None, 0
+    for weights in calls:
+        if dense is None:
+            dense, start = weights.new_zeros(weights.shape[0], P, P), 0
+        n = weights.shape[-1]
+        dense[:, start : start + n, start : start + n] = weights
+        start += n
+        if start == P:
+            blocks.append(dense)
+            dense = None
+    return blocks
+
+
+def run_order(pruner, grid) -> list[int]:
+    """The patch HF's blocks see at each row (processor order), written out from ``window_index``."""
+    if not type(pruner.model).__name__.startswith("Qwen2_5"):
+        return list(range(int(grid.prod(-1).sum())))
+    v = pruner.model.config.vision_config
+    units, _ = get_vision_window_index(grid, 2, v.window_size, v.patch_size)
+    return [4 * int(u) + i for u in units for i in range(4)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recomputed_tower_attention_is_hf_eager_attention_unpermuted_per_sample(family, monkeypatch):
+    pruner = tower_pruner(family, attn="eager")
+    batch = make_qwen_batch(pruner.model, GRIDS[:2], [(2, 3), (1, 2)], seed=1)
+    expected = hf_tower_attention(family, pruner, batch, monkeypatch)
+    with torch.no_grad():
+        _, _, _, tower = pruner.adapter.embed(
+            batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"], tower_states=True
+        )
+    order = run_order(pruner, batch["image_grid_thw"])
+    patches = batch["image_grid_thw"].prod(-1).tolist()
+    start = [0, patches[0]]
+    depth = len(pruner.adapter.vision_blocks)
+    assert len(expected) == depth and len(tower.states) == depth + 1
+    windowed = 0
+    for layer in range(depth):
+        rows = tower.attention(layer)  # (B, h_v, P, P)
+        for b, n in enumerate(patches):
+            mine = torch.zeros(rows.shape[1], n, n)
+            for i in range(len(order)):  # HF's row i is patch order[i]; keep this sample's rows only
+                for j in range(len(order)):
+                    if start[b] <= order[i] < start[b] + n and start[b] <= order[j] < start[b] + n:
+                        mine[:, order[i] - start[b], order[j] - start[b]] = expected[layer][:, i, j]
+            torch.testing.assert_close(rows[b, :, :n, :n], mine, atol=1e-5, rtol=1e-4)
+            assert bool((rows[b, :, n:] == 0).all()) and bool((rows[b, :, :, n:] == 0).all())
+        windowed += not pruner.adapter.full_attention(layer)
+    assert windowed == (2 if family == "qwen2_5_vl" else 0)
+    queries = torch.tensor([[5, 0, 100], [3, 23, 7]])  # rows chosen: the same as in the full matrix
+    torch.testing.assert_close(
+        tower.attention(0, queries),
+        tower.attention(0).gather(2, queries[:, None, :, None].expand(-1, rows.shape[1], -1, rows.shape[-1])),
+    )
+
+
+def test_mean_received_attention_is_the_formula_written_out():
+    g = torch.Generator().manual_seed(0)
+    B, H, P = 2, 3, 12
+    attention = torch.rand(B, H, P, P, generator=g)
+    valid = torch.ones(B, P, dtype=torch.bool)
+    valid[1, 8:] = False
+    attention[1, :, 8:] = 0
+    attention[1, :, :, 8:] = 0
+    out = mean_received_attention(attention, valid, 4)
+    for b in range(B):
+        n = int(valid[b].sum())
+        for j in range(P // 4):
+            total = 0.0
+            for p in range(4 * j, 4 * j + 4):  # the vision token's 4 patches
+                received = sum(float(attention[b, h, i, p]) for h in range(H) for i in range(n)) / (H * n)
+                total += received
+            if 4 * j < n:
+                assert float(out[b, j]) == pytest.approx(total / 4, rel=1e-5)

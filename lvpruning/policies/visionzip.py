@@ -8,7 +8,8 @@ from transformers import LlavaConfig
 from lvpruning.adapters import projector_flops, vision_attention_rows_flops
 from lvpruning.merging import group_sum, group_sum_flops, nearest, nearest_flops
 from lvpruning.policies.base import PruningPolicy, Schedule
-from lvpruning.policies.tiles import pass_budgets, per_sample_plan, tower_passes
+from lvpruning.policies.tiles import merged_counts, pass_budgets, per_sample_plan, tower_passes
+from lvpruning.qwen_vl import mean_received_attention
 from lvpruning.stage import MergePlan, StageInput, StageShape, gather_tokens
 
 CONTEXTUAL_SHARE = 10 / 64  # published 54 + 10, 108 + 20, 162 + 30
@@ -63,6 +64,7 @@ class VisionZipPolicy(PruningPolicy):
     tower_stage = True
     tower_tiles = True
     tower_cls = True
+    tower_merged = True
     per_sample_budgets = True
 
     def check_layers(self, layers: tuple[int, ...]) -> None:
@@ -70,6 +72,8 @@ class VisionZipPolicy(PruningPolicy):
             raise ValueError(f"visionzip prunes at the vision tower only: layers [-1], not {list(layers)}")
 
     def plan(self, stage: StageInput, k: int) -> MergePlan:
+        if stage.merge_unit:
+            return self._plan_merged(stage)
         if stage.vision_states[0].dim() == 4:
             return self._plan_tiles(stage)
         B, P = stage.vision_pos.shape
@@ -133,6 +137,38 @@ class VisionZipPolicy(PruningPolicy):
             lines = newlines[b][:spare].to(device)
             keep.append(torch.cat([*slots, lines]))
             hidden.append(torch.cat([*states, stage.hidden_out[b, stage.vision_pos[b, lines]]]))
+        return per_sample_plan(stage, keep, hidden)
+
+    def _plan_merged(self, stage: StageInput) -> MergePlan:
+        """Qwen-VL: the rule on each sample's merged tokens, ranked by the mean attention received."""
+        layer, unit, device = stage.feature_layer, stage.merge_unit, stage.hidden_out.device
+        counts = merged_counts(stage)
+        patches = torch.arange(stage.vision_states[0].shape[1])[None, :] < torch.tensor(counts)[:, None] * unit
+        s = mean_received_attention(stage.vision_attention(layer, None), patches.to(device), unit)  # (B, Nv)
+        keys = stage.vision_keys(layer).mean(dim=1).unflatten(1, (-1, unit)).mean(dim=2)  # (B, Nv, d_v)
+        features = stage.vision_states[layer + 1].unflatten(1, (-1, unit)).flatten(2)  # (B, Nv, 4 C_v)
+        keep, hidden = [], []
+        for b, (n, k) in enumerate(zip(counts, stage.keep_counts)):
+            own = stage.hidden_out[b, stage.vision_pos[b, :n]]  # (n, C) the merger's output
+            if k >= n:
+                keep.append(torch.arange(n, device=device))
+                hidden.append(own)
+                continue
+            num_contextual = contextual_count(k)
+            dominant = s[b, :n].topk(k - num_contextual).indices  # (D,)
+            is_dominant = torch.zeros(n, dtype=torch.bool, device=device).scatter(0, dominant, True)
+            remaining = torch.argsort(is_dominant.to(torch.int8), stable=True)[: n - dominant.shape[0]]  # (Nf,)
+            slots, states = [dominant], [own[dominant]]
+            if num_contextual:
+                targets, others = contextual_targets(remaining.shape[0], num_contextual, device)
+                rest_keys, rest = keys[b, remaining], features[b, remaining]  # (Nf, d_v), (Nf, 4 C_v)
+                join = nearest(rest_keys[None, others], rest_keys[None, targets])  # (1, Nf - K)
+                sums, merged = group_sum(rest[None, others], join, num_contextual)
+                new = rest[targets] + (sums[0] / merged[0].clamp_min(1)[:, None]).to(rest.dtype)  # (K, 4 C_v)
+                slots.append(remaining[targets])
+                states.append(stage.project(new[None])[0].to(own.dtype))
+            keep.append(torch.cat(slots))
+            hidden.append(torch.cat(states))
         return per_sample_plan(stage, keep, hidden)
 
     @staticmethod

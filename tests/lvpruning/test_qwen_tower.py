@@ -12,11 +12,12 @@ from transformers.models.qwen2_vl import modeling_qwen2_vl
 from transformers.vision_utils import get_vision_window_index
 
 from lvpruning import PruningConfig, attach
-from lvpruning.policies import POLICIES
+from lvpruning.policies import POLICIES, get_policy
 from lvpruning.qwen_vl import mean_received_attention
+from lvpruning.stage import keep_count
 from lvpruning.tiny import tiny_llava, tiny_qwen_vl_config
 from tests.lvpruning.conftest import VOCAB
-from tests.lvpruning.test_qwen_vl import make_qwen_batch
+from tests.lvpruning.test_qwen_vl import alone, counts, make_qwen_batch
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
 # (t, h, w) patches: 30 vision tokens on a 6 x 5 merged grid (Qwen2.5-VL: 2 x 2 windows, partial ones at the
@@ -124,3 +125,84 @@ def test_mean_received_attention_is_the_formula_written_out():
                 total += received
             if 4 * j < n:
                 assert float(out[b, j]) == pytest.approx(total / 4, rel=1e-5)
+
+
+def prune_kwargs(name):
+    ratios = {"visionzip": (0.4,), "vscan": (0.4, 0.2)}[name]
+    return {"policy": get_policy(name), "layers": POLICIES[name].published.on(5).layers, "keep_ratios": ratios}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", MERGED)
+def test_a_batch_of_images_of_different_sizes_gives_each_sample_what_it_gets_alone(family, name):
+    pruner = tower_pruner(family, seed=2)
+    batch = make_qwen_batch(pruner.model, [GRIDS[0], GRIDS[1], GRIDS[2]], [(2, 6), (4, 3), (1, 8)], seed=2)
+    kwargs = prune_kwargs(name)
+    with torch.no_grad():
+        together = pruner(**batch, **kwargs)
+        for i, n in enumerate(counts(batch)):
+            single = pruner(**alone(batch, i), **kwargs)
+            for stage, ratio in enumerate(kwargs["keep_ratios"]):
+                k = keep_count(ratio, n)
+                assert single.kept_vision[stage].shape[1] == k
+                kept = together.kept_vision[stage][i]
+                assert torch.equal(single.kept_vision[stage][0], kept[kept >= 0])
+            torch.testing.assert_close(single.logits[0, -1], together.logits[i, -1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_visionzip_keeps_the_tokens_ranked_first_by_hf_attention_received(family, monkeypatch):
+    pruner = tower_pruner(family, seed=4, attn="eager")
+    batch = alone(make_qwen_batch(pruner.model, GRIDS[:1], [(2, 3)], seed=4), 0)
+    n = counts(batch)[0]  # 30: k = 3 keeps 3 dominant tokens (K = 0), k = 12 keeps 10 + 2 contextual
+    last = hf_tower_attention(family, pruner, batch, monkeypatch)[-1]  # (h_v, P, P) in HF's order
+    order = run_order(pruner, batch["image_grid_thw"])
+    received = [0.0] * len(order)
+    for i in range(len(order)):
+        for j in range(len(order)):
+            received[order[j]] += float(last[:, i, j].mean()) / len(order)  # over the heads and the queries
+    s = torch.tensor([sum(received[4 * t : 4 * t + 4]) / 4 for t in range(n)])
+    with torch.no_grad():
+        out = pruner(**batch, policy=get_policy("visionzip"), layers=(-1,), keep_ratios=(0.1,))
+        assert set(out.kept_vision[0][0].tolist()) == set(s.topk(3).indices.tolist())
+        out = pruner(**batch, policy=get_policy("visionzip"), layers=(-1,), keep_ratios=(0.4,))
+        kept = out.kept_vision[0][0].tolist()
+        assert len(kept) == 12 and set(s.topk(10).indices.tolist()) <= set(kept)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vflowopt_is_refused_by_name_before_model_work(family, monkeypatch):
+    pruner = tower_pruner(family)
+    batch = make_qwen_batch(pruner.model, GRIDS[1:2], [(1, 2)])
+
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("the model ran before the refusal")
+
+    monkeypatch.setattr(pruner.adapter, "embed", no_model_work)
+    name = type(pruner.model).__name__
+    assert {n for n in POLICIES if POLICIES[n].tower_stage and not POLICIES[n].tower_free} - set(MERGED) == {"vflowopt"}
+    with pytest.raises(ValueError, match=rf"vflowopt's vision-tower stage \(layer -1\) .* {name}'s vision tower"):
+        pruner(**batch, policy=get_policy("vflowopt"), layers=(-1, 1, 2), keep_ratios=(0.5, 0.5, 0.3))
+
+
+@pytest.mark.parametrize("name", MERGED)
+def test_bf16_tower_stage_runs_and_keeps_each_samples_own_share(name):
+    pruner = tower_pruner("qwen2_5_vl", seed=5, dtype=torch.bfloat16)
+    batch = make_qwen_batch(pruner.model, GRIDS[:2], [(2, 5), (3, 4)], seed=5)
+    batch["pixel_values"] = batch["pixel_values"].bfloat16()
+    kwargs = prune_kwargs(name)
+    with torch.no_grad():
+        out = pruner(**batch, **kwargs)
+        _, _, _, tower = pruner.adapter.embed(
+            batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"], tower_states=True
+        )
+    assert out.logits.dtype == torch.bfloat16 and bool(out.logits.isfinite().all())
+    for i, n in enumerate(counts(batch)):
+        assert out.keep_fractions[i, -1] == pytest.approx(keep_count(kwargs["keep_ratios"][-1], n) / n)
+    rows = tower.attention(0)
+    assert rows.dtype == torch.float32  # recomputed in fp32 from the bf16 states
+    n = int(tower.valid()[1].sum())  # the smaller image's patches: rows of 1 there, of 0 beyond
+    torch.testing.assert_close(rows[1, :, :n].sum(-1), torch.ones(rows.shape[1], n))
+    assert bool((rows[1, :, n:] == 0).all())
+    generated = pruner.generate(**batch, **kwargs, max_new_tokens=2, eos_token_id=[])
+    assert generated.shape == (2, batch["input_ids"].shape[1] + 2)

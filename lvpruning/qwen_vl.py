@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers import (
+    PreTrainedConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 from lvpruning.adapters import DecoderAdapter
@@ -36,6 +42,7 @@ if TYPE_CHECKING:
     from lvpruning.policies import PruningPolicy
 
 QWEN_VL_FAMILIES = (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+QWEN_VL_CONFIGS = (Qwen2VLConfig, Qwen2_5_VLConfig)
 
 
 class QwenVLAdapter(DecoderAdapter):
@@ -191,7 +198,7 @@ class QwenVLAdapter(DecoderAdapter):
 
     def vision_rotary(self, grid: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The tower's 2-D rotary (cos, sin), each (P_b, d_v), of one image of ``grid`` (1, 3), processor order."""
-        positions = get_vision_position_ids(grid, self.merge)  # (P_b, 2): row, column
+        positions = get_vision_position_ids(grid, self.merge).to(like.device)  # (P_b, 2): row, column
         return self.model.model.visual.rotary_pos_emb(like, positions)
 
     def vision_feature_layer(self) -> int:
@@ -316,3 +323,24 @@ def mean_received_attention(attention: torch.Tensor, valid: torch.Tensor, merge_
     received = attention.mean(dim=1).sum(dim=1)  # (B, P): over the heads, summed over the queries
     received = received / valid.sum(dim=1, keepdim=True).clamp_min(1)  # mean over the image's own queries
     return received.unflatten(1, (-1, merge_unit)).mean(dim=-1)  # (B, Nv)
+
+
+def tower_width(config: PreTrainedConfig) -> int:
+    """C_v, the tower's width: Qwen2-VL's ``embed_dim`` (its ``hidden_size`` is the decoder's), Qwen2.5-VL's
+    ``hidden_size``."""
+    v = config.vision_config
+    return v.embed_dim if isinstance(config, Qwen2VLConfig) else v.hidden_size
+
+
+def tower_rows_flops(config: PreTrainedConfig, num_patches: int, keys: bool = True) -> int:
+    """Matmul FLOPs of :meth:`QwenTower.attention` on one image of ``num_patches`` patches, every query: the query
+    projection and Q K^T over all heads (the whole image even for a window block: the mask comes after), and with
+    ``keys`` the key projection (computed once per block)."""
+    d = tower_width(config)
+    return 2 * num_patches * d * d * (1 + keys) + 2 * num_patches * num_patches * d
+
+
+def merger_flops(config: PreTrainedConfig, num_tokens: int) -> int:
+    """Matmul FLOPs of the ``PatchMerger`` (Linear(4 C_v, 4 C_v), GELU, Linear(4 C_v, C)) on ``num_tokens``."""
+    wide = tower_width(config) * config.vision_config.spatial_merge_size**2
+    return 2 * num_tokens * wide * wide + 2 * num_tokens * wide * config.text_config.hidden_size

@@ -9,7 +9,7 @@ from lvpruning.adapters import projector_flops, vision_attention_rows_flops
 from lvpruning.merging import group_sum, group_sum_flops, nearest, nearest_flops
 from lvpruning.policies.base import PruningPolicy, Schedule
 from lvpruning.policies.tiles import merged_counts, pass_budgets, per_sample_plan, tower_passes
-from lvpruning.qwen_vl import mean_received_attention
+from lvpruning.qwen_vl import QWEN_VL_CONFIGS, mean_received_attention, merger_flops, tower_rows_flops, tower_width
 from lvpruning.stage import MergePlan, StageInput, StageShape, gather_tokens
 
 CONTEXTUAL_SHARE = 10 / 64  # published 54 + 10, 108 + 20, 162 + 30
@@ -143,6 +143,8 @@ class VisionZipPolicy(PruningPolicy):
         """Qwen-VL: the rule on each sample's merged tokens, ranked by the mean attention received."""
         layer, unit, device = stage.feature_layer, stage.merge_unit, stage.hidden_out.device
         counts = merged_counts(stage)
+        if all(k >= n for n, k in zip(counts, stage.keep_counts)):  # every sample keeps all its tokens
+            return MergePlan(torch.arange(max(counts), device=device).expand(len(counts), -1))
         patches = torch.arange(stage.vision_states[0].shape[1])[None, :] < torch.tensor(counts)[:, None] * unit
         s = mean_received_attention(stage.vision_attention(layer, None), patches.to(device), unit)  # (B, Nv)
         keys = stage.vision_keys(layer).mean(dim=1).unflatten(1, (-1, unit)).mean(dim=2)  # (B, Nv, d_v)
@@ -198,6 +200,8 @@ class VisionZipPolicy(PruningPolicy):
         return torch.cat(slots), torch.cat(news[1:] + news[:1])
 
     def tower_flops(self, config: LlavaConfig, stage: StageShape) -> int:
+        if isinstance(config, QWEN_VL_CONFIGS):
+            return self._merged_flops(config, stage)
         if stage.tower_passes:
             return self._tiles_flops(config, stage)
         v = config.vision_config
@@ -212,6 +216,23 @@ class VisionZipPolicy(PruningPolicy):
             flops += nearest_flops(others, num_contextual, head_dim)
             flops += group_sum_flops(others, num_contextual, v.hidden_size)
         return flops + projector_flops(config, num_contextual + 1)
+
+    @staticmethod
+    def _merged_flops(config: LlavaConfig, stage: StageShape) -> int:
+        """Qwen-VL: the last block's rows over the image's patches, the merge of the merged tokens, the merger on
+        the contextual ones."""
+        n, k = stage.num_vision, stage.kept
+        if k >= n:
+            return 0
+        unit, width = config.vision_config.spatial_merge_size**2, tower_width(config)
+        num_contextual = contextual_count(k)
+        flops = tower_rows_flops(config, unit * n)
+        if num_contextual:
+            others = n - (k - num_contextual) - num_contextual
+            head_dim = width // config.vision_config.num_heads
+            flops += nearest_flops(others, num_contextual, head_dim)
+            flops += group_sum_flops(others, num_contextual, unit * width) + merger_flops(config, num_contextual)
+        return flops
 
     def _tiles_flops(self, config: LlavaConfig, stage: StageShape) -> int:
         """LLaVA-NeXT: the CLS rows on every pass, and each pass's merge within its share of k."""

@@ -11,7 +11,7 @@ from lvpruning.adapters import attention_rows_flops, vision_attention_rows_flops
 from lvpruning.merging import group_sum, group_sum_flops, nearest, nearest_flops
 from lvpruning.policies.base import PruningPolicy, Schedule
 from lvpruning.policies.tiles import merged_counts, pass_budgets, per_sample_plan, tower_passes
-from lvpruning.qwen_vl import mean_received_attention
+from lvpruning.qwen_vl import QWEN_VL_CONFIGS, mean_received_attention, tower_rows_flops
 from lvpruning.stage import MergePlan, StageInput, StageShape, gather_tokens
 
 WINDOWS = 4  # per side: 6 x 6 windows on LLaVA-1.5's 24 x 24 grid
@@ -143,6 +143,8 @@ class VScanPolicy(PruningPolicy):
         """Qwen-VL: both scans and the merge on each sample's merged tokens, by the mean attention received."""
         unit, device = stage.merge_unit, stage.hidden_out.device
         counts = merged_counts(stage)
+        if all(k >= n for n, k in zip(counts, stage.keep_counts)):  # every sample keeps all its tokens
+            return MergePlan(torch.arange(max(counts), device=device).expand(len(counts), -1))
         patches = torch.arange(stage.vision_states[0].shape[1])[None, :] < torch.tensor(counts)[:, None] * unit
         patches = patches.to(device)
         shallow = shallow_layer(len(stage.vision_states) - 1)
@@ -191,6 +193,12 @@ class VScanPolicy(PruningPolicy):
 
     def tower_flops(self, config: LlavaConfig, stage: StageShape) -> int:
         patches, k, width = stage.num_vision, stage.kept, config.text_config.hidden_size
+        if isinstance(config, QWEN_VL_CONFIGS):  # both blocks' rows over the image's patches, the merge
+            if k >= patches:
+                return 0
+            depth, tower = config.vision_config.depth, config.vision_config.spatial_merge_size**2 * patches
+            rows = tower_rows_flops(config, tower) + tower_rows_flops(config, tower, shallow_layer(depth) != depth - 1)
+            return rows + nearest_flops(patches - k, k, width) + group_sum_flops(patches - k, k, width)
         if stage.tower_passes:  # LLaVA-NeXT: both rows on every pass, each pass's merge within its share
             lines = min(stage.newlines, max(0, k - len(stage.tower_passes)))
             merges = sum(

@@ -12,7 +12,7 @@ from transformers.models.qwen2_vl import modeling_qwen2_vl
 from transformers.vision_utils import get_vision_window_index
 
 from lvpruning import PruningConfig, attach
-from lvpruning.policies import POLICIES, get_policy
+from lvpruning.policies import POLICIES, PruningPolicy, get_policy
 from lvpruning.qwen_vl import mean_received_attention
 from lvpruning.stage import keep_count
 from lvpruning.tiny import tiny_llava, tiny_qwen_vl_config
@@ -206,3 +206,109 @@ def test_bf16_tower_stage_runs_and_keeps_each_samples_own_share(name):
     assert bool((rows[1, :, n:] == 0).all())
     generated = pruner.generate(**batch, **kwargs, max_new_tokens=2, eos_token_id=[])
     assert generated.shape == (2, batch["input_ids"].shape[1] + 2)
+
+
+class Recording(PruningPolicy):
+    """Wraps a policy; keeps what ``plan`` returned at the vision-tower stage: kept vision indices and hidden."""
+
+    name, tower_stage, tower_merged, per_sample_budgets = "recording", True, True, True
+
+    def __init__(self, inner: PruningPolicy):
+        self.inner, self.plans = inner, []
+
+    def check_layers(self, layers):
+        self.inner.check_layers(layers)
+
+    def plan(self, stage, k):
+        plan = self.inner.plan(stage, k)
+        self.plans.append((stage.vision_index.gather(1, plan.keep), plan.hidden))
+        return plan
+
+
+def visionzip_reference(family, model, single, k) -> dict[int, torch.Tensor]:
+    """VisionZip on Qwen-VL written out for one image, in float64 on HF's eager tower: the last block's attention
+    (captured from the eager function), its rotated keys (its ``qkv`` output and HF's own rotary function on the
+    rotary it is given) and the merger's input, placed back in the processor's order by a loop over
+    ``window_index``; then the rule token by token. Returns {vision token: its embedding}."""
+    module = MODELING[family]
+    grid = single["image_grid_thw"]
+    block, merger = model.model.visual.blocks[-1], model.model.visual.merger
+    seen = {}
+    hooks = [
+        block.attn.qkv.register_forward_hook(lambda m, a, out: seen.__setitem__("qkv", out)),
+        block.attn.register_forward_pre_hook(
+            lambda m, a, kw: seen.__setitem__("rope", kw["position_embeddings"]), with_kwargs=True
+        ),
+        merger.register_forward_pre_hook(lambda m, a: seen.__setitem__("merger_in", a[0])),
+    ]
+    calls = []
+    original = module.eager_attention_forward
+
+    def recording(*args, **kwargs):
+        out, weights = original(*args, **kwargs)
+        calls.append(weights[0])
+        return out, weights
+
+    module.eager_attention_forward = recording
+    try:
+        with torch.no_grad():
+            image = model.model.get_image_features(single["pixel_values"].double(), grid, return_dict=True)
+    finally:
+        module.eager_attention_forward = original
+        for hook in hooks:
+            hook.remove()
+    P = int(grid.prod())
+    order = list(range(P))  # HF's row i is patch order[i]
+    if family == "qwen2_5_vl":
+        v = model.config.vision_config
+        order = [
+            4 * int(u) + i for u in get_vision_window_index(grid, 2, v.window_size, v.patch_size)[0] for i in range(4)
+        ]
+    heads = block.attn.num_heads
+    attention = calls[-1]  # the last block attends over the whole image: one call
+    cos, sin = seen["rope"]
+    q, key, _ = seen["qkv"].view(P, 3, heads, -1).unbind(1)
+    _, key = module.apply_rotary_pos_emb_vision(q, key, cos, sin)  # (P, h_v, d_v) in HF's order
+    received, keys, features = [0.0] * P, [None] * P, [None] * P
+    for i in range(P):
+        keys[order[i]] = key[i].mean(dim=0)
+        features[order[i]] = seen["merger_in"][i]
+        for j in range(P):
+            received[order[j]] += float(attention[:, i, j].mean()) / P
+    n = P // 4
+    s = [sum(received[4 * t : 4 * t + 4]) / 4 for t in range(n)]
+    token_key = [sum(keys[4 * t : 4 * t + 4]) / 4 for t in range(n)]
+    token_features = [torch.cat(features[4 * t : 4 * t + 4]) for t in range(n)]
+    K = min(k - 1, round(k * 10 / 64))
+    dominant = sorted(range(n), key=lambda t: s[t], reverse=True)[: k - K]
+    out = {t: image.pooler_output[0][t] for t in dominant}
+    remaining = [t for t in range(n) if t not in dominant]
+    targets = remaining[:: max(1, len(remaining) // K)][:K]
+    members = {c: [] for c in targets}
+    for t in remaining:
+        if t not in targets:
+            cosine = [torch.nn.functional.cosine_similarity(token_key[t], token_key[c], dim=0) for c in targets]
+            members[targets[max(range(K), key=lambda c: cosine[c])]].append(t)
+    for c in targets:
+        mean = sum(token_features[t] for t in members[c]) / max(1, len(members[c]))
+        with torch.no_grad():
+            out[c] = merger((token_features[c] + mean).view(4, -1))[0]
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_visionzip_matches_the_literal_formula_per_image_of_a_batch(family):
+    pruner = tower_pruner(family, seed=6)
+    batch = make_qwen_batch(pruner.model, [GRIDS[0], GRIDS[2]], [(2, 5), (1, 3)], seed=6)
+    rec = Recording(get_policy("visionzip"))
+    with torch.no_grad():
+        pruner(**batch, policy=rec, layers=(-1,), keep_ratios=(0.5,))
+    eager = tower_pruner(family, seed=6, attn="eager").model.double()
+    keep, hidden = rec.plans[0]
+    for b, n in enumerate(counts(batch)):
+        k = keep_count(0.5, n)  # 15 = 13 + 2 contextual, 10 = 8 + 2
+        expected = visionzip_reference(family, eager, alone(batch, b), k)
+        got = dict(zip(keep[b, :k].tolist(), hidden[b, :k].double()))
+        assert set(got) == set(expected)
+        for t in expected:
+            torch.testing.assert_close(got[t], expected[t], rtol=1e-4, atol=1e-5)

@@ -57,6 +57,15 @@ class VisionZipPolicy(PruningPolicy):
     unpadding, so it may keep, and merge, patches of a tile's letterbox rows; here each sample keeps its own
     k_b of its own count, and only the patches that reach the decoder (those HF's unpadding keeps) are ranked
     and merged. Slots as on LLaVA-1.5, per pass: a pass's CLS token takes that pass's first free slot.
+
+    Qwen2-VL / Qwen2.5-VL (no CLS token; a vision token is the ``PatchMerger``'s 2 x 2 patches), our reading, as
+    the public Qwen ports rank: the rule above on each sample's merged tokens, at the last block (its output feeds
+    the merger; a full-attention block in Qwen2.5-VL), with s_j the mean attention received
+    (:func:`~lvpruning.qwen_vl.mean_received_attention`: over the heads and the image's query patches, then over
+    the 4 patches of token j) in place of the CLS attention, D = k - K dominant tokens (no CLS token to add), a
+    token's key the mean of its 4 patches' head-mean keys (rotated, as the block's attention uses them), its
+    features H the merger's input (the 4 patches side by side, 4 C_v), and the contextual tokens through the
+    whole merger (``project``).
     """
 
     name = "visionzip"

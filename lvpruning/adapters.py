@@ -77,6 +77,11 @@ class DecoderAdapter:
         """The ``position_ids`` a decoder layer receives beside its RoPE (read by FlashAttention only)."""
         return position_ids
 
+    def vision_tower(self, states, layout: VisionLayout):
+        """The vision-tower stage's view of the tower from ``embed``'s states: none by default (a family whose
+        tower is not read runs only the policies that read nothing of it, ``tower_free``)."""
+        return None
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
 

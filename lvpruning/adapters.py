@@ -77,6 +77,11 @@ class DecoderAdapter:
         """The ``position_ids`` a decoder layer receives beside its RoPE (read by FlashAttention only)."""
         return position_ids
 
+    def vision_tower(self, states, layout: VisionLayout):
+        """The vision-tower stage's view of the tower from ``embed``'s states: none by default (a family whose
+        tower is not read runs only the policies that read nothing of it, ``tower_free``)."""
+        return None
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(input_ids)
 
@@ -267,6 +272,13 @@ class LlavaAdapter(DecoderAdapter):
                 f"{policy.name} ranks by the tower's CLS attention; {name}'s SigLIP tower has no CLS token, so its "
                 "vision-tower stage runs on LLaVA-1.5 and LLaVA-NeXT (CLIP) only"
             )
+
+    def vision_tower(self, states: tuple[torch.Tensor, ...] | None, layout: VisionLayout):
+        """The vision-tower stage's view of the tower (:class:`lvpruning.engine.VisionTower`) from ``embed``'s
+        states."""
+        from lvpruning.engine import VisionTower  # it builds on this module
+
+        return VisionTower(self, states, layout)
 
     def tower_tokens(self, layout: VisionLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """Each vision token's tower pass and tower token (:func:`lvpruning.layout.tower_tokens`)."""

@@ -84,7 +84,7 @@ class Prepared:
     labels: torch.Tensor | None  # (B, N0)
     vision_counts: torch.Tensor  # (B,) n_b
     layout: VisionLayout  # (B, Nv)
-    vision_states: tuple[torch.Tensor, ...] | None
+    vision_states: Any  # the adapter's tower states for the vision-tower stage (``adapter.vision_tower``), or None
     layout_host: VisionLayout | None = None  # the layout on the CPU (values known even when running on meta)
 
     @property
@@ -429,7 +429,7 @@ class LVPruningModel(nn.Module):
         cache = PrunedCache(config=self.adapter.text_config) if use_cache else None
         recorded = set(policy.recorded_layers(layers))
         if layers[0] == -1:  # the vision-tower stage, before decoder layer 0
-            tower = VisionTower(self.adapter, prepared.vision_states, prepared.layout)
+            tower = self.adapter.vision_tower(prepared.vision_states, prepared.layout)
             self._prune(state, policy, 0, -1, ratios[0], seq.hidden, tower)
         prepared.vision_states = None  # the tower's hidden states serve only the vision-tower stage
         mask, rope = self._begin_segment(state)
@@ -475,7 +475,7 @@ class LVPruningModel(nn.Module):
         layer: int,
         keep_ratio: float,
         hidden_in: torch.Tensor,
-        tower: VisionTower | None = None,
+        tower: Any = None,
     ) -> None:
         """Stage ``stage``, after decoder layer ``layer`` (-1: the vision tower) whose input was ``hidden_in``: the
         policy plans, and ``state`` keeps ``k_s = keep_count(rho_s, n_b)`` vision tokens of each sample (merged if
@@ -499,7 +499,7 @@ class LVPruningModel(nn.Module):
         stage: int,
         layer: int,
         hidden_in: torch.Tensor,
-        tower: VisionTower | None,
+        tower: Any,
         keep_counts: tuple[int, ...],
     ) -> StageInput:
         """What the policy reads at ``stage``: the current sequence (the layer's output) and readers of attention."""

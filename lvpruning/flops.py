@@ -367,8 +367,9 @@ def _check_tower_tiles(config: AnyLlavaConfig, method: str) -> None:
 
 
 def _check_qwen_tower(method: str) -> None:
-    """The vision-tower stage on Qwen-VL: only where it reads nothing of the tower (``QwenVLAdapter``'s rule)."""
-    if not POLICIES[method].tower_free:
+    """The vision-tower stage on Qwen-VL: where it reads nothing of the tower or reads it by merged token
+    (``QwenVLAdapter.check_tower_stage``'s rule)."""
+    if not (POLICIES[method].tower_free or POLICIES[method].tower_merged):
         raise ValueError(f"{method}'s vision-tower stage (layer -1) is not ported to Qwen-VL's vision tower")
 
 

@@ -133,6 +133,13 @@ class StageInput:
     (B, P, h_v, M, d_v), and ``tower_pass`` / ``tower_token`` (B, Nv) give each vision token's pass and tower token
     (-1 for the newline tokens, which have none, and empty slots); on LLaVA-1.5 they are 0 and ``j + 1``.
 
+    On Qwen-VL (``merge_unit`` 4) the tower has no CLS token and runs once per sample: ``vision_states[l]``
+    (B, P, C_v) is block ``l``'s input over the sample's patches in the processor's order (zero beyond its own),
+    ``vision_attention(l, queries)`` (B, h_v, Q, P) is restricted to what the block computes (its image, Qwen2.5-VL's
+    window blocks their window), ``feature_layer`` is the last block (its output feeds the merger), vision token ``j``
+    is patches ``4j .. 4j + 3``, and ``project`` is the ``PatchMerger`` on merged tokens' features (B, n, 4 C_v) (its
+    input, the 4 patches side by side).
+
     Samples may have different numbers of vision tokens (LLaVA-NeXT, LLaVA-OneVision): a sample's slots beyond its
     own are padding (``vision_valid``), and the engine never keeps them; ``layout`` says, per vision token, whether
     it is the base view, a tile (which, and its row and column) or a grid row's newline token."""
@@ -170,6 +177,8 @@ class StageInput:
     tower_pass: torch.Tensor | None = None  # (B, Nv) each vision token's tower pass, -1: none
     tower_token: torch.Tensor | None = None  # (B, Nv) its token in that pass (CLS 0), -1: none
     layout_host: VisionLayout | None = None  # ``layout`` on the CPU, for plans that branch on it (also on meta)
+    # Qwen-VL's vision-tower stage: patches per vision token (the 2 x 2 merger's 4); None on a tower with a CLS token
+    merge_unit: int | None = None
 
     def vision_valid(self) -> torch.Tensor:
         """(B, V) True on the vision tokens still in play: False on a sample's empty slots (fewer vision tokens than

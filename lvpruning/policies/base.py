@@ -65,6 +65,7 @@ class PruningPolicy:
     tower_stage: bool = False  # whether it can prune at the vision-tower stage (it reads no decoder layer there)
     tower_tiles: bool = False  # whether its vision-tower stage runs on the tiled families (LLaVA-NeXT, OneVision)
     tower_cls: bool = False  # whether its vision-tower stage reads the CLS token (CLIP: LLaVA-1.5, LLaVA-NeXT)
+    tower_merged: bool = False  # whether its vision-tower stage runs on Qwen-VL's tower (merged tokens, no CLS)
     tower_free: bool = False  # whether its vision-tower stage reads nothing of the tower (runs on any family)
     per_sample_budgets: bool = False  # whether its ``plan`` keeps each sample's own k_b (``keep_counts``)
     trained: bool = False  # whether it scores with trained weights (decision modules), so needs a training run

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lvpruning.layout import NEWLINE, tower_tokens
+from lvpruning.layout import EMPTY, NEWLINE, tower_tokens
 from lvpruning.stage import MergePlan, StageInput
 
 
@@ -73,3 +73,8 @@ def per_sample_plan(stage: StageInput, keep: list[torch.Tensor], hidden: list[to
         filler = stage.hidden_out[b].gather(0, stage.vision_pos[b, rest, None].expand(-1, h.shape[-1]))
         states.append(torch.cat([h.to(stage.hidden_out.dtype), filler]))
     return MergePlan(torch.stack(rows), torch.stack(states))
+
+
+def merged_counts(stage: StageInput) -> list[int]:
+    """Each sample's own vision tokens n_b, from the layout on the CPU (so also on ``meta``)."""
+    return (stage.layout_host.kind != EMPTY).sum(dim=1).tolist()

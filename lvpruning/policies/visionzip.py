@@ -8,7 +8,8 @@ from transformers import LlavaConfig
 from lvpruning.adapters import projector_flops, vision_attention_rows_flops
 from lvpruning.merging import group_sum, group_sum_flops, nearest, nearest_flops
 from lvpruning.policies.base import PruningPolicy, Schedule
-from lvpruning.policies.tiles import pass_budgets, per_sample_plan, tower_passes
+from lvpruning.policies.tiles import merged_counts, pass_budgets, per_sample_plan, tower_passes
+from lvpruning.qwen_vl import QWEN_VL_CONFIGS, mean_received_attention, merger_flops, tower_rows_flops, tower_width
 from lvpruning.stage import MergePlan, StageInput, StageShape, gather_tokens
 
 CONTEXTUAL_SHARE = 10 / 64  # published 54 + 10, 108 + 20, 162 + 30
@@ -56,6 +57,15 @@ class VisionZipPolicy(PruningPolicy):
     unpadding, so it may keep, and merge, patches of a tile's letterbox rows; here each sample keeps its own
     k_b of its own count, and only the patches that reach the decoder (those HF's unpadding keeps) are ranked
     and merged. Slots as on LLaVA-1.5, per pass: a pass's CLS token takes that pass's first free slot.
+
+    Qwen2-VL / Qwen2.5-VL (no CLS token; a vision token is the ``PatchMerger``'s 2 x 2 patches), our reading, as
+    the public Qwen ports rank: the rule above on each sample's merged tokens, at the last block (its output feeds
+    the merger; a full-attention block in Qwen2.5-VL), with s_j the mean attention received
+    (:func:`~lvpruning.qwen_vl.mean_received_attention`: over the heads and the image's query patches, then over
+    the 4 patches of token j) in place of the CLS attention, D = k - K dominant tokens (no CLS token to add), a
+    token's key the mean of its 4 patches' head-mean keys (rotated, as the block's attention uses them), its
+    features H the merger's input (the 4 patches side by side, 4 C_v), and the contextual tokens through the
+    whole merger (``project``).
     """
 
     name = "visionzip"
@@ -63,6 +73,7 @@ class VisionZipPolicy(PruningPolicy):
     tower_stage = True
     tower_tiles = True
     tower_cls = True
+    tower_merged = True
     per_sample_budgets = True
 
     def check_layers(self, layers: tuple[int, ...]) -> None:
@@ -70,6 +81,8 @@ class VisionZipPolicy(PruningPolicy):
             raise ValueError(f"visionzip prunes at the vision tower only: layers [-1], not {list(layers)}")
 
     def plan(self, stage: StageInput, k: int) -> MergePlan:
+        if stage.merge_unit:
+            return self._plan_merged(stage)
         if stage.vision_states[0].dim() == 4:
             return self._plan_tiles(stage)
         B, P = stage.vision_pos.shape
@@ -135,6 +148,40 @@ class VisionZipPolicy(PruningPolicy):
             hidden.append(torch.cat([*states, stage.hidden_out[b, stage.vision_pos[b, lines]]]))
         return per_sample_plan(stage, keep, hidden)
 
+    def _plan_merged(self, stage: StageInput) -> MergePlan:
+        """Qwen-VL: the rule on each sample's merged tokens, ranked by the mean attention received."""
+        layer, unit, device = stage.feature_layer, stage.merge_unit, stage.hidden_out.device
+        counts = merged_counts(stage)
+        if all(k >= n for n, k in zip(counts, stage.keep_counts)):  # every sample keeps all its tokens
+            return MergePlan(torch.arange(max(counts), device=device).expand(len(counts), -1))
+        patches = torch.arange(stage.vision_states[0].shape[1])[None, :] < torch.tensor(counts)[:, None] * unit
+        s = mean_received_attention(stage.vision_attention(layer, None), patches.to(device), unit)  # (B, Nv)
+        keys = stage.vision_keys(layer).mean(dim=1).unflatten(1, (-1, unit)).mean(dim=2)  # (B, Nv, d_v)
+        features = stage.vision_states[layer + 1].unflatten(1, (-1, unit)).flatten(2)  # (B, Nv, 4 C_v)
+        keep, hidden = [], []
+        for b, (n, k) in enumerate(zip(counts, stage.keep_counts)):
+            own = stage.hidden_out[b, stage.vision_pos[b, :n]]  # (n, C) the merger's output
+            if k >= n:
+                keep.append(torch.arange(n, device=device))
+                hidden.append(own)
+                continue
+            num_contextual = contextual_count(k)
+            dominant = s[b, :n].topk(k - num_contextual).indices  # (D,)
+            is_dominant = torch.zeros(n, dtype=torch.bool, device=device).scatter(0, dominant, True)
+            remaining = torch.argsort(is_dominant.to(torch.int8), stable=True)[: n - dominant.shape[0]]  # (Nf,)
+            slots, states = [dominant], [own[dominant]]
+            if num_contextual:
+                targets, others = contextual_targets(remaining.shape[0], num_contextual, device)
+                rest_keys, rest = keys[b, remaining], features[b, remaining]  # (Nf, d_v), (Nf, 4 C_v)
+                join = nearest(rest_keys[None, others], rest_keys[None, targets])  # (1, Nf - K)
+                sums, merged = group_sum(rest[None, others], join, num_contextual)
+                new = rest[targets] + (sums[0] / merged[0].clamp_min(1)[:, None]).to(rest.dtype)  # (K, 4 C_v)
+                slots.append(remaining[targets])
+                states.append(stage.project(new[None])[0].to(own.dtype))
+            keep.append(torch.cat(slots))
+            hidden.append(torch.cat(states))
+        return per_sample_plan(stage, keep, hidden)
+
     @staticmethod
     def _zip_pass(
         s: torch.Tensor, keys: torch.Tensor, features: torch.Tensor, tokens: torch.Tensor, k: int
@@ -162,6 +209,8 @@ class VisionZipPolicy(PruningPolicy):
         return torch.cat(slots), torch.cat(news[1:] + news[:1])
 
     def tower_flops(self, config: LlavaConfig, stage: StageShape) -> int:
+        if isinstance(config, QWEN_VL_CONFIGS):
+            return self._merged_flops(config, stage)
         if stage.tower_passes:
             return self._tiles_flops(config, stage)
         v = config.vision_config
@@ -176,6 +225,23 @@ class VisionZipPolicy(PruningPolicy):
             flops += nearest_flops(others, num_contextual, head_dim)
             flops += group_sum_flops(others, num_contextual, v.hidden_size)
         return flops + projector_flops(config, num_contextual + 1)
+
+    @staticmethod
+    def _merged_flops(config: LlavaConfig, stage: StageShape) -> int:
+        """Qwen-VL: the last block's rows over the image's patches, the merge of the merged tokens, the merger on
+        the contextual ones."""
+        n, k = stage.num_vision, stage.kept
+        if k >= n:
+            return 0
+        unit, width = config.vision_config.spatial_merge_size**2, tower_width(config)
+        num_contextual = contextual_count(k)
+        flops = tower_rows_flops(config, unit * n)
+        if num_contextual:
+            others = n - (k - num_contextual) - num_contextual
+            head_dim = width // config.vision_config.num_heads
+            flops += nearest_flops(others, num_contextual, head_dim)
+            flops += group_sum_flops(others, num_contextual, unit * width) + merger_flops(config, num_contextual)
+        return flops
 
     def _tiles_flops(self, config: LlavaConfig, stage: StageShape) -> int:
         """LLaVA-NeXT: the CLS rows on every pass, and each pass's merge within its share of k."""

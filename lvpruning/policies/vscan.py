@@ -10,7 +10,8 @@ from transformers import LlavaConfig, PreTrainedConfig
 from lvpruning.adapters import attention_rows_flops, vision_attention_rows_flops
 from lvpruning.merging import group_sum, group_sum_flops, nearest, nearest_flops
 from lvpruning.policies.base import PruningPolicy, Schedule
-from lvpruning.policies.tiles import pass_budgets, per_sample_plan, tower_passes
+from lvpruning.policies.tiles import merged_counts, pass_budgets, per_sample_plan, tower_passes
+from lvpruning.qwen_vl import QWEN_VL_CONFIGS, mean_received_attention, tower_rows_flops
 from lvpruning.stage import MergePlan, StageInput, StageShape, gather_tokens
 
 WINDOWS = 4  # per side: 6 x 6 windows on LLaVA-1.5's 24 x 24 grid
@@ -49,6 +50,14 @@ class VScanPolicy(PruningPolicy):
     HF's unpadding (a token kept in a letterbox row is then lost, with what merged into it); here each sample
     keeps its own k_b of its own count, and only the tokens that reach the decoder are scanned and merged (a
     window keeps at most the tokens it has there).
+
+    Qwen2-VL / Qwen2.5-VL (no CLS token; a vision token is the ``PatchMerger``'s 2 x 2 patches), our reading: both
+    scans on each sample's merged tokens, with a_l the mean attention received
+    (:func:`~lvpruning.qwen_vl.mean_received_attention`: over the heads and the image's query patches, then over
+    the 4 patches of a token) in place of the CLS attention; the local scan's block is 6/24 of the depth (block 7
+    of 32: a full-attention block in Qwen2.5-VL; on a window block the rows stay within its windows), the global
+    scan's the last block (its output feeds the merger); the 4 x 4 windows split the image's own merged grid
+    (rows, columns) proportionally; the merge on the merger's output, as on LLaVA.
     """
 
     name = "vscan"
@@ -56,11 +65,14 @@ class VScanPolicy(PruningPolicy):
     tower_stage = True
     tower_tiles = True
     tower_cls = True
+    tower_merged = True
     per_sample_budgets = True
 
     def plan(self, stage: StageInput, k: int) -> MergePlan:
         if stage.layer != -1:
             return super().plan(stage, k)
+        if stage.merge_unit:
+            return self._plan_merged(stage)
         if stage.vision_states[0].dim() == 4:
             return self._plan_tiles(stage)
         B, P = stage.vision_pos.shape
@@ -127,6 +139,36 @@ class VScanPolicy(PruningPolicy):
             hidden.append(torch.cat([h.to(stage.hidden_out.dtype) for h in states]))
         return per_sample_plan(stage, keep, hidden)
 
+    def _plan_merged(self, stage: StageInput) -> MergePlan:
+        """Qwen-VL: both scans and the merge on each sample's merged tokens, by the mean attention received."""
+        unit, device = stage.merge_unit, stage.hidden_out.device
+        counts = merged_counts(stage)
+        if all(k >= n for n, k in zip(counts, stage.keep_counts)):  # every sample keeps all its tokens
+            return MergePlan(torch.arange(max(counts), device=device).expand(len(counts), -1))
+        patches = torch.arange(stage.vision_states[0].shape[1])[None, :] < torch.tensor(counts)[:, None] * unit
+        patches = patches.to(device)
+        shallow = shallow_layer(len(stage.vision_states) - 1)
+        local_rows = mean_received_attention(stage.vision_attention(shallow, None), patches, unit)  # (B, Nv)
+        global_rows = mean_received_attention(stage.vision_attention(stage.feature_layer, None), patches, unit)
+        keep, hidden = [], []
+        for b, (n, k) in enumerate(zip(counts, stage.keep_counts)):
+            x = stage.hidden_out[b, stage.vision_pos[b, :n]]  # (n, C) the merger's output
+            if k >= n:
+                keep.append(torch.arange(n, device=device))
+                hidden.append(x)
+                continue
+            row, col = stage.layout_host.row[b, :n], stage.layout_host.col[b, :n]
+            rows, cols = int(row.max()) + 1, int(col.max()) + 1  # the image's merged grid
+            window = (row * WINDOWS // rows) * WINDOWS + col * WINDOWS // cols  # (n,)
+            kept = self._scan_pass(local_rows[b, :n], global_rows[b, :n], window, k)
+            is_kept = torch.zeros(n, dtype=torch.bool, device=device).scatter(0, kept, True)
+            dropped = torch.argsort(is_kept.to(torch.int8), stable=True)[: n - k]
+            x_kept, x_dropped = x[kept][None], x[dropped][None]  # (1, k, C), (1, n - k, C)
+            sums, merged = group_sum(x_dropped, nearest(x_dropped, x_kept), k)
+            keep.append(kept)
+            hidden.append(((x_kept.float() + sums) / (1 + merged[..., None]))[0].to(x.dtype))
+        return per_sample_plan(stage, keep, hidden)
+
     @staticmethod
     def _scan_pass(local: torch.Tensor, global_: torch.Tensor, window: torch.Tensor, k: int) -> torch.Tensor:
         """One pass's kept tokens (k,) among its n: the top ``floor(k / 2) / 16`` by ``local`` (n,) in each
@@ -151,6 +193,12 @@ class VScanPolicy(PruningPolicy):
 
     def tower_flops(self, config: LlavaConfig, stage: StageShape) -> int:
         patches, k, width = stage.num_vision, stage.kept, config.text_config.hidden_size
+        if isinstance(config, QWEN_VL_CONFIGS):  # both blocks' rows over the image's patches, the merge
+            if k >= patches:
+                return 0
+            depth, tower = config.vision_config.depth, config.vision_config.spatial_merge_size**2 * patches
+            rows = tower_rows_flops(config, tower) + tower_rows_flops(config, tower, shallow_layer(depth) != depth - 1)
+            return rows + nearest_flops(patches - k, k, width) + group_sum_flops(patches - k, k, width)
         if stage.tower_passes:  # LLaVA-NeXT: both rows on every pass, each pass's merge within its share
             lines = min(stage.newlines, max(0, k - len(stage.tower_passes)))
             merges = sum(

@@ -96,12 +96,44 @@ def test_cli_rejects_a_bad_image_size(size, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_tower_stage_only_where_it_reads_nothing_of_the_tower():
+def test_tower_stage_refused_only_where_it_is_not_ported():
     config = load_llava_config("qwen2.5-vl-7b")
-    with pytest.raises(ValueError, match="not ported to Qwen-VL"):
-        analytic_flops(config, DEFAULT, (0.5,), method="visionzip", layers=(-1,))
+    with pytest.raises(ValueError, match="vflowopt's vision-tower stage .* not ported to Qwen-VL"):
+        analytic_flops(config, DEFAULT, (0.5, 0.5, 0.3), method="vflowopt", layers=(-1, 8, 17))
     report = analytic_flops(config, DEFAULT, (0.5,), method="random", layers=(-1,))  # reads nothing of it
     assert report.tokens_per_layer == (288 + 30,) * 28
+    report = analytic_flops(config, DEFAULT, (0.1,), method="visionzip", layers=(-1,))
+    assert report.tokens_per_layer == (57 + 30,) * 28 and report.pruned_parts["policy"] > 0
+
+
+TOWER_METHODS = [m for m in POLICIES if POLICIES[m].tower_merged]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("method", TOWER_METHODS)
+@pytest.mark.parametrize("size, ratios", [((56, 56), (0.4, 0.2)), ((60, 100), (0.25, 0.1)), ((56, 56), (1.0, 0.5))])
+def test_tower_methods_analytic_matches_measured(family, method, size, ratios):
+    config = tiny_qwen_vl_config(family, num_layers=5, vision_layers=3)
+    pruning = PruningConfig(layers=(0, 1, 2), train_ratios=(0.7, 0.35, 0.1), infer_ratios=(0.7, 0.35, 0.1))
+    layers = POLICIES[method].published.on(5).layers
+    ratios = ratios[: len(layers)]
+    report = analytic_flops(config, pruning, ratios, 12, method=method, layers=layers, image_size=size)
+    assert (report.decision_per_stage[0] > 0) == (ratios[0] < 1)
+    for device in ("cpu", "meta"):
+        measured = measure_flops(
+            config, pruning, ratios, 12, device=device, method=method, layers=layers, image_size=size
+        )
+        assert measured == report.pruned, device
+
+
+@pytest.mark.parametrize("preset", ["qwen2.5-vl-7b", "qwen2-vl-7b"])
+@pytest.mark.parametrize("method", TOWER_METHODS)
+def test_tower_methods_on_the_presets_on_meta(preset, method):
+    config = load_llava_config(preset)
+    layers = POLICIES[method].published.on(config.text_config.num_hidden_layers).layers
+    ratios = POLICIES[method].published.ratios
+    report = analytic_flops(config, DEFAULT, ratios, method=method, layers=layers, image_size=(448, 448))
+    assert measure_flops(config, DEFAULT, ratios, method=method, layers=layers, image_size=(448, 448)) == report.pruned
 
 
 @pytest.mark.parametrize("method", [m for m in POLICIES if m != "lvpruning" and POLICIES[m].published.layers[0] >= 0])

@@ -350,11 +350,10 @@ class LVPruningModel(nn.Module):
             for i, layer in enumerate(layers[: cfg.layers[0] + 1]):
                 seq.hidden = layer(seq.hidden, attention_mask=mask, position_embeddings=rope, position_ids=position_ids)
                 seq.add_deepstack(i)  # Qwen3-VL: at every vision position, kept or masked, as HF
-        hidden = seq.hidden
 
         allowed = boolean_causal_mask(seq.padding)  # A-bar's mask (B, 1, N, N)
         B, N = seq.padding.shape
-        keep = hidden.new_ones(B, num_vision, dtype=torch.float32)  # cumulative D over the vision tokens
+        keep = seq.hidden.new_ones(B, num_vision, dtype=torch.float32)  # cumulative D over the vision tokens
         real = seq.padding.gather(1, split_tokens(seq.vision, num_vision)[1]).float()  # (B, Nv) 0 on empty slots
         fractions = []
         token_keep = None  # (B, N): 1 on text tokens, D_j on vision tokens (eq. 7)

@@ -328,10 +328,11 @@ def test_repeated_generate_calls_give_the_same_tokens(family):
     assert torch.equal(runs[1], expected)
 
 
-def test_layout_gives_each_vision_token_its_cell_in_the_merged_grid():
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_layout_gives_each_vision_token_its_cell_in_the_merged_grid(family):
     """Reference: HF's ``get_rope_index``, whose height and width positions of an image's tokens are its cells
     offset by the image's start position."""
-    pruner = qwen_pruner("qwen2_5_vl", seed=7)
+    pruner = qwen_pruner(family, seed=7)
     batch = make_qwen_batch(pruner.model, GRIDS, [(1, 2)] * len(GRIDS), seed=7)
     n = counts(batch)
     layout = pruner.adapter.layout(len(GRIDS), batch["image_grid_thw"], max(n))

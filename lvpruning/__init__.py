@@ -5,7 +5,7 @@ Example::
     from lvpruning import PruningConfig, attach, from_pretrained
 
     model = from_pretrained("llava-hf/llava-1.5-7b-hf")  # or llava-v1.6-*, llava-onevision-* (image_sizes=...),
-    # Qwen/Qwen2-VL-*, Qwen/Qwen2.5-VL-* (image_grid_thw=...)
+    # Qwen/Qwen2-VL-*, Qwen/Qwen2.5-VL-*, Qwen/Qwen3-VL-* (image_grid_thw=...)
     pruner = attach(model, PruningConfig(layers=(1, 8, 16), infer_ratios=(0.5, 0.3, 0.1)))
     pruner.train()   # training mode: masked attention, LM + ratio loss
     pruner.eval()    # inference mode: vision tokens removed, ratios per call

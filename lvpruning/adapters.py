@@ -19,6 +19,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
     PreTrainedConfig,
+    Qwen3VLForConditionalGeneration,
 )
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function, sdpa_mask
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -109,13 +110,17 @@ class DecoderAdapter:
     ) -> torch.Tensor:
         """The softmax attention (B, h, Q, N) that the tokens at ``queries`` (B, Q) pay every token in decoder layer
         ``layer_index``, recomputed from the layer's input (B, N, C) with its own weights: only these Q rows, in
-        fp32. Keys that are padding (``padding`` (B, N) False) or later than the query (causal) get 0."""
+        fp32. Keys that are padding (``padding`` (B, N) False) or later than the query (causal) get 0. The
+        attention module's own q/k norms (Qwen3-VL) and ``apply_rotary_pos_emb`` apply as in its forward."""
         attn = self.layers[layer_index].self_attn
         h = self.layers[layer_index].input_layernorm(layer_input)
         B, N, _ = h.shape
         Q = queries.shape[1]
-        q = attn.q_proj(gather_tokens(h, queries)).view(B, Q, -1, attn.head_dim).transpose(1, 2)  # (B, h, Q, d)
-        k = attn.k_proj(h).view(B, N, -1, attn.head_dim).transpose(1, 2)  # (B, h_kv, N, d)
+        q = attn.q_proj(gather_tokens(h, queries)).view(B, Q, -1, attn.head_dim)  # (B, Q, h, d)
+        k = attn.k_proj(h).view(B, N, -1, attn.head_dim)  # (B, N, h_kv, d)
+        if hasattr(attn, "q_norm"):  # Qwen3-VL: an RMSNorm over each head's width, before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, h, Q, d), (B, h_kv, N, d)
         cos, sin = self.rotary(h, position_ids)  # (B, N, d)
         q, _ = self.rotary_code(q, q, gather_tokens(cos, queries), gather_tokens(sin, queries))
         _, k = self.rotary_code(k, k, cos, sin)
@@ -181,11 +186,12 @@ class LlavaAdapter(DecoderAdapter):
         pixel_values: torch.Tensor,
         image_sizes: torch.Tensor | None = None,
         tower_states: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, tuple[torch.Tensor, ...] | None]:
         """Token embeddings with the projected image features scattered in (HF's ``get_image_features`` ->
         ``get_placeholder_mask`` -> ``masked_scatter`` hand-off), one image per sample. Returns embeddings
         (B, N, C), the vision mask (B, N), each sample's number of vision tokens (B,), known from shapes alone (so
-        ``meta`` tensors work), and with ``tower_states`` the vision tower's hidden states, CLS first, index ``l``
+        ``meta`` tensors work), no DeepStack features (Qwen3-VL's only: ``Qwen3VLAdapter.embed``), and with
+        ``tower_states`` the vision tower's hidden states, CLS first, index ``l``
         encoder layer ``l``'s input: each (B, M, C_v) for LLaVA-1.5, (B, P, M, C_v) per tower pass for LLaVA-NeXT
         (the base view, then each tile: P the batch's most, a sample's missing passes zero); ``None`` otherwise
         and for OneVision (its SigLIP tower has no CLS token for the tower methods to read).
@@ -217,7 +223,7 @@ class LlavaAdapter(DecoderAdapter):
             states = tuple(image.hidden_states)
             if self.tiled:
                 states = self._per_pass(states, self._passes(image_sizes))
-        return inputs_embeds, vision_mask, counts, states
+        return inputs_embeds, vision_mask, counts, None, states
 
     def _passes(self, image_sizes: torch.Tensor) -> list[int]:
         """Tower passes of each image (the base view + its tiles), as HF's ``get_image_features`` counts them."""
@@ -343,12 +349,12 @@ def boolean_causal_mask(padding: torch.Tensor) -> torch.Tensor:
 
 def from_pretrained(name_or_path: str, **kwargs) -> nn.Module:
     """A supported model by hub id or local path, its class from its config (LLaVA-1.5, LLaVA-NeXT,
-    LLaVA-OneVision, Qwen2-VL or Qwen2.5-VL), with ``from_pretrained``'s keyword arguments; anything else fails
-    naming what is supported."""
+    LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL or Qwen3-VL), with ``from_pretrained``'s keyword arguments; anything else
+    fails naming what is supported."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(name_or_path)
-    supported = {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"}
+    supported = {"llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
     if config.model_type not in supported:
         raise ValueError(f"{name_or_path}: model type {config.model_type!r}; supported: {sorted(supported)}")
     return AutoModelForImageTextToText.from_pretrained(name_or_path, config=config, **kwargs)
@@ -356,17 +362,21 @@ def from_pretrained(name_or_path: str, **kwargs) -> nn.Module:
 
 def get_adapter(model: nn.Module) -> DecoderAdapter:
     """The adapter for ``model``, or a clear error naming what is supported."""
-    from lvpruning.qwen_vl import QWEN_VL_FAMILIES, QwenVLAdapter  # it builds on this module
+    from lvpruning.qwen3_vl import Qwen3VLAdapter  # they build on this module
+    from lvpruning.qwen_vl import QWEN_VL_FAMILIES, QwenVLAdapter
 
     if isinstance(model, FAMILIES):
         return LlavaAdapter(model)
+    if isinstance(model, Qwen3VLForConditionalGeneration):
+        return Qwen3VLAdapter(model)
     if isinstance(model, QWEN_VL_FAMILIES):
         return QwenVLAdapter(model)
-    names = ", ".join(f.__name__ for f in (*FAMILIES, *QWEN_VL_FAMILIES))
+    names = ", ".join(f.__name__ for f in (*FAMILIES, *QWEN_VL_FAMILIES, Qwen3VLForConditionalGeneration))
     raise ValueError(
         f"LVPruning has no adapter for {type(model).__name__}; supported: {names} (the LLaVA families with a "
         f"decoder of {DECODERS}; e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, "
-        "llava-hf/llava-onevision-qwen2-7b-ov-hf, Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct)"
+        "llava-hf/llava-onevision-qwen2-7b-ov-hf, Qwen/Qwen2-VL-7B-Instruct, Qwen/Qwen2.5-VL-7B-Instruct, "
+        "Qwen/Qwen3-VL-8B-Instruct)"
     )
 
 

@@ -13,6 +13,8 @@ Conventions:
 - Position ids are the padding-aware original positions, as the adapter computes them (``cumsum(attention_mask) -
   1``, as HF ``generate`` does; Qwen-VL's 3-D M-RoPE positions (3, B, N) from its own ``get_rope_index``), and are
   kept for every surviving token (eq. 14); decoding continues from the prompt's (``adapter.last_position``).
+- Qwen3-VL's DeepStack features travel with their vision tokens (``TokenSequence.deepstack``) and are added after
+  decoder layers 0 .. L - 1, before a stage there: a removed token takes its own with it, a kept one keeps them.
 - The instruction tokens (keys/values of the decision modules) are the non-vision, non-padding tokens, minus the
   supervised answer tokens when ``labels`` are given.
 """
@@ -244,7 +246,8 @@ class LVPruningModel(nn.Module):
     ) -> Prepared:
         """The prompt as the stages see it: embedded, every sample with ``Nv`` vision slots (``equalize_vision``),
         its padding, positions, instruction, and each vision token's layout."""
-        embeds, vision, counts, vision_states = self.adapter.embed(input_ids, pixel_values, image_sizes, tower_states)
+        embedded = self.adapter.embed(input_ids, pixel_values, image_sizes, tower_states)
+        embeds, vision, counts, deepstack, vision_states = embedded  # deepstack: (L, sum n_b, C) or None
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if not input_ids.is_meta:
@@ -267,7 +270,10 @@ class LVPruningModel(nn.Module):
         if not input_ids.is_meta and not bool((instruction_mask & ~vision).any(1).all()):
             raise ValueError("every sample needs at least one instruction token to guide the pruning")
         index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        seq = TokenSequence(embeds, index, padding, position_ids, vision, instruction_mask & ~vision)
+        if deepstack is not None:  # each vision token's own, in the (equalized) sequence: (L, B, N, C)
+            real = (vision & padding)[None, ..., None]  # a sample's vision tokens in order, as HF's features
+            deepstack = deepstack.new_zeros(deepstack.shape[0], *embeds.shape).masked_scatter(real, deepstack)
+        seq = TokenSequence(embeds, index, padding, position_ids, vision, instruction_mask & ~vision, deepstack)
         num_vision = int(counts.max())
         layout = self.adapter.layout(input_ids.shape[0], image_sizes, num_vision)
         device = input_ids.device
@@ -340,15 +346,14 @@ class LVPruningModel(nn.Module):
         with torch.no_grad():
             rope = self.adapter.rotary(seq.hidden, seq.position_ids)
             mask = self.adapter.attention_mask(seq.padding, seq.padding.shape[1], seq.hidden.dtype)
-            hidden = seq.hidden
             position_ids = self.adapter.layer_position_ids(seq.position_ids)
-            for layer in layers[: cfg.layers[0] + 1]:
-                hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, position_ids=position_ids)
-        seq.hidden = hidden
+            for i, layer in enumerate(layers[: cfg.layers[0] + 1]):
+                seq.hidden = layer(seq.hidden, attention_mask=mask, position_embeddings=rope, position_ids=position_ids)
+                seq.add_deepstack(i)  # Qwen3-VL: at every vision position, kept or masked, as HF
 
         allowed = boolean_causal_mask(seq.padding)  # A-bar's mask (B, 1, N, N)
         B, N = seq.padding.shape
-        keep = hidden.new_ones(B, num_vision, dtype=torch.float32)  # cumulative D over the vision tokens
+        keep = seq.hidden.new_ones(B, num_vision, dtype=torch.float32)  # cumulative D over the vision tokens
         real = seq.padding.gather(1, split_tokens(seq.vision, num_vision)[1]).float()  # (B, Nv) 0 on empty slots
         fractions = []
         token_keep = None  # (B, N): 1 on text tokens, D_j on vision tokens (eq. 7)
@@ -370,6 +375,7 @@ class LVPruningModel(nn.Module):
                     seq.hidden = checkpoint(masked_layer, layers[i], seq.hidden, token_keep, use_reentrant=False)
                 else:
                     seq.hidden = masked_layer(layers[i], seq.hidden, token_keep)
+                seq.add_deepstack(i)
             if i in cfg.layers:
                 text_pos, vision_pos = split_tokens(seq.vision, num_vision)
                 module = self.decision_modules[cfg.layers.index(i)]
@@ -442,6 +448,7 @@ class LVPruningModel(nn.Module):
                 state.seq.hidden = self._recorded_layer(state, policy, i, layer_input, **kwargs)
             else:
                 state.seq.hidden = layer(layer_input, **kwargs)
+            state.seq.add_deepstack(i)  # Qwen3-VL: the kept tokens' own DeepStack features, before the stage
             if i in layers:
                 stage = layers.index(i)
                 self._prune(state, policy, stage, i, ratios[stage], layer_input)

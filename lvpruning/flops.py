@@ -39,6 +39,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 from transformers.models.llava_next import modeling_llava_next
 from transformers.models.llava_onevision import modeling_llava_onevision
@@ -53,8 +55,8 @@ from lvpruning.stage import StageShape, keep_count
 
 TOLERANCE = 0.02  # analytic and measured counts must agree within 2%
 LogitPositions = Literal["all", "last"]
-# q/k/v/o projections + gated (SwiGLU) MLP; Qwen-VL's M-RoPE changes no matmul
-_LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text"}
+# q/k/v/o projections + gated (SwiGLU) MLP; Qwen-VL's M-RoPE, Qwen3-VL's q/k norms and DeepStack adds: no matmul
+_LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text"}
 TERA = 1e12  # FLOPs per TFLOP
 _CHECK_SWITCH = "TRANSFORMERS_DISABLE_TORCH_CHECK"
 ANYRES_IMAGE_SIZE = (672, 672)  # (H, W) when LLaVA-NeXT / OneVision are given no image size
@@ -65,6 +67,7 @@ MODEL_CLASSES: dict[type[PreTrainedConfig], type[PreTrainedModel]] = {
     LlavaOnevisionConfig: LlavaOnevisionForConditionalGeneration,
     Qwen2VLConfig: Qwen2VLForConditionalGeneration,
     Qwen2_5_VLConfig: Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLConfig: Qwen3VLForConditionalGeneration,
 }
 
 

@@ -1,5 +1,5 @@
 """The FLOPs CLI, ``python -m lvpruning.flops``: the analytic prefill count of a preset or HF config (LLaVA-1.5,
-LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL or Qwen2.5-VL), beside FlopCounterMode's count on the ``meta`` device; a
+LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL or Qwen3-VL), beside FlopCounterMode's count on the ``meta`` device; a
 table, or one JSON object with ``--json``."""
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=2,
         metavar=("H", "W"),
         help=f"image height and width in pixels, LLaVA-NeXT / OneVision / Qwen-VL (default {ANYRES_IMAGE_SIZE[0]} "
-        f"{ANYRES_IMAGE_SIZE[1]}; Qwen-VL rounds both to multiples of 28 as its processor's smart_resize does); "
+        f"{ANYRES_IMAGE_SIZE[1]}; Qwen-VL rounds both to multiples of 28, Qwen3-VL of 32, as their processors' "
+        "smart_resize does); "
         "LLaVA-1.5 takes only its fixed 336 336",
     )
     add("--method", choices=list(POLICIES), default="lvpruning", help="pruning method (default: LVPruning)")

@@ -6,7 +6,8 @@ text model with the llava-hf vocabulary of 32064 (32000 + the ``<image>`` and ``
 LLaVA-NeXT (1.6) and LLaVA-OneVision add "anyres": the tower also runs on a grid of tiles of the image (see
 ``lvpruning.flops.image_layout``). Qwen2-VL and Qwen2.5-VL follow the ``Qwen/Qwen2-VL-7B-Instruct`` and
 ``Qwen/Qwen2.5-VL-{7B,3B}-Instruct`` ``config.json`` files, written here from the published files (nothing can be
-downloaded here): their towers see the image at its own resolution (see ``lvpruning.flops_qwen``).
+downloaded here): their towers see the image at its own resolution (see ``lvpruning.flops_qwen``). Qwen3-VL-8B
+follows ``Qwen/Qwen3-VL-8B-Instruct``'s ``config.json`` (where each number comes from: ``docs/flops.md``).
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2Config,
     Qwen2VLConfig,
+    Qwen3VLConfig,
     SiglipVisionConfig,
 )
 
 IMAGE_TOKEN_ID = 32000  # llava-hf's "<image>"
 PAD_TOKEN_ID = 32001  # llava-hf's "<pad>"
-AnyLlavaConfig: TypeAlias = LlavaConfig | LlavaNextConfig | LlavaOnevisionConfig | Qwen2VLConfig | Qwen2_5_VLConfig
-SUPPORTED_CONFIGS = (LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig, Qwen2VLConfig, Qwen2_5_VLConfig)
+AnyLlavaConfig: TypeAlias = (
+    LlavaConfig | LlavaNextConfig | LlavaOnevisionConfig | Qwen2VLConfig | Qwen2_5_VLConfig | Qwen3VLConfig
+)
+SUPPORTED_CONFIGS = (LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig, Qwen2VLConfig, Qwen2_5_VLConfig, Qwen3VLConfig)
 # Qwen-VL's special tokens (the Qwen2 tokenizer's <|vision_start|>, <|vision_end|>, <|image_pad|>, <|video_pad|>)
 QWEN_VL_TOKENS = {"vision_start": 151652, "vision_end": 151653, "image": 151655, "video": 151656}
 # LLaVA-NeXT's anyres resolutions (H, W), in pixels: 2 x 1, 1 x 2, 2 x 2, 3 x 1 and 1 x 3 tiles of 336
@@ -270,6 +274,52 @@ def qwen25_vl_3b_config() -> Qwen2_5_VLConfig:
     return _qwen25_vl(_qwen_vl_text(2048, 36, 16, 2, 11008, 151936, 128000, tie_word_embeddings=True))
 
 
+def qwen3_vl_8b_config() -> Qwen3VLConfig:
+    """Qwen3-VL-8B (``Qwen/Qwen3-VL-8B-Instruct``): a ViT of 27 blocks (width 1152, 16 heads, GELU MLP 4304,
+    LayerNorm, full attention, 16-pixel patches over 2 frames, a learned 48 x 48 position grid resampled to each
+    image), a 2 x 2 merger into the decoder's width, and three DeepStack mergers on the outputs of blocks 8, 16 and
+    24 whose features are added after decoder layers 0, 1 and 2; a Qwen3 decoder (hidden 4096, 36 layers, 32 query
+    and 8 key/value heads of width 128 with q/k RMSNorms, no biases, MLP 12288, vocabulary 151936, untied lm_head,
+    interleaved M-RoPE ``mrope_section`` [24, 20, 20], theta 5e6)."""
+    vision = {
+        "depth": 27,
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_heads": 16,
+        "hidden_act": "gelu_pytorch_tanh",
+        "in_channels": 3,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "out_hidden_size": 4096,
+        "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [8, 16, 24],
+    }
+    text = {
+        "vocab_size": 151936,
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 262144,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 5000000.0,
+            "mrope_section": [24, 20, 20],
+            "mrope_interleaved": True,
+        },
+        "attention_bias": False,
+        "hidden_act": "silu",
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "tie_word_embeddings": False,
+    }
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **_qwen_vl_tokens())
+
+
 PRESETS: dict[str, Callable[[], AnyLlavaConfig]] = {
     "llava-1.5-7b": llava_15_7b_config,
     "llava-1.5-13b": llava_15_13b_config,
@@ -279,12 +329,14 @@ PRESETS: dict[str, Callable[[], AnyLlavaConfig]] = {
     "qwen2-vl-7b": qwen2_vl_7b_config,
     "qwen2.5-vl-7b": qwen25_vl_7b_config,
     "qwen2.5-vl-3b": qwen25_vl_3b_config,
+    "qwen3-vl-8b": qwen3_vl_8b_config,
 }
 
 
 def load_llava_config(name_or_path: str) -> AnyLlavaConfig:
     """A preset name, or an HF hub id / local directory whose ``config.json`` is read (never the weights): a
-    ``LlavaConfig``, ``LlavaNextConfig``, ``LlavaOnevisionConfig``, ``Qwen2VLConfig`` or ``Qwen2_5_VLConfig``."""
+    ``LlavaConfig``, ``LlavaNextConfig``, ``LlavaOnevisionConfig``, ``Qwen2VLConfig``, ``Qwen2_5_VLConfig`` or
+    ``Qwen3VLConfig``."""
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]()
     try:

@@ -60,11 +60,11 @@ class QwenVLAdapter(DecoderAdapter):
         pixel_values: torch.Tensor,
         image_sizes: torch.Tensor | None = None,
         tower_states: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, QwenTower | None]:
         """Token embeddings with HF's vision tower + merger output scattered in (``get_image_features`` ->
         ``get_placeholder_mask`` -> ``masked_scatter``). Returns embeddings (B, N, C), the vision mask (B, N), each
-        sample's number of vision tokens (B,) from its grid, and with ``tower_states`` the tower's view for the
-        vision-tower stage (:class:`QwenTower`), ``None`` otherwise."""
+        sample's number of vision tokens (B,) from its grid, no DeepStack features (Qwen3-VL's only), and with
+        ``tower_states`` the tower's view for the vision-tower stage (:class:`QwenTower`), ``None`` otherwise."""
         if image_sizes is None:
             raise ValueError(f"{type(self.model).__name__} needs image_grid_thw beside pixel_values")
         inputs_embeds = self.model.get_input_embeddings()(input_ids)  # (B, N, C)
@@ -83,7 +83,7 @@ class QwenVLAdapter(DecoderAdapter):
         inputs_embeds = inputs_embeds.masked_scatter(placeholder, features)
         vision_mask = input_ids == self.model.config.image_token_id  # (B, N)
         tower = QwenTower(self, self.per_sample(captured, image_sizes), image_sizes.cpu()) if tower_states else None
-        return inputs_embeds, vision_mask, self.vision_counts(image_sizes), tower
+        return inputs_embeds, vision_mask, self.vision_counts(image_sizes), None, tower
 
     def vision_counts(self, image_grid_thw: torch.Tensor) -> torch.Tensor:
         """Each image's vision tokens after the merger, t * h * w / merge^2, (B,) on the CPU."""

@@ -49,13 +49,33 @@ class TokenSequence:
     position_ids: torch.Tensor  # (B, N), or (3, B, N) for Qwen-VL's M-RoPE: tokens on the last axis
     vision: torch.Tensor  # (B, N) bool
     instruction: torch.Tensor  # (B, N) bool
+    # Qwen3-VL's DeepStack features (L, B, N, C), added to the hidden states after decoder layers 0 .. L - 1
+    # (0 off the vision tokens); None on the other families and once the last of those layers has run
+    deepstack: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> TokenSequence:
-        """Keep the positions ``index`` (B, N') of this sequence, in order (each keeps its position id)."""
+        """Keep the positions ``index`` (B, N') of this sequence, in order (each keeps its position id and its
+        DeepStack features)."""
         fields = (self.index, self.padding, self.vision, self.instruction)
         index_, padding, vision, instruction = (t.gather(1, index) for t in fields)
         position_ids = self.position_ids.gather(-1, index.expand(*self.position_ids.shape[:-2], -1, -1))
-        return TokenSequence(gather_tokens(self.hidden, index), index_, padding, position_ids, vision, instruction)
+        deepstack = self.deepstack
+        if deepstack is not None:
+            deepstack = deepstack.gather(
+                2, index[None, ..., None].expand(deepstack.shape[0], -1, -1, deepstack.shape[-1])
+            )
+        hidden = gather_tokens(self.hidden, index)
+        return TokenSequence(hidden, index_, padding, position_ids, vision, instruction, deepstack)
+
+    def add_deepstack(self, layer: int) -> None:
+        """After decoder layer ``layer``: add its DeepStack features to the hidden states, as HF's
+        ``Qwen3VLTextModel._deepstack_process`` does at the vision positions (in the hidden states' dtype); nothing
+        past the DeepStack layers or on the other families."""
+        if self.deepstack is None or layer >= self.deepstack.shape[0]:
+            return
+        self.hidden = self.hidden + self.deepstack[layer].to(self.hidden.dtype)
+        if layer == self.deepstack.shape[0] - 1:
+            self.deepstack = None  # no later layer reads them
 
 
 @dataclass(frozen=True)
@@ -147,7 +167,7 @@ class StageInput:
     stage: int  # index in the schedule
     layer: int  # the decoder layer after which this stage prunes (zero-based)
     hidden_in: torch.Tensor  # (B, N, C) the layer's input
-    hidden_out: torch.Tensor  # (B, N, C) the layer's output
+    hidden_out: torch.Tensor  # (B, N, C) the layer's output (Qwen3-VL: DeepStack added, the next layer's input)
     text_pos: torch.Tensor  # (B, T) positions of the text tokens, padding included
     vision_pos: torch.Tensor  # (B, V) positions of the kept vision tokens
     vision_index: torch.Tensor  # (B, V) index of each kept vision token among the image's Nv (0..Nv-1)

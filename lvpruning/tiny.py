@@ -1,5 +1,5 @@
 """Tiny LLaVA and Qwen-VL builders: a small CLIP tower, projector and Llama built from configs, with an offline
-processor; tiny LLaVA-NeXT / OneVision and Qwen2-VL / Qwen2.5-VL configs.
+processor; tiny LLaVA-NeXT / OneVision and Qwen2-VL / Qwen2.5-VL / Qwen3-VL configs.
 
 Tests use them with random weights; the toy world (``pipelines.toy``) trains one. Everything here is built
 locally: no hub access. The shapes follow Hugging Face's own LLaVA tester (hidden sizes of a few dozen).
@@ -30,6 +30,8 @@ from transformers import (
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -173,6 +175,7 @@ MODEL_CLASSES = {
     LlavaOnevisionConfig: LlavaOnevisionForConditionalGeneration,
     Qwen2VLConfig: Qwen2VLForConditionalGeneration,
     Qwen2_5_VLConfig: Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLConfig: Qwen3VLForConditionalGeneration,
 }
 
 
@@ -263,12 +266,14 @@ def tiny_qwen_vl_config(
     mrope_section: tuple[int, int, int] = (2, 3, 3),
     max_position_embeddings: int = 1024,
     initializer_range: float = 0.02,
-) -> Qwen2VLConfig | Qwen2_5_VLConfig:
-    """A tiny Qwen-VL config, as transformers' own Qwen2-VL / Qwen2.5-VL testers build them: ``family``
-    ``qwen2_vl`` (a ViT with a 2 x 2 ``PatchMerger``) or ``qwen2_5_vl`` (window attention over 4 x 4 merged
-    tokens, the last block full), patches of ``patch_size`` pixels, 2 frames per temporal patch, and a
-    Qwen2 decoder with M-RoPE (``mrope_section`` splits the head's half-width into temporal, height and width
-    frequencies). The image token ids are :data:`QWEN_VL_TOKENS`."""
+) -> Qwen2VLConfig | Qwen2_5_VLConfig | Qwen3VLConfig:
+    """A tiny Qwen-VL config, as transformers' own Qwen2-VL / Qwen2.5-VL / Qwen3-VL testers build them: ``family``
+    ``qwen2_vl`` (a ViT with a 2 x 2 ``PatchMerger``), ``qwen2_5_vl`` (window attention over 4 x 4 merged
+    tokens, the last block full) or ``qwen3_vl`` (full attention, a learned 4 x 4 position grid resampled to each
+    image, every block feeding a DeepStack merger: decoder layers 0 .. ``vision_layers`` - 1 get DeepStack features,
+    and a Qwen3 decoder with q/k norms and interleaved M-RoPE), patches of ``patch_size`` pixels, 2 frames per
+    temporal patch, and a decoder with M-RoPE (``mrope_section`` splits the head's half-width into temporal, height
+    and width frequencies). The image token ids are :data:`QWEN_VL_TOKENS`."""
     text = {
         "vocab_size": vocab_size,
         "hidden_size": hidden_size,
@@ -305,12 +310,23 @@ def tiny_qwen_vl_config(
             "fullatt_block_indexes": [vision_layers - 1],
         }
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **tokens)
-    raise ValueError(f"unknown Qwen-VL family {family!r}; choose 'qwen2_vl' or 'qwen2_5_vl'")
+    if family == "qwen3_vl":
+        text["head_dim"] = hidden_size // num_heads
+        text["rope_parameters"] |= {"mrope_interleaved": True}
+        vision |= {
+            "hidden_size": vision_hidden,
+            "out_hidden_size": hidden_size,
+            "intermediate_size": 2 * vision_hidden,
+            "num_position_embeddings": 16,
+            "deepstack_visual_indexes": list(range(vision_layers)),
+        }
+        return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **tokens)
+    raise ValueError(f"unknown Qwen-VL family {family!r}; choose 'qwen2_vl', 'qwen2_5_vl' or 'qwen3_vl'")
 
 
 def tiny_llava(config: PreTrainedConfig | None = None, seed: int = 0, attn_implementation: str = "sdpa"):
     """A randomly initialised tiny LLaVA (``LlavaForConditionalGeneration``, or the LLaVA-NeXT / OneVision /
-    Qwen2-VL / Qwen2.5-VL class for their configs) in eval mode (fp32)."""
+    Qwen2-VL / Qwen2.5-VL / Qwen3-VL class for their configs) in eval mode (fp32)."""
     import torch
 
     config = config or tiny_llava_config()

@@ -1,5 +1,6 @@
-"""FLOPs of Qwen2-VL and Qwen2.5-VL: analytic = measured to the FLOP, on the 7B / 3B presets on ``meta`` and on
-tiny random models with real weights on the CPU; the patch grid, the windows and the CLI."""
+"""FLOPs of Qwen2-VL, Qwen2.5-VL and Qwen3-VL: analytic = measured to the FLOP, on the 7B / 3B / 8B presets on
+``meta`` and on tiny random models with real weights on the CPU (Qwen3-VL's DeepStack mergers included: they run);
+the patch grid, the windows and the CLI."""
 
 from __future__ import annotations
 
@@ -34,6 +35,20 @@ def test_presets_follow_the_published_configs():
     assert big.image_token_id == 151655
 
 
+def test_the_qwen3_vl_preset_follows_the_published_config():
+    config = load_llava_config("qwen3-vl-8b")
+    t, v = config.text_config, config.vision_config
+    assert (t.hidden_size, t.num_hidden_layers, t.intermediate_size, t.vocab_size) == (4096, 36, 12288, 151936)
+    assert (t.num_attention_heads, t.num_key_value_heads, t.head_dim) == (32, 8, 128)
+    assert t.rope_parameters["mrope_section"] == [24, 20, 20] and t.rope_parameters["mrope_interleaved"]
+    assert (v.depth, v.hidden_size, v.intermediate_size, v.num_heads, v.patch_size) == (27, 1152, 4304, 16, 16)
+    assert (v.out_hidden_size, v.num_position_embeddings, list(v.deepstack_visual_indexes)) == (4096, 2304, [8, 16, 24])
+    layout = image_layout(config)  # 672 x 672: multiples of 32, a 42 x 42 patch grid
+    assert (layout.image_size, layout.grid, layout.num_vision_tokens) == ((672, 672), (42, 42), 441)
+    parts = analytic_flops(config, DEFAULT).baseline_parts
+    assert parts["deepstack_mergers"] == 3 * parts["projector"]  # three mergers of the merger's shape
+
+
 def test_patch_grid_is_smart_resize():
     config = load_llava_config("qwen2.5-vl-7b")
     layout = image_layout(config)  # 672 x 672 by default
@@ -55,7 +70,7 @@ def test_windows_are_hf_windows(grid):
     assert window_lengths(config, 48, 48) == [64] * 36  # 4 x 4 merged cells = 8 x 8 patches each
 
 
-@pytest.mark.parametrize("preset", ["qwen2.5-vl-7b", "qwen2.5-vl-3b", "qwen2-vl-7b"])
+@pytest.mark.parametrize("preset", ["qwen2.5-vl-7b", "qwen2.5-vl-3b", "qwen2-vl-7b", "qwen3-vl-8b"])
 @pytest.mark.parametrize("size", [(672, 672), (500, 800)])
 def test_presets_on_meta_without_weights(preset, size):
     config = load_llava_config(preset)
@@ -64,10 +79,10 @@ def test_presets_on_meta_without_weights(preset, size):
     assert measure_flops(config, DEFAULT, image_size=size) == report.pruned
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
 @pytest.mark.parametrize("size", [(56, 56), (60, 100)])  # 14 x 14 patches (partial windows), 16 x 24
 def test_tiny_models_with_real_weights_on_cpu(family, size):
-    config = tiny_qwen_vl_config(family)
+    config = tiny_qwen_vl_config(family, vision_layers=3)  # Qwen3-VL: three DeepStack mergers
     pruning = PruningConfig(layers=(0, 1, 2), train_ratios=(0.7, 0.35, 0.1), infer_ratios=(0.7, 0.35, 0.1))
     report = analytic_flops(config, pruning, num_text_tokens=9, image_size=size)
     assert measure_flops(config, None, None, 9, device="cpu", image_size=size) == report.baseline
@@ -137,8 +152,9 @@ def test_tower_methods_on_the_presets_on_meta(preset, method):
 
 
 @pytest.mark.parametrize("method", [m for m in POLICIES if m != "lvpruning" and POLICIES[m].published.layers[0] >= 0])
-def test_each_method_analytic_matches_measured_with_its_overhead(method):
-    config = tiny_qwen_vl_config("qwen2_5_vl", num_layers=5)
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_each_method_analytic_matches_measured_with_its_overhead(method, family):
+    config = tiny_qwen_vl_config(family, num_layers=5)
     pruning = PruningConfig(layers=(0, 1, 2), train_ratios=(0.7, 0.35, 0.1), infer_ratios=(0.7, 0.35, 0.1))
     layers, ratios = (1, 2, 3), (0.75, 0.5, 0.25)
     report = analytic_flops(config, pruning, ratios, 12, method=method, layers=layers, image_size=(56, 56))

@@ -1,6 +1,7 @@
-"""Qwen2-VL and Qwen2.5-VL against Hugging Face's own models, tiny and random: 3-D (M-RoPE) positions kept by every
-surviving token, images of different resolutions (different numbers of vision tokens) in one left-padded batch, and
-decoding that continues where HF's ``generate`` does."""
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL against Hugging Face's own models, tiny and random: 3-D (M-RoPE) positions kept
+by every surviving token, Qwen3-VL's DeepStack features carried by each vision token (its two tower blocks feed
+decoder layers 0 and 1), images of different resolutions (different numbers of vision tokens) in one left-padded
+batch, and decoding that continues where HF's ``generate`` does."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from lvpruning.stage import keep_count
 from lvpruning.tiny import QWEN_VL_TOKENS, tiny_llava, tiny_qwen_vl_config
 from tests.lvpruning.conftest import VOCAB, decisions_of
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 GRIDS = [(1, 8, 8), (1, 4, 6), (1, 6, 10), (1, 4, 4)]  # (t, h, w) patches: 16, 6, 15 and 4 vision tokens
 LLM_METHODS = [name for name in POLICIES if POLICIES[name].published.layers[0] >= 0]
 IMAGE, START, END = QWEN_VL_TOKENS["image"], QWEN_VL_TOKENS["vision_start"], QWEN_VL_TOKENS["vision_end"]
@@ -94,21 +95,61 @@ def test_nothing_pruned_gives_hf_logits_and_hf_generate_tokens(family):
     assert torch.equal(ours, expected)
 
 
-def kept_embeddings_reference(model, single, kept) -> torch.Tensor:
-    """HF's own model fed the prompt's embeddings (its ``get_image_features`` scattered in) at the text tokens and
-    the ``kept`` (k,) vision tokens, each at its original 3-D position (HF's ``get_rope_index``): logits (1, n, V)."""
+def hf_prompt(model, single) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One sample as HF's model sees it: the embeddings (1, N, C) with its ``get_image_features`` scattered in, the
+    vision mask (N,), the 3-D positions (3, 1, N) of its ``get_rope_index``, and Qwen3-VL's DeepStack features (each
+    (n, C), none on the other families)."""
     inputs = hf(single)
     embeds = model.get_input_embeddings()(inputs["input_ids"])  # (1, N, C)
-    features = torch.cat(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+    image = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
     vision = inputs["input_ids"][0] == IMAGE  # (N,)
-    embeds[0, vision] = features
+    embeds[0, vision] = torch.cat(image.pooler_output)
     positions, _ = model.model.get_rope_index(
         inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"]
     )  # (3, 1, N)
+    deepstack = [torch.cat(feature) for feature in getattr(image, "deepstack_features", None) or []]
+    return embeds, vision, positions, deepstack
+
+
+def kept_embeddings_reference(model, single, kept) -> torch.Tensor:
+    """HF's own model fed the prompt's embeddings at the text tokens and the ``kept`` (k,) vision tokens, each at its
+    original 3-D position (HF's ``get_rope_index``), and on Qwen3-VL the kept tokens' DeepStack features at their
+    positions (HF's language model's ``visual_pos_masks`` and ``deepstack_visual_embeds``): logits (1, n, V)."""
+    embeds, vision, positions, deepstack = hf_prompt(model, single)
     keep = ~vision
     keep[vision.nonzero()[kept, 0]] = True
     index = keep.nonzero()[:, 0]  # (n,) in sequence order
-    return model(inputs_embeds=embeds[:, index], position_ids=positions[:, :, index]).logits
+    if not deepstack:
+        return model(inputs_embeds=embeds[:, index], position_ids=positions[:, :, index]).logits
+    hidden = model.model.language_model(
+        inputs_embeds=embeds[:, index],
+        position_ids=positions[:, :, index],
+        visual_pos_masks=vision[None, index],
+        deepstack_visual_embeds=[feature[kept.sort().values] for feature in deepstack],
+    ).last_hidden_state
+    return model.lm_head(hidden)
+
+
+def removal_reference(model, single, kept_by_layer) -> torch.Tensor:
+    """A slow loop over HF's own decoder layers on one unpadded sample: after decoder layer ``i`` in
+    ``kept_by_layer`` only the text tokens and the vision tokens ``kept_by_layer[i]`` (indices among the image's)
+    go on, each at its original 3-D position; after layer ``i`` < L each vision token still there gets its own
+    DeepStack feature ``i`` added (Qwen3-VL). Logits (1, n, V) of the final sequence."""
+    embeds, vision, positions, deepstack = hf_prompt(model, single)
+    decoder = model.model.language_model
+    index = torch.arange(vision.shape[0])  # original positions still in the sequence
+    image_slot = torch.cumsum(vision.long(), 0) - 1  # (N,) each vision token's index among the image's
+    hidden = embeds
+    for i, layer in enumerate(decoder.layers):
+        rope = decoder.rotary_emb(hidden, positions[:, :, index])
+        hidden = layer(hidden, position_embeddings=rope, attention_mask=None)  # causal, no padding
+        if i < len(deepstack):
+            here = vision[index]
+            hidden[0, here] = hidden[0, here] + deepstack[i][image_slot[index[here]]]
+        if i in kept_by_layer:
+            keep = ~vision[index] | torch.isin(image_slot[index], kept_by_layer[i])
+            hidden, index = hidden[:, keep], index[keep]
+    return model.lm_head(decoder.norm(hidden))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -128,6 +169,44 @@ def test_pruning_before_the_first_layer_gives_hf_logits_on_the_kept_embeddings_a
             expected = kept_embeddings_reference(pruner.model, single, kept)
             torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(together.logits[i, -after:], expected[0, -after:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", ["random", "fastv"])
+def test_pruning_after_decoder_layers_gives_a_slow_loop_over_hf_layers(family, name):
+    """Stages after decoder layers 0 and 1 (on Qwen3-VL inside its DeepStack layers 0 and 1: a removed token takes
+    its later DeepStack features with it, a kept one keeps its own) and 3, against a loop over HF's own decoder
+    layers that removes the same tokens (a policy's ranking is its business: the kept sets are taken from it)."""
+    pruner = qwen_pruner(family, seed=11, layers=(0, 1, 3))
+    batch = make_qwen_batch(pruner.model, [GRIDS[0]], [(3, 5)], seed=11)
+    policy = get_policy(name, seed=5)
+    with torch.no_grad():
+        out = pruner(**batch, policy=policy, layers=(0, 1, 3))
+        kept = dict(zip((0, 1, 3), out.kept_vision))
+        expected = removal_reference(pruner.model, batch, {i: k[0] for i, k in kept.items()})
+        assert [len(k[0]) for k in kept.values()] == [8, 4, 1]
+        torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recomputed_attention_rows_are_hf_eager_attention(family):
+    """The rows policies read (``attention_rows``) against HF's eager attention maps (``output_attentions``) of
+    decoder layer 0, whose input is the embeddings: the same M-RoPE (Qwen3-VL's interleaved), and on Qwen3-VL its
+    per-head q/k norms (given random weights here, so that a missing norm shows)."""
+    config = tiny_qwen_vl_config(family, vocab_size=VOCAB, num_layers=2)
+    model = tiny_llava(config, seed=12, attn_implementation="eager")
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                weight.uniform_(0.5, 2.0)
+    pruner = attach(model, PruningConfig(layers=(0,), train_ratios=(0.5,), infer_ratios=(0.5,), num_heads=4))
+    batch = make_qwen_batch(model, [GRIDS[1]], [(3, 5)], seed=12)
+    embeds, vision, positions, _ = hf_prompt(model, batch)
+    queries = torch.tensor([[len(vision) - 1, int(vision.nonzero()[2]), 2]])  # (1, Q): last, a vision token, text
+    with torch.no_grad():
+        maps = model(**hf(batch), output_attentions=True).attentions[0]  # (1, h, N, N)
+        rows = pruner.adapter.attention_rows(0, embeds, positions, torch.ones_like(vision)[None], queries)
+    torch.testing.assert_close(rows, maps[:, :, queries[0]].float(), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family,name", [(family, name) for family in FAMILIES for name in LLM_METHODS])
@@ -249,10 +328,11 @@ def test_repeated_generate_calls_give_the_same_tokens(family):
     assert torch.equal(runs[1], expected)
 
 
-def test_layout_gives_each_vision_token_its_cell_in_the_merged_grid():
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_layout_gives_each_vision_token_its_cell_in_the_merged_grid(family):
     """Reference: HF's ``get_rope_index``, whose height and width positions of an image's tokens are its cells
     offset by the image's start position."""
-    pruner = qwen_pruner("qwen2_5_vl", seed=7)
+    pruner = qwen_pruner(family, seed=7)
     batch = make_qwen_batch(pruner.model, GRIDS, [(1, 2)] * len(GRIDS), seed=7)
     n = counts(batch)
     layout = pruner.adapter.layout(len(GRIDS), batch["image_grid_thw"], max(n))
@@ -271,8 +351,9 @@ def test_layout_gives_each_vision_token_its_cell_in_the_merged_grid():
         assert bool((layout.kind[i, : n[i]] == BASE).all()) and bool((layout.kind[i, n[i] :] == EMPTY).all())
 
 
-def test_bf16_batch_runs_and_matches_hf_where_nothing_is_pruned():
-    pruner = qwen_pruner("qwen2_5_vl", seed=8, dtype=torch.bfloat16)
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_bf16_batch_runs_and_matches_hf_where_nothing_is_pruned(family):
+    pruner = qwen_pruner(family, seed=8, dtype=torch.bfloat16)
     batch = make_qwen_batch(pruner.model, [GRIDS[0], GRIDS[2]], [(2, 5), (3, 4)], seed=8)
     batch["pixel_values"] = batch["pixel_values"].bfloat16()
     with torch.no_grad():

@@ -79,7 +79,7 @@ def test_recomputed_tower_attention_is_hf_eager_attention_unpermuted_per_sample(
     batch = make_qwen_batch(pruner.model, GRIDS[:2], [(2, 3), (1, 2)], seed=1)
     expected = hf_tower_attention(family, pruner, batch, monkeypatch)
     with torch.no_grad():
-        _, _, _, tower = pruner.adapter.embed(
+        *_, tower = pruner.adapter.embed(
             batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"], tower_states=True
         )
     order = run_order(pruner, batch["image_grid_thw"])
@@ -193,7 +193,7 @@ def test_bf16_tower_stage_runs_and_keeps_each_samples_own_share(name):
     kwargs = prune_kwargs(name)
     with torch.no_grad():
         out = pruner(**batch, **kwargs)
-        _, _, _, tower = pruner.adapter.embed(
+        *_, tower = pruner.adapter.embed(
             batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"], tower_states=True
         )
     assert out.logits.dtype == torch.bfloat16 and bool(out.logits.isfinite().all())

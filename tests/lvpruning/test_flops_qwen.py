@@ -104,7 +104,10 @@ def test_tower_stage_only_where_it_reads_nothing_of_the_tower():
     assert report.tokens_per_layer == (288 + 30,) * 28
 
 
-@pytest.mark.parametrize("method", [m for m in POLICIES if m != "lvpruning" and POLICIES[m].published.layers[0] >= 0])
+@pytest.mark.parametrize(
+    "method",
+    [m for m in POLICIES if m != "lvpruning" and (POLICIES[m].published.layers[0] >= 0 or POLICIES[m].tower_free)],
+)
 def test_each_method_analytic_matches_measured_with_its_overhead(method):
     config = tiny_qwen_vl_config("qwen2_5_vl", num_layers=5)
     pruning = PruningConfig(layers=(0, 1, 2), train_ratios=(0.7, 0.35, 0.1), infer_ratios=(0.7, 0.35, 0.1))
@@ -113,7 +116,7 @@ def test_each_method_analytic_matches_measured_with_its_overhead(method):
     assert (report.pruned_parts["policy"] > 0) == (method != "random")
     measured = measure_flops(config, pruning, ratios, 12, method=method, layers=layers, image_size=(56, 56))
     assert measured == report.pruned
-    if method == "random":  # its vision-tower stage reads nothing of the tower: it runs on Qwen-VL
+    if POLICIES[method].tower_free:  # its vision-tower stage reads nothing of the tower: it runs on Qwen-VL
         report = analytic_flops(config, pruning, (0.5, 0.25), 12, method=method, layers=(-1, 2), image_size=(56, 56))
         measured = measure_flops(config, pruning, (0.5, 0.25), 12, method=method, layers=(-1, 2), image_size=(56, 56))
         assert measured == report.pruned

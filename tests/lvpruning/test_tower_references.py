@@ -153,7 +153,7 @@ def entropy(pixels):
 
 
 def vflowopt_reference(model, pixels, k, t, alpha, cell, variant=""):
-    """Abar = mean_h A (layer -2, all M tokens); r_j = mean_i Abar[i, j]; G = {j: r_j > t M / 577 mean r};
+    """Abar = mean_h A (layer -2, all M tokens); r_j = mean_i Abar[i, j]; G = {j: r_j > t M / 729 mean r};
     s_j = mean_{g in G} Abar[g, j] + alpha softmax_j(entropy). The least D >= k - cells with D + (cells the other
     patches fill) >= k top patches kept; each filled cell -> its s-weighted mean at its best member's slot, the
     best-scored k - D of them kept. Returns (slot -> state, slot -> s)."""
@@ -161,12 +161,12 @@ def vflowopt_reference(model, pixels, k, t, alpha, cell, variant=""):
     A = A[-2].mean(dim=0)
     M = A.shape[0]
     r = [sum(A[i, j].item() for i in range(M)) / M for j in range(M)]
-    G = [j for j in range(M) if r[j] > t * M / 577 * sum(r) / M]
+    G = [j for j in range(M) if r[j] > t * M / 729 * sum(r) / M]
     assert 0 < len(G) < M, len(G)
     c = [sum(A[g, j].item() for g in G) / len(G) for j in range(1, M)]
     ent = entropy(pixels[0].double())
     s = [c[j] + alpha * math.exp(ent[j]) / sum(map(math.exp, ent)) for j in range(P)]
-    size = cell * GRID / 24
+    size = cell * GRID / 27
     cell_of = [(math.floor(j // GRID / size), math.floor(j % GRID / size)) for j in range(P)]
     order = sorted(range(P), key=lambda j: s[j], reverse=True)
     D = max(0, k - len(set(cell_of)))
@@ -272,7 +272,7 @@ def test_vscan_matches_the_literal_formula(seed):
     ],
 )
 def test_vflowopt_matches_the_literal_formula(seed, alpha, cell, ratios):
-    t = 9.0  # G: the tokens above ~1.01x the mean
+    t = 11.4  # G: the tokens above ~1.02x the mean (11.4 x 65 / 729)
     batch, rec = run_engine(VFlowOptPolicy(t=t, alpha=alpha, cell=cell), seed, (-1, 1), ratios)
     eager = build(seed, "eager").double()
     k, k2 = (int(r * P) for r in ratios)
@@ -323,6 +323,16 @@ def test_star_with_a_wrong_formula_fails_the_comparison():
         torch.testing.assert_close(got, wrong, rtol=1e-4, atol=0)
 
 
+@pytest.mark.parametrize("grid", [27, 24])
+def test_vflowopt_cells_scale_from_siglip_grid(grid):
+    """The published m = 17.387 is in patches of SigLIP's 27 x 27 grid: there it applies as published, on CLIP's
+    24 x 24 grid as m 24 / 27 = 15.46 (patch rows 0-15 in the first cell, not 0-17)."""
+    size = 17.387 * grid / 27
+    cell, num_cells = VFlowOptPolicy().cells(grid * grid)
+    expected = [math.floor(p // grid / size) * 2 + math.floor(p % grid / size) for p in range(grid * grid)]
+    assert num_cells == 4 and cell.tolist() == expected
+
+
 @pytest.mark.parametrize(
     "name, variant",
     [("visionzip", "mean including the target"), ("vscan", "kept token excluded"), ("vflowopt", "unweighted cells")],
@@ -331,8 +341,8 @@ def test_a_wrong_formula_fails_the_comparison(name, variant):
     """A merging detail changed in the reference breaks a comparison that the right formula passes."""
     eager, pixels = build(0, "eager").double(), make_batch(LENGTHS, seed=0)["pixel_values"][:1]
     if name == "vflowopt":
-        _, rec = run_engine(VFlowOptPolicy(t=9.0, alpha=0.5), 0, (-1,), (0.25,))
-        reference = lambda v: vflowopt_reference(eager, pixels, 16, 9.0, 0.5, 17.387, v)[0]  # noqa: E731
+        _, rec = run_engine(VFlowOptPolicy(t=11.4, alpha=0.5), 0, (-1,), (0.25,))
+        reference = lambda v: vflowopt_reference(eager, pixels, 16, 11.4, 0.5, 17.387, v)[0]  # noqa: E731
     elif name == "visionzip":
         _, rec = run_engine(get_policy(name), 0, (-1,), (0.25,))
         reference = lambda v: visionzip_reference(eager, pixels, 16, v)  # noqa: E731

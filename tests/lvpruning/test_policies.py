@@ -18,21 +18,33 @@ LLM_METHODS = [name for name in POLICIES if POLICIES[name].published.layers[0] >
 TRAINING_FREE = [name for name in LLM_METHODS if name != "lvpruning"]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_fastv_keeps_the_tokens_eager_attention_ranks_highest(seed):
-    """Reference: HF's eager attention maps (output_attentions) of layer K, last token, mean over heads."""
-    pruner = make_pruner(seed, layers=(1,), attn="eager", infer_ratios=(0.25,))
-    batch = make_batch([(3, 6), (1, 9)], seed=seed)  # left padded: the last token is the last instruction token
+def fastv_reference(seed: int, batch: dict, query: int = -1) -> list[torch.Tensor]:
+    """HF's eager attention maps (output_attentions) of layer K = 1 of the same weights, the row of the ``query``
+    token (-1: the last, the last instruction token under left padding), mean over heads; each sample's top-k
+    vision tokens, sorted."""
+    eager = make_pruner(seed, layers=(1,), attn="eager", infer_ratios=(0.25,))
     with torch.no_grad():
         position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-        maps = pruner.model(**batch, position_ids=position_ids, output_attentions=True).attentions[1]
-        out = pruner(**batch, policy=FastVPolicy())
+        maps = eager.model(**batch, position_ids=position_ids, output_attentions=True).attentions[1]
     vision = batch["input_ids"] == 4
-    last_row = maps[:, :, -1, :].mean(1)  # (B, N)
+    row = maps[:, :, query, :].mean(1)  # (B, N)
     k = keep_count(0.25, NUM_VISION)
-    for b in range(2):
-        expected = last_row[b][vision[b]].topk(k).indices.sort().values
+    return [row[b][vision[b]].topk(k).indices.sort().values for b in range(row.shape[0])]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fastv_keeps_the_tokens_eager_attention_ranks_highest(seed):
+    """The engine on SDPA (its attention row recomputed) against HF's eager maps; the row of the token before the
+    last (a mutation) fails."""
+    pruner = make_pruner(seed, layers=(1,), infer_ratios=(0.25,))
+    assert pruner.model.config.text_config._attn_implementation == "sdpa"
+    batch = make_batch([(3, 6), (1, 9)], seed=seed)  # left padded: the last token is the last instruction token
+    with torch.no_grad():
+        out = pruner(**batch, policy=FastVPolicy())
+    for b, expected in enumerate(fastv_reference(seed, batch)):
         assert torch.equal(out.kept_vision[0][b], expected)
+    wrong = fastv_reference(seed, batch, query=-2)
+    assert not all(torch.equal(out.kept_vision[0][b], wrong[b]) for b in range(2))
 
 
 def test_random_policy_is_seeded_and_differs_from_learned():

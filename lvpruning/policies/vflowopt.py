@@ -13,8 +13,8 @@ from lvpruning.merging import group_sum, group_sum_flops
 from lvpruning.policies.base import PruningPolicy, Schedule
 from lvpruning.stage import MergePlan, StageInput, StageShape, gather_tokens
 
-REFERENCE_TOWER = 577  # LLaVA-1.5's CLIP tokens: t is a multiple of the mean there
-REFERENCE_GRID = 24  # and the cell size m is in patches of its 24 x 24 grid
+REFERENCE_TOWER = 729  # the published t and m were tuned on SigLIP's 729 tokens (no CLS): t is a multiple of the
+REFERENCE_GRID = 27  # mean received attention, 1 / 729, there; the cell size m is in patches of its 27 x 27 grid
 
 
 def patch_entropy(pixel_values: torch.Tensor, grid: int) -> torch.Tensor:
@@ -54,8 +54,11 @@ class VFlowOptPolicy(PruningPolicy):
 
     The published settings are for LLaVA-OneVision-7B (no LLaVA-1.5 setting exists): its 10% row, t = 39.265,
     alpha = 0, m = 17.387, retention r_v = 0.11662 at the tower, r_1 = 1.0 before layer 9 and r_2 = 0.6011 before
-    layer 18, here after layers 8 and 17 of the 7B decoder (67, 67, 40 of 576). On a smaller tower t scales with
-    M / 577 and m with the grid / 24. Where we differ: grey levels un-normalised (the reference casts the normalised
+    layer 18, here after layers 8 and 17 of the 7B decoder (67, 67, 40 of 576). They were tuned on SigLIP (729
+    tokens, a 27 x 27 grid), so on a tower of M tokens and a G x G grid t becomes t M / 729 (the mean of r is
+    exactly 1 / M, as A's rows sum to 1, so this keeps the published threshold t / 729 on the attention itself) and
+    m becomes m G / 27 (the same fraction of the image's side): on LLaVA-1.5's CLIP, t = 31.08 and m = 15.46.
+    Where we differ: grey levels un-normalised (the reference casts the normalised
     pixels to uint8, which wraps), the fixed k (the reference's cell estimate int(N / m^2) drifts), positions kept
     (eq. 14; the reference renumbers at the tower).
     """

@@ -235,7 +235,7 @@ def test_methods_toy_fits_the_toy_model_at_matched_budgets(monkeypatch):
         budgets.setdefault(setting.method, []).append(sum(per_layer) / len(per_layer))
     llm_side = [34.75, 30.25, 27.75, 32.0, 26.5, 21.25]  # the schedules' comments
     assert {m: budgets[m] for m in ev.methods if m != "none"} == {m: llm_side for m in ev.methods if m != "none"}
-    assert {own.method for own in ev.at_own_layers} == {"visionzip", "vscan", "vflowopt"}
+    assert {own.method for own in ev.at_own_layers} == {"visionzip", "vscan", "vflowopt", "star"}
     for own in ev.at_own_layers:  # "32 / 26.5 / 21.25 per layer (to half a token), then 14 and 7"
         assert budgets[own.method] == pytest.approx([32.0, 26.5, 21.25, 14.0, 7.0], abs=0.5), own.method
 

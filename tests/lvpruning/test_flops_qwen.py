@@ -151,7 +151,10 @@ def test_tower_methods_on_the_presets_on_meta(preset, method):
     assert measure_flops(config, DEFAULT, ratios, method=method, layers=layers, image_size=(448, 448)) == report.pruned
 
 
-@pytest.mark.parametrize("method", [m for m in POLICIES if m != "lvpruning" and POLICIES[m].published.layers[0] >= 0])
+@pytest.mark.parametrize(
+    "method",
+    [m for m in POLICIES if m != "lvpruning" and (POLICIES[m].published.layers[0] >= 0 or POLICIES[m].tower_free)],
+)
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_each_method_analytic_matches_measured_with_its_overhead(method, family):
     config = tiny_qwen_vl_config(family, num_layers=5)
@@ -161,7 +164,7 @@ def test_each_method_analytic_matches_measured_with_its_overhead(method, family)
     assert (report.pruned_parts["policy"] > 0) == (method != "random")
     measured = measure_flops(config, pruning, ratios, 12, method=method, layers=layers, image_size=(56, 56))
     assert measured == report.pruned
-    if method == "random":  # its vision-tower stage reads nothing of the tower: it runs on Qwen-VL
+    if POLICIES[method].tower_free:  # its vision-tower stage reads nothing of the tower: it runs on Qwen-VL
         report = analytic_flops(config, pruning, (0.5, 0.25), 12, method=method, layers=(-1, 2), image_size=(56, 56))
         measured = measure_flops(config, pruning, (0.5, 0.25), 12, method=method, layers=(-1, 2), image_size=(56, 56))
         assert measured == report.pruned

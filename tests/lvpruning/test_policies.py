@@ -1,14 +1,16 @@
 """Every policy through the same engine: FastV against eager attention maps, random seeded per sample, padding
-invariance, SDPA kept, and the sub-block recording of ``recorded_layer``. The other methods' formulas are checked
-in ``test_references.py``."""
+invariance, SDPA kept, the sub-block recording of ``recorded_layer``, and no positional bias in STAR's first stage.
+The other methods' formulas are checked in ``test_references.py`` and ``test_tower_references.py``."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from lvpruning.policies import POLICIES, FastVPolicy, RandomPolicy, get_policy
-from lvpruning.stage import keep_count
+from lvpruning.policies import POLICIES, FastVPolicy, RandomPolicy, StarPolicy, get_policy
+from lvpruning.stage import StageInput, gather_tokens, keep_count
 from tests.lvpruning.conftest import NUM_VISION, generate_alone, make_batch, make_pruner
 
 # the methods that prune in the LLM only (the vision-tower methods: test_tower.py)
@@ -16,21 +18,33 @@ LLM_METHODS = [name for name in POLICIES if POLICIES[name].published.layers[0] >
 TRAINING_FREE = [name for name in LLM_METHODS if name != "lvpruning"]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_fastv_keeps_the_tokens_eager_attention_ranks_highest(seed):
-    """Reference: HF's eager attention maps (output_attentions) of layer K, last token, mean over heads."""
-    pruner = make_pruner(seed, layers=(1,), attn="eager", infer_ratios=(0.25,))
-    batch = make_batch([(3, 6), (1, 9)], seed=seed)  # left padded: the last token is the last instruction token
+def fastv_reference(seed: int, batch: dict, query: int = -1) -> list[torch.Tensor]:
+    """HF's eager attention maps (output_attentions) of layer K = 1 of the same weights, the row of the ``query``
+    token (-1: the last, the last instruction token under left padding), mean over heads; each sample's top-k
+    vision tokens, sorted."""
+    eager = make_pruner(seed, layers=(1,), attn="eager", infer_ratios=(0.25,))
     with torch.no_grad():
         position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-        maps = pruner.model(**batch, position_ids=position_ids, output_attentions=True).attentions[1]
-        out = pruner(**batch, policy=FastVPolicy())
+        maps = eager.model(**batch, position_ids=position_ids, output_attentions=True).attentions[1]
     vision = batch["input_ids"] == 4
-    last_row = maps[:, :, -1, :].mean(1)  # (B, N)
+    row = maps[:, :, query, :].mean(1)  # (B, N)
     k = keep_count(0.25, NUM_VISION)
-    for b in range(2):
-        expected = last_row[b][vision[b]].topk(k).indices.sort().values
+    return [row[b][vision[b]].topk(k).indices.sort().values for b in range(row.shape[0])]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fastv_keeps_the_tokens_eager_attention_ranks_highest(seed):
+    """The engine on SDPA (its attention row recomputed) against HF's eager maps; the row of the token before the
+    last (a mutation) fails."""
+    pruner = make_pruner(seed, layers=(1,), infer_ratios=(0.25,))
+    assert pruner.model.config.text_config._attn_implementation == "sdpa"
+    batch = make_batch([(3, 6), (1, 9)], seed=seed)  # left padded: the last token is the last instruction token
+    with torch.no_grad():
+        out = pruner(**batch, policy=FastVPolicy())
+    for b, expected in enumerate(fastv_reference(seed, batch)):
         assert torch.equal(out.kept_vision[0][b], expected)
+    wrong = fastv_reference(seed, batch, query=-2)
+    assert not all(torch.equal(out.kept_vision[0][b], wrong[b]) for b in range(2))
 
 
 def test_random_policy_is_seeded_and_differs_from_learned():
@@ -129,3 +143,36 @@ def test_recorded_layer_is_the_decoder_layer():
         residual = hidden + parts["attn_out"]
         torch.testing.assert_close(parts["mlp_out"], layer.mlp(layer.post_attention_layernorm(residual)))
         torch.testing.assert_close(out, residual + parts["mlp_out"])
+
+
+class CausalStar(StarPolicy):
+    """The mutation: STAR's early score under a causal mask, so that a token receives attention only from itself and
+    the tokens after it (as when it was read from decoder layer 1's attention)."""
+
+    def scores(self, stage: StageInput) -> torch.Tensor:
+        if stage.layer != -1:
+            return super().scores(stage)
+        h = gather_tokens(stage.hidden_in, stage.vision_pos).float()  # (B, V, C)
+        logits = h @ h.transpose(1, 2) / math.sqrt(h.shape[-1])
+        causal = torch.ones(h.shape[1], h.shape[1], dtype=torch.bool).tril()
+        return logits.masked_fill(~causal, float("-inf")).softmax(dim=-1).mean(dim=1)
+
+
+def mean_raster_index(policy, layers, ratios) -> float:
+    """The mean raster index, as a fraction of the grid, of the vision tokens kept at the first stage: 4 random tiny
+    models x 8 random images and prompts (no positional structure: about 0.5 for a method without a bias)."""
+    means = []
+    for seed in range(4):
+        pruner = make_pruner(seed, layers=(0, 1, 2))
+        batch = make_batch([(3, 6)] * 8, seed=seed)
+        with torch.no_grad():
+            kept = pruner(**batch, policy=policy, layers=layers, keep_ratios=ratios).kept_vision[0]
+        means.append(kept.float().mean() / (NUM_VISION - 1))
+    return float(torch.stack(means).mean())
+
+
+@pytest.mark.parametrize("policy, unbiased", [(StarPolicy(), True), (CausalStar(), False)])
+def test_star_first_stage_keeps_no_corner_of_the_image(policy, unbiased):
+    """Issue 30: STAR's visual self-attention is bidirectional; a causal one keeps the top left of the image."""
+    mean = mean_raster_index(policy, (-1, 1), (0.5, 0.25))
+    assert (abs(mean - 0.5) < 0.05) == unbiased, mean

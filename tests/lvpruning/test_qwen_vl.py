@@ -153,12 +153,14 @@ def removal_reference(model, single, kept_by_layer) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_pruning_before_the_first_layer_gives_hf_logits_on_the_kept_embeddings_at_their_3d_positions(family):
-    """A random subset kept before decoder layer 0 (the random policy at the vision-tower stage, which reads no
-    tower), alone and in a padded batch, against HF's model fed those embeddings with their ``position_ids``."""
+@pytest.mark.parametrize("name", ["random", "star"])
+def test_pruning_before_the_first_layer_gives_hf_logits_on_the_kept_embeddings_at_their_3d_positions(family, name):
+    """A subset kept before decoder layer 0 (random, or STAR's visual self-attention: the vision-tower stages that
+    read no tower), alone and in a padded batch, against HF's model fed those embeddings with their
+    ``position_ids``."""
     pruner = qwen_pruner(family, seed=2)
     batch = make_qwen_batch(pruner.model, [GRIDS[2], GRIDS[0]], [(2, 6), (4, 3)], seed=2)
-    policy = get_policy("random", seed=3)
+    policy = get_policy(name, seed=3)
     with torch.no_grad():
         together = pruner(**batch, policy=policy, layers=(-1,), keep_ratios=(0.4,))
         for i, (n, after) in enumerate(zip(counts(batch), (6, 3))):

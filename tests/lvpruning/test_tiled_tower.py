@@ -16,7 +16,12 @@ from tests.lvpruning.test_tiled import SIZES, alone, make_tiled_batch, vision_co
 from tests.lvpruning.test_tower_references import Recording, cos, project
 
 # per method: (layers, keep ratios) on the 5-layer tiny decoder
-SETTINGS = {"visionzip": ((-1,), (0.45,)), "vscan": ((-1, 1), (0.6, 0.2)), "random": ((-1, 1), (0.5, 0.2))}
+SETTINGS = {
+    "visionzip": ((-1,), (0.45,)),
+    "vscan": ((-1, 1), (0.6, 0.2)),
+    "random": ((-1, 1), (0.5, 0.2)),
+    "star": ((-1, 1), (0.5, 0.2)),
+}
 
 
 class TiledRecording(Recording):

@@ -1,4 +1,5 @@
-"""The vision-tower methods (VisionZip, VScan, VFlowOpt) against slow, literal transcriptions of their formulas.
+"""The vision-tower methods (VisionZip, VScan, VFlowOpt, STAR's first stage) against slow, literal transcriptions of
+their formulas.
 
 The reference runs one sample alone through the same weights in float64 with HF's eager attention, reading the
 CLIP maps from ``output_attentions``, the hidden states from ``output_hidden_states`` and the keys from a hook on
@@ -17,6 +18,7 @@ from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from lvpruning import PruningConfig, attach
 from lvpruning.policies import PruningPolicy, get_policy
+from lvpruning.policies.star import StarPolicy
 from lvpruning.policies.vflowopt import VFlowOptPolicy
 from lvpruning.stage import StageInput
 from lvpruning.tiny import tiny_llava, tiny_llava_config
@@ -42,7 +44,7 @@ class Recording(PruningPolicy):
     def plan(self, stage: StageInput, k: int):
         plan = self.inner.plan(stage, k)
         self.plans.append((stage.vision_index.gather(1, plan.keep), plan.hidden, plan.values))
-        if stage.layer >= 0:
+        if stage.layer >= 0 or isinstance(self.inner, StarPolicy):  # STAR ranks by scores at the tower too
             scores = self.inner.scores(stage)
             self.scores_seen.append(torch.zeros(scores.shape[0], P).scatter(1, stage.vision_index, scores))
         return plan
@@ -151,7 +153,7 @@ def entropy(pixels):
 
 
 def vflowopt_reference(model, pixels, k, t, alpha, cell, variant=""):
-    """Abar = mean_h A (layer -2, all M tokens); r_j = mean_i Abar[i, j]; G = {j: r_j > t M / 577 mean r};
+    """Abar = mean_h A (layer -2, all M tokens); r_j = mean_i Abar[i, j]; G = {j: r_j > t M / 729 mean r};
     s_j = mean_{g in G} Abar[g, j] + alpha softmax_j(entropy). The least D >= k - cells with D + (cells the other
     patches fill) >= k top patches kept; each filled cell -> its s-weighted mean at its best member's slot, the
     best-scored k - D of them kept. Returns (slot -> state, slot -> s)."""
@@ -159,12 +161,12 @@ def vflowopt_reference(model, pixels, k, t, alpha, cell, variant=""):
     A = A[-2].mean(dim=0)
     M = A.shape[0]
     r = [sum(A[i, j].item() for i in range(M)) / M for j in range(M)]
-    G = [j for j in range(M) if r[j] > t * M / 577 * sum(r) / M]
+    G = [j for j in range(M) if r[j] > t * M / 729 * sum(r) / M]
     assert 0 < len(G) < M, len(G)
     c = [sum(A[g, j].item() for g in G) / len(G) for j in range(1, M)]
     ent = entropy(pixels[0].double())
     s = [c[j] + alpha * math.exp(ent[j]) / sum(map(math.exp, ent)) for j in range(P)]
-    size = cell * GRID / 24
+    size = cell * GRID / 27
     cell_of = [(math.floor(j // GRID / size), math.floor(j % GRID / size)) for j in range(P)]
     order = sorted(range(P), key=lambda j: s[j], reverse=True)
     D = max(0, k - len(set(cell_of)))
@@ -201,9 +203,10 @@ def assert_plan(plan, b, expected):
     )
 
 
-def llm_scores(model, ids, tower_out, layer):
-    """Mean over heads of the attention the last token pays each kept vision token in decoder ``layer`` (HF eager
-    ``output_attentions``), on the sequence after the tower stage with the original positions."""
+def llm_scores(model, ids, tower_out, layer, queries="last"):
+    """Mean over heads, and over the ``queries`` (the last token, or the question: the text after the image), of the
+    attention they pay each kept vision token in decoder ``layer`` (HF eager ``output_attentions``), on the sequence
+    after the tower stage with the original positions."""
     vision = [n for n, t in enumerate(ids.tolist()) if t == IMAGE_TOKEN]
     with torch.no_grad():
         embeds = model.get_input_embeddings()(ids)
@@ -214,7 +217,23 @@ def llm_scores(model, ids, tower_out, layer):
             inputs_embeds=seq[None], position_ids=torch.tensor([rows]), output_attentions=True
         )
     A = out.attentions[layer][0]
-    return {vision.index(n): A[:, -1, q].mean().item() for q, n in enumerate(rows) if n in vision}
+    asking = [len(rows) - 1] if queries == "last" else [r for r, n in enumerate(rows) if n > vision[-1]]
+    return {vision.index(n): A[:, asking, q].mean().item() for q, n in enumerate(rows) if n in vision}
+
+
+def star_reference(model, pixels, variant=""):
+    """H_v = the projected features (layer -2, CLS dropped); A[i, j] = exp(<h_i, h_j> / sqrt d) / sum_k exp(<h_i,
+    h_k> / sqrt d); r_j = (1 / |V|) sum_i A[i, j]. Returns (slot -> H_v, slot -> r)."""
+    _, states, _ = tower_pass(model, pixels)
+    H = project(model, states[-2][1:])
+    d = H.shape[1]
+    A = []
+    for i in range(P):
+        logits = [(H[i] @ H[j]).item() / math.sqrt(d) for j in range(P)]
+        e = [math.exp(x - max(logits)) for x in logits]
+        A.append([x / sum(e) for x in e])
+    r = {j: sum(A[i][j] for i in range(P) if variant != "others only" or i != j) / P for j in range(P)}
+    return {j: H[j] for j in range(P)}, r
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -253,7 +272,7 @@ def test_vscan_matches_the_literal_formula(seed):
     ],
 )
 def test_vflowopt_matches_the_literal_formula(seed, alpha, cell, ratios):
-    t = 9.0  # G: the tokens above ~1.01x the mean
+    t = 11.4  # G: the tokens above ~1.02x the mean (11.4 x 65 / 729)
     batch, rec = run_engine(VFlowOptPolicy(t=t, alpha=alpha, cell=cell), seed, (-1, 1), ratios)
     eager = build(seed, "eager").double()
     k, k2 = (int(r * P) for r in ratios)
@@ -265,6 +284,55 @@ def test_vflowopt_matches_the_literal_formula(seed, alpha, cell, ratios):
         assert set(rec.plans[1][0][b].tolist()) == set(sorted(s, key=s.get, reverse=True)[:k2])  # carried s
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_star_matches_the_literal_formula(seed):
+    """STAR's visual self-attention at the tower, then its cross-modal attention after layer 1 on the sequence the
+    tower stage left (32 of 64 vision tokens), both against the formula."""
+    batch, rec = run_engine(StarPolicy(), seed, (-1, 1), (0.5, 0.25))
+    eager = build(seed, "eager").double()
+    for b in range(len(LENGTHS)):
+        ids, pixels = sample(batch, b)
+        H, r = star_reference(eager, pixels)
+        got = rec.scores_seen[0][b].double()
+        torch.testing.assert_close(got, torch.tensor([r[j] for j in range(P)], dtype=torch.float64), rtol=1e-4, atol=0)
+        kept = sorted(r, key=r.get, reverse=True)[:32]
+        assert set(rec.plans[0][0][b].tolist()) == set(kept)
+        scores = llm_scores(eager, ids, {j: H[j] for j in kept}, 1, queries="question")
+        got = rec.scores_seen[1][b].double()
+        torch.testing.assert_close(
+            got[sorted(scores)],
+            torch.tensor([scores[j] for j in sorted(scores)], dtype=torch.float64),
+            rtol=1e-4,
+            atol=0,
+        )
+        assert set(rec.plans[1][0][b].tolist()) == set(sorted(scores, key=scores.get, reverse=True)[:16])
+
+
+def test_star_with_a_wrong_formula_fails_the_comparison():
+    """The receivers' sum without the token's own attention (the reading of the earlier decoder-layer stage) breaks
+    the comparison that the paper's formula passes."""
+    _, rec = run_engine(StarPolicy(), 0, (-1,), (0.5,))
+    eager, pixels = build(0, "eager").double(), make_batch(LENGTHS, seed=0)["pixel_values"][:1]
+    expected = {v: star_reference(eager, pixels, v)[1] for v in ("", "others only")}
+    got = rec.scores_seen[0][0].double()
+    torch.testing.assert_close(
+        got, torch.tensor([expected[""][j] for j in range(P)], dtype=torch.float64), rtol=1e-4, atol=0
+    )
+    with pytest.raises(AssertionError, match="not close"):
+        wrong = torch.tensor([expected["others only"][j] for j in range(P)], dtype=torch.float64)
+        torch.testing.assert_close(got, wrong, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("grid", [27, 24])
+def test_vflowopt_cells_scale_from_siglip_grid(grid):
+    """The published m = 17.387 is in patches of SigLIP's 27 x 27 grid: there it applies as published, on CLIP's
+    24 x 24 grid as m 24 / 27 = 15.46 (patch rows 0-15 in the first cell, not 0-17)."""
+    size = 17.387 * grid / 27
+    cell, num_cells = VFlowOptPolicy().cells(grid * grid)
+    expected = [math.floor(p // grid / size) * 2 + math.floor(p % grid / size) for p in range(grid * grid)]
+    assert num_cells == 4 and cell.tolist() == expected
+
+
 @pytest.mark.parametrize(
     "name, variant",
     [("visionzip", "mean including the target"), ("vscan", "kept token excluded"), ("vflowopt", "unweighted cells")],
@@ -273,8 +341,8 @@ def test_a_wrong_formula_fails_the_comparison(name, variant):
     """A merging detail changed in the reference breaks a comparison that the right formula passes."""
     eager, pixels = build(0, "eager").double(), make_batch(LENGTHS, seed=0)["pixel_values"][:1]
     if name == "vflowopt":
-        _, rec = run_engine(VFlowOptPolicy(t=9.0, alpha=0.5), 0, (-1,), (0.25,))
-        reference = lambda v: vflowopt_reference(eager, pixels, 16, 9.0, 0.5, 17.387, v)[0]  # noqa: E731
+        _, rec = run_engine(VFlowOptPolicy(t=11.4, alpha=0.5), 0, (-1,), (0.25,))
+        reference = lambda v: vflowopt_reference(eager, pixels, 16, 11.4, 0.5, 17.387, v)[0]  # noqa: E731
     elif name == "visionzip":
         _, rec = run_engine(get_policy(name), 0, (-1,), (0.25,))
         reference = lambda v: visionzip_reference(eager, pixels, 16, v)  # noqa: E731

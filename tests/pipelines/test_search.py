@@ -100,7 +100,6 @@ def test_a_trial_config_trains_its_own_setting_and_evaluates_its_schedules():
         "fastv",
         "transprune",
         "adaptinfer",
-        "star",
     ]
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from lvpruning.policies.adaptinfer import AdaptInferPolicy
 from lvpruning.policies.base import PruningPolicy, Schedule, scaled_layers
 from lvpruning.policies.baselines import FastVPolicy, LearnedPolicy, RandomPolicy
+from lvpruning.policies.ptp import PTPPolicy
 from lvpruning.policies.star import StarPolicy
 from lvpruning.policies.transprune import TransPrunePolicy
 from lvpruning.policies.vflowopt import VFlowOptPolicy
@@ -36,6 +37,7 @@ POLICIES: dict[str, type[PruningPolicy]] = {
     "vscan": VScanPolicy,
     "vflowopt": VFlowOptPolicy,
     "visionzip": VisionZipPolicy,
+    "ptp": PTPPolicy,
 }
 
 
@@ -83,6 +85,7 @@ __all__ = [
     "AdaptInferPolicy",
     "FastVPolicy",
     "LearnedPolicy",
+    "PTPPolicy",
     "PruningPolicy",
     "RandomPolicy",
     "Schedule",

@@ -366,6 +366,7 @@ TOWER_ON_TILES = [  # (method, layers, keep ratios): VisionZip 8 per crop on a 2
     ("visionzip", (-1,), (0.2,)),
     ("vscan", (-1, 1), (0.6, 0.1)),
     ("random", (-1, 1), (0.5, 0.2)),
+    ("ptp", (-1, 1), (1.0, 0.2)),
 ]
 
 

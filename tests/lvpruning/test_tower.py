@@ -22,6 +22,7 @@ SETTINGS = {
     "vscan": ((-1, 1), (0.5, 0.125)),
     "vflowopt": ((-1, 0, 2), (0.3, 0.3, 0.15)),
     "star": ((-1, 1), (0.5, 0.25)),
+    "ptp": ((-1, 0), (1.0, 0.25)),
 }
 TOWER_METHODS = [name for name in POLICIES if POLICIES[name].published.layers[0] == -1]
 
@@ -31,7 +32,7 @@ def tower_policy(name: str):
     return VFlowOptPolicy(t=2.0, alpha=0.5) if name == "vflowopt" else get_policy(name)
 
 
-def test_the_tower_methods_are_the_four():
+def test_the_tower_methods_are_those_set_here():
     assert sorted(TOWER_METHODS) == sorted(SETTINGS)
     for name, (layers, _) in SETTINGS.items():
         assert POLICIES[name].published.on(5).layers == layers

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoProcessor
 
-from lvpruning.policies import POLICIES, get_policy
+from lvpruning.policies import AT_TOWER, POLICIES, get_policy
 from pipelines.config import Calibration, load_config
 from pipelines.eval.evaluation import make_settings
 from pipelines.eval.models import ModelSpec, Setting, left_padded, load_model
@@ -199,4 +199,4 @@ def test_tower_methods_run_at_their_own_layers_from_yaml():
     assert evaluated.methods == () and evaluated.at_own_layers[0].schedules == ((0.5, 0.25), (0.25, 0.1))
     with pytest.raises(ValueError, match="pruning layers"):
         load_config(None, ["eval.at_own_layers=[{method: vscan, layers: [1, -1], schedules: [[0.5, 0.25]]}]"])
-    assert not set(POLICIES) - {"lvpruning"} - set(cfg.sweep.baselines.methods) - {"vscan", "vflowopt", "visionzip"}
+    assert not set(POLICIES) - {"lvpruning"} - set(cfg.sweep.baselines.methods) - set(AT_TOWER)

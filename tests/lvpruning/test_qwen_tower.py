@@ -171,7 +171,7 @@ def test_visionzip_keeps_the_tokens_ranked_first_by_hf_attention_received(family
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_vflowopt_is_refused_by_name_before_model_work(family, monkeypatch):
+def test_vflowopt_and_ptp_are_refused_by_name_before_model_work(family, monkeypatch):
     pruner = tower_pruner(family)
     batch = make_qwen_batch(pruner.model, GRIDS[1:2], [(1, 2)])
 
@@ -180,9 +180,12 @@ def test_vflowopt_is_refused_by_name_before_model_work(family, monkeypatch):
 
     monkeypatch.setattr(pruner.adapter, "embed", no_model_work)
     name = type(pruner.model).__name__
-    assert {n for n in POLICIES if POLICIES[n].tower_stage and not POLICIES[n].tower_free} - set(MERGED) == {"vflowopt"}
+    refused = {n for n in POLICIES if POLICIES[n].tower_stage and not POLICIES[n].tower_free} - set(MERGED)
+    assert refused == {"vflowopt", "ptp"}
     with pytest.raises(ValueError, match=rf"vflowopt's vision-tower stage \(layer -1\) .* {name}'s vision tower"):
         pruner(**batch, policy=get_policy("vflowopt"), layers=(-1, 1, 2), keep_ratios=(0.5, 0.5, 0.3))
+    with pytest.raises(ValueError, match=rf"ptp's vision-tower stage \(layer -1\) .* {name}'s vision tower"):
+        pruner(**batch, policy=get_policy("ptp"), layers=(-1, 1), keep_ratios=(1.0, 0.25))
 
 
 @pytest.mark.parametrize("name", MERGED)

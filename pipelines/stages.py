@@ -17,6 +17,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from lvpruning import PruningConfig, attach, save_decision_modules
 from lvpruning.policies import NONE, LearnedPolicy
+from pipelines.images import token_types
 from pipelines.storage import local_copy
 
 
@@ -30,6 +31,10 @@ class PruningStage:
     def trainable(self, model: LlavaForConditionalGeneration, pruning: PruningConfig) -> nn.Module:
         """The module DeepSpeed trains: fresh decision modules on the frozen model."""
         return attach(model, pruning)
+
+    def inputs(self, module: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        """A collated batch as the trained module takes it: ``LVPruningModel`` takes it as it is."""
+        return batch
 
     def metrics(self, out: Any) -> dict[str, Any]:
         """What a micro-batch logs besides ``loss``: its two terms and each stage's kept fraction."""
@@ -55,6 +60,10 @@ class BaseStage:
     def trainable(self, model: LlavaForConditionalGeneration, pruning: PruningConfig) -> nn.Module:
         """Every parameter of the model."""
         return model
+
+    def inputs(self, module: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        """A collated batch as Hugging Face's own model takes it (:func:`pipelines.images.token_types`)."""
+        return token_types(batch, module.config.image_token_id)
 
     def metrics(self, out: Any) -> dict[str, Any]:
         return {}

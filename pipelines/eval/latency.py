@@ -62,7 +62,7 @@ def summarize(times: Sequence[float]) -> tuple[float, float]:
 def latency_requests(
     benchmark: str, questions: str, image_root: str, processor: Any, options: LatencyOptions
 ) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]]]:
-    """The prompts (each (L,)) and images (``pixel_values``, and ``image_sizes`` for the tiled families: one array
+    """The prompts (each (L,)) and images (``pixel_values`` and the size key where the model takes one: one array
     per prompt) of the first ``batch_size`` questions with a usable image; a benchmark with fewer fills the batch by
     repeating them."""
     pre, requests = Preprocessor(processor, image_root), []

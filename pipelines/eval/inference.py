@@ -209,7 +209,8 @@ def run_inference(
     processor: Any = None,
 ) -> InferenceReport:
     """Answer ``questions`` (LLaVA jsonl; images under ``image_root``, local or ``s3://``) into the local
-    ``answers`` jsonl, skipping questions already answered there. ``processor`` defaults to the model's own."""
+    ``answers`` jsonl, skipping questions already answered there. ``processor`` defaults to the model's own
+    (:meth:`ModelSpec.processor`)."""
     t0 = time.perf_counter()
     if storage.is_s3(str(answers)):
         raise ValueError(f"answers {answers}: the answers file is appended locally; sync it to S3 afterwards")
@@ -223,9 +224,7 @@ def run_inference(
     logger.info("%s %s: %d questions, %d to answer", benchmark, setting.name, len(records), len(todo))
     if todo:
         if processor is None:
-            from transformers import AutoProcessor
-
-            processor = AutoProcessor.from_pretrained(storage.local_copy(model.name_or_path))
+            processor = model.processor()
         rows = [
             {"index": i, "image": str(records[i].get("image") or ""), "question": question_text(benchmark, records[i])}
             for i in todo

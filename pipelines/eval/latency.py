@@ -32,7 +32,6 @@ from pipelines.conversation import RecordError
 from pipelines.eval.inference import Preprocessor, question_text, read_questions
 from pipelines.eval.metrics import E2E_MS, PREFILL_MS
 from pipelines.eval.models import ModelSpec, Setting, load_model, setting_policy, timed_generate, with_pruning
-from pipelines.storage import local_copy
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +120,7 @@ def _measure(
     image_root: str,
     options: LatencyOptions,
 ) -> dict[str, dict[str, float]]:
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(local_copy(spec.name_or_path))
+    processor = spec.processor()
     prompts, images = latency_requests(benchmark, questions, image_root, processor, options)
     return time_settings(spec, settings, prompts, images, processor.tokenizer, options)
 

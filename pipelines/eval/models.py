@@ -31,6 +31,11 @@ class ModelSpec:
     pruning: PruningConfig | None = None
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
+    processor_options: tuple[tuple[str, int], ...] = ()  # model.processor's (e.g. Qwen-VL's max_pixels)
+
+    def processor(self) -> Any:
+        """The model's own processor, with ``processor_options``."""
+        return load_processor(self.name_or_path, self.processor_options)
 
     @property
     def model_id(self) -> str:
@@ -85,6 +90,14 @@ class Setting:
         if self.params:
             meta["params"] = dict(self.params)
         return meta | {"seed": self.seed} if self.method in POLICIES and POLICIES[self.method].seeded else meta
+
+
+def load_processor(name_or_path: str, options: tuple[tuple[str, int], ...] = ()) -> Any:
+    """``AutoProcessor.from_pretrained`` of a hub id, local or ``s3://`` path, with ``options``
+    (``model.processor``)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(local_copy(name_or_path), **dict(options))
 
 
 def setting_policy(model: nn.Module, setting: Setting) -> PruningPolicy | None:

@@ -25,7 +25,6 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from ray import tune
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-from transformers import AutoProcessor
 
 from lvpruning.checkpoint import read_pruning_config
 from lvpruning.config import check_schedule
@@ -269,9 +268,10 @@ def calibration_trial(job: Job, params: dict[str, Any], trial_id: str, tags: dic
     keys = (SIMILARITY, RETENTION, "calibration_questions", "calibration_skipped")
     report = {k: v for k, v in client.get_run(parent).data.metrics.items() if k in keys}
     if len(report) < len(keys):  # not measured yet (a resumed trial measured before keeps its values)
-        spec = ModelSpec(model_path, modules, cfg.pruning, cfg.model.dtype, cfg.model.attn_implementation)
+        m = cfg.model
+        spec = ModelSpec(model_path, modules, cfg.pruning, m.dtype, m.attn_implementation, m.processor.options())
         spec = spec.for_every_node(cfg.run.storage_path)  # read by a Ray task, maybe on another node
-        processor = AutoProcessor.from_pretrained(local_copy(model_path))
+        processor = spec.processor()
         prompts, images, skipped = calibration_requests(cfg.data.train_json, cfg.data.image_root, processor, c)
         ev = cfg.eval
         task = ray.remote(hidden_similarity).options(

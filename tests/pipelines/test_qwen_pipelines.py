@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoTokenizer
 
-from lvpruning import PruningConfig, attach, engine
+from lvpruning import PruningConfig, attach, engine, from_pretrained
 from lvpruning.policies import get_policy
 from lvpruning.tiny import build_processor, tiny_llava, tiny_qwen_vl_config
 from pipelines.conversation import (
@@ -29,6 +30,8 @@ from pipelines.eval.models import ModelSpec, Setting, timed_generate
 from pipelines.images import square_background
 from pipelines.stages import STAGES
 from pipelines.sweep.calibration import hidden_similarity
+from pipelines.toy.base import SHIPPED_BASE_MODEL
+from pipelines.toy.model import qwen_from_llava, toy_config, toy_processor
 from pipelines.train.collate import collate
 
 WORDS = "what color shape is the ring red blue square yes no".split()
@@ -177,3 +180,27 @@ def test_calibration_compares_with_hf_and_latency_times_every_setting(qwen, imag
     options = LatencyOptions(batch_size=4, warmup=0, repeats=1, max_new_tokens=2)
     out = time_settings(spec, settings, prompts, pictures, processor.tokenizer, options)
     assert set(out) == {s.name for s in settings} and all(m["latency/e2e_ms"] > 0 for m in out.values())
+
+
+def test_the_toy_llavas_decoder_carried_into_the_toy_qwen_gives_its_logits_on_text():
+    """The shipped toy LLaVA's decoder and word embeddings in the toy Qwen2.5-VL: on text alone (no image), the
+    logits of every shared token are the toy LLaVA's; before the carrying over, they are not."""
+    llava = from_pretrained(str(SHIPPED_BASE_MODEL)).eval()
+    llava_tokenizer = AutoTokenizer.from_pretrained(SHIPPED_BASE_MODEL)
+    config = toy_config(family="qwen2_5_vl")
+    tokenizer = toy_processor(config).tokenizer
+    qwen = tiny_llava(config, seed=3)
+    text = "what color is the square ? answer the question using a single word or phrase ."
+    theirs, ours = llava_tokenizer(text, return_tensors="pt"), tokenizer(text, return_tensors="pt")
+    shared = sorted(set(llava_tokenizer.get_vocab()) & set(tokenizer.get_vocab()))
+    assert len(shared) > 60 and len(theirs["input_ids"][0]) == len(ours["input_ids"][0])
+    columns = (
+        torch.tensor([tokenizer.get_vocab()[t] for t in shared]),
+        [llava_tokenizer.get_vocab()[t] for t in shared],
+    )
+    with torch.no_grad():
+        expected = llava(**theirs).logits[..., columns[1]]
+        before = qwen(**ours).logits[..., columns[0]]
+        after = qwen_from_llava(llava, llava_tokenizer, qwen, tokenizer)(**ours).logits[..., columns[0]]
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, expected, atol=1e-2)

@@ -173,6 +173,25 @@ class Prompt:
     answer_spans: tuple[tuple[int, int], ...]
 
 
+def load_processor(name_or_path: str, options: tuple[tuple[str, int], ...] = ()) -> Any:
+    """The model's processor (a hub id, local or ``s3://`` folder), with ``options`` (``model.processor``):
+    ``AutoProcessor``'s, or the toy Qwen2.5-VL's image-only one (``lvpruning.tiny.ImageQwenVLProcessor``), which
+    ``AutoProcessor`` does not know (it would give the bare tokenizer)."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoProcessor
+
+    from lvpruning.tiny import ImageQwenVLProcessor
+    from pipelines.storage import local_copy
+
+    path = local_copy(name_or_path)
+    saved = Path(path) / "processor_config.json"
+    if saved.is_file() and json.loads(saved.read_text()).get("processor_class") == ImageQwenVLProcessor.__name__:
+        return ImageQwenVLProcessor.from_pretrained(path, **dict(options))
+    return AutoProcessor.from_pretrained(path, **dict(options))
+
+
 def parse_turns(conversations: Any) -> list[tuple[str, str]]:
     """Validate LLaVA ``conversations`` into (question, answer) pairs, ``<image>`` leading question 1.
 

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 from lvpruning import PruningConfig, attach, save_decision_modules
 from lvpruning.policies import NONE, LearnedPolicy
+from pipelines.conversation import load_processor
 from pipelines.images import token_types
-from pipelines.storage import local_copy
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class BaseStage:
     def save(self, module: nn.Module, directory: Path, model_path: str) -> None:
         """The whole model with its processor, loadable by ``from_pretrained``."""
         module.save_pretrained(directory)
-        AutoProcessor.from_pretrained(local_copy(model_path)).save_pretrained(directory)
+        load_processor(model_path).save_pretrained(directory)
 
     def run_name(self, name: str) -> str:
         """Its own checkpoints and answers folder, so a base run never resumes from a pruning one."""

@@ -17,6 +17,7 @@ from torch import nn
 from lvpruning import LVPruningModel, PruningConfig, attach, from_pretrained, load_decision_modules
 from lvpruning.policies import METHODS, NONE, POLICIES, PruningPolicy, get_policy, is_trained
 from pipelines.cluster import for_every_node
+from pipelines.conversation import load_processor
 from pipelines.images import batch_images, token_types
 from pipelines.storage import local_copy
 
@@ -90,14 +91,6 @@ class Setting:
         if self.params:
             meta["params"] = dict(self.params)
         return meta | {"seed": self.seed} if self.method in POLICIES and POLICIES[self.method].seeded else meta
-
-
-def load_processor(name_or_path: str, options: tuple[tuple[str, int], ...] = ()) -> Any:
-    """``AutoProcessor.from_pretrained`` of a hub id, local or ``s3://`` path, with ``options``
-    (``model.processor``)."""
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(local_copy(name_or_path), **dict(options))
 
 
 def setting_policy(model: nn.Module, setting: Setting) -> PruningPolicy | None:

@@ -46,6 +46,7 @@ TOY_MODEL: dict[str, float] = {
     "initializer_range": 0.1,  # ~ hidden_size ** -0.5; 0.02 learns slower: benchmarks/TOY_WORLD.md, "Third round"
 }
 TOY_FAMILIES = ("llava", "qwen2_5_vl")  # the toy LLaVA (LLaVA-NeXT for the high-resolution world), or Qwen2.5-VL
+VARIANT_FAMILIES = {"default": "llava", "hires": "llava", "qwen": "qwen2_5_vl"}  # the model of each data.toy_variant
 VISION_POSITION_STD = 0.5  # scale of the CLIP position embeddings at init (CLIP: std 0.02); see build_toy_model
 
 

@@ -19,7 +19,7 @@ from ray.train import TrainingFailedError, UserCallback
 
 from pipelines.cluster import for_every_node, lost_nodes
 from pipelines.config import JobConfig, load_config
-from pipelines.eval.models import load_processor
+from pipelines.conversation import load_processor
 from pipelines.job import Job, resolve
 from pipelines.storage import join
 from pipelines.toy.base import ToyWorld
@@ -29,7 +29,11 @@ from pipelines.train.driver import export, fit, planned_steps
 from pipelines.train.worker import deepspeed_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
-BASE_CONFIGS = {"default": CONFIGS / "toy_base.yaml", "hires": CONFIGS / "toy_base_hires.yaml"}  # data.toy_variant
+BASE_CONFIGS = {  # by data.toy_variant
+    "default": CONFIGS / "toy_base.yaml",
+    "hires": CONFIGS / "toy_base_hires.yaml",
+    "qwen": CONFIGS / "toy_base_qwen.yaml",
+}
 
 
 @dataclass(frozen=True)

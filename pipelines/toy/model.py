@@ -153,12 +153,18 @@ def save_toy_model(path: str | Path, model: LlavaForConditionalGeneration, proce
     return path
 
 
+# Qwen's tokens that play a toy LLaVA token's part: its end of turn is where the toy LLaVA ends its answer (</s>).
+QWEN_FROM_LLAVA_TOKENS = {"<|im_end|>": "</s>", "<|image_pad|>": "<image>"}
+
+
 def qwen_from_llava(
     llava: LlavaForConditionalGeneration, llava_tokenizer: Any, qwen: Qwen2_5_VLForConditionalGeneration, tokenizer: Any
 ) -> Qwen2_5_VLForConditionalGeneration:
     """``qwen`` with the decoder of the toy LLaVA ``llava``: every layer's attention (q/k/v biases zero: a Llama's have
     none), MLP and norms, the final norm, and the rows of the input and output embeddings of every token the two
-    tokenizers share (by its text; the others, e.g. Qwen's vision-span tokens, keep ``qwen``'s own). Qwen2's decoder
+    tokenizers share (by its text), and of the tokens of :data:`QWEN_FROM_LLAVA_TOKENS` from their toy LLaVA
+    counterparts (so it stops after an answer as the toy LLaVA does); the others, e.g. Qwen's vision-span tokens,
+    keep ``qwen``'s own. Qwen2's decoder
     is Llama's plus those biases, and M-RoPE on text (its three position axes equal) is Llama's RoPE, so on text
     alone the result gives the toy LLaVA's logits. The vision tower and merger stay ``qwen``'s: another tower."""
     source, target = llava.model.language_model, qwen.model.language_model
@@ -172,8 +178,10 @@ def qwen_from_llava(
             if name.endswith("_proj.bias"):
                 target.get_parameter(name).zero_()
         theirs, ours = llava_tokenizer.get_vocab(), tokenizer.get_vocab()
-        shared = sorted(set(theirs) & set(ours))
-        rows, from_rows = torch.tensor([ours[t] for t in shared]), torch.tensor([theirs[t] for t in shared])
+        pairs = [(t, t) for t in sorted(set(theirs) & set(ours))]
+        pairs += [(t, was) for t, was in QWEN_FROM_LLAVA_TOKENS.items() if t in ours and was in theirs]
+        rows = torch.tensor([ours[t] for t, _ in pairs])
+        from_rows = torch.tensor([theirs[was] for _, was in pairs])
         target.embed_tokens.weight[rows] = source.embed_tokens.weight[from_rows]
         qwen.lm_head.weight[rows] = llava.lm_head.weight[from_rows]
     return qwen

@@ -184,7 +184,8 @@ def test_calibration_compares_with_hf_and_latency_times_every_setting(qwen, imag
 
 def test_the_toy_llavas_decoder_carried_into_the_toy_qwen_gives_its_logits_on_text():
     """The shipped toy LLaVA's decoder and word embeddings in the toy Qwen2.5-VL: on text alone (no image), the
-    logits of every shared token are the toy LLaVA's; before the carrying over, they are not."""
+    logits of every shared token are the toy LLaVA's, and those of ``<|im_end|>`` its ``</s>``'s; before the carrying
+    over, they are not."""
     llava = from_pretrained(str(SHIPPED_BASE_MODEL)).eval()
     llava_tokenizer = AutoTokenizer.from_pretrained(SHIPPED_BASE_MODEL)
     config = toy_config(family="qwen2_5_vl")
@@ -194,13 +195,11 @@ def test_the_toy_llavas_decoder_carried_into_the_toy_qwen_gives_its_logits_on_te
     theirs, ours = llava_tokenizer(text, return_tensors="pt"), tokenizer(text, return_tensors="pt")
     shared = sorted(set(llava_tokenizer.get_vocab()) & set(tokenizer.get_vocab()))
     assert len(shared) > 60 and len(theirs["input_ids"][0]) == len(ours["input_ids"][0])
-    columns = (
-        torch.tensor([tokenizer.get_vocab()[t] for t in shared]),
-        [llava_tokenizer.get_vocab()[t] for t in shared],
-    )
+    ours_ids = [tokenizer.get_vocab()[t] for t in [*shared, "<|im_end|>"]]
+    theirs_ids = [llava_tokenizer.get_vocab()[t] for t in [*shared, "</s>"]]  # Qwen's end of turn: LLaVA's end
     with torch.no_grad():
-        expected = llava(**theirs).logits[..., columns[1]]
-        before = qwen(**ours).logits[..., columns[0]]
-        after = qwen_from_llava(llava, llava_tokenizer, qwen, tokenizer)(**ours).logits[..., columns[0]]
+        expected = llava(**theirs).logits[..., theirs_ids]
+        before = qwen(**ours).logits[..., ours_ids]
+        after = qwen_from_llava(llava, llava_tokenizer, qwen, tokenizer)(**ours).logits[..., ours_ids]
     torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(before, expected, atol=1e-2)

@@ -1,5 +1,5 @@
-"""The jobs' pipelines on Qwen2.5-VL, tiny and random, with its processor built offline (images at their own
-resolution): prompts from the chat template with one ``<|image_pad|>`` per merged patch, rows of different image
+"""The jobs' pipelines on Qwen2-VL and Qwen2.5-VL, tiny and random, with a processor built offline (images at their
+own resolution): prompts from the chat template with one ``<|image_pad|>`` per merged patch, rows of different image
 sizes collated into one batch that trains as its samples do alone, batched answers equal to each sample's own
 ``generate``, Hugging Face's own model fed its 3-D positions (``mm_token_type_ids``), calibration and latency."""
 
@@ -39,9 +39,9 @@ SIZES = [(40, 24), (32, 32), (16, 48), (16, 16)]  # (height, width): multiples o
 PRUNING = PruningConfig(layers=(0, 1), train_ratios=(0.5, 0.25), infer_ratios=(0.5, 0.25), num_heads=4)
 
 
-@pytest.fixture(scope="module")
-def qwen():
-    config = tiny_qwen_vl_config("qwen2_5_vl", num_layers=4)
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def qwen(request):
+    config = tiny_qwen_vl_config(request.param, num_layers=4)
     return tiny_llava(config, seed=0), build_processor(config, WORDS)
 
 

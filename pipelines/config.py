@@ -42,7 +42,9 @@ class ProcessorSection(_Strict):
 
     @model_validator(mode="after")
     def _bounds(self) -> ProcessorSection:
-        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+        if (self.min_pixels is None) != (self.max_pixels is None):
+            raise ValueError("min_pixels and max_pixels go together (the image processor's size takes both)")
+        if self.min_pixels is not None and self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels {self.min_pixels} is above max_pixels {self.max_pixels}")
         return self
 

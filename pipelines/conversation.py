@@ -185,11 +185,21 @@ def load_processor(name_or_path: str, options: tuple[tuple[str, int], ...] = ())
     from lvpruning.tiny import ImageQwenVLProcessor
     from pipelines.storage import local_copy
 
-    path = local_copy(name_or_path)
+    path, kwargs = local_copy(name_or_path), processor_kwargs(options)
     saved = Path(path) / "processor_config.json"
     if saved.is_file() and json.loads(saved.read_text()).get("processor_class") == ImageQwenVLProcessor.__name__:
-        return ImageQwenVLProcessor.from_pretrained(path, **dict(options))
-    return AutoProcessor.from_pretrained(path, **dict(options))
+        return ImageQwenVLProcessor.from_pretrained(path, **kwargs)
+    return AutoProcessor.from_pretrained(path, **kwargs)
+
+
+def processor_kwargs(options: tuple[tuple[str, int], ...]) -> dict[str, Any]:
+    """``model.processor``'s options as the processors take them: Qwen-VL's pixel bounds ``min_pixels`` /
+    ``max_pixels`` as its image processor's ``size`` (``shortest_edge`` / ``longest_edge``, both in pixels: transformers
+    deprecates the two names)."""
+    kwargs = dict(options)
+    if "min_pixels" in kwargs or "max_pixels" in kwargs:
+        kwargs["size"] = {"shortest_edge": kwargs.pop("min_pixels"), "longest_edge": kwargs.pop("max_pixels")}
+    return kwargs
 
 
 def parse_turns(conversations: Any) -> list[tuple[str, str]]:

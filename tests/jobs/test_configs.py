@@ -22,6 +22,7 @@ from lvpruning.flops import analytic_flops, image_layout, num_vision_tokens
 from lvpruning.policies import POLICIES
 from lvpruning.presets import load_llava_config
 from pipelines.config import load_config
+from pipelines.conversation import processor_kwargs
 from pipelines.eval.evaluation import PAPER_TEXT_TOKENS, make_settings
 from pipelines.job import resolve
 from pipelines.sweep.space import check_space
@@ -81,6 +82,8 @@ def test_pruning_defaults_follow_the_model():
         ("scaling.num_workers=[2,1]", "scaling.num_workers"),
         ("scaling.num_workers=[1,3]", "train.global_batch_size"),  # 32 is no multiple of 16 x 3 workers
         ("data.toy_question_types=[color,colour]", "question_types"),
+        ("model.processor.max_pixels=1000", "min_pixels and max_pixels go together"),
+        ("model.processor={min_pixels: 2000, max_pixels: 1000}", "min_pixels 2000 is above max_pixels 1000"),
         ("train.init_from=toy/base_model", "train.init_from"),  # stage pruning: nothing to go on training
         ("sweep.space.layers=[[1,0]]", "sweep.space.layers"),  # not strictly increasing
         ("sweep.space.layers=[[0,1,2,3,4]]", "sweep.space.layers"),  # 1 to 4 stages
@@ -147,8 +150,7 @@ def test_qwen_vl_configs_fit_their_models_and_bound_the_vision_tokens(name, mode
     cfg.pruning.check_model(shape.num_hidden_layers, shape.hidden_size)
     assert cfg.pruning.layers == (1, 8, 16) and cfg.pruning.train_ratios == paper_schedule(0.5)
     assert all(POLICIES[m].published.layers[0] >= 0 for m in cfg.eval.methods if m != "none")  # LLM-side only
-    options = dict(cfg.model.processor.options())
-    images = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, **options)
+    images = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, **processor_kwargs(cfg.model.processor.options()))
     tokens = []
     for height, width in [(32, 32), (224, 448), (4000, 3000), (8000, 500)]:
         grid = images(images=[Image.new("RGB", (width, height))], return_tensors="np")["image_grid_thw"][0]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 from lvpruning import PruningConfig, attach, engine, from_pretrained
 from lvpruning.policies import get_policy
@@ -19,6 +19,7 @@ from pipelines.conversation import (
     ChatTemplate,
     any_resolution,
     encode,
+    load_processor,
     parse_turns,
     prompt_template,
     render,
@@ -30,7 +31,7 @@ from pipelines.eval.models import ModelSpec, Setting, timed_generate
 from pipelines.images import square_background
 from pipelines.stages import STAGES
 from pipelines.sweep.calibration import hidden_similarity
-from pipelines.toy.base import SHIPPED_BASE_MODEL
+from pipelines.toy.base import SHIPPED_BASE_MODEL, ToyWorld
 from pipelines.toy.model import qwen_from_llava, toy_config, toy_processor
 from pipelines.train.collate import collate
 
@@ -203,3 +204,25 @@ def test_the_toy_llavas_decoder_carried_into_the_toy_qwen_gives_its_logits_on_te
         after = qwen_from_llava(llava, llava_tokenizer, qwen, tokenizer)(**ours).logits[..., ours_ids]
     torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(before, expected, atol=1e-2)
+
+
+def test_the_qwen_variant_continues_the_toy_llava_and_its_processor_takes_the_options(tmp_path):
+    """``data.toy_variant: qwen``'s base stage starts from the toy LLaVA carried into a toy Qwen2.5-VL (saved, read
+    back by ``from_pretrained``); its saved processor is read back by ``load_processor`` with ``model.processor``'s
+    options: a 64 x 64 image of the world is 64 vision tokens, 16 under ``max_pixels`` of 32 x 32."""
+    world = ToyWorld.at(tmp_path, 0, variant="qwen")
+    path = str(world.continued_model(SHIPPED_BASE_MODEL))
+    model = from_pretrained(path)
+    assert isinstance(model, Qwen2_5_VLForConditionalGeneration)
+    llava = from_pretrained(str(SHIPPED_BASE_MODEL))
+    ours, theirs = (
+        load_processor(path).tokenizer.get_vocab(),
+        AutoTokenizer.from_pretrained(SHIPPED_BASE_MODEL).get_vocab(),
+    )
+    assert torch.equal(model.lm_head.weight[ours["red"]], llava.lm_head.weight[theirs["red"]])
+    text = prompt_template(load_processor(path)).single_turn("<image>\nwhat color is the ring?")
+    image = picture((64, 64), 0)
+    for options, tokens in [((), 64), ((("min_pixels", 16 * 16), ("max_pixels", 32 * 32)), 16)]:
+        processor = load_processor(path, options)
+        ids = processor(text=[text], images=[image], return_tensors="np")["input_ids"][0]
+        assert int((ids == model.config.image_token_id).sum()) == tokens

@@ -123,6 +123,12 @@ def test_a_collated_batch_trains_as_its_samples_do_alone(qwen, monkeypatch):
     torch.testing.assert_close(out.lm_loss.detach(), expected_lm, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.ratio_loss.detach(), torch.stack(ratio).mean(), atol=1e-6, rtol=1e-6)
 
+    monkeypatch.undo()  # bf16, as the real models train: Gumbel decisions, finite loss and gradients
+    half = attach(tiny_llava(model.config, seed=0).to(torch.bfloat16), PRUNING).to(torch.bfloat16).train()
+    out = half(**{**batch, "pixel_values": batch["pixel_values"].to(torch.bfloat16)})
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(torch.isfinite(p.grad).all() for p in half.decision_modules.parameters())
+
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):

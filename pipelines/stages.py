@@ -3,7 +3,8 @@
 
 - ``pruning`` (the paper's recipe): decision modules attached to a frozen base model; LM + ratio losses (eq. 12);
   exports the decision modules (safetensors + JSON).
-- ``base`` (the toy world only): every parameter of the tiny LLaVA, from scratch; LM loss; exports the model.
+- ``base`` (the toy world only): every parameter of the toy model (LLaVA, LLaVA-NeXT or Qwen2.5-VL); LM loss;
+  exports the model.
 """
 
 from __future__ import annotations

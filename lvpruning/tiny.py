@@ -27,6 +27,7 @@ from transformers import (
     ProcessorMixin,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
@@ -36,8 +37,12 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+# Qwen-VL's: its image, video and vision-span tokens at the ids of QWEN_VL_TOKENS, and its chat turns' delimiters.
+QWEN_SPECIAL_TOKENS = (*SPECIAL_TOKENS[:4], "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+QWEN_SPECIAL_TOKENS += ("<|im_start|>", "<|im_end|>")
 # Words of the LLaVA-1.5 (vicuna_v1) template, so that prompts built for the real model tokenize here too.
 TEMPLATE_WORDS = (
     "a chat between curious human and an artificial intelligence assistant . the gives helpful , detailed , "
@@ -45,10 +50,13 @@ TEMPLATE_WORDS = (
 ).split()
 
 
-def build_tokenizer(words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the template words plus ``words`` (lower-cased, punctuation split off)."""
+def build_tokenizer(words: Iterable[str] = (), qwen: bool = False) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the template words plus ``words`` (lower-cased, punctuation split off); with
+    ``qwen``, Qwen-VL's special tokens (:data:`QWEN_SPECIAL_TOKENS`: ``<|image_pad|>`` the image token,
+    ``<|im_end|>`` the end of sequence, as Qwen2.5-VL-Instruct's)."""
     vocab: dict[str, int] = {}
-    for token in (*SPECIAL_TOKENS, *TEMPLATE_WORDS, *(w.lower() for w in words)):
+    specials = QWEN_SPECIAL_TOKENS if qwen else SPECIAL_TOKENS
+    for token in (*specials, *TEMPLATE_WORDS, *(w.lower() for w in words)):
         vocab.setdefault(token, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
@@ -62,10 +70,12 @@ def build_tokenizer(words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
         tokenizer_object=core,
         unk_token="<unk>",
         bos_token="<s>",
-        eos_token="</s>",
+        eos_token="<|im_end|>" if qwen else "</s>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={"image_token": "<|image_pad|>" if qwen else "<image>"},
     )
+    if qwen:  # whole tokens before the word split, at their vocabulary ids
+        tokenizer.add_tokens(list(QWEN_SPECIAL_TOKENS[5:]), special_tokens=True)
     tokenizer.padding_side = "left"  # generation pads on the left; training collators choose their own
     return tokenizer
 
@@ -126,8 +136,9 @@ def tiny_llava_config(
 
 
 def fitting_tokenizer(config: PreTrainedConfig, words: Iterable[str] = ()) -> PreTrainedTokenizerFast:
-    """:func:`build_tokenizer` over ``words``, checked to fit ``config``'s vocabulary."""
-    tokenizer = build_tokenizer(words)
+    """:func:`build_tokenizer` over ``words`` (Qwen-VL's special tokens for its configs), checked to fit
+    ``config``'s vocabulary."""
+    tokenizer = build_tokenizer(words, qwen=isinstance(config, (Qwen2VLConfig, Qwen2_5_VLConfig)))
     if len(tokenizer) > config.text_config.vocab_size:
         raise ValueError(
             f"tokenizer has {len(tokenizer)} tokens but text_config.vocab_size is {config.text_config.vocab_size}"
@@ -149,11 +160,53 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def build_processor(config: LlavaConfig | LlavaNextConfig, words: Iterable[str] = ()) -> ProcessorMixin:
+# Qwen2.5-VL-Instruct's chat template without its default system prompt: each turn "<|im_start|>{role}\n...
+# <|im_end|>\n", an image as "<|vision_start|><|image_pad|><|vision_end|>" before the text.
+TINY_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ImageQwenVLProcessor(Qwen2_5_VLProcessor):
+    """``Qwen2_5_VLProcessor`` for images only: transformers' video processors need torchvision, which the project
+    does not install, and a processor cannot be built without one. Prompts, image expansion and outputs are
+    ``Qwen2_5_VLProcessor``'s (images at their own resolution, ``pixel_values`` (P, D), ``image_grid_thw``)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token, self.video_token = tokenizer.image_token, "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+def build_processor(
+    config: LlavaConfig | LlavaNextConfig | Qwen2_5_VLConfig,
+    words: Iterable[str] = (),
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+) -> ProcessorMixin:
     """The processor of a tiny config, whose tokenizer covers ``words``: a ``LlavaProcessor`` (CLIP normalization,
     square resize) for LLaVA-1.5, a ``LlavaNextProcessor`` (its tiles, grid and feature selection, with
-    :data:`TINY_CHAT_TEMPLATE`) for LLaVA-NeXT."""
+    :data:`TINY_CHAT_TEMPLATE`) for LLaVA-NeXT, an :class:`ImageQwenVLProcessor` (Qwen2-VL's image processor:
+    images resized to multiples of ``patch_size * 2`` with ``min_pixels`` to ``max_pixels`` pixels, default 2 x 2
+    to 8 x 8 merged tokens; :data:`TINY_QWEN_CHAT_TEMPLATE`) for Qwen-VL."""
     tokenizer = fitting_tokenizer(config, words)
+    if isinstance(config, (Qwen2VLConfig, Qwen2_5_VLConfig)):
+        vision = config.vision_config
+        token = vision.patch_size * vision.spatial_merge_size  # pixels of one merged token's side
+        image_processor = Qwen2VLImageProcessorPil(
+            patch_size=vision.patch_size,
+            temporal_patch_size=vision.temporal_patch_size,
+            merge_size=vision.spatial_merge_size,
+            min_pixels=min_pixels or (2 * token) ** 2,
+            max_pixels=max_pixels or (8 * token) ** 2,
+        )
+        return ImageQwenVLProcessor(image_processor, tokenizer, chat_template=TINY_QWEN_CHAT_TEMPLATE)
     size = config.vision_config.image_size
     square = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
     common = {

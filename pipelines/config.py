@@ -31,10 +31,33 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ProcessorSection(_Strict):
+    """Options of the model's own processor (``AutoProcessor.from_pretrained``'s keyword arguments), for training,
+    evaluation and calibration alike; None keeps the checkpoint's. Qwen-VL resizes each image to between
+    ``min_pixels`` and ``max_pixels`` pixels (multiples of 28 x 28 for the 7B/8B: one vision token each), which
+    bounds its vision tokens, hence memory and FLOPs."""
+
+    min_pixels: int | None = Field(None, gt=0)
+    max_pixels: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ProcessorSection:
+        if (self.min_pixels is None) != (self.max_pixels is None):
+            raise ValueError("min_pixels and max_pixels go together (the image processor's size takes both)")
+        if self.min_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} is above max_pixels {self.max_pixels}")
+        return self
+
+    def options(self) -> tuple[tuple[str, int], ...]:
+        """The options that are set, as (name, value) pairs (what ``ModelSpec.processor_options`` holds)."""
+        return tuple((k, v) for k, v in self.model_dump().items() if v is not None)
+
+
 class ModelSection(_Strict):
     name_or_path: str = TOY  # "toy", an HF id (llava-hf/llava-1.5-7b-hf) or a local path
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    processor: ProcessorSection = ProcessorSection()
 
 
 class DataSection(_Strict):

@@ -1,6 +1,6 @@
 """Conversation templates and their tokenization into ``input_ids`` / ``labels``: LLaVA-1.5's hand-written
-``vicuna_v1`` (kept to reproduce LLaVA-1.5's published numbers), and for LLaVA-NeXT / OneVision the processor's own
-chat template (:class:`ChatTemplate`; :func:`prompt_template` picks one for a processor).
+``vicuna_v1`` (kept to reproduce LLaVA-1.5's published numbers), and for LLaVA-NeXT / OneVision and Qwen-VL the
+processor's own chat template (:class:`ChatTemplate`; :func:`prompt_template` picks one for a processor).
 
 The prompt is built exactly as LLaVA's ``conversation.py`` (``SeparatorStyle.TWO``) builds it::
 
@@ -13,15 +13,16 @@ closing each of them are supervised; system prompt, roles, questions and image a
 LLaVA finds the answers by re-tokenizing pieces of the prompt and subtracting hand-tuned offsets (which
 depend on the sentencepiece version). Here the answers are character spans, and a token is supervised when
 its character span (``return_offsets_mapping`` of the model's own fast tokenizer) overlaps an answer span.
-The processor expands the single ``<image>`` into ``image_seq_length`` image tokens (576 for LLaVA-1.5),
-which shifts every later character; the shift is read off the offsets of the last image token, so the
-masking does not depend on how the expansion is spelled.
+The processor expands the single image token (``<image>``; Qwen-VL's ``<|image_pad|>``) into ``image_seq_length``
+image tokens (576 for LLaVA-1.5), which shifts every later character; the shift is read off the offsets of the last
+image token, so the masking does not depend on how the expansion is spelled.
 
 With a chat template the answers' spans are found the same way: the prompt is rendered up to each answer (with
 the template's generation prompt) and through it, so the span covers the answer and whatever the template closes
 the turn with (its end-of-turn token, the ``</s>`` of ``vicuna_v1``).
 
-Shapes: L = tokens after image expansion, H = W = the vision tower's image size, S tiles (anyres).
+Shapes: L = tokens after image expansion, H = W = the vision tower's image size, S tiles (anyres), P Qwen-VL's
+patches of D pixels each.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ import numpy as np
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 HUMAN, GPT = "human", "gpt"
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")  # what encode() returns (+ image_sizes)
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")  # what encode() returns (+ a size key)
+# An image's size beside its pixels, where the model takes one: LLaVA-NeXT / OneVision's (height, width), Qwen-VL's
+# patch grid (t, h, w); the models' own argument names.
+SIZE_KEYS = ("image_sizes", "image_grid_thw")
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,8 @@ class ConversationTemplate:
 
 
 class ChatTemplate:
-    """A processor's own chat template (``processor.apply_chat_template``): the prompts of LLaVA-NeXT and
-    LLaVA-OneVision, whose checkpoints each ship their own."""
+    """A processor's own chat template (``processor.apply_chat_template``): the prompts of LLaVA-NeXT,
+    LLaVA-OneVision and Qwen-VL, whose checkpoints each ship their own."""
 
     name = "chat_template"
 
@@ -119,18 +123,22 @@ class ChatTemplate:
 
 
 TILED_PROCESSORS = ("LlavaNextProcessor", "LlavaOnevisionProcessor")
+QWEN_VL_PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor", "Qwen3VLProcessor")
 
 
-def tiled(processor: Any) -> bool:
-    """Whether ``processor`` cuts an image into anyres tiles (LLaVA-NeXT, OneVision): an image keeps its aspect
-    (no square padding) and its number of vision tokens depends on its size."""
-    return type(processor).__name__ in TILED_PROCESSORS
+def any_resolution(processor: Any) -> bool:
+    """Whether ``processor`` takes an image at its own size and aspect: cut into anyres tiles (LLaVA-NeXT,
+    OneVision) or into patches at its native resolution (Qwen-VL, within ``min_pixels`` / ``max_pixels``). Such an
+    image is not padded to a square, its number of vision tokens depends on its size, and the prompts are the
+    processor's chat template."""
+    names = {cls.__name__ for cls in type(processor).__mro__}
+    return bool(names & {*TILED_PROCESSORS, *QWEN_VL_PROCESSORS})
 
 
 def prompt_template(processor: Any) -> ConversationTemplate | ChatTemplate:
     """The template of ``processor``'s model: ``vicuna_v1`` for LLaVA-1.5, the processor's own chat template for
-    the tiled families (:func:`tiled`)."""
-    return ChatTemplate(processor) if tiled(processor) else VICUNA_V1
+    the families of :func:`any_resolution`."""
+    return ChatTemplate(processor) if any_resolution(processor) else VICUNA_V1
 
 
 # LLaVA-1.5 is trained (scripts/v1_5/finetune.sh: --version v1) and evaluated (--conv-mode vicuna_v1)
@@ -163,6 +171,35 @@ class Prompt:
 
     text: str
     answer_spans: tuple[tuple[int, int], ...]
+
+
+def load_processor(name_or_path: str, options: tuple[tuple[str, int], ...] = ()) -> Any:
+    """The model's processor (a hub id, local or ``s3://`` folder), with ``options`` (``model.processor``):
+    ``AutoProcessor``'s, or the toy Qwen2.5-VL's image-only one (``lvpruning.tiny.ImageQwenVLProcessor``), which
+    ``AutoProcessor`` does not know (it would give the bare tokenizer)."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoProcessor
+
+    from lvpruning.tiny import ImageQwenVLProcessor
+    from pipelines.storage import local_copy
+
+    path, kwargs = local_copy(name_or_path), processor_kwargs(options)
+    saved = Path(path) / "processor_config.json"
+    if saved.is_file() and json.loads(saved.read_text()).get("processor_class") == ImageQwenVLProcessor.__name__:
+        return ImageQwenVLProcessor.from_pretrained(path, **kwargs)
+    return AutoProcessor.from_pretrained(path, **kwargs)
+
+
+def processor_kwargs(options: tuple[tuple[str, int], ...]) -> dict[str, Any]:
+    """``model.processor``'s options as the processors take them: Qwen-VL's pixel bounds ``min_pixels`` /
+    ``max_pixels`` as its image processor's ``size`` (``shortest_edge`` / ``longest_edge``, both in pixels: transformers
+    deprecates the two names)."""
+    kwargs = dict(options)
+    if "min_pixels" in kwargs or "max_pixels" in kwargs:
+        kwargs["size"] = {"shortest_edge": kwargs.pop("min_pixels"), "longest_edge": kwargs.pop("max_pixels")}
+    return kwargs
 
 
 def parse_turns(conversations: Any) -> list[tuple[str, str]]:
@@ -216,10 +253,10 @@ def single_turn_prompt(
 
 def count_image_tokens(processor: Any) -> int | None:
     """How many image tokens the processor expands one ``<image>`` into (576 for LLaVA-1.5); None where it depends
-    on the image's size (the tiled families)."""
+    on the image's size (:func:`any_resolution`)."""
     from PIL import Image
 
-    if tiled(processor):
+    if any_resolution(processor):
         return None
     probe = Image.new("RGB", (64, 64))  # any size: the image processor resizes and crops it
     ids = processor(text=[processor.image_token], images=[probe])["input_ids"][0]
@@ -245,21 +282,21 @@ def supervised_mask(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np
 def encode(processor: Any, prompt: Prompt, image: Any) -> dict[str, np.ndarray]:
     """Model inputs for one conversation and its PIL image, with LLaVA's answer-only ``labels``.
 
-    Returns ``input_ids``, ``attention_mask``, ``labels`` (L,) int64 and ``pixel_values`` (3, H, W) float32, or
-    for the tiled families ``pixel_values`` (S, 3, H, W) and ``image_sizes`` (2,) (height, width).
+    Returns ``input_ids``, ``attention_mask``, ``labels`` (L,) int64 and the image's inputs
+    (:func:`image_inputs`).
     """
     out = processor(text=[prompt.text], images=[image], return_offsets_mapping=True, return_tensors="np")
     input_ids = np.asarray(out["input_ids"][0], dtype=np.int64)  # (L,)
     offsets = np.asarray(out["offset_mapping"][0], dtype=np.int64)  # (L, 2) in the expanded text
 
-    image_at = prompt.text.index(IMAGE_PLACEHOLDER)
+    image_at = prompt.text.index(processor.image_token)  # as the template wrote it: one, before the expansion
     if any(start < image_at for start, _ in prompt.answer_spans):
         raise ValueError("the image must come before every answer (parse_turns puts it in the first question)")
     image_positions = np.flatnonzero(input_ids == processor.image_token_id)
     if len(image_positions) == 0:
         raise ValueError(f"the processor produced no image token for prompt {prompt.text[:80]!r}")
     # Every answer comes after the image (it is in the first question), so all move by the same expansion.
-    shift = int(offsets[image_positions[-1], 1]) - (image_at + len(IMAGE_PLACEHOLDER))
+    shift = int(offsets[image_positions[-1], 1]) - (image_at + len(processor.image_token))
     spans = [(start + shift, end + shift) for start, end in prompt.answer_spans]
     mask = supervised_mask(offsets, spans)
     mask[image_positions] = False
@@ -271,15 +308,36 @@ def encode(processor: Any, prompt: Prompt, image: Any) -> dict[str, np.ndarray]:
         "input_ids": input_ids,
         "attention_mask": np.asarray(out["attention_mask"][0], dtype=np.int64),
         "labels": labels,
-        "pixel_values": np.asarray(out["pixel_values"][0], dtype=np.float32),  # (3, H, W) or (S, 3, H, W)
-    } | image_sizes(out)
+    } | image_inputs(out)
 
 
-def image_sizes(encoded: Any) -> dict[str, np.ndarray]:
-    """``{"image_sizes": (2,)}`` of a processor's output for one image, where the model takes it; else empty."""
-    if "image_sizes" not in encoded:
-        return {}
-    return {"image_sizes": np.asarray(encoded["image_sizes"][0], dtype=np.int64)}
+def image_inputs(encoded: Any) -> dict[str, np.ndarray]:
+    """The pixels and size (:data:`SIZE_KEYS`) of the one image of a processor's output: ``pixel_values`` (3, H, W)
+    for LLaVA-1.5; (S, 3, H, W) and ``image_sizes`` (2,) (height, width) for the tiled families; Qwen-VL's patches
+    (P, D), every row of the output (its processor flattens the batch's images), and ``image_grid_thw`` (3,)."""
+    if "image_grid_thw" in encoded:
+        return {
+            "pixel_values": np.asarray(encoded["pixel_values"], dtype=np.float32),  # (P, D)
+            "image_grid_thw": np.asarray(encoded["image_grid_thw"][0], dtype=np.int64),  # (3,)
+        }
+    out = {"pixel_values": np.asarray(encoded["pixel_values"][0], dtype=np.float32)}  # (3, H, W) or (S, 3, H, W)
+    if "image_sizes" in encoded:
+        out["image_sizes"] = np.asarray(encoded["image_sizes"][0], dtype=np.int64)
+    return out
+
+
+def blank_image(processor: Any) -> dict[str, np.ndarray]:
+    """:func:`image_inputs` of an 8 x 8 black image through ``processor``'s image processor, pixels zeroed: the
+    shapes the model takes, for rows that have no usable image (they are never answered)."""
+    from PIL import Image
+
+    probe = image_inputs(processor.image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="np"))
+    return probe | {"pixel_values": np.zeros_like(probe["pixel_values"])}
+
+
+def size_key(processor: Any) -> str | None:
+    """The key of :data:`SIZE_KEYS` that ``processor``'s images come with, None for LLaVA-1.5's."""
+    return next((name for name in SIZE_KEYS if name in blank_image(processor)), None)
 
 
 def split_supervised(labels: np.ndarray) -> list[np.ndarray]:

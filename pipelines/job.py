@@ -20,7 +20,7 @@ from lvpruning.presets import load_llava_config
 from pipelines.config import TOY, JobConfig
 from pipelines.storage import is_s3
 from pipelines.toy.base import ToyWorld
-from pipelines.toy.model import toy_config
+from pipelines.toy.model import VARIANT_FAMILIES, toy_config
 from pipelines.toy.writer import ToyWorldPaths, world_spec
 from pipelines.tracking import resolve_uri
 
@@ -78,7 +78,9 @@ class Job:
 def model_config(name_or_path: str, toy_variant: str = "default") -> LlavaConfig:
     """The config of ``model.name_or_path``: the toy model's (of the ``data.toy_variant`` world), a preset's, a hub
     id's or directory's ``config.json``."""
-    return toy_config(world_spec(toy_variant)) if name_or_path == TOY else load_llava_config(name_or_path)
+    if name_or_path == TOY:
+        return toy_config(world_spec(toy_variant), VARIANT_FAMILIES[toy_variant])
+    return load_llava_config(name_or_path)
 
 
 def resolve(cfg: JobConfig, *, model: str | None = None, modules: str | None = None) -> Job:

@@ -3,7 +3,8 @@
 
 - ``pruning`` (the paper's recipe): decision modules attached to a frozen base model; LM + ratio losses (eq. 12);
   exports the decision modules (safetensors + JSON).
-- ``base`` (the toy world only): every parameter of the tiny LLaVA, from scratch; LM loss; exports the model.
+- ``base`` (the toy world only): every parameter of the toy model (LLaVA, LLaVA-NeXT or Qwen2.5-VL); LM loss;
+  exports the model.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 from lvpruning import PruningConfig, attach, save_decision_modules
 from lvpruning.policies import NONE, LearnedPolicy
-from pipelines.storage import local_copy
+from pipelines.conversation import load_processor
+from pipelines.images import token_types
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,10 @@ class PruningStage:
     def trainable(self, model: LlavaForConditionalGeneration, pruning: PruningConfig) -> nn.Module:
         """The module DeepSpeed trains: fresh decision modules on the frozen model."""
         return attach(model, pruning)
+
+    def inputs(self, module: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        """A collated batch as the trained module takes it: ``LVPruningModel`` takes it as it is."""
+        return batch
 
     def metrics(self, out: Any) -> dict[str, Any]:
         """What a micro-batch logs besides ``loss``: its two terms and each stage's kept fraction."""
@@ -56,13 +62,17 @@ class BaseStage:
         """Every parameter of the model."""
         return model
 
+    def inputs(self, module: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        """A collated batch as Hugging Face's own model takes it (:func:`pipelines.images.token_types`)."""
+        return token_types(batch, module.config.image_token_id)
+
     def metrics(self, out: Any) -> dict[str, Any]:
         return {}
 
     def save(self, module: nn.Module, directory: Path, model_path: str) -> None:
         """The whole model with its processor, loadable by ``from_pretrained``."""
         module.save_pretrained(directory)
-        AutoProcessor.from_pretrained(local_copy(model_path)).save_pretrained(directory)
+        load_processor(model_path).save_pretrained(directory)
 
     def run_name(self, name: str) -> str:
         """Its own checkpoints and answers folder, so a base run never resumes from a pruning one."""

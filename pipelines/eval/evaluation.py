@@ -260,7 +260,8 @@ def evaluated_model(job: Job, model_path: str | None = None, modules: str | None
     pruning = read_pruning_config(local_copy(modules)) if modules else config.pruning
     for schedule in ev.schedules:
         pruning.check_ratios(schedule)
-    return ModelSpec(model_path, modules, pruning, config.model.dtype, config.model.attn_implementation)
+    m = config.model
+    return ModelSpec(model_path, modules, pruning, m.dtype, m.attn_implementation, m.processor.options())
 
 
 def evaluate(

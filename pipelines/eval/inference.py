@@ -4,9 +4,9 @@
    question's text with the benchmark's suffix (:func:`question_text`).
 2. Preprocess (Ray Data tasks, :class:`Preprocessor`): each question's request as LLaVA's ``model_vqa_loader.py``
    builds it: its text inside the model's conversation template (vicuna_v1 for LLaVA-1.5, the processor's chat
-   template for LLaVA-NeXT / OneVision), its image read, decoded and square-padded (LLaVA-1.5's ``pad``; the tiled
-   families take it as it is), through the processor. A question without a usable image gets its reason
-   (``pipelines.images.IMAGE_SKIPS``) instead of failing the run; it gets no answer and is reported.
+   template for LLaVA-NeXT / OneVision and Qwen-VL), its image read, decoded and square-padded (LLaVA-1.5's ``pad``;
+   the tiled families and Qwen-VL take it as it is), through the processor. A question without a usable image gets
+   its reason (``pipelines.images.IMAGE_SKIPS``) instead of failing the run; it gets no answer and is reported.
 3. Generate (``map_batches``, ``ActorPoolStrategy(size=num_actors)``): each actor holds the model, decision
    modules and policy, and decodes greedily, several left-padded samples per batch.
 4. Driver: append each finished batch to the answers file (flushed, fsynced), so an interrupted run resumes from
@@ -36,7 +36,14 @@ import torch
 
 from lvpruning.policies import NONE
 from pipelines import storage
-from pipelines.conversation import RecordError, image_sizes, prompt_template, single_turn_prompt
+from pipelines.conversation import (
+    SIZE_KEYS,
+    RecordError,
+    blank_image,
+    image_inputs,
+    prompt_template,
+    single_turn_prompt,
+)
 from pipelines.eval.datasets import SHORT_ANSWER, build_prompt, with_suffix
 from pipelines.eval.models import ModelSpec, Setting, load_model, setting_policy, timed_generate
 from pipelines.eval.scoring import TOY_BENCHMARK
@@ -119,30 +126,24 @@ class Preprocessor:
     batch inference's Ray Data tasks, the latency's and the calibration's requests."""
 
     def __init__(self, processor: Any, image_root: str) -> None:
-        from PIL import Image
-
         self.processor, self.image_root = processor, image_root
         self.template = prompt_template(processor)
         self.background = square_background(processor)
-        probe = processor.image_processor(images=[Image.new("RGB", (8, 8))], return_tensors="np")
-        # rows with no image: a blank of the model's input shapes, (3, H, W) or (S, 3, H, W) (+ image_sizes)
-        self.blank = {"pixel_values": np.zeros(probe["pixel_values"].shape[1:], np.float32)} | image_sizes(probe)
+        self.blank = blank_image(processor)  # for rows with no image: the model's input shapes
 
     def request(self, question: str, image: str) -> dict[str, np.ndarray]:
-        """One question's ``input_ids`` (L,), its single-turn prompt with the image token, and the ``pixel_values``
-        (3, H, W) of its image (``image_root``-relative), padded to a square of the processor's mean colour (or
-        for the tiled families (S, 3, H, W) and ``image_sizes`` (2,)); ``RecordError`` (a reason of
+        """One question's ``input_ids`` (L,), its single-turn prompt with the image token, and its image's inputs
+        (``image_root``-relative; :func:`pipelines.conversation.image_inputs`: ``pixel_values`` (3, H, W) padded to a
+        square of the processor's mean colour, or for the tiled families (S, 3, H, W) and ``image_sizes`` (2,), or
+        Qwen-VL's (P, D) and ``image_grid_thw`` (3,)); ``RecordError`` (a reason of
         ``pipelines.images.IMAGE_SKIPS``) when the image cannot be used."""
         picture = load_image(self.image_root, image, self.background)
         prompt = single_turn_prompt(question, template=self.template)
         encoded = self.processor(text=[prompt], images=[picture], return_tensors="np")
-        return {
-            "input_ids": np.asarray(encoded["input_ids"][0], dtype=np.int64),
-            "pixel_values": np.asarray(encoded["pixel_values"][0], dtype=np.float32),
-        } | image_sizes(encoded)
+        return {"input_ids": np.asarray(encoded["input_ids"][0], dtype=np.int64)} | image_inputs(encoded)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Rows (index, image, question) -> (index, error, input_ids, pixel_values[, image_sizes]): a row whose
+        """Rows (index, image, question) -> (index, error, input_ids, pixel_values[, its size key]): a row whose
         image cannot be used has its reason as ``error``, no ids and a blank image."""
         out: dict[str, list[Any]] = {"index": [], "error": [], "input_ids": [], **{k: [] for k in self.blank}}
         for index, image, question in zip(batch["index"].tolist(), batch["image"], batch["question"]):
@@ -185,7 +186,7 @@ class Generator:
         out = {"index": batch["index"], "error": batch["error"], "text": np.full(n, "", dtype=object)}
         out |= {"prefill_ms": np.zeros(n), "e2e_ms": np.zeros(n), "batch_size": np.full(n, len(ok))}
         if ok:  # per sample: the batch's times amortized
-            images = {k: [batch[k][i] for i in ok] for k in ("pixel_values", "image_sizes") if k in batch}
+            images = {k: [batch[k][i] for i in ok] for k in ("pixel_values", *SIZE_KEYS) if k in batch}
             prompts = [batch["input_ids"][i] for i in ok]
             texts, prefill_ms, e2e_ms = timed_generate(
                 self.model, self.tokenizer, prompts, images, self.setting, self.policy, self.max_new_tokens
@@ -208,7 +209,8 @@ def run_inference(
     processor: Any = None,
 ) -> InferenceReport:
     """Answer ``questions`` (LLaVA jsonl; images under ``image_root``, local or ``s3://``) into the local
-    ``answers`` jsonl, skipping questions already answered there. ``processor`` defaults to the model's own."""
+    ``answers`` jsonl, skipping questions already answered there. ``processor`` defaults to the model's own
+    (:meth:`ModelSpec.processor`)."""
     t0 = time.perf_counter()
     if storage.is_s3(str(answers)):
         raise ValueError(f"answers {answers}: the answers file is appended locally; sync it to S3 afterwards")
@@ -222,9 +224,7 @@ def run_inference(
     logger.info("%s %s: %d questions, %d to answer", benchmark, setting.name, len(records), len(todo))
     if todo:
         if processor is None:
-            from transformers import AutoProcessor
-
-            processor = AutoProcessor.from_pretrained(storage.local_copy(model.name_or_path))
+            processor = model.processor()
         rows = [
             {"index": i, "image": str(records[i].get("image") or ""), "question": question_text(benchmark, records[i])}
             for i in todo

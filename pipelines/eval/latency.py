@@ -32,7 +32,6 @@ from pipelines.conversation import RecordError
 from pipelines.eval.inference import Preprocessor, question_text, read_questions
 from pipelines.eval.metrics import E2E_MS, PREFILL_MS
 from pipelines.eval.models import ModelSpec, Setting, load_model, setting_policy, timed_generate, with_pruning
-from pipelines.storage import local_copy
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ def summarize(times: Sequence[float]) -> tuple[float, float]:
 def latency_requests(
     benchmark: str, questions: str, image_root: str, processor: Any, options: LatencyOptions
 ) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]]]:
-    """The prompts (each (L,)) and images (``pixel_values``, and ``image_sizes`` for the tiled families: one array
+    """The prompts (each (L,)) and images (``pixel_values`` and the size key where the model takes one: one array
     per prompt) of the first ``batch_size`` questions with a usable image; a benchmark with fewer fills the batch by
     repeating them."""
     pre, requests = Preprocessor(processor, image_root), []
@@ -121,9 +120,7 @@ def _measure(
     image_root: str,
     options: LatencyOptions,
 ) -> dict[str, dict[str, float]]:
-    from transformers import AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(local_copy(spec.name_or_path))
+    processor = spec.processor()
     prompts, images = latency_requests(benchmark, questions, image_root, processor, options)
     return time_settings(spec, settings, prompts, images, processor.tokenizer, options)
 

@@ -17,7 +17,8 @@ from torch import nn
 from lvpruning import LVPruningModel, PruningConfig, attach, from_pretrained, load_decision_modules
 from lvpruning.policies import METHODS, NONE, POLICIES, PruningPolicy, get_policy, is_trained
 from pipelines.cluster import for_every_node
-from pipelines.images import stack_pixels
+from pipelines.conversation import load_processor
+from pipelines.images import batch_images, token_types
 from pipelines.storage import local_copy
 
 
@@ -31,6 +32,11 @@ class ModelSpec:
     pruning: PruningConfig | None = None
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
+    processor_options: tuple[tuple[str, int], ...] = ()  # model.processor's (e.g. Qwen-VL's max_pixels)
+
+    def processor(self) -> Any:
+        """The model's own processor, with ``processor_options``."""
+        return load_processor(self.name_or_path, self.processor_options)
 
     @property
     def model_id(self) -> str:
@@ -139,17 +145,19 @@ def timed_generate(
     max_new_tokens: int,
 ) -> tuple[list[str], float, float]:
     """Greedy answers for prompts (each (L_i,)) and their ``images`` (``pixel_values``: B arrays (3, H, W), or
-    (S_b, 3, H, W) with ``image_sizes`` for the tiled families), left-padded into one batch, with the wall times
+    (S_b, 3, H, W) with ``image_sizes`` for the tiled families, or (P_b, D) with ``image_grid_thw`` for Qwen-VL:
+    :func:`pipelines.images.batch_images`), left-padded into one batch, with the wall times
     (ms) of the prefill and of the whole call. ``model``: the base model for ``none``, else an
     :class:`LVPruningModel` (``policy`` ranks the tokens). On GPU the device is synchronized at each clock read."""
     device = next(model.parameters()).device
     input_ids, attention_mask = left_padded(prompts, tokenizer.pad_token_id)
     N = input_ids.shape[1]
-    pixels = stack_pixels(images["pixel_values"]).to(device, next(model.parameters()).dtype)
-    inputs = {"input_ids": input_ids.to(device), "pixel_values": pixels}
-    if "image_sizes" in images:
-        inputs["image_sizes"] = torch.from_numpy(np.stack(images["image_sizes"]).astype(np.int64)).to(device)
-    inputs |= {"attention_mask": attention_mask.to(device), "max_new_tokens": max_new_tokens}
+    dtype = next(model.parameters()).dtype
+    inputs = {k: v.to(device, dtype if k == "pixel_values" else None) for k, v in batch_images(images).items()}
+    inputs |= {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    if not isinstance(model, LVPruningModel):
+        inputs = token_types(inputs, model.config.image_token_id)
+    inputs["max_new_tokens"] = max_new_tokens
     inputs |= {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     prefill_end: list[float] = []  # the first forward pass is the prefill (HF's and the pruner's generate)
 

@@ -25,7 +25,6 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from ray import tune
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-from transformers import AutoProcessor
 
 from lvpruning.checkpoint import read_pruning_config
 from lvpruning.config import check_schedule
@@ -36,7 +35,7 @@ from pipelines.eval.evaluation import evaluate
 from pipelines.eval.inference import Preprocessor
 from pipelines.eval.metrics import MEAN, TFLOPS
 from pipelines.eval.models import ModelSpec, Setting, left_padded, load_model, setting_policy
-from pipelines.images import stack_pixels
+from pipelines.images import batch_images, token_types
 from pipelines.job import Job
 from pipelines.storage import local_copy
 from pipelines.tracking import trial_run
@@ -130,7 +129,7 @@ def check_calibration(cfg: JobConfig, num_layers: int) -> None:
 def calibration_requests(
     train_json: str, image_root: str, processor: Any, calibration: Calibration
 ) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]], int]:
-    """The prompts (each (L,)) and images (``pixel_values``, and ``image_sizes`` for the tiled families: one array
+    """The prompts (each (L,)) and images (``pixel_values`` and the size key where the model takes one: one array
     per prompt) of ``num_questions`` training conversations (their first human turn, no answer), sampled with
     ``seed``; records without a usable image are skipped and counted (third)."""
     records = read_records(train_json)
@@ -171,17 +170,15 @@ def hidden_similarity(
     VFlowOpt's optimiser), with the model on ``device``."""
     model = load_model(spec, setting.method, device)
     policy = setting_policy(model, setting)
-    base = model.model.model  # the Hugging Face LlavaModel: its last_hidden_state is after the final norm
+    base = model.model.model  # Hugging Face's LlavaModel (or Qwen-VL's): its last_hidden_state is after the final norm
     param = next(model.parameters())
     similarities = []
     for start in range(0, len(prompts), batch_size):
         input_ids, attention_mask = left_padded(prompts[start : start + batch_size], pad_id)
         inputs = {"input_ids": input_ids.to(param.device), "attention_mask": attention_mask.to(param.device)}
-        batch = slice(start, start + batch_size)
-        inputs["pixel_values"] = stack_pixels(images["pixel_values"][batch]).to(param.device, param.dtype)
-        if "image_sizes" in images:
-            inputs["image_sizes"] = torch.from_numpy(np.stack(images["image_sizes"][batch])).to(param.device)
-        full = base(**inputs, use_cache=False).last_hidden_state[:, -1]  # (B, C)
+        batch = batch_images({k: v[start : start + batch_size] for k, v in images.items()})
+        inputs |= {k: v.to(param.device, param.dtype if k == "pixel_values" else None) for k, v in batch.items()}
+        full = base(**token_types(inputs, base.config.image_token_id), use_cache=False).last_hidden_state[:, -1]
         out = model(**inputs, keep_ratios=setting.keep_ratios, policy=policy, layers=setting.layers, logits_to_keep=1)
         cosine = F.cosine_similarity(full.float(), out.last_hidden_state[:, -1].float(), dim=-1)
         similarities += cosine.nan_to_num(0.0).tolist()
@@ -271,9 +268,10 @@ def calibration_trial(job: Job, params: dict[str, Any], trial_id: str, tags: dic
     keys = (SIMILARITY, RETENTION, "calibration_questions", "calibration_skipped")
     report = {k: v for k, v in client.get_run(parent).data.metrics.items() if k in keys}
     if len(report) < len(keys):  # not measured yet (a resumed trial measured before keeps its values)
-        spec = ModelSpec(model_path, modules, cfg.pruning, cfg.model.dtype, cfg.model.attn_implementation)
+        m = cfg.model
+        spec = ModelSpec(model_path, modules, cfg.pruning, m.dtype, m.attn_implementation, m.processor.options())
         spec = spec.for_every_node(cfg.run.storage_path)  # read by a Ray task, maybe on another node
-        processor = AutoProcessor.from_pretrained(local_copy(model_path))
+        processor = spec.processor()
         prompts, images, skipped = calibration_requests(cfg.data.train_json, cfg.data.image_root, processor, c)
         ev = cfg.eval
         task = ray.remote(hidden_similarity).options(

@@ -2,9 +2,11 @@
 starts from, and the trained base model: ``<toy_root>/base_model`` when this machine trained one, else the one
 shipped in the repository (``pipelines/toy/base_model``, trained by ``jobs/configs/toy_base.yaml``).
 
-Two variants (``data.toy_variant``): ``default``, the 64 x 64 world of the toy LLaVA, and ``hires``, the
+Three variants (``data.toy_variant``): ``default``, the 64 x 64 world of the toy LLaVA; ``hires``, the
 high-resolution world (``hires.HiresSpec``) of the toy LLaVA-NeXT, whose base model (``pipelines/toy/base_model_hires``
-once shipped; ``jobs/configs/toy_base_hires.yaml``) starts from the toy LLaVA's (``continued_model``).
+once shipped; ``jobs/configs/toy_base_hires.yaml``) starts from the toy LLaVA's (``continued_model``); ``qwen``, the
+64 x 64 world of the toy Qwen2.5-VL (``jobs/configs/toy_base_qwen.yaml``: the toy LLaVA's decoder carried over,
+``model.qwen_from_llava``; ``pipelines/toy/base_model_qwen`` once shipped).
 
 A trained base model carries ``toy_world.json``: the scene parameters of the world it learnt
 (``writer.scene_parameters``). One whose stamp differs from the current world's, e.g. a ``<toy_root>/base_model``
@@ -20,16 +22,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, Qwen2_5_VLConfig
 
 from lvpruning import from_pretrained
-from pipelines.toy.hires import HiresSpec
-from pipelines.toy.model import build_toy_model, save_toy_model, toy_config, toy_processor
+from lvpruning.tiny import tiny_llava
+from pipelines.toy.model import (
+    VARIANT_FAMILIES,
+    build_toy_model,
+    qwen_from_llava,
+    save_toy_model,
+    toy_config,
+    toy_processor,
+)
 from pipelines.toy.scenes import SceneSpec, WorldSpec
 from pipelines.toy.writer import ToyWorldPaths, scene_parameters, world_spec, write_toy_world
 
 HERE = Path(__file__).parent
-SHIPPED_BASE_MODELS = {"default": HERE / "base_model", "hires": HERE / "base_model_hires"}  # by data.toy_variant
+SHIPPED_BASE_MODELS = {  # by data.toy_variant
+    "default": HERE / "base_model",
+    "hires": HERE / "base_model_hires",
+    "qwen": HERE / "base_model_qwen",
+}
 SHIPPED_BASE_MODEL = SHIPPED_BASE_MODELS["default"]
 WORLD_STAMP = "toy_world.json"
 
@@ -43,6 +56,7 @@ class ToyWorld:
     root: Path
     seed: int
     spec: WorldSpec = field(default_factory=SceneSpec)
+    variant: str = "default"  # data.toy_variant: the world and its model's family (model.VARIANT_FAMILIES)
 
     @classmethod
     def at(
@@ -50,12 +64,18 @@ class ToyWorld:
     ) -> ToyWorld:
         """The toy world ``variant`` under ``root`` of ``question_types`` (None: the variant's own): its files'
         places, written by :meth:`written`."""
-        return cls(ToyWorldPaths.under(Path(root) / "world"), Path(root), seed, world_spec(variant, question_types))
+        paths = ToyWorldPaths.under(Path(root) / "world")
+        return cls(paths, Path(root), seed, world_spec(variant, question_types), variant)
+
+    @property
+    def family(self) -> str:
+        """The toy model's family (``model.TOY_FAMILIES``)."""
+        return VARIANT_FAMILIES[self.variant]
 
     @property
     def shipped_base_model(self) -> Path:
         """Where the repository ships this variant's trained base model."""
-        return SHIPPED_BASE_MODELS["hires" if isinstance(self.spec, HiresSpec) else "default"]
+        return SHIPPED_BASE_MODELS[self.variant]
 
     def written(self, n_train: int, n_test: int) -> ToyWorld:
         """This world with ``n_train`` training and ``n_test`` test questions written now (or reused)."""
@@ -72,6 +92,10 @@ class ToyWorld:
         wanted = scene_parameters(self.spec)
         for path in (self.base_model, self.shipped_base_model):
             if not ((path / "config.json").is_file() and (path / "model.safetensors").is_file()):
+                continue
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+            if model_type != toy_config(self.spec, self.family).model_type:  # e.g. a toy LLaVA in a Qwen world's root
+                logger.warning("not using %s: a %s, not this world's toy model", path, model_type)
                 continue
             try:
                 stamp = json.loads((path / WORLD_STAMP).read_text())
@@ -93,8 +117,13 @@ class ToyWorld:
         world becomes the toy LLaVA-NeXT of the same sizes: every weight carried over (its tower made to read
         checkerboards, :func:`read_checkerboards`), the newline token new."""
         model = from_pretrained(str(init_from))
-        config = toy_config(self.spec) if type(model.config) is not type(toy_config(self.spec)) else model.config
+        wanted = toy_config(self.spec, self.family)
+        config = wanted if type(model.config) is not type(wanted) else model.config
         processor = toy_processor(config, self.spec)
+        if isinstance(config, Qwen2_5_VLConfig) and config is not model.config:  # a toy LLaVA: its decoder carried
+            known = AutoTokenizer.from_pretrained(init_from)
+            qwen = qwen_from_llava(model, known, tiny_llava(config, seed=self.seed), processor.tokenizer)
+            return save_toy_model(self.root / "continued_model", qwen, processor)
         known, wanted = AutoTokenizer.from_pretrained(init_from).get_vocab(), processor.tokenizer.get_vocab()
         moved = sorted(w for w, i in known.items() if wanted.get(w) != i)
         if moved:
@@ -107,8 +136,13 @@ class ToyWorld:
         """The randomly initialised toy model (and its processor) that the ``base`` stage trains, saved once."""
         path = self.root / "init_model"
         if not (path / "model.safetensors").is_file():
-            config = toy_config(self.spec)
-            save_toy_model(path, build_toy_model(config, seed=self.seed), toy_processor(config, self.spec))
+            config = toy_config(self.spec, self.family)
+            model = (
+                tiny_llava(config, seed=self.seed)
+                if self.family == "qwen2_5_vl"
+                else build_toy_model(config, self.seed)
+            )
+            save_toy_model(path, model, toy_processor(config, self.spec))
         return path
 
 

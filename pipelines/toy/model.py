@@ -7,6 +7,11 @@ stages fit in the model's own layers (e.g. after layers 0, 1, 2) and the base mo
 For the high-resolution world (``hires.HiresSpec``) the same sizes make a toy LLaVA-NeXT: the same tower on each
 64 x 64 view (the base view and every tile), the same projector and Llama, plus the learned newline; its tile grids
 are the world's aspects, and its prompts the processor's chat template.
+
+With ``family="qwen2_5_vl"`` the same sizes make a toy Qwen2.5-VL (its ViT with window attention and 2 x 2 patch
+merger, a Qwen2 decoder with M-RoPE; 4-pixel patches, so a 64-pixel image is again 8 x 8 = 64 vision tokens) and its
+processor (chat template, images at their own size): :func:`qwen_from_llava` carries a trained toy LLaVA's decoder
+and word embeddings into it.
 """
 
 from __future__ import annotations
@@ -16,9 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaProcessor
+from transformers import (
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaProcessor,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
-from lvpruning.tiny import build_processor, tiny_llava, tiny_llava_config, tiny_tiled_config
+from lvpruning.tiny import build_processor, tiny_llava, tiny_llava_config, tiny_qwen_vl_config, tiny_tiled_config
 from pipelines.toy.hires import ASPECTS, HiresSpec
 from pipelines.toy.scenes import SceneSpec, WorldSpec, toy_words
 
@@ -33,17 +45,45 @@ TOY_MODEL: dict[str, float] = {
     "max_position_embeddings": 256,
     "initializer_range": 0.1,  # ~ hidden_size ** -0.5; 0.02 learns slower: benchmarks/TOY_WORLD.md, "Third round"
 }
+TOY_FAMILIES = ("llava", "qwen2_5_vl")  # the toy LLaVA (LLaVA-NeXT for the high-resolution world), or Qwen2.5-VL
+VARIANT_FAMILIES = {"default": "llava", "hires": "llava", "qwen": "qwen2_5_vl"}  # the model of each data.toy_variant
 VISION_POSITION_STD = 0.5  # scale of the CLIP position embeddings at init (CLIP: std 0.02); see build_toy_model
 
 
-def toy_config(spec: WorldSpec | None = None, **overrides: float) -> LlavaConfig | LlavaNextConfig:
+def toy_config(
+    spec: WorldSpec | None = None, family: str = "llava", **overrides: float
+) -> LlavaConfig | LlavaNextConfig | Qwen2_5_VLConfig:
     """The toy model's config: image and patch sizes from ``spec``, the rest ``TOY_MODEL`` + overrides; a
-    LLaVA-NeXT config (tiles of ``spec.tile``, one grid per aspect) for the high-resolution world."""
+    LLaVA-NeXT config (tiles of ``spec.tile``, one grid per aspect) for the high-resolution world; a Qwen2.5-VL
+    config for ``family="qwen2_5_vl"`` (the default world: patches of half ``spec.patch``, merged 2 x 2 into one
+    vision token per ``spec.patch`` pixels, as the toy LLaVA's)."""
     spec = spec or SceneSpec()
+    if family not in TOY_FAMILIES:
+        raise ValueError(f"unknown toy model family {family!r}; choose from {TOY_FAMILIES}")
     unknown = set(overrides) - set(TOY_MODEL)
     if unknown:
         raise ValueError(f"unknown toy model keys {sorted(unknown)}; known: {sorted(TOY_MODEL)}")
     sizes = {**TOY_MODEL, **overrides}
+    if family == "qwen2_5_vl":
+        if isinstance(spec, HiresSpec):
+            raise ValueError("the toy Qwen2.5-VL is built for the default toy world, not the high-resolution one")
+        half = sizes["hidden_size"] // sizes["num_heads"] // 2  # M-RoPE splits it as Qwen2.5-VL-7B: 1/4, 3/8, 3/8
+        config = tiny_qwen_vl_config(
+            "qwen2_5_vl",
+            vocab_size=sizes["vocab_size"],
+            patch_size=spec.patch // 2,
+            vision_hidden=sizes["vision_hidden"],
+            vision_layers=sizes["vision_layers"],
+            hidden_size=sizes["hidden_size"],
+            num_layers=sizes["num_layers"],
+            num_heads=sizes["num_heads"],
+            num_kv_heads=sizes["num_heads"],
+            mrope_section=(half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8),
+            max_position_embeddings=sizes["max_position_embeddings"],
+            initializer_range=sizes["initializer_range"],
+        )
+        config.text_config.rms_norm_eps = 1e-6  # Qwen2.5-VL-7B's, and the toy LLaVA's (Llama's)
+        return config
     if isinstance(spec, HiresSpec):  # up to 336 vision tokens + the conversation: past the low-res 256 positions
         sizes["max_position_embeddings"] = max(sizes["max_position_embeddings"], 1024)
         grid = tuple(ASPECTS[a] for a in ASPECTS)
@@ -51,9 +91,13 @@ def toy_config(spec: WorldSpec | None = None, **overrides: float) -> LlavaConfig
     return tiny_llava_config(image_size=spec.image_size, patch_size=spec.patch, **sizes)
 
 
-def toy_processor(config: LlavaConfig | LlavaNextConfig | None = None, spec: WorldSpec | None = None) -> Any:
+def toy_processor(
+    config: LlavaConfig | LlavaNextConfig | Qwen2_5_VLConfig | None = None, spec: WorldSpec | None = None
+) -> Any:
     """The toy model's processor, whose tokenizer covers its template and every word of ``spec``'s questions: a
-    ``LlavaProcessor`` (vicuna_v1), or for the high-resolution world a ``LlavaNextProcessor`` (chat template)."""
+    ``LlavaProcessor`` (vicuna_v1), or for the high-resolution world a ``LlavaNextProcessor`` (chat template), or
+    for a Qwen2.5-VL config ``lvpruning.tiny``'s image-only Qwen2.5-VL processor (chat template; an image of the
+    toy world, 64 x 64, is 64 vision tokens)."""
     spec = spec or SceneSpec()
     config = config or toy_config(spec)
     words = toy_words(spec.question_types)
@@ -107,3 +151,37 @@ def save_toy_model(path: str | Path, model: LlavaForConditionalGeneration, proce
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+# Qwen's tokens that play a toy LLaVA token's part: its end of turn is where the toy LLaVA ends its answer (</s>).
+QWEN_FROM_LLAVA_TOKENS = {"<|im_end|>": "</s>", "<|image_pad|>": "<image>"}
+
+
+def qwen_from_llava(
+    llava: LlavaForConditionalGeneration, llava_tokenizer: Any, qwen: Qwen2_5_VLForConditionalGeneration, tokenizer: Any
+) -> Qwen2_5_VLForConditionalGeneration:
+    """``qwen`` with the decoder of the toy LLaVA ``llava``: every layer's attention (q/k/v biases zero: a Llama's have
+    none), MLP and norms, the final norm, and the rows of the input and output embeddings of every token the two
+    tokenizers share (by its text), and of the tokens of :data:`QWEN_FROM_LLAVA_TOKENS` from their toy LLaVA
+    counterparts (so it stops after an answer as the toy LLaVA does); the others, e.g. Qwen's vision-span tokens,
+    keep ``qwen``'s own. Qwen2's decoder
+    is Llama's plus those biases, and M-RoPE on text (its three position axes equal) is Llama's RoPE, so on text
+    alone the result gives the toy LLaVA's logits. The vision tower and merger stay ``qwen``'s: another tower."""
+    source, target = llava.model.language_model, qwen.model.language_model
+    if (source.config.hidden_size, len(source.layers)) != (target.config.hidden_size, len(target.layers)):
+        raise ValueError("the toy LLaVA and the toy Qwen2.5-VL have decoders of other sizes")
+    with torch.no_grad():
+        missing = target.load_state_dict({k: v for k, v in source.state_dict().items() if "embed" not in k}, False)
+        if any(not name.endswith("_proj.bias") and "embed" not in name for name in missing.missing_keys):
+            raise ValueError(f"the decoders do not match: {missing.missing_keys[:5]}")
+        for name in missing.missing_keys:
+            if name.endswith("_proj.bias"):
+                target.get_parameter(name).zero_()
+        theirs, ours = llava_tokenizer.get_vocab(), tokenizer.get_vocab()
+        pairs = [(t, t) for t in sorted(set(theirs) & set(ours))]
+        pairs += [(t, was) for t, was in QWEN_FROM_LLAVA_TOKENS.items() if t in ours and was in theirs]
+        rows = torch.tensor([ours[t] for t, _ in pairs])
+        from_rows = torch.tensor([theirs[was] for _, was in pairs])
+        target.embed_tokens.weight[rows] = source.embed_tokens.weight[from_rows]
+        qwen.lm_head.weight[rows] = llava.lm_head.weight[from_rows]
+    return qwen

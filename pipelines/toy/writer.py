@@ -37,7 +37,8 @@ from pipelines.toy.scenes import POPE_CATEGORIES, Scene, SceneSpec, WorldSpec, m
 
 FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
-VARIANTS = ("default", "hires")  # data.toy_variant: the 64 x 64 world, the high-resolution one (hires.HiresSpec)
+# data.toy_variant: the 64 x 64 world, the high-resolution one (hires.HiresSpec), the 64 x 64 one of a toy Qwen2.5-VL
+VARIANTS = ("default", "hires", "qwen")
 
 
 def world_spec(variant: str = "default", question_types: tuple[str, ...] | None = None) -> WorldSpec:

@@ -1,8 +1,8 @@
 """Pad model-input rows into a batch: right padding for training, left for generation.
 
-Rows carry ``input_ids`` / ``attention_mask`` / ``labels`` (L,) and ``pixel_values`` (3, H, W), or for the tiled
-families (S, 3, H, W) with ``image_sizes`` (2,), as ``pipelines.train.data`` makes them. Shapes: B = batch, T =
-longest row of the batch, S tiles.
+Rows carry ``input_ids`` / ``attention_mask`` / ``labels`` (L,) and an image's inputs, as ``pipelines.train.data``
+makes them: ``pixel_values`` (3, H, W); for the tiled families (S, 3, H, W) with ``image_sizes`` (2,); for Qwen-VL
+(P, D) patches with ``image_grid_thw`` (3,). Shapes: B = batch, T = longest row of the batch, S tiles, P patches.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from pipelines.conversation import IGNORE_INDEX, MODEL_INPUTS
-from pipelines.images import stack_pixels
+from pipelines.conversation import IGNORE_INDEX, MODEL_INPUTS, SIZE_KEYS
+from pipelines.images import batch_images
 
 
 def collate(
@@ -24,16 +24,16 @@ def collate(
     padding_side: str = "right",
 ) -> dict[str, torch.Tensor]:
     """Pad rows into a batch of torch tensors: ``input_ids`` with ``pad_token_id``, ``labels`` with -100,
-    ``attention_mask`` 0 on pads, ``pixel_values`` stacked (tiles zero-padded), ``image_sizes`` where rows have them.
+    ``attention_mask`` 0 on pads, the images batched by :func:`pipelines.images.batch_images` (tiles zero-padded,
+    Qwen-VL's patches concatenated) with their size key where rows have one.
 
     ``rows`` is a list of rows, or Ray's column batch (``iter_torch_batches(collate_fn=...)`` passes one).
-    Right padding is for training, left for generation. Returns (B, T) int64 tensors and (B, 3, H, W) or
-    (B, S, 3, H, W) ``pixel_values``.
+    Right padding is for training, left for generation. Returns (B, T) int64 tensors and the images' tensors.
     """
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     if isinstance(rows, Mapping):
-        names = [name for name in (*MODEL_INPUTS, "image_sizes") if name in rows]
+        names = [name for name in (*MODEL_INPUTS, *SIZE_KEYS) if name in rows]
         rows = [{name: rows[name][i] for name in names} for i in range(len(rows["input_ids"]))]
     if not rows:
         raise ValueError("cannot collate an empty batch")
@@ -49,10 +49,8 @@ def collate(
             else:
                 padded[b, longest - len(values) :] = values
         batch[name] = torch.from_numpy(padded)
-    batch["pixel_values"] = stack_pixels([row["pixel_values"] for row in rows])  # (B, 3, H, W) or (B, S, 3, H, W)
-    if "image_sizes" in rows[0]:
-        batch["image_sizes"] = torch.from_numpy(np.stack([np.asarray(r["image_sizes"], np.int64) for r in rows]))
-    return batch
+    image_keys = [name for name in ("pixel_values", *SIZE_KEYS) if name in rows[0]]
+    return batch | batch_images({name: [row[name] for row in rows] for name in image_keys})
 
 
 class PaddingCollateFn(NumpyBatchCollateFn):

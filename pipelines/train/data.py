@@ -54,6 +54,7 @@ from pipelines.conversation import (
     parse_turns,
     prompt_template,
     render,
+    size_key,
     text_length,
 )
 from pipelines.images import load_image, square_background
@@ -222,16 +223,17 @@ class _Encoder:
 
     def __init__(self, processor: Any, image_root: str, max_length: int) -> None:
         self.processor, self.image_root, self.max_length = processor, image_root, max_length
-        self.n_image_tokens = count_image_tokens(processor)  # None: it depends on the image (tiled families)
+        self.n_image_tokens = count_image_tokens(processor)  # None: it depends on the image (tiles, Qwen-VL)
         self.background = square_background(processor)
+        self.size_key = size_key(processor)
 
     def __call__(
         self, batch: dict[str, np.ndarray]
     ) -> tuple[dict[str, list[Any]], list[int], dict[int, tuple[str, str]]]:
         """(model-input columns of the usable rows, their indices, {index: (reason, message)} of the rest)."""
         out: dict[str, list[Any]] = {name: [] for name in ("index", "id", *MODEL_INPUTS)}
-        if self.n_image_tokens is None:
-            out["image_sizes"] = []
+        if self.size_key is not None:
+            out[self.size_key] = []
         kept: list[int] = []
         skipped: dict[int, tuple[str, str]] = {}
         for i, index in enumerate(batch["index"].tolist()):
@@ -413,7 +415,8 @@ def build_instruct_dataset(
     text stage (``prepare_instruct_rows``), then the encode stage over every usable row (``InstructRows.encode``).
 
     Rows: ``index`` (position in the file), ``id``, ``input_ids`` / ``attention_mask`` / ``labels`` (L,)
-    int64, ``pixel_values`` (3, H, W) float32 (tiled families: (S, 3, H, W) and ``image_sizes`` (2,)).
+    int64, ``pixel_values`` (3, H, W) float32 (tiled families: (S, 3, H, W) and ``image_sizes`` (2,); Qwen-VL: (P, D)
+    and ``image_grid_thw`` (3,)).
     ``image_root`` is a folder or ``s3://bucket/prefix``; ``processor`` is the model's processor, ``template``
     by default its model's (:func:`pipelines.conversation.prompt_template`). Rows keep the file's order unless
     ``preserve_order=False``.

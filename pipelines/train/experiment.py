@@ -16,12 +16,12 @@ from pathlib import Path
 
 import mlflow
 from ray.train import TrainingFailedError, UserCallback
-from transformers import AutoProcessor
 
 from pipelines.cluster import for_every_node, lost_nodes
 from pipelines.config import JobConfig, load_config
+from pipelines.conversation import load_processor
 from pipelines.job import Job, resolve
-from pipelines.storage import join, local_copy
+from pipelines.storage import join
 from pipelines.toy.base import ToyWorld
 from pipelines.tracking import RUN_NAME_TAG, latest_training_run, mlflow_run, resumable_run_id
 from pipelines.train.data import prepare_instruct_rows
@@ -29,7 +29,11 @@ from pipelines.train.driver import export, fit, planned_steps
 from pipelines.train.worker import deepspeed_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
-BASE_CONFIGS = {"default": CONFIGS / "toy_base.yaml", "hires": CONFIGS / "toy_base_hires.yaml"}  # data.toy_variant
+BASE_CONFIGS = {  # by data.toy_variant
+    "default": CONFIGS / "toy_base.yaml",
+    "hires": CONFIGS / "toy_base_hires.yaml",
+    "qwen": CONFIGS / "toy_base_qwen.yaml",
+}
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ def run_training(
     and log the export as an artifact. ``callbacks`` go to Ray Train (a sweep's ``TuneReportCallback``)."""
     cfg, stage = job.config, job.config.stage
     model_path = prepare_model(job)
-    processor = AutoProcessor.from_pretrained(local_copy(model_path))
+    processor = load_processor(model_path, cfg.model.processor.options())
     # What the workers and the encode tasks read, where every node reads it (copied to run.storage_path if need be).
     remote_model = for_every_node(model_path, "model.name_or_path", cfg.run.storage_path)
     data, ledger = prepare_instruct_rows(

@@ -132,7 +132,7 @@ def setup_engine(cfg: JobConfig, module: torch.nn.Module, params: list, total_st
 
 def forward(engine, batch: dict[str, torch.Tensor], stage: Stage) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch: the loss to back-propagate and the numbers to log."""
-    out = engine(**batch)
+    out = engine(**stage.inputs(engine.module, batch))
     return out.loss, {"loss": out.loss.detach().float(), **stage.metrics(out)}
 
 

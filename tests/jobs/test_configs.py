@@ -10,8 +10,11 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from lvpruning import paper_schedule
 from lvpruning.config import check_schedule
@@ -19,6 +22,7 @@ from lvpruning.flops import analytic_flops, image_layout, num_vision_tokens
 from lvpruning.policies import POLICIES
 from lvpruning.presets import load_llava_config
 from pipelines.config import load_config
+from pipelines.conversation import processor_kwargs
 from pipelines.eval.evaluation import PAPER_TEXT_TOKENS, make_settings
 from pipelines.job import resolve
 from pipelines.sweep.space import check_space
@@ -78,6 +82,8 @@ def test_pruning_defaults_follow_the_model():
         ("scaling.num_workers=[2,1]", "scaling.num_workers"),
         ("scaling.num_workers=[1,3]", "train.global_batch_size"),  # 32 is no multiple of 16 x 3 workers
         ("data.toy_question_types=[color,colour]", "question_types"),
+        ("model.processor.max_pixels=1000", "min_pixels and max_pixels go together"),
+        ("model.processor={min_pixels: 2000, max_pixels: 1000}", "min_pixels 2000 is above max_pixels 1000"),
         ("train.init_from=toy/base_model", "train.init_from"),  # stage pruning: nothing to go on training
         ("sweep.space.layers=[[1,0]]", "sweep.space.layers"),  # not strictly increasing
         ("sweep.space.layers=[[0,1,2,3,4]]", "sweep.space.layers"),  # 1 to 4 stages
@@ -126,6 +132,31 @@ def test_llava_next_7b_config_fits_its_model_with_the_papers_schedule():
     assert cfg.data.max_length > image_layout(shape).num_vision_tokens == 2928  # a 672 x 672 image fits
     assert cfg.gradient_accumulation_steps(8) == 2 and cfg.run.name != load_config(CONFIGS[0]).run.name
     assert all(POLICIES[m].published.layers[0] >= 0 for m in cfg.eval.methods if m != "none")  # LLM-side only
+
+
+@pytest.mark.parametrize(
+    "name, model, patch, shape",
+    [
+        ("qwen2_5_vl_7b.yaml", "Qwen/Qwen2.5-VL-7B-Instruct", 14, load_llava_config("qwen2.5-vl-7b").text_config),
+        # Qwen3-VL-8B-Instruct's published text shape (36 layers of width 4096): no engine or preset needed
+        ("qwen3_vl_8b.yaml", "Qwen/Qwen3-VL-8B-Instruct", 16, SimpleNamespace(num_hidden_layers=36, hidden_size=4096)),
+    ],
+)
+def test_qwen_vl_configs_fit_their_models_and_bound_the_vision_tokens(name, model, patch, shape):
+    """The paper's schedule on the model's decoder; the processor's pixel bounds, through Qwen2-VL's own image
+    processor at the model's patch size, give 256 to 1024 vision tokens, which data.max_length holds."""
+    cfg = load_config(JOBS / "configs" / name)
+    assert cfg.model.name_or_path == model and cfg.run.name.startswith("lvpruning-qwen")
+    cfg.pruning.check_model(shape.num_hidden_layers, shape.hidden_size)
+    assert cfg.pruning.layers == (1, 8, 16) and cfg.pruning.train_ratios == paper_schedule(0.5)
+    assert all(POLICIES[m].published.layers[0] >= 0 for m in cfg.eval.methods if m != "none")  # LLM-side only
+    images = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, **processor_kwargs(cfg.model.processor.options()))
+    tokens = []
+    for height, width in [(32, 32), (224, 448), (4000, 3000), (8000, 500)]:
+        grid = images(images=[Image.new("RGB", (width, height))], return_tensors="np")["image_grid_thw"][0]
+        tokens.append(int(grid.prod()) // 4)
+    assert tokens[0] >= 256 and max(tokens) <= 1024 and tokens[2] > 900  # a large image is cut down to the bound
+    assert cfg.data.max_length > max(tokens) + 100
 
 
 def test_sweep_configs_fit_their_models():

@@ -21,7 +21,7 @@ def world_at(root: Path, spec: SceneSpec | None = None) -> ToyWorld:
 
 def fake_model(path: Path) -> Path:
     path.mkdir(parents=True)
-    (path / "config.json").write_text("{}")
+    (path / "config.json").write_text('{"model_type": "llava"}')  # the toy LLaVA's
     (path / "model.safetensors").write_bytes(b"")
     return path
 
@@ -46,6 +46,12 @@ def test_a_local_base_model_is_used_only_once_stamped_for_this_world(tmp_path, c
     # the same files under a world drawn differently (another version of the toy world): neither model fits
     other = world_at(tmp_path, SceneSpec(max_objects=2))
     assert other.trained_base() is None
+    # the same world's root read by the toy Qwen2.5-VL's variant: a toy LLaVA is not its model
+    qwen = ToyWorld.at(tmp_path, world.seed, variant="qwen")
+    assert qwen.spec == world.spec and qwen.family == "qwen2_5_vl"
+    with caplog.at_level(logging.WARNING):
+        assert qwen.trained_base() is None
+    assert "a llava, not this world's toy model" in caplog.text
 
 
 def test_no_base_model_without_weights(tmp_path):

@@ -87,3 +87,32 @@ def next_level_tiles(kept: torch.Tensor, grid: tuple[int, int], blocks: tuple[in
     (h, w), (rows, cols) = grid, blocks
     i, j = kept // w, kept % w
     return torch.stack([i * rows // h, j * cols // w], dim=1).unique(dim=0)  # unique sorts rows: raster order
+
+
+def unpadded_grid(padded: tuple[int, int], resized: tuple[int, int]) -> tuple[int, int]:
+    """The token grid (rows, columns) left of a level's ``padded`` grid once its padding is cut off: the content
+    sits top-left, with the aspect of the level's ``resized`` (height, width) pixels (``unpad_image_hw``)."""
+    (rows, cols), (height, width) = padded, resized
+    if width / height > cols / rows:
+        return int(height * (cols / width)), cols
+    return rows, int(width * (rows / height))
+
+
+def place_tiles(
+    features: torch.Tensor, tiles: torch.Tensor, level: PyramidLevel, newline: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """A level's token sequence with only ``tiles`` (T, 2) (row, column) encoded: their (pooled) features
+    (T, p, p, C) set into the level's ``rows * p x cols * p`` grid, the rest zeros, the padding cut off
+    (``unpadded_grid``), a ``newline`` (C,) token closing every row. Returns the tokens (N, C), which of them are
+    real (N,) (encoded or newline), and the grid (h, w) with the newline column."""
+    T, p, _, C = features.shape
+    rows, cols = level.blocks
+    grid = features.new_zeros(rows * p, cols * p, C)
+    real = torch.zeros(rows * p, cols * p, dtype=torch.bool, device=features.device)
+    for (r, c), feature in zip(tiles.tolist(), features, strict=True):
+        grid[r * p : (r + 1) * p, c * p : (c + 1) * p] = feature
+        real[r * p : (r + 1) * p, c * p : (c + 1) * p] = True
+    h, w = unpadded_grid((rows * p, cols * p), level.resized)
+    grid = torch.cat([grid[:h, :w], newline.to(grid.dtype).expand(h, 1, C)], dim=1)  # (h, w + 1, C)
+    real = torch.cat([real[:h, :w], real.new_ones(h, 1)], dim=1)
+    return grid.reshape(-1, C), real.reshape(-1), (h, w + 1)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lvpruning.pyramid import keep_top_share, next_level_tiles, pyramid_crop, pyramid_ratios
+from lvpruning.pyramid import keep_top_share, next_level_tiles, place_tiles, pyramid_crop, pyramid_ratios
 
 TILE, BASE = 16, 48  # the reference's 336 and 1008, scaled down by 21
 
@@ -104,3 +104,48 @@ def test_keep_and_next_level_tiles_equal_the_reference(seed):
         # The newline tokens, always kept, sit in the last column: every row of tiles has its last one taken.
         assert set(tiles[tiles[:, 1] == next_blocks[1] - 1, 0].tolist()) == set(range(next_blocks[0]))
     assert len(tiles) < next_blocks[0] * next_blocks[1] or seed == 2  # 2% of the tokens leave tiles out
+
+
+def reference_place(selected_fea, selected_position, p, blocks, resize_hw, image_newline):
+    """The pyramid branch of ``prune_and_construct_features``: ``index_put_`` into the padded grid, then
+    ``unpad_image_hw`` on features and mask, the newline column, flattened."""
+    C = selected_fea.shape[-1]
+    padded = torch.zeros(blocks[0] * p, blocks[1] * p, C)
+    mask = torch.zeros(blocks[0] * p, blocks[1] * p)
+    local = torch.arange(p)
+    gh = (selected_position[:, 0] * p).view(-1, 1, 1) + local.view(1, p, 1)
+    gw = (selected_position[:, 1] * p).view(-1, 1, 1) + local.view(1, 1, p)
+    gh, gw = gh.expand(-1, p, p).reshape(-1), gw.expand(-1, p, p).reshape(-1)
+    padded.index_put_((gh, gw), selected_fea.flatten(0, 2))
+    mask.index_put_((gh, gw), torch.ones(gh.shape[0]))
+
+    def unpad(tensor):
+        original_height, original_width = resize_hw
+        current_height, current_width = tensor.shape[1:]
+        if original_width / original_height > current_width / current_height:
+            new_height = int(original_height * (current_width / original_width))
+            return tensor[:, : current_height - (current_height - new_height), :]
+        new_width = int(original_width * (current_height / original_height))
+        return tensor[:, :, : current_width - (current_width - new_width)]
+
+    fea = unpad(padded.permute(2, 0, 1))
+    fea = torch.cat([fea, image_newline[:, None, None].expand(*fea.shape[:-1], 1)], dim=-1)
+    m = unpad(mask[None])[0]
+    m = torch.cat([m, torch.ones(m.shape[0], 1)], dim=-1)
+    return fea.flatten(1, 2).transpose(0, 1), m.flatten() == 1, (fea.shape[1], fea.shape[2])
+
+
+@pytest.mark.parametrize("size", [(200, 150), (70, 500), (97, 1000)])
+def test_place_tiles_equals_the_reference_grid(size):
+    g = torch.Generator().manual_seed(size[1])
+    _, _, levels = pyramid_crop(torch.zeros(3, *size), tile=TILE, base_long_side=BASE)
+    level, p, C = levels[min(1, len(levels) - 1)], 3, 5
+    rows, cols = level.blocks
+    cells = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+    tiles = cells[torch.rand(len(cells), generator=g) < 0.5]
+    features = torch.randn(len(tiles), p, p, C, generator=g)
+    newline = torch.randn(C, generator=g)
+    got = place_tiles(features, tiles, level, newline)
+    want = reference_place(features, tiles, p, level.blocks, level.resized, newline)
+    torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
+    assert torch.equal(got[1], want[1]) and got[2] == want[2]

@@ -73,6 +73,24 @@ def teacher_logits(
         return [attention_logits(adapter, adapter.layers[r], hidden_states[r], rope, queries) for r in layers]
 
 
+def answer_rows(labels: torch.Tensor, padding: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, ...]:
+    """The distillation's query rows in training: the token just before each answer span (``labels`` (B, N) is
+    ``ignore_index`` there and not at the next token), one per turn. Returns positions (B, Q) and which are real
+    (B, Q); a sample without an answer gets its last real token (``padding`` (B, N) True at real tokens). The
+    reference also drops spans that start at position 13 or before (a guard for its Qwen2 template, meaningless
+    under left padding); here every span counts."""
+    starts = (labels[:, 1:] != ignore_index) & (labels[:, :-1] == ignore_index)  # (B, N - 1): row p, answer p + 1
+    N = labels.shape[1]
+    last = N - 1 - padding.long().flip(-1).argmax(-1)  # (B,) the last real token
+    per_sample = [s.nonzero()[:, 0] if bool(s.any()) else last[b : b + 1] for b, s in enumerate(starts)]
+    Q = max(len(p) for p in per_sample)
+    rows = torch.zeros(len(per_sample), Q, dtype=torch.long, device=labels.device)
+    real = torch.zeros(len(per_sample), Q, dtype=torch.bool, device=labels.device)
+    for b, p in enumerate(per_sample):
+        rows[b, : len(p)], real[b, : len(p)] = p, True
+    return rows, real
+
+
 class RegionFocusModule(nn.Module):
     """The Region Focus Module of a LLaVA-family ``model`` (``PyramidPruneModule`` in the reference), its decoder
     layers copied from ``model``'s layers ``[layers[0] - 1, *layers]`` (trainable; ``model``'s own untouched)."""

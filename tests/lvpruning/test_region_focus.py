@@ -14,6 +14,7 @@ from transformers import Qwen2Model
 from lvpruning.region_focus import (
     CONFIG_NAME,
     RegionFocusModule,
+    answer_rows,
     distillation_loss,
     load_region_focus,
     save_region_focus,
@@ -240,3 +241,21 @@ def test_layers_must_be_increasing_with_a_predecessor():
     for layers in [(0, 2), (3, 2), (2, 6), ()]:
         with pytest.raises(ValueError, match="increasing"):
             RegionFocusModule(model, layers)
+
+
+def test_answer_rows_are_the_tokens_before_each_answer_span():
+    labels = torch.full((3, 12), -100)
+    labels[0, 5:7] = 9  # one turn
+    labels[0, 9:12] = 8  # a second one
+    labels[1, 11] = 7  # an answer of one token at the end
+    padding = torch.ones(3, 12, dtype=torch.bool)
+    padding[2, :4] = False  # sample 2: left-padded, no answer
+    rows, real = answer_rows(labels, padding)
+
+    def literal(label):  # the reference's loop, without its Qwen2-template guard (index > 13)
+        found = [i - 1 for i in torch.where(label != -100)[0].tolist() if label[i - 1] == -100]
+        return found or [len(label) - 1]
+
+    for b in range(3):
+        assert rows[b][real[b]].tolist() == literal(labels[b])
+    assert rows.tolist()[0] == [4, 8] and real.tolist() == [[True, True], [True, False], [True, False]]

@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import PreTrainedConfig
 
-from lvpruning.adapters import DecoderAdapter, LlavaAdapter, get_adapter
+from lvpruning.adapters import DecoderAdapter, LlavaAdapter, attention_rows_flops, get_adapter
 from lvpruning.checkpoint import read_metadata
+from lvpruning.flops import decoder_layer_flops
 from lvpruning.stage import gather_tokens
 
 SKIPPED_LAYERS = (1, 2)  # the reference's loss leaves out S_1 and S_2 (hard-coded ``if layer_idx in [1,2]``)
@@ -150,6 +152,17 @@ class RegionFocusModule(nn.Module):
         cols = logits.gather(2, vision_pos[:, None, :].expand(-1, logits.shape[1], -1))  # (B, h, V)
         cols = cols.masked_fill(~vision_valid[:, None, :], float("-inf"))
         return torch.nan_to_num(cols.softmax(dim=-1)).mean(dim=1)
+
+
+def region_focus_flops(
+    text_config: PreTrainedConfig, num_layers: int, num_tokens: int, num_rows: int = 1, every_layer: bool = False
+) -> int:
+    """Matmul FLOPs of the module on one sample of ``num_tokens`` tokens: its layers ``0..K-1`` in full (K =
+    ``num_layers``) and the logits of ``num_rows`` query rows in the last layer (``score``: one row), or with
+    ``every_layer`` in each of the K layers (``RegionFocusModule.forward``, training)."""
+    layer = sum(decoder_layer_flops(text_config, num_tokens).values())
+    rows = attention_rows_flops(text_config, num_rows, num_tokens)
+    return num_layers * layer + (num_layers if every_layer else 1) * rows
 
 
 def distillation_loss(

@@ -11,12 +11,14 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen2Model
 
+from lvpruning.flops import count_flops
 from lvpruning.region_focus import (
     CONFIG_NAME,
     RegionFocusModule,
     answer_rows,
     distillation_loss,
     load_region_focus,
+    region_focus_flops,
     save_region_focus,
     teacher_logits,
 )
@@ -259,3 +261,23 @@ def test_answer_rows_are_the_tokens_before_each_answer_span():
     for b in range(3):
         assert rows[b][real[b]].tolist() == literal(labels[b])
     assert rows.tolist()[0] == [4, 8] and real.tolist() == [[True, True], [True, False], [True, False]]
+
+
+def test_flops_of_scoring_and_of_the_training_rows_equal_the_counted_matmuls():
+    model = tiny_next()
+    embeds, position_ids, padding, last, vision_pos, vision_valid = inputs(model)
+    module = RegionFocusModule(model, LAYERS)
+    args = {
+        "inputs_embeds": embeds,
+        "position_ids": position_ids,
+        "padding": padding,
+        "last": last,
+        "vision_pos": vision_pos,
+        "vision_valid": vision_valid,
+    }
+    measured = count_flops(module.score, args)
+    B, N = embeds.shape[:2]
+    assert measured == B * region_focus_flops(model.config.text_config, len(LAYERS), N)
+    rows = {"inputs_embeds": embeds, "position_ids": position_ids, "padding": padding, "queries": last[:, None]}
+    S = count_flops(module, rows)
+    assert S == B * region_focus_flops(model.config.text_config, len(LAYERS), N, every_layer=True)

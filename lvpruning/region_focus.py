@@ -75,7 +75,9 @@ def teacher_logits(
         return [attention_logits(adapter, adapter.layers[r], hidden_states[r], rope, queries) for r in layers]
 
 
-def answer_rows(labels: torch.Tensor, padding: torch.Tensor, ignore_index: int = -100) -> tuple[torch.Tensor, ...]:
+def answer_rows(
+    labels: torch.Tensor, padding: torch.Tensor, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The distillation's query rows in training: the token just before each answer span (``labels`` (B, N) is
     ``ignore_index`` there and not at the next token), one per turn. Returns positions (B, Q) and which are real
     (B, Q); a sample without an answer gets its last real token (``padding`` (B, N) True at real tokens). The

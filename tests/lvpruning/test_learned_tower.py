@@ -1,6 +1,7 @@
 """LVPruning's decision module at the vision-tower stage (layer -1, an extension of the paper): its queries the
 projected vision tokens, its keys and values the instruction's input embeddings, on tiny random LLaVA-1.5,
-LLaVA-NeXT (tiles: each sample its own count) and Qwen2.5-VL (M-RoPE) models. References: Hugging Face's own
+LLaVA-NeXT and LLaVA-OneVision (tiles: each sample its own count), Qwen2.5-VL (M-RoPE) and Qwen3-VL (DeepStack)
+models. References: Hugging Face's own
 embeddings and language model on the kept tokens, the masked training forward against removal, each sample alone,
 a cache-free rerun, a checkpoint reloaded, and FlopCounterMode."""
 
@@ -16,21 +17,23 @@ from lvpruning.flops import analytic_flops, decision_module_flops, measure_flops
 from lvpruning.stage import keep_count
 from lvpruning.tiny import tiny_llava, tiny_llava_config, tiny_qwen_vl_config, tiny_tiled_config
 from tests.lvpruning.conftest import IMAGE_TOKEN, NUM_VISION, VOCAB, decisions_of, make_batch
-from tests.lvpruning.test_flops import assert_close, tiny_next_config
+from tests.lvpruning.test_flops import assert_close, tiny_next_config, tiny_onevision_config
 from tests.lvpruning.test_qwen_vl import GRIDS, kept_embeddings_reference, make_qwen_batch
 from tests.lvpruning.test_qwen_vl import alone as qwen_alone
 from tests.lvpruning.test_tiled import SIZES, make_tiled_batch, vision_counts
 from tests.lvpruning.test_tiled import alone as tiled_alone
 
-FAMILIES = ["llava", "llava_next", "qwen2_5_vl"]
+FAMILIES = ["llava", "llava_next", "llava_onevision", "qwen2_5_vl", "qwen3_vl"]
+TILED = ("llava_next", "llava_onevision")
 LAYERS, RATIOS = (-1, 1, 2), (0.5, 0.3, 0.1)
 
 
 def tower_model(family: str, seed: int = 0):
     if family == "llava":
         return tiny_llava(tiny_llava_config(num_layers=5, vocab_size=VOCAB), seed=seed)
-    if family == "llava_next":
-        return tiny_llava(tiny_tiled_config("llava_next", "llama", num_layers=5), seed=seed)
+    if family in TILED:
+        decoder = "llama" if family == "llava_next" else "qwen2"
+        return tiny_llava(tiny_tiled_config(family, decoder, num_layers=5), seed=seed)
     return tiny_llava(tiny_qwen_vl_config(family, vocab_size=VOCAB, num_layers=5), seed=seed)
 
 
@@ -52,7 +55,7 @@ def tower_batch(pruner, family: str, lengths: list[tuple[int, int]], seed: int =
     Qwen families) and each sample's number of vision tokens."""
     if family == "llava":
         return make_batch(lengths, seed=seed), [NUM_VISION] * len(lengths)
-    if family == "llava_next":
+    if family in TILED:
         sizes = [SIZES[(i + seed) % len(SIZES)] for i in range(len(lengths))]
         return make_tiled_batch(pruner.model, sizes, lengths, seed=seed), vision_counts(pruner.model, sizes)
     grids = [GRIDS[(i + seed) % 3] for i in range(len(lengths))]  # 16, 6 and 15 vision tokens
@@ -61,7 +64,7 @@ def tower_batch(pruner, family: str, lengths: list[tuple[int, int]], seed: int =
 
 def alone(family: str, batch, i: int) -> dict[str, torch.Tensor]:
     """Sample ``i`` of a left-padded batch on its own, without padding (or padded tiles)."""
-    if family == "llava_next":
+    if family in TILED:
         return tiled_alone(batch, i)
     if family != "llava":
         return qwen_alone(batch, i)
@@ -75,7 +78,7 @@ def hf_embeddings(model, family: str, single) -> tuple[torch.Tensor, torch.Tenso
     embeds = model.get_input_embeddings()(single["input_ids"])
     if family == "llava":
         image = model.model.get_image_features(pixel_values=single["pixel_values"], return_dict=True)
-    elif family == "llava_next":
+    elif family in TILED:
         image = model.model.get_image_features(pixel_values=single["pixel_values"], image_sizes=single["image_sizes"])
     else:
         image = model.model.get_image_features(single["pixel_values"], single["image_grid_thw"])
@@ -101,7 +104,7 @@ def test_the_module_reads_the_projected_tokens_against_the_instruction_and_hf_ru
             gamma = pruner.decision_modules[0](embeds[:, vision], embeds[:, ~vision], instruction)
             kept = keep_scores(gamma)[0].topk(keep_count(0.4, counts[i])).indices.sort().values
             assert torch.equal(out.kept_vision[0][0], kept) and len(kept) < counts[i]
-            if family == "qwen2_5_vl":
+            if family not in ("llava", *TILED):
                 expected = kept_embeddings_reference(pruner.model, single, kept)
             else:
                 index = (~vision | torch.isin(torch.cumsum(vision.long(), 0) - 1, kept)).nonzero()[:, 0]
@@ -235,8 +238,9 @@ def test_flops_analytic_equals_measured_with_a_tower_stage(family):
     """The tower module scores all |I_V| tokens against the text; every decoder layer sees k_0 + T tokens or fewer."""
     if family == "llava":
         config, size = tiny_llava_config(num_layers=5), None
-    elif family == "llava_next":
-        config, size = tiny_next_config("llama"), (20, 44)
+    elif family in TILED:
+        config = tiny_next_config("llama") if family == "llava_next" else tiny_onevision_config("qwen2")
+        size = (20, 44)
     else:
         config, size = tiny_qwen_vl_config(family, num_layers=5), (56, 56)
     pruning = PruningConfig(layers=LAYERS, train_ratios=RATIOS, infer_ratios=(0.6, 0.3, 0.1), num_heads=4)
@@ -247,7 +251,7 @@ def test_flops_analytic_equals_measured_with_a_tower_stage(family):
     assert report.tokens_per_layer == tuple(v + 9 for v in (k[0], k[0], k[1], *[k[2]] * (num_layers - 3)))
     assert report.decision_per_stage[0] == decision_module_flops(hidden, n, 9, 2)
     measured = measure_flops(config, pruning, num_text_tokens=9, image_size=size)
-    if family == "qwen2_5_vl":
+    if family not in ("llava", *TILED):
         assert measured == report.pruned
     else:
         assert_close(measured, report.pruned)

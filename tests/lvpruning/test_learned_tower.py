@@ -20,6 +20,7 @@ from tests.lvpruning.conftest import IMAGE_TOKEN, NUM_VISION, VOCAB, decisions_o
 from tests.lvpruning.test_flops import assert_close, tiny_next_config, tiny_onevision_config
 from tests.lvpruning.test_qwen_vl import GRIDS, kept_embeddings_reference, make_qwen_batch
 from tests.lvpruning.test_qwen_vl import alone as qwen_alone
+from tests.lvpruning.test_slim import gradients
 from tests.lvpruning.test_tiled import SIZES, make_tiled_batch, vision_counts
 from tests.lvpruning.test_tiled import alone as tiled_alone
 
@@ -217,6 +218,18 @@ def test_a_bf16_training_step_reaches_the_tower_module_through_the_lm_loss(famil
     optimizer.step()
     for k, v in pruner.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_activation_checkpointing_from_layer_0_gives_the_same_gradients():
+    pruner = tower_pruner("llava", seed=8)
+    batch, _ = tower_batch(pruner, "llava", [(3, 6), (2, 8)], seed=8)
+    n = batch["input_ids"].shape[1]
+    batch["labels"] = torch.where(torch.arange(n) >= n - 2, batch["input_ids"], -100)
+    plain = gradients(pruner, batch, seed=8)
+    pruner.activation_checkpointing_enable()
+    for a, b in zip(plain, gradients(pruner, batch, seed=8)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(a.abs().sum() > 0 for a in plain[-2:])  # the last module's head
 
 
 def test_checkpoint_round_trip_keeps_the_tower_stage(tmp_path):

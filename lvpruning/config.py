@@ -57,7 +57,9 @@ class PruningConfig:
     """LVPruning hyperparameters (paper section 3 and 4.1).
 
     Attributes:
-        layers: zero-based decoder layers after which a decision module runs (paper: 1, 8, 16).
+        layers: zero-based decoder layers after which a decision module runs (paper: 1, 8, 16); a first ``-1``
+            puts the first module at the vision-tower stage, on the input embeddings before decoder layer 0 (not in
+            the paper: see ``docs/methods.md``).
         train_ratios: target keep ratio per stage for the ratio loss, as fractions of the original vision tokens.
         infer_ratios: default keep ratio per stage at inference (can be overridden per call).
         num_blocks: cross-attention blocks per decision module (paper: 2).
@@ -94,8 +96,16 @@ class PruningConfig:
             object.__setattr__(self, name, tuple(value))
         if not self.layers:
             raise ValueError("PruningConfig.layers: at least one decision module is needed")
-        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in self.layers):
-            raise ValueError(f"PruningConfig.layers: {list(self.layers)} must be non-negative integers")
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < -1 for i in self.layers):
+            raise ValueError(
+                f"PruningConfig.layers: {list(self.layers)} must be non-negative integers, or -1 first (the "
+                "vision-tower stage)"
+            )
+        if -1 in self.layers[1:]:
+            raise ValueError(
+                f"PruningConfig.layers: {list(self.layers)} has -1 after another stage; the vision-tower stage "
+                "(-1) can only be the first"
+            )
         if any(b <= a for a, b in zip(self.layers, self.layers[1:])):
             raise ValueError(f"PruningConfig.layers: {list(self.layers)} must be strictly increasing")
         _check_ratios("train_ratios", self.train_ratios, len(self.layers))

@@ -316,8 +316,9 @@ class LVPruningModel(nn.Module):
             return self._forward_train(prepared)
         policy = policy or LearnedPolicy(self.decision_modules)
         layers, ratios = self.schedule(policy, layers, keep_ratios)
+        tower_states = layers[0] == -1 and not policy.tower_free  # the tower's hidden states, where they are read
         prepared = self._prepare(
-            input_ids, pixel_values, image_sizes, attention_mask, labels, instruction_mask, layers[0] == -1
+            input_ids, pixel_values, image_sizes, attention_mask, labels, instruction_mask, tower_states
         )
         pixel_values = self.adapter.sample_pixels(pixel_values, image_sizes)  # what the policies read
         return self._forward_infer(prepared, pixel_values, layers, ratios, policy, use_cache, logits_to_keep)
@@ -339,10 +340,14 @@ class LVPruningModel(nn.Module):
         return layers, ratios
 
     def _forward_train(self, prepared: Prepared) -> LVPruningOutput:
+        """Training mode: every decoder layer on the whole sequence; after each of ``config.layers`` the stage's
+        hard Gumbel decisions, multiplied into the earlier ones (eq. 10), mask the vision tokens in the layers
+        after it (eqs. 7-9). A first stage at -1 (the vision-tower stage) decides on the input embeddings and
+        masks from decoder layer 0 on."""
         cfg = self.config
         layers = self.adapter.layers
         seq, num_vision, labels = prepared.seq, prepared.num_vision, prepared.labels
-        # No backward work through the vision tower or the layers before the first decision module.
+        # No backward work through the vision tower or the layers up to the first decision module (none at -1).
         with torch.no_grad():
             rope = self.adapter.rotary(seq.hidden, seq.position_ids)
             mask = self.adapter.attention_mask(seq.padding, seq.padding.shape[1], seq.hidden.dtype)
@@ -369,7 +374,7 @@ class LVPruningModel(nn.Module):
                     token_keep=token_keep,
                 )
 
-        for i in range(cfg.layers[0], len(layers)):
+        for i in range(cfg.layers[0], len(layers)):  # i = -1: the vision-tower stage, on the input embeddings
             if i > cfg.layers[0]:
                 if self.activation_checkpointing:
                     seq.hidden = checkpoint(masked_layer, layers[i], seq.hidden, token_keep, use_reentrant=False)

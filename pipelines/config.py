@@ -228,6 +228,8 @@ class SearchSpace(_Strict):
     vision tokens, sampled on a grid of ``ratio_step``."""
 
     layers: tuple[tuple[int, ...], ...] = ((0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))  # candidate stages
+    tower_stage: bool = False  # True: each trial also draws whether its first module moves to the vision-tower
+    # stage (-1, before decoder layer 0: an extension of the paper), e.g. [0, 2] -> [-1, 2]
     ratios: Literal["paper", "free"] = "paper"  # paper: [rho, rho - 0.2, rho - 0.4, ...]; free: one per stage
     rho: tuple[float, float] = (0.3, 0.7)  # paper: the range of rho
     rho_step: float = Field(0.2, ge=0)  # paper: the drop per stage
@@ -249,7 +251,10 @@ class SearchSpace(_Strict):
             if not 1 <= len(layers) <= 4:
                 raise ValueError(f"candidate {i} {list(layers)}: a sweep searches 1 to 4 stages")
             if min(layers) < 0 or any(b <= a for a, b in zip(layers, layers[1:])):
-                raise ValueError(f"candidate {i} {list(layers)}: layers must be non-negative and strictly increasing")
+                raise ValueError(
+                    f"candidate {i} {list(layers)}: layers must be non-negative and strictly increasing (the "
+                    "vision-tower stage: sweep.space.tower_stage)"
+                )
         return value
 
     @field_validator("num_blocks", "num_heads", "ffn_dim", "decision_dim")

@@ -18,11 +18,17 @@ PAPER = Schedule(layers=(1, 8, 16), ratios=(0.5, 0.3, 0.1))  # LVPruning section
 
 class LearnedPolicy(PruningPolicy):
     """LVPruning: the stage's decision module scores the vision tokens against the instruction (eqs. 1-4, 13).
-    Its FLOPs are counted by ``lvpruning.flops`` from the modules' shape (``decision_module_flops``)."""
+    Its FLOPs are counted by ``lvpruning.flops`` from the modules' shape (``decision_module_flops``).
+
+    At the vision-tower stage (layer -1, an extension of the paper) the module reads the input embeddings: the
+    projected vision tokens against the instruction tokens' embeddings, nothing of the tower itself."""
 
     name = "lvpruning"
     published = PAPER
     trained = True
+    tower_stage = True
+    tower_tiles = True  # reads the projected tokens only: every family
+    tower_free = True
 
     def __init__(self, decision_modules: nn.ModuleList):
         self.decision_modules = decision_modules

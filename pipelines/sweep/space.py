@@ -1,7 +1,8 @@
 """A sweep's trials: the search space as an Optuna define-by-run function, the training-free baselines, and the
 job config each trial trains and evaluates.
 
-A searched trial's parameters: ``layers`` (one of ``sweep.space.layers``), its keep-ratio schedule (``rho`` of the
+A searched trial's parameters: ``layers`` (one of ``sweep.space.layers``; with ``sweep.space.tower_stage`` also
+``tower_stage``, whether its first module moves to the vision-tower stage -1), its keep-ratio schedule (``rho`` of the
 paper's family ``[rho, rho - 0.2, rho - 0.4, ...]``, or free ratios ``ratio0..``, sorted non-increasing), the
 decision-module shape (``num_blocks``, ``num_heads``, ``ffn_dim``, and ``decision_dim`` when the space has it)
 and optionally ``learning_rate``. It trains at
@@ -35,6 +36,8 @@ class DefineByRun:
         s = self.space
         choice = trial.suggest_categorical("layers", [",".join(map(str, layers)) for layers in s.layers])
         layers = [int(x) for x in choice.split(",")]
+        if s.tower_stage and trial.suggest_categorical("tower_stage", [False, True]):
+            layers[0] = -1  # the first module on the input embeddings, before decoder layer 0
         if s.ratios == "paper":
             low, high = grid_range(*s.rho_range(len(layers)), s.ratio_step)
             rho = trial.suggest_float("rho", low, high, step=s.ratio_step)

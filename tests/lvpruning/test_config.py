@@ -17,7 +17,8 @@ def test_paper_defaults():
     [
         ({"layers": (8, 1, 16)}, "layers"),
         ({"layers": (1, 1, 16)}, "layers"),
-        ({"layers": (-1, 8, 16)}, "layers"),
+        ({"layers": (-2, 8, 16)}, "layers"),
+        ({"layers": (1, -1, 16)}, "layers"),
         ({"layers": ()}, "layers"),
         ({"train_ratios": (0.5, 0.3)}, "train_ratios"),
         ({"train_ratios": (0.5, 0.3, 0.0)}, "train_ratios"),

@@ -75,6 +75,30 @@ def test_module_widths_are_searched_when_the_space_has_them_and_reach_the_trial(
     assert trial_job(resolve(base), params | {"decision_dim": None}, "b").config.pruning.decision_dim is None
 
 
+def test_the_tower_stage_moves_a_trials_first_module_to_minus_one_when_the_space_allows_it():
+    """An extension of the paper: with ``sweep.space.tower_stage`` each trial draws whether its first module sits
+    at the vision-tower stage; every draw is a valid config, and both kinds of every candidate are reached."""
+    space = load_config(None, ["sweep.space.tower_stage=true"]).sweep.space
+    seen = set()
+    for params, returned in suggestions(["sweep.space.tower_stage=true"], 200):
+        candidate = tuple(int(x) for x in params["layers"].split(","))
+        layers, ratios = tuple(returned["layers"]), tuple(returned["train_ratios"])
+        assert candidate in space.layers and len(ratios) == len(layers)
+        assert layers == ((-1, *candidate[1:]) if params["tower_stage"] else candidate)
+        PruningConfig(layers=layers, train_ratios=ratios, infer_ratios=ratios, num_heads=params["num_heads"])
+        seen.add(layers)
+    moved = {(-1, *layers[1:]) for layers in space.layers}  # (-1,), (-1, 1), (-1, 2), (-1, 1, 2)
+    assert seen == set(space.layers) | moved
+    assert all("tower_stage" not in params for params, _ in suggestions([], 20))  # off: never drawn
+    check_space(load_config(None, ["sweep.space.tower_stage=true"]), num_layers=4, hidden_size=128)
+    base = load_config(None, ["run.name=sw"])
+    params = {"method": "lvpruning", "layers": [-1, 2], "train_ratios": [0.5, 0.3], "num_blocks": 1}
+    params |= {"num_heads": 2, "ffn_dim": None, "tower_stage": True}
+    assert trial_job(resolve(base), params, "t").config.pruning.layers == (-1, 2)
+    with pytest.raises(ValueError, match="sweep.space.tower_stage"):  # -1 is not a candidate's own layer
+        load_config(None, ["sweep.space.layers=[[-1,1]]"])
+
+
 def test_shifted_schedules_by_hand():
     assert shifted_schedules([0.5, 0.3, 0.1], (0.2, -0.2), 0.05) == [(0.5, 0.3, 0.1), (0.7, 0.5, 0.3), (0.3, 0.1, 0.05)]
     assert shifted_schedules([0.9], (0.2, -0.2), 0.05) == [(0.9,), (1.0,), (0.7,)]

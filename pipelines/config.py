@@ -120,6 +120,11 @@ class RegionFocusSection(_Strict):
         except ValueError as e:
             raise ValueError(f"region_focus.layers: {e}") from None
         K = len(self.layers)
+        if self.layers == tuple(range(1, K + 1)):
+            raise ValueError(
+                f"region_focus.layers {list(self.layers)}: the module's copies of layers 0-{K} would be the LLM's own "
+                "first layers, their logits the teacher's from the start: nothing to learn; leave a gap"
+            )
         if any(k < 0 for k in self.skipped):
             raise ValueError(f"region_focus.skipped {list(self.skipped)}: indices into layers, >= 0")
         if K - 1 in self.skipped:

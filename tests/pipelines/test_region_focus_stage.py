@@ -172,9 +172,9 @@ def test_a_bf16_step_trains_the_module_alone_and_follows_fp32(tmp_path):
         (["train.stage=region_focus", "region_focus.layers=[2,1]"], "increasing"),
         (["train.stage=region_focus", "region_focus.layers=[1,3,5]"], "S_2"),  # the score's, skipped by default
         (["train.stage=region_focus", "region_focus.layers=[1,2,3]", "region_focus.skipped=[]"], "nothing to learn"),
-        (["train.stage=region_focus", "region_focus.layers=[1]", "region_focus.skipped=[-1]"], "skipped"),
-        (["train.stage=region_focus", "region_focus.layers=[1]", "train.gradient_checkpointing=true"], "checkpoint"),
-        (["train.stage=region_focus", "region_focus.layers=[1]", "region_focus.temperature=0"], "temperature"),
+        (["train.stage=region_focus", "region_focus.layers=[2]", "region_focus.skipped=[-1]"], "skipped"),
+        (["train.stage=region_focus", "region_focus.layers=[2]", "train.gradient_checkpointing=true"], "checkpoint"),
+        (["train.stage=region_focus", "region_focus.layers=[2]", "region_focus.temperature=0"], "temperature"),
         (["train.stage=region_focus", "region_focus.layer=[1]"], "region_focus.layer"),
     ],
 )

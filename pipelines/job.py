@@ -25,6 +25,8 @@ from pipelines.toy.model import VARIANT_FAMILIES, toy_config
 from pipelines.toy.writer import ToyWorldPaths, world_spec
 from pipelines.tracking import resolve_uri
 
+REGION_FOCUS_FAMILIES = ("llava", "llava_next", "llava_onevision")  # lvpruning.region_focus: LlavaAdapter's
+
 
 @dataclass(frozen=True)
 class Job:
@@ -93,7 +95,12 @@ def resolve(cfg: JobConfig, *, model: str | None = None, modules: str | None = N
     shape = model_config(cfg.model.name_or_path, cfg.data.toy_variant)
     text = shape.text_config
     cfg.pruning.check_model(text.num_hidden_layers, text.hidden_size)
-    if cfg.train.stage == "region_focus":  # layers the LLM has (the section checked the rest)
+    if cfg.train.stage == "region_focus":  # a LLaVA family, layers its LLM has (the section checked the rest)
+        if shape.model_type not in REGION_FOCUS_FAMILIES:
+            raise ValueError(
+                f"train.stage 'region_focus': the Region Focus Module supports {list(REGION_FOCUS_FAMILIES)}, "
+                f"{cfg.model.name_or_path} is a {shape.model_type}"
+            )
         try:
             check_layers(cfg.region_focus.layers, text.num_hidden_layers)
         except ValueError as e:

@@ -191,3 +191,6 @@ def test_layers_beyond_the_models_depth_fail_at_resolve(monkeypatch, tmp_path):
     cfg = load_config(None, ["data.toy_variant=hires", "train.stage=region_focus", "region_focus.layers=[4]"])
     with pytest.raises(ValueError, match=r"region_focus.layers \(toy\).*the last < 4"):
         resolve(cfg)
+    qwen = load_config(None, ["data.toy_variant=qwen", "train.stage=region_focus", "region_focus.layers=[2]"])
+    with pytest.raises(ValueError, match="supports .*llava_next.* is a qwen2_5_vl"):
+        resolve(qwen)

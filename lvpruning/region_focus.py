@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,10 +28,12 @@ from transformers import PreTrainedConfig
 from lvpruning.adapters import DecoderAdapter, LlavaAdapter, attention_rows_flops, get_adapter
 from lvpruning.checkpoint import read_metadata
 from lvpruning.flops import decoder_layer_flops
+from lvpruning.layout import BASE
 from lvpruning.stage import gather_tokens
 
 SKIPPED_LAYERS = (1, 2)  # the reference's loss leaves out S_1 and S_2 (hard-coded ``if layer_idx in [1,2]``)
 TEMPERATURE = 2.0  # tau of the image terms (``temperature = 2.0`` in the reference's loss)
+DISTILLATION_TERMS = ("kl", "kl_image", "mse")  # distillation_terms' order
 WEIGHTS_NAME = "region_focus.safetensors"
 CONFIG_NAME = "region_focus.json"
 FORMAT_VERSION = 1
@@ -95,6 +98,19 @@ def answer_rows(
     return rows, real
 
 
+def check_layers(layers: Sequence[int], depth: int | None = None) -> None:
+    """Fail unless ``layers`` are increasing 0-based decoder layers, the first >= 1 (its predecessor is copied too)
+    and, with ``depth`` (the LLM's number of layers), the last < ``depth``."""
+    layers = tuple(layers)
+    beyond = depth is not None and bool(layers) and layers[-1] >= depth
+    if not layers or layers[0] < 1 or list(layers) != sorted(set(layers)) or beyond:
+        within = f", the last < {depth}" if depth is not None else ""
+        raise ValueError(
+            f"layers {list(layers)}: give increasing 0-based decoder layers, the first >= 1 (its predecessor is "
+            f"copied too){within}"
+        )
+
+
 class RegionFocusModule(nn.Module):
     """The Region Focus Module of a LLaVA-family ``model`` (``PyramidPruneModule`` in the reference), its decoder
     layers copied from ``model``'s layers ``[layers[0] - 1, *layers]`` (trainable; ``model``'s own untouched)."""
@@ -105,12 +121,7 @@ class RegionFocusModule(nn.Module):
         if not isinstance(adapter, LlavaAdapter):
             raise ValueError(f"the Region Focus Module supports the LLaVA families, got {type(model).__name__}")
         layers = tuple(int(i) for i in layers)
-        depth = adapter.text_config.num_hidden_layers
-        if not layers or layers[0] < 1 or layers[-1] >= depth or list(layers) != sorted(set(layers)):
-            raise ValueError(
-                f"layers {layers}: give increasing 0-based decoder layers, the first >= 1 (its predecessor is "
-                f"copied too), the last < {depth}"
-            )
+        check_layers(layers, adapter.text_config.num_hidden_layers)
         self.adapter = adapter
         self.llm_layers = layers
         self.layers = nn.ModuleList(copy.deepcopy(adapter.layers[i]) for i in (layers[0] - 1, *layers))
@@ -185,6 +196,21 @@ def distillation_loss(
     ``student``/``teacher``: per layer (B, h, Q, N) logits; ``rows`` (B, Q) marks each sample's real rows (the
     reference's: the token before each answer span). The reference masks no key, later ones included: its
     ``keys`` are every real token of the sample; its ``image`` keys the high-resolution image tokens."""
+    return distillation_terms(student, teacher, rows, keys, image, skipped, temperature).mean()
+
+
+def distillation_terms(
+    student: Sequence[torch.Tensor],
+    teacher: Sequence[torch.Tensor],
+    rows: torch.Tensor,
+    keys: torch.Tensor,
+    image: torch.Tensor,
+    skipped: Sequence[int] = SKIPPED_LAYERS,
+    temperature: float = TEMPERATURE,
+) -> torch.Tensor:
+    """:func:`distillation_loss`'s three terms apart (3,): ``DISTILLATION_TERMS``, each the mean over samples with
+    an image, layers not in ``skipped`` and heads. Each counts as many values as the others, so their mean is the
+    loss."""
     terms = []
     for k, (S, T) in enumerate(zip(student, teacher, strict=True)):
         if k in skipped:
@@ -201,7 +227,7 @@ def distillation_loss(
         raise ValueError(f"every layer of {len(student)} is skipped ({tuple(skipped)})")
     per_sample = torch.stack(terms, dim=1)  # (B, K', h, 3)
     present = image.any(dim=1) & rows.any(dim=1)  # (B,)
-    return per_sample[present].mean() if bool(present.any()) else per_sample.sum() * 0.0
+    return per_sample[present].mean((0, 1, 2)) if bool(present.any()) else per_sample.sum((0, 1, 2)) * 0.0
 
 
 def _kl_rows(S: torch.Tensor, T: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -213,6 +239,93 @@ def _kl_rows(S: torch.Tensor, T: torch.Tensor, keys: torch.Tensor) -> torch.Tens
     log_t = T.masked_fill(hidden, float("-inf")).log_softmax(dim=-1)
     kl = (log_t.exp() * (log_t - log_s)).masked_fill(hidden, 0.0).sum(dim=-1)
     return kl * some[:, :, None]
+
+
+def image_keys(adapter: LlavaAdapter, input_ids: torch.Tensor, image_sizes: torch.Tensor | None) -> torch.Tensor:
+    """The distillation's ``image`` keys (B, N): the vision tokens the module scores. On the tiled families those
+    outside the base view (the tiles' tokens and their newlines: the reference's local slice, from the base view's
+    end to the image's), on LLaVA-1.5 every vision token (its one view)."""
+    vision = input_ids == adapter.model.config.image_token_id  # (B, N)
+    if not adapter.tiled or not bool(vision.any()):
+        return vision
+    counts = vision.sum(dim=-1)  # (B,)
+    kind = adapter.layout(input_ids.shape[0], image_sizes, int(counts.max())).kind.to(input_ids.device)  # (B, Nv)
+    slot = (vision.long().cumsum(dim=-1) - 1).clamp(0, kind.shape[1] - 1)  # (B, N): each token's vision slot
+    return vision & (kind.gather(1, slot) != BASE)
+
+
+@dataclass
+class DistillationOutput:
+    loss: torch.Tensor  # the distillation loss: all the module's gradients come from it
+    lm_loss: torch.Tensor  # the frozen LLM's language-model loss, detached (a constant to the module)
+    terms: torch.Tensor  # (3,) DISTILLATION_TERMS, detached
+
+
+class RegionFocusDistillation(nn.Module):
+    """A Region Focus Module trained on a frozen LLaVA-family ``model`` (what ``train.stage: region_focus`` trains).
+
+    One step is one forward of the frozen LLM (no gradient, ``output_hidden_states``: its LM loss, the merged input
+    embeddings the module reads, and each layer's input for the teacher's logits), then the module's logits and
+    :func:`distillation_loss` on the rows before each answer span (:func:`answer_rows`), the image keys those of
+    :func:`image_keys`. The reference adds the LLM's LM loss to the distillation loss and trains both; with the LLM
+    frozen the LM loss has no gradient, so ``loss`` is the distillation loss alone and the LM loss is reported.
+
+    Of the module's last layer only what ``S_{K-1}`` reads is trainable (its ``input_layernorm``, ``q_proj`` and
+    ``k_proj``): the rest never runs, keeps the LLM's values and takes no optimizer state."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[int],
+        skipped: Sequence[int] = SKIPPED_LAYERS,
+        temperature: float = TEMPERATURE,
+    ):
+        super().__init__()
+        model.requires_grad_(False)
+        self.model = model
+        self.region_focus = RegionFocusModule(model, layers)
+        last = self.region_focus.layers[-1]
+        last.requires_grad_(False)
+        for read in (last.input_layernorm, last.self_attn.q_proj, last.self_attn.k_proj):
+            read.requires_grad_(True)
+        self.skipped, self.temperature = tuple(skipped), temperature
+
+    def train(self, mode: bool = True) -> RegionFocusDistillation:
+        """The module in ``mode``; the frozen LLM stays in eval mode."""
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+    ) -> DistillationOutput:
+        """A collated training batch (right-padded (B, N) ``input_ids``, ``attention_mask``, ``labels``; the images'
+        ``pixel_values`` and, for the tiled families, ``image_sizes``) to the loss and what to log."""
+        adapter = self.region_focus.adapter
+        padding = attention_mask.bool()
+        position_ids = adapter.position_ids(input_ids, attention_mask, image_sizes)  # (B, N)
+        images = {"pixel_values": pixel_values} | ({"image_sizes": image_sizes} if image_sizes is not None else {})
+        with torch.no_grad():
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                labels=labels,
+                output_hidden_states=True,
+                **images,
+            )
+        hidden = out.hidden_states  # index l: layer l's input; 0: the merged input embeddings (B, N, C)
+        rows, real = answer_rows(labels, padding)  # (B, Q)
+        teacher = teacher_logits(self.model, self.region_focus.llm_layers, hidden, position_ids, rows)
+        student = self.region_focus(hidden[0], position_ids, padding, rows)
+        image = image_keys(adapter, input_ids, image_sizes)
+        terms = distillation_terms(student, teacher, real, padding, image, self.skipped, self.temperature)
+        return DistillationOutput(terms.mean(), out.loss.detach(), terms.detach())
 
 
 def _signature(model: nn.Module) -> dict:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lvpruning import PruningConfig
 from lvpruning.config import check_schedule
 from lvpruning.policies import AT_TOWER, METHODS, NONE, POLICIES, TRAINING_FREE, get_policy
+from lvpruning.region_focus import SKIPPED_LAYERS, TEMPERATURE, check_layers
 from pipelines.stages import STAGES, Stage
 from pipelines.storage import decode_utf8
 from pipelines.toy.writer import VARIANTS, world_spec
@@ -97,6 +98,42 @@ class TrainSection(_Strict):
         if not all(0.0 <= beta < 1.0 for beta in value):
             raise ValueError(f"each of adam_betas must be in [0, 1), got {value}")
         return value
+
+
+class RegionFocusSection(_Strict):
+    """``train.stage: region_focus``: LRS-VQA's Region Focus Module (``lvpruning.region_focus``). ``layers``: the
+    LLM's decoder layers ``l_1 < ... < l_K`` (0-based, the first >= 1) whose text-to-image attention the module's
+    copies of ``[l_1 - 1, l_1, ..., l_K]`` learn; the score is ``l_K``'s. ``skipped``: the layers ``k`` (indices
+    into ``layers``) left out of the loss, the reference's hard-coded ``{1, 2}``; the score's own ``K - 1`` may not
+    be one. ``temperature``: tau of the image terms."""
+
+    layers: tuple[int, ...] | None = None  # required by the stage; checked against the model's depth by resolve
+    skipped: tuple[int, ...] = SKIPPED_LAYERS
+    temperature: float = Field(TEMPERATURE, gt=0)
+
+    @model_validator(mode="after")
+    def _valid(self) -> RegionFocusSection:
+        if self.layers is None:
+            return self
+        try:
+            check_layers(self.layers)
+        except ValueError as e:
+            raise ValueError(f"region_focus.layers: {e}") from None
+        K = len(self.layers)
+        if self.layers == tuple(range(1, K + 1)):
+            raise ValueError(
+                f"region_focus.layers {list(self.layers)}: the module's copies of layers 0-{K} would be the LLM's own "
+                "first layers, their logits the teacher's from the start: nothing to learn; leave a gap"
+            )
+        if any(k < 0 for k in self.skipped):
+            raise ValueError(f"region_focus.skipped {list(self.skipped)}: indices into layers, >= 0")
+        if K - 1 in self.skipped:
+            raise ValueError(
+                f"region_focus.skipped {list(self.skipped)} leaves out S_{K - 1}, the logits of layer "
+                f"{self.layers[-1]} that the module scores with, so the score's layer would never be distilled: "
+                "with the reference's skipped [1, 2] give 1 or at least 4 layers, or set region_focus.skipped"
+            )
+        return self
 
 
 class ScalingSection(_Strict):
@@ -396,6 +433,7 @@ class JobConfig(_Strict):
     mlflow: MlflowSection = MlflowSection()
     eval: EvalSection = EvalSection()
     sweep: SweepSection = SweepSection()
+    region_focus: RegionFocusSection = RegionFocusSection()
 
     @model_validator(mode="before")
     @classmethod
@@ -423,6 +461,14 @@ class JobConfig(_Strict):
             raise ValueError(f"train.stage {t.stage!r} trains all parameters and exists for the toy world only")
         if t.init_from is not None and not self.stage.exports_model:
             raise ValueError("train.init_from continues a toy base model: it needs train.stage 'base'")
+        if t.stage == "region_focus":
+            if self.region_focus.layers is None:
+                raise ValueError("train.stage 'region_focus' trains the module of region_focus.layers: give them")
+            if t.gradient_checkpointing:
+                raise ValueError(
+                    "train.gradient_checkpointing: stage 'region_focus' runs the frozen LLM without gradients and "
+                    "only the module's K layers with them; turn it off"
+                )
         if self.data.toy_question_types is not None:
             world_spec(self.data.toy_variant, self.data.toy_question_types)  # unknown types fail here, named
         for schedule in self.eval.schedules:

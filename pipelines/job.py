@@ -17,12 +17,15 @@ from transformers import LlavaConfig
 
 from lvpruning.config import check_schedule
 from lvpruning.presets import load_llava_config
+from lvpruning.region_focus import check_layers
 from pipelines.config import TOY, JobConfig
 from pipelines.storage import is_s3
 from pipelines.toy.base import ToyWorld
 from pipelines.toy.model import VARIANT_FAMILIES, toy_config
 from pipelines.toy.writer import ToyWorldPaths, world_spec
 from pipelines.tracking import resolve_uri
+
+REGION_FOCUS_FAMILIES = ("llava", "llava_next", "llava_onevision")  # lvpruning.region_focus: LlavaAdapter's
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,16 @@ def resolve(cfg: JobConfig, *, model: str | None = None, modules: str | None = N
     shape = model_config(cfg.model.name_or_path, cfg.data.toy_variant)
     text = shape.text_config
     cfg.pruning.check_model(text.num_hidden_layers, text.hidden_size)
+    if cfg.train.stage == "region_focus":  # a LLaVA family, layers its LLM has (the section checked the rest)
+        if shape.model_type not in REGION_FOCUS_FAMILIES:
+            raise ValueError(
+                f"train.stage 'region_focus': the Region Focus Module supports {list(REGION_FOCUS_FAMILIES)}, "
+                f"{cfg.model.name_or_path} is a {shape.model_type}"
+            )
+        try:
+            check_layers(cfg.region_focus.layers, text.num_hidden_layers)
+        except ValueError as e:
+            raise ValueError(f"region_focus.layers ({cfg.model.name_or_path}): {e}") from None
     for i, own in enumerate(cfg.eval.at_own_layers):
         for schedule in own.schedules:
             try:

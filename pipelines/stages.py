@@ -5,21 +5,28 @@
   exports the decision modules (safetensors + JSON).
 - ``base`` (the toy world only): every parameter of the toy model (LLaVA, LLaVA-NeXT or Qwen2.5-VL); LM loss;
   exports the model.
+- ``region_focus`` (LRS-VQA): a Region Focus Module beside a frozen LLaVA-family base model (``region_focus``
+  section); the distillation loss; exports the module (safetensors + JSON). Not evaluated: no inference path reads
+  it yet.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
-from lvpruning import PruningConfig, attach, save_decision_modules
+from lvpruning import attach, save_decision_modules
 from lvpruning.policies import NONE, LearnedPolicy
+from lvpruning.region_focus import DISTILLATION_TERMS, RegionFocusDistillation, save_region_focus
 from pipelines.conversation import load_processor
 from pipelines.images import token_types
+
+if TYPE_CHECKING:
+    from pipelines.config import JobConfig
 
 
 @dataclass(frozen=True)
@@ -28,10 +35,15 @@ class PruningStage:
     method: str = LearnedPolicy.name  # the MLflow ``method`` param of the run
     export_dir: str = "decision_modules"  # the usable part of a checkpoint
     exports_model: bool = False  # its export is decision modules for the base model
+    evaluated: bool = True  # jobs/train.py evaluates its export
 
-    def trainable(self, model: LlavaForConditionalGeneration, pruning: PruningConfig) -> nn.Module:
+    def trainable(self, model: LlavaForConditionalGeneration, cfg: JobConfig) -> nn.Module:
         """The module DeepSpeed trains: fresh decision modules on the frozen model."""
-        return attach(model, pruning)
+        return attach(model, cfg.pruning)
+
+    def params(self, cfg: JobConfig) -> dict[str, Any]:
+        """The MLflow params that say what it trains (besides ``method`` and ``total_steps``)."""
+        return {"layers": list(cfg.pruning.layers), "train_ratios": list(cfg.pruning.train_ratios)}
 
     def inputs(self, module: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         """A collated batch as the trained module takes it: ``LVPruningModel`` takes it as it is."""
@@ -57,10 +69,14 @@ class BaseStage:
     method: str = NONE
     export_dir: str = "model"
     exports_model: bool = True  # its export is a whole model, trained from scratch (so: the toy world only)
+    evaluated: bool = True  # the base model alone (pipelines.job.resolve)
 
-    def trainable(self, model: LlavaForConditionalGeneration, pruning: PruningConfig) -> nn.Module:
+    def trainable(self, model: LlavaForConditionalGeneration, cfg: JobConfig) -> nn.Module:
         """Every parameter of the model."""
         return model
+
+    def params(self, cfg: JobConfig) -> dict[str, Any]:
+        return {}
 
     def inputs(self, module: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
         """A collated batch as Hugging Face's own model takes it (:func:`pipelines.images.token_types`)."""
@@ -79,5 +95,38 @@ class BaseStage:
         return f"{name}-base"
 
 
-Stage = PruningStage | BaseStage
-STAGES: dict[str, Stage] = {stage.name: stage for stage in (PruningStage(), BaseStage())}
+@dataclass(frozen=True)
+class RegionFocusStage:
+    name: str = "region_focus"
+    method: str = "lrs_vqa"
+    export_dir: str = "region_focus"
+    exports_model: bool = False  # its export is a module for the base model
+    evaluated: bool = False  # the pyramid's inference path, which reads the module, is not in the engine yet
+
+    def trainable(self, model: LlavaForConditionalGeneration, cfg: JobConfig) -> nn.Module:
+        """A fresh Region Focus Module (copies of the LLM's layers) beside the frozen model."""
+        rf = cfg.region_focus
+        return RegionFocusDistillation(model, rf.layers, rf.skipped, rf.temperature)
+
+    def inputs(self, module: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        return batch
+
+    def metrics(self, out: Any) -> dict[str, Any]:
+        """The frozen LLM's LM loss (not optimised) and the distillation's three terms."""
+        terms = {f"distill/{name}": value.float() for name, value in zip(DISTILLATION_TERMS, out.terms, strict=True)}
+        return {"lm_loss": out.lm_loss.float(), **terms}
+
+    def save(self, module: nn.Module, directory: Path, model_path: str) -> None:
+        save_region_focus(module.region_focus, directory)
+
+    def params(self, cfg: JobConfig) -> dict[str, Any]:
+        rf = cfg.region_focus
+        return {"layers": list(rf.layers), "skipped": list(rf.skipped), "temperature": rf.temperature}
+
+    def run_name(self, name: str) -> str:
+        """Its own checkpoints, so a region_focus run never resumes from a pruning one of the same name."""
+        return f"{name}-region-focus"
+
+
+Stage = PruningStage | BaseStage | RegionFocusStage
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (PruningStage(), BaseStage(), RegionFocusStage())}

@@ -39,7 +39,7 @@ BASE_CONFIGS = {  # by data.toy_variant
 @dataclass(frozen=True)
 class TrainingResult:
     model_path: str  # the base model (stage pruning), or the trained toy model (stage base)
-    modules: str | None  # the exported decision modules (stage pruning)
+    modules: str | None  # the exported decision modules (stage pruning) or Region Focus Module (region_focus)
     run_id: str  # the MLflow training run
 
 
@@ -110,12 +110,7 @@ def run_training(
     steps = planned_steps(cfg, len(data))
     uri = cfg.mlflow.tracking_uri
     tags = {RUN_NAME_TAG: cfg.run.name, "stage": stage.name, **(tags or {})}
-    params = {
-        "method": stage.method,
-        "total_steps": steps,
-        "layers": list(cfg.pruning.layers),
-        "train_ratios": list(cfg.pruning.train_ratios),
-    }
+    params = {"method": stage.method, "total_steps": steps, **stage.params(cfg)}
     world = toy_world(job) if stage.exports_model else None
     destination = world.base_model if world is not None else export_path(cfg)
     with mlflow_run(cfg, f"{cfg.run.name}-{stage.name}", tags, params, resumable_run_id(cfg, uri)) as run:
@@ -148,8 +143,8 @@ def run_training(
 
 
 def export_path(cfg: JobConfig) -> Path:
-    """Where ``run_training`` exports decision modules: ``<run.output_dir>/<run.name>/<stage>`` (absolute, as
-    ``run.output_dir`` is resolved)."""
+    """Where ``run_training`` exports decision modules (or a Region Focus Module):
+    ``<run.output_dir>/<run.name>/<stage>`` (absolute, as ``run.output_dir`` is resolved)."""
     return Path(cfg.run.output_dir) / cfg.run.name / cfg.stage.name
 
 

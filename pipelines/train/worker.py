@@ -1,5 +1,6 @@
 """The Ray Train worker loop: DeepSpeed training of what ``train.stage`` names (``pipelines.stages``): the LVPruning
-decision modules of a frozen base model (``pruning``), or the whole toy model (``base``).
+decision modules of a frozen base model (``pruning``), the whole toy model (``base``), or LRS-VQA's Region Focus
+Module beside a frozen base model (``region_focus``).
 
 Everything reaches the workers through ``train_loop_config``: the resolved job config, the model path, the MLflow
 run to log into (rank 0 only) and the number of optimizer steps. Every logged step is printed and is a
@@ -82,7 +83,7 @@ def setup_model(cfg: JobConfig, model_path: str, device: torch.device) -> tuple[
     model = from_pretrained(
         local_copy(model_path), dtype=getattr(torch, cfg.model.dtype), attn_implementation=cfg.model.attn_implementation
     )
-    module = cfg.stage.trainable(model, cfg.pruning).train()
+    module = cfg.stage.trainable(model, cfg).train()
     if cfg.train.gradient_checkpointing:  # LVPruningModel's, or Hugging Face's for the whole model (stage base)
         module.activation_checkpointing_enable()
     module.to(device)
@@ -190,9 +191,9 @@ def load_full_optimizer_state(engine, module: torch.nn.Module, saved: dict[str, 
 
 def write_checkpoint(directory: str, engine, module, state: TrainState, cfg: JobConfig, model_path: str) -> None:
     """Every rank writes its DeepSpeed shard: trainable parameters and their optimizer state only, since frozen
-    weights (the whole base model in stage ``pruning``) are the model's own files. Rank 0 also writes the optimizer
-    state whole (``full_optimizer_state``: what a resume reads, at any world size), the stage's export
-    (``<stage.export_dir>/``) and the trainer state."""
+    weights (the whole base model in stages ``pruning`` and ``region_focus``, and the Region Focus Module's unread
+    copies) are the model's own values. Rank 0 also writes the optimizer state whole (``full_optimizer_state``: what
+    a resume reads, at any world size), the stage's export (``<stage.export_dir>/``) and the trainer state."""
     engine.save_checkpoint(directory, tag=ENGINE_TAG, exclude_frozen_parameters=True)
     full = full_optimizer_state(engine, module)
     if engine.global_rank == 0:

@@ -134,6 +134,24 @@ def test_llava_next_7b_config_fits_its_model_with_the_papers_schedule():
     assert all(POLICIES[m].published.layers[0] >= 0 for m in cfg.eval.methods if m != "none")  # LLM-side only
 
 
+def test_region_focus_configs_fit_their_models(monkeypatch):
+    """The Region Focus Module's configs: the 7B's four layers within LLaVA-NeXT-7B's 32 (and OneVision-7B's 28),
+    the score's layer distilled under the reference's skip; the toy one resolved against the hires toy model."""
+    cfg = load_config(JOBS / "configs" / "region_focus_llava_next_7b.yaml")
+    assert (cfg.train.stage, cfg.model.name_or_path) == ("region_focus", "llava-hf/llava-v1.6-vicuna-7b-hf")
+    rf = cfg.region_focus
+    assert rf.layers == (4, 8, 12, 16) and rf.skipped == (1, 2) and len(rf.layers) - 1 not in rf.skipped
+    for preset in ("llava-next-7b", "llava-onevision-7b"):
+        assert rf.layers[-1] < load_llava_config(preset).text_config.num_hidden_layers
+    assert cfg.scaling.use_gpu and cfg.data.max_length > 2928 and not cfg.train.gradient_checkpointing
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    job = resolve(load_config(JOBS / "configs" / "toy_region_focus.yaml"))
+    check_training(job)
+    assert job.config.data.toy_variant == "hires" and job.config.region_focus.layers[-1] < job.num_layers == 4
+    assert job.config.stage_run_name == f"{job.config.run.name}-region-focus" and not job.config.stage.evaluated
+
+
 @pytest.mark.parametrize(
     "name, model, patch, shape",
     [

@@ -8,8 +8,10 @@ message naming the field instead of a shape error deep inside ``load_state_dict`
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -24,7 +26,8 @@ FORMAT_VERSION = 1
 SHAPE_FIELDS = ("layers", "decision_dim", "num_blocks", "num_heads", "ffn_dim")
 
 
-def _model_signature(pruner_or_model: nn.Module) -> dict:
+def model_signature(pruner_or_model: nn.Module) -> dict:
+    """What a trained module is tied to: the base model's type, its decoder's type, width and depth."""
     model = pruner_or_model.model if isinstance(pruner_or_model, LVPruningModel) else pruner_or_model
     text = get_adapter(model).text_config
     return {
@@ -35,19 +38,42 @@ def _model_signature(pruner_or_model: nn.Module) -> dict:
     }
 
 
-def save_decision_modules(pruner: LVPruningModel, directory: str | Path) -> Path:
-    """Write the decision modules of ``pruner`` to ``directory`` and return it."""
+def save_modules(module: nn.Module, directory: str | Path, names: tuple[str, str], meta: dict) -> Path:
+    """Write ``module``'s weights (safetensors) and ``meta`` (JSON, with the format version) to ``directory``
+    under ``names`` = (weights, config); returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in pruner.decision_modules.state_dict().items()}
-    save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "pruning_config": pruner.config.to_dict(),
-        "model": _model_signature(pruner),
-    }
-    (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(state, directory / names[0], metadata={"format": "pt"})
+    (directory / names[1]).write_text(json.dumps({"format_version": FORMAT_VERSION} | meta, indent=2) + "\n")
     return directory
+
+
+def read_modules(
+    model: nn.Module, directory: str | Path, names: tuple[str, str], what: str, keys: Sequence[str]
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The (config, weights on ``model``'s device) saved by :func:`save_modules` in ``directory``; fails naming the
+    missing file (not ``what`` directory), or the field of ``keys`` where ``model`` is not the one trained for."""
+    directory = Path(directory)
+    for name in reversed(names):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} not found: not {what} directory")
+    meta = read_metadata(directory / names[1])
+    saved, actual = meta["model"], model_signature(model)
+    for key in keys:
+        if saved[key] != actual[key]:
+            raise ValueError(
+                f"{directory} holds modules trained for a model with {key}={saved[key]}, "
+                f"but this model has {key}={actual[key]}"
+            )
+    device = next(model.parameters()).device
+    return meta, load_file(directory / names[0], device=str(device))
+
+
+def save_decision_modules(pruner: LVPruningModel, directory: str | Path) -> Path:
+    """Write the decision modules of ``pruner`` to ``directory`` and return it."""
+    meta = {"pruning_config": pruner.config.to_dict(), "model": model_signature(pruner)}
+    return save_modules(pruner.decision_modules, directory, (WEIGHTS_NAME, CONFIG_NAME), meta)
 
 
 def read_pruning_config(directory: str | Path) -> PruningConfig:
@@ -77,18 +103,9 @@ def load_decision_modules(
 
     ``config`` replaces the saved pruning config (other schedules, say); it must have the saved module shape
     (``SHAPE_FIELDS``), else this fails naming the field."""
-    directory = Path(directory)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} not found: not an LVPruning decision-module directory")
-    meta = read_metadata(directory / CONFIG_NAME)
-    saved, actual = meta["model"], _model_signature(model)
-    for key in ("hidden_size", "num_hidden_layers"):
-        if saved[key] != actual[key]:
-            raise ValueError(
-                f"decision modules in {directory} were trained for a model with {key}={saved[key]}, "
-                f"but this model has {key}={actual[key]}"
-            )
+    names, keys = (WEIGHTS_NAME, CONFIG_NAME), ("hidden_size", "num_hidden_layers")
+    meta, state = read_modules(model, directory, names, "an LVPruning decision-module", keys)
+    hidden_size = meta["model"]["hidden_size"]
     trained = PruningConfig.from_dict(meta["pruning_config"])
     for key in SHAPE_FIELDS if config is not None else ():
         if getattr(config, key) != getattr(trained, key):
@@ -97,14 +114,11 @@ def load_decision_modules(
                 f"for {key}={getattr(config, key)}; give the saved {key} (or leave the config out)"
             )
     config = config or trained
-    device = next(model.parameters()).device
-    state = load_file(directory / WEIGHTS_NAME, device=str(device))
     width = state["0.score.weight"].shape[1]  # W_O of the first module: (2, D)
-    if width != config.width(actual["hidden_size"]):
+    if width != config.width(hidden_size):
         raise ValueError(
             f"decision modules in {directory} are {width} wide, but their config says decision_dim="
-            f"{config.decision_dim} ({config.width(actual['hidden_size'])} wide): {CONFIG_NAME} does not match "
-            f"{WEIGHTS_NAME}"
+            f"{config.decision_dim} ({config.width(hidden_size)} wide): {CONFIG_NAME} does not match {WEIGHTS_NAME}"
         )
     pruner = LVPruningModel(model, config)
     pruner.decision_modules.load_state_dict(state, strict=True)

@@ -15,18 +15,16 @@ Shapes: B batch, N tokens, C hidden size, h heads, Q query rows, V vision tokens
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedConfig
 
 from lvpruning.adapters import DecoderAdapter, LlavaAdapter, attention_rows_flops, get_adapter
-from lvpruning.checkpoint import read_metadata
+from lvpruning.checkpoint import model_signature, read_modules, save_modules
 from lvpruning.flops import decoder_layer_flops
 from lvpruning.layout import BASE
 from lvpruning.stage import gather_tokens
@@ -36,7 +34,6 @@ TEMPERATURE = 2.0  # tau of the image terms (``temperature = 2.0`` in the refere
 DISTILLATION_TERMS = ("kl", "kl_image", "mse")  # distillation_terms' order
 WEIGHTS_NAME = "region_focus.safetensors"
 CONFIG_NAME = "region_focus.json"
-FORMAT_VERSION = 1
 
 
 def attention_logits(
@@ -328,48 +325,17 @@ class RegionFocusDistillation(nn.Module):
         return DistillationOutput(terms.mean(), out.loss.detach(), terms.detach())
 
 
-def _signature(model: nn.Module) -> dict:
-    text = get_adapter(model).text_config
-    return {
-        "model_type": model.config.model_type,
-        "text_model_type": text.model_type,
-        "hidden_size": text.hidden_size,
-        "num_hidden_layers": text.num_hidden_layers,
-    }
-
-
 def save_region_focus(module: RegionFocusModule, directory: str | Path) -> Path:
     """Write ``module`` to ``directory`` (``region_focus.safetensors`` + ``region_focus.json``) and return it."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in module.layers.state_dict().items()}
-    save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "method": "lrs_vqa",
-        "layers": list(module.llm_layers),
-        "model": _signature(module.adapter.model),
-    }
-    (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    return directory
+    meta = {"method": "lrs_vqa", "layers": list(module.llm_layers), "model": model_signature(module.adapter.model)}
+    return save_modules(module.layers, directory, (WEIGHTS_NAME, CONFIG_NAME), meta)
 
 
 def load_region_focus(model: nn.Module, directory: str | Path) -> RegionFocusModule:
     """The Region Focus Module saved in ``directory``, for ``model`` (a base LLaVA, loaded as usual); fails naming
     the field when ``model`` is not the shape it was trained for."""
-    directory = Path(directory)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} not found: not a Region Focus Module directory")
-    meta = read_metadata(directory / CONFIG_NAME)
-    saved, actual = meta["model"], _signature(model)
-    for key in ("text_model_type", "hidden_size", "num_hidden_layers"):
-        if saved[key] != actual[key]:
-            raise ValueError(
-                f"the Region Focus Module in {directory} was trained for a model with {key}={saved[key]}, "
-                f"but this model has {key}={actual[key]}"
-            )
+    keys = ("text_model_type", "hidden_size", "num_hidden_layers")
+    meta, state = read_modules(model, directory, (WEIGHTS_NAME, CONFIG_NAME), "a Region Focus Module", keys)
     module = RegionFocusModule(model, meta["layers"])
-    device = next(model.parameters()).device
-    module.layers.load_state_dict(load_file(directory / WEIGHTS_NAME, device=str(device)), strict=True)
+    module.layers.load_state_dict(state, strict=True)
     return module

@@ -55,7 +55,8 @@ def test_ray_job_submit_trains_base_then_decision_modules(head, mlflow_server):
     state, logs = submit(head, *common, "train.max_steps=3", "train.learning_rate=1e-3")
     assert state == "SUCCEEDED", logs[-4000:]
     assert f"toy base model: {tmp / 'toy' / 'base_model'}" in logs
-    assert "step 3/3" in logs and f"open {mlflow_server}" in logs
+    assert "step 3/3" in logs and f"runs: {mlflow_server}/#/experiments/" in logs  # the UI link, in its runs view
+    assert "?workflowType=machine_learning" in logs
     # each copied once, when first needed: the initial model and the images by the base job, then the base model it
     # trained (evaluated: the images are there already); the decision modules by the second job
     copied = r"^(\S+): copying (\S+) .* to s3://"

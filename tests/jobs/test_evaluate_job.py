@@ -57,15 +57,19 @@ def test_evaluate_job_logs_one_run_per_setting_and_prints_the_table(tmp_path):
 
     lines = done.stdout.splitlines()
     table = lines[next(i for i, line in enumerate(lines) if line.split()[:2] == ["method", "ratios"]) :]
-    assert table[0].split() == ["method", "ratios", "tflops", "toy", "mean", "prefill_ms", "e2e_ms"]
+    head = ["method", "ratios", "tflops", "toy", "mean", "mean_95%_ci", "prefill_ms", "e2e_ms"]
+    assert table[0].split() == head
     assert [row.split()[:2] for row in table[1:4]] == [["none", "-"], ["lvpruning", "0.5-0.25"], ["random", "0.5-0.25"]]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("evaluate-job").experiment_id])
+    experiment = client.get_experiment_by_name("evaluate-job").experiment_id
+    assert f"runs: http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning" in done.stdout
+    runs = client.search_runs([experiment])
     by_name = {run.info.run_name: run for run in runs}
     assert set(by_name) == {"none", "lvpruning_0.5-0.25", "random_0.5-0.25"}
     for run in runs:
         assert run.info.status == "FINISHED"
+        assert {"ci_low/accuracy/toy", "ci_high/accuracy/mean"} <= set(run.data.metrics)
         assert {"accuracy/toy", "accuracy/mean", "tflops", "latency/prefill_ms", "latency/e2e_ms"} <= set(
             run.data.metrics
         )

@@ -115,27 +115,51 @@ def setting_tflops(llava_config: Any, pruning: PruningConfig | None, setting: Se
     return report.pruned / 1e12
 
 
+def answer_settings(
+    model: ModelSpec,
+    settings: Sequence[Setting],
+    benchmarks: Sequence[Benchmark],
+    output_dir: str | Path,
+    options: InferenceOptions | None = None,
+) -> dict[str, dict[str, InferenceReport]]:
+    """Answer every benchmark under every setting, one pass per benchmark (:func:`run_inference`): answers go to
+    ``<output_dir>/<setting>/<benchmark>.jsonl`` (resumable per setting). Setting name -> benchmark -> report."""
+    reports: dict[str, dict[str, InferenceReport]] = {s.name: {} for s in settings}
+    if not settings:
+        return reports
+    options = options or InferenceOptions()
+    for bench in benchmarks:
+        files = {s: Path(output_dir) / s.name / f"{bench.name}.jsonl" for s in settings}
+        answered = run_inference(bench.name, bench.questions, bench.image_root, files, model, options)
+        for name, report in answered.items():
+            reports[name][bench.name] = report
+    return reports
+
+
 def evaluate_setting(
     model: ModelSpec,
     setting: Setting,
     benchmarks: Sequence[Benchmark],
     output_dir: str | Path,
     options: InferenceOptions | None = None,
+    reports: Mapping[str, InferenceReport] | None = None,
 ) -> SettingResult:
-    """Answer and score every benchmark under ``setting``; answers go to ``<output_dir>/<setting>/<name>.jsonl``
-    (resumable). No MLflow: :func:`run_setting` logs the result."""
+    """Score every benchmark under ``setting`` from its answers in ``<output_dir>/<setting>/<name>.jsonl``, answered
+    first (:func:`answer_settings`, this setting alone) unless ``reports`` says another pass answered them. No
+    MLflow: :func:`run_setting` logs the result."""
     options, result = options or InferenceOptions(), SettingResult(setting)
     # First, as it also checks the stages against the model: a bad setting fails before any inference.
     result.metrics[TFLOPS] = setting_tflops(load_llava_config(local_copy(model.name_or_path)), model.pruning, setting)
+    if reports is None:
+        reports = answer_settings(model, [setting], benchmarks, output_dir, options)[setting.name]
     for bench in benchmarks:
         answers = Path(output_dir) / setting.name / f"{bench.name}.jsonl"
-        report = run_inference(bench.name, bench.questions, bench.image_root, answers, model, setting, options)
         questions = read_questions(bench.questions)[: options.max_questions]
         asked = {str(q["question_id"]) for q in questions}
         written = read_answers(answers, answer_signature(model, setting))
         answered = [a for qid, a in written.items() if qid in asked]  # earlier runs may have answered more
         scored = score(bench.name, questions, answered, bench.annotations)
-        result.reports[bench.name], result.scores[bench.name] = report, scored
+        result.reports[bench.name], result.scores[bench.name] = reports[bench.name], scored
         result.metrics[f"accuracy/{bench.name}"] = scored["score"]
         result.metrics.update(zip(interval_names(f"accuracy/{bench.name}"), scored["interval"], strict=True))
         for category, value in (scored["breakdown"].get("category") or {}).items():
@@ -177,8 +201,10 @@ def run_setting(
     config: Mapping[str, Any] | None = None,
     parent_run_id: str | None = None,
     latency: Mapping[str, float] | None = None,
+    reports: Mapping[str, InferenceReport] | None = None,
 ) -> SettingResult:
-    """:func:`evaluate_setting` inside its own MLflow run (ended FINISHED, FAILED on an exception, KILLED on
+    """:func:`evaluate_setting` (``reports``: its answers were written by a pass of :func:`run_settings`) inside
+    its own MLflow run (ended FINISHED, FAILED on an exception, KILLED on
     Ctrl-C). A client, not ``mlflow.start_run``: it works beside an active run (the training job's, which
     ``parent_run_id`` names so the UI nests this one under it). ``latency``: the setting's metrics from
     :func:`pipelines.eval.latency.measure_latency`, logged with the others.
@@ -204,7 +230,7 @@ def run_setting(
         params = setting_params(model, setting, benchmarks)
         client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
         client.log_dict(run_id, redact(dict(config or {})), "config.json")
-        result = evaluate_setting(model, setting, benchmarks, output_dir, options)
+        result = evaluate_setting(model, setting, benchmarks, output_dir, options, reports)
         result.metrics |= latency or {}
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in result.metrics.items()])
@@ -220,6 +246,56 @@ def run_setting(
     logger.info("%s (run %s): %s", setting.name, run_id, {k: float(f"{v:.4g}") for k, v in result.metrics.items()})
     result.run_id = run_id
     return result
+
+
+def run_settings(
+    model: ModelSpec,
+    settings: Sequence[Setting],
+    benchmarks: Sequence[Benchmark],
+    output_dir: str | Path,
+    options: InferenceOptions | None = None,
+    *,
+    uri: str,
+    experiment: str = "lvpruning",
+    config: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    latency: Mapping[str, Mapping[str, float]] | None = None,
+) -> list[SettingResult]:
+    """Every setting: answered in one pass per benchmark (:func:`answer_settings`: the questions preprocessed
+    once, the model loaded once per actor), then scored and logged in its own MLflow run (:func:`run_setting`).
+    Each setting's FLOPs are counted first, so a setting that does not fit the model fails before any inference;
+    settings already FINISHED under ``parent_run_id`` are not answered again. ``latency``: setting name -> its
+    metrics."""
+    llava_config = load_llava_config(local_copy(model.name_or_path))
+    for setting in settings:
+        setting_tflops(llava_config, model.pruning, setting)
+    pending = list(settings)
+    if parent_run_id is not None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        experiment_id = get_or_create_experiment(client, experiment)
+        finished = {
+            s.name
+            for s in settings
+            if (run := child_run(client, experiment_id, parent_run_id, s.name)) and run.info.status == "FINISHED"
+        }
+        pending = [s for s in settings if s.name not in finished]
+    reports = answer_settings(model, pending, benchmarks, output_dir, options)
+    common = {"uri": uri, "experiment": experiment, "config": config, "parent_run_id": parent_run_id}
+    return [
+        run_setting(
+            model,
+            setting,
+            benchmarks,
+            output_dir,
+            options,
+            **common,
+            latency=(latency or {}).get(setting.name),
+            reports=reports.get(setting.name),
+        )
+        for setting in settings
+    ]
 
 
 def child_run(client: Any, experiment_id: str, parent_run_id: str, name: str) -> Any:
@@ -270,8 +346,8 @@ def evaluate(
     modules: str | None = None,
     parent_run_id: str | None = None,
 ) -> list[SettingResult]:
-    """Every setting of ``job.config.eval`` (methods x schedules) on its benchmarks, one MLflow run each, with the
-    model of :func:`evaluated_model`. Ray must be initialized (or is started locally by Ray Data)."""
+    """Every setting of ``job.config.eval`` (methods x schedules) on its benchmarks, answered in one pass per
+    benchmark, one MLflow run each (:func:`run_settings`), with the model of :func:`evaluated_model`. Ray must be initialized (or is started locally by Ray Data)."""
     config = job.config
     ev, model = config.eval, evaluated_model(job, model_path, modules)
     model_path, modules = model.name_or_path, model.modules
@@ -295,21 +371,18 @@ def evaluate(
     latency = timed_settings(config, model, settings, benchmarks[0])
     logged = json.loads(config.model_dump_json())
     logged["model"]["name_or_path"], logged["eval"]["modules"] = model_path, modules
-    return [
-        run_setting(
-            model,
-            setting,
-            benchmarks,
-            config.answers_dir,
-            options,
-            uri=config.mlflow.tracking_uri,
-            experiment=config.mlflow.experiment,
-            config=logged,
-            parent_run_id=parent_run_id,
-            latency=latency.get(setting.name),
-        )
-        for setting in settings
-    ]
+    return run_settings(
+        model,
+        settings,
+        benchmarks,
+        config.answers_dir,
+        options,
+        uri=config.mlflow.tracking_uri,
+        experiment=config.mlflow.experiment,
+        config=logged,
+        parent_run_id=parent_run_id,
+        latency=latency,
+    )
 
 
 def timed_settings(

@@ -1,21 +1,26 @@
-"""Batch inference with Ray Data: a LLaVA question file in, a LLaVA answer file out, with or without pruning.
+"""Batch inference with Ray Data: a LLaVA question file in, one LLaVA answer file per inference setting out, every
+setting answered in one pass.
 
-1. Driver: read the questions (jsonl, local or ``s3://``), drop those already answered (resume), take each
-   question's text with the benchmark's suffix (:func:`question_text`).
-2. Preprocess (Ray Data tasks, :class:`Preprocessor`): each question's request as LLaVA's ``model_vqa_loader.py``
-   builds it: its text inside the model's conversation template (vicuna_v1 for LLaVA-1.5, the processor's chat
-   template for LLaVA-NeXT / OneVision and Qwen-VL), its image read, decoded and square-padded (LLaVA-1.5's ``pad``;
-   the tiled families and Qwen-VL take it as it is), through the processor. A question without a usable image gets
-   its reason (``pipelines.images.IMAGE_SKIPS``) instead of failing the run; it gets no answer and is reported.
-3. Generate (``map_batches``, ``ActorPoolStrategy(size=num_actors)``): each actor holds the model, decision
-   modules and policy, and decodes greedily, several left-padded samples per batch.
-4. Driver: append each finished batch to the answers file (flushed, fsynced), so an interrupted run resumes from
-   what was written; at the end, rewrite it in question order (POPE pairs answers with labels by order).
+1. Driver: read the questions (jsonl, local or ``s3://``), and for each setting drop those already answered in its
+   file (resume, per setting); take each remaining question's text with the benchmark's suffix
+   (:func:`question_text`) and the settings that still need it.
+2. Preprocess (Ray Data tasks, :class:`Preprocessor`), once for all settings: each question's request as LLaVA's
+   ``model_vqa_loader.py`` builds it: its text inside the model's conversation template (vicuna_v1 for LLaVA-1.5,
+   the processor's chat template for LLaVA-NeXT / OneVision and Qwen-VL), its image read, decoded and
+   square-padded (LLaVA-1.5's ``pad``; the tiled families and Qwen-VL take it as it is), through the processor. A
+   question without a usable image gets its reason (``pipelines.images.IMAGE_SKIPS``) instead of failing the run;
+   it gets no answer and is reported.
+3. Generate (``map_batches``, ``ActorPoolStrategy(size=num_actors)``): each actor loads the base model and the
+   decision modules once, holds one policy per setting, and answers each preprocessed batch under every setting
+   that needs it, decoding greedily, several left-padded samples per generate call.
+4. Driver: append each finished batch to each setting's answers file (flushed, fsynced), so an interrupted run
+   (an actor or the driver killed) resumes from what was written and writes nothing twice; at the end, rewrite each
+   file in question order (POPE pairs answers with labels by order).
 
 Timing per sample (ms, in each answer's ``metadata``): ``e2e_ms`` and ``prefill_ms`` of the batch's generate call
-(``pipelines.eval.models.timed_generate``; image loading and preprocessing excluded), divided by the batch size
-(``batch_size`` is recorded): the amortized cost per sample while answering, beside other work. The latencies an
-evaluation logs are measured apart, all settings in one process: ``pipelines.eval.latency``.
+under its setting (``pipelines.eval.models.timed_generate``; image loading and preprocessing excluded), divided by
+the batch size (``batch_size`` is recorded): the amortized cost per sample while answering, beside other work. The
+latencies an evaluation logs are measured apart, all settings in one process: ``pipelines.eval.latency``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +51,7 @@ from pipelines.conversation import (
     single_turn_prompt,
 )
 from pipelines.eval.datasets import SHORT_ANSWER, build_prompt, with_suffix
-from pipelines.eval.models import ModelSpec, Setting, load_model, setting_policy, timed_generate
+from pipelines.eval.models import ModelSpec, Setting, load_settings, timed_generate
 from pipelines.eval.scoring import TOY_BENCHMARK
 from pipelines.eval.scoring.common import index_questions
 from pipelines.images import load_image, square_background
@@ -143,8 +149,9 @@ class Preprocessor:
         return {"input_ids": np.asarray(encoded["input_ids"][0], dtype=np.int64)} | image_inputs(encoded)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Rows (index, image, question) -> (index, error, input_ids, pixel_values[, its size key]): a row whose
-        image cannot be used has its reason as ``error``, no ids and a blank image."""
+        """Rows (index, image, question[, settings]) -> (index, error, input_ids, pixel_values[, its size key][,
+        settings]): a row whose image cannot be used has its reason as ``error``, no ids and a blank image; the
+        settings that need the row (:func:`run_inference`) pass through."""
         out: dict[str, list[Any]] = {"index": [], "error": [], "input_ids": [], **{k: [] for k in self.blank}}
         for index, image, question in zip(batch["index"].tolist(), batch["image"], batch["question"]):
             try:
@@ -153,7 +160,7 @@ class Preprocessor:
                 row = {"index": index, "error": e.reason, "input_ids": np.zeros(0, dtype=np.int64)} | self.blank
             for name, value in row.items():
                 out[name].append(value)
-        return out
+        return out | ({"settings": batch["settings"]} if "settings" in batch else {})
 
 
 _PREPROCESSORS: dict[tuple[str, str], Preprocessor] = {}
@@ -171,28 +178,51 @@ def _preprocess(batch: dict[str, np.ndarray], *, processor_ref: Any, image_root:
 
 
 class Generator:
-    """The Ray Data actor: one model, one setting; batches of preprocessed rows -> answer texts + timings."""
+    """The Ray Data actor: one base model and one set of decision modules serving every setting; batches of
+    preprocessed rows, each with the settings that still need it -> one answer row per (question, setting)."""
 
-    def __init__(self, spec: ModelSpec, setting: Setting, processor: Any, max_new_tokens: int, use_gpu: bool):
+    def __init__(
+        self, spec: ModelSpec, settings: Sequence[Setting], processor: Any, max_new_tokens: int, use_gpu: bool
+    ):
         if isinstance(processor, ray.ObjectRef):
             processor = ray.get(processor)
         device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.setting, self.tokenizer, self.max_new_tokens = setting, processor.tokenizer, max_new_tokens
-        self.model = load_model(spec, setting.method, device)
-        self.policy = setting_policy(self.model, setting)
+        self.settings, self.tokenizer, self.max_new_tokens = list(settings), processor.tokenizer, max_new_tokens
+        self.served = load_settings(spec, self.settings, device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        n, ok = len(batch["index"]), [i for i, error in enumerate(batch["error"]) if not error]
-        out = {"index": batch["index"], "error": batch["error"], "text": np.full(n, "", dtype=object)}
-        out |= {"prefill_ms": np.zeros(n), "e2e_ms": np.zeros(n), "batch_size": np.full(n, len(ok))}
-        if ok:  # per sample: the batch's times amortized
-            images = {k: [batch[k][i] for i in ok] for k in ("pixel_values", *SIZE_KEYS) if k in batch}
-            prompts = [batch["input_ids"][i] for i in ok]
-            texts, prefill_ms, e2e_ms = timed_generate(
-                self.model, self.tokenizer, prompts, images, self.setting, self.policy, self.max_new_tokens
-            )
-            out["text"][ok], out["prefill_ms"][ok], out["e2e_ms"][ok] = texts, prefill_ms / len(ok), e2e_ms / len(ok)
-        return out
+        needs = [{int(k) for k in str(todo).split(",")} for todo in batch["settings"]]
+        out: dict[str, list[Any]] = {k: [] for k in ("index", "setting", "error", "text", *TIMES, "batch_size")}
+        for k, setting in enumerate(self.settings):
+            rows = [i for i, need in enumerate(needs) if k in need]
+            ok = [i for i in rows if not batch["error"][i]]
+            texts, prefill_ms, e2e_ms = [""] * len(rows), 0.0, 0.0
+            if ok:  # per sample: the batch's times amortized
+                images = {key: [batch[key][i] for i in ok] for key in ("pixel_values", *SIZE_KEYS) if key in batch}
+                model, policy = self.served[setting.name]
+                answered, prefill_ms, e2e_ms = timed_generate(
+                    model,
+                    self.tokenizer,
+                    [batch["input_ids"][i] for i in ok],
+                    images,
+                    setting,
+                    policy,
+                    self.max_new_tokens,
+                )
+                for i, text in zip(ok, answered, strict=True):
+                    texts[rows.index(i)] = text
+            for i, text in zip(rows, texts, strict=True):
+                out["index"].append(int(batch["index"][i]))
+                out["setting"].append(k)
+                out["error"].append(str(batch["error"][i]))
+                out["text"].append(text)
+                out["prefill_ms"].append(prefill_ms / max(len(ok), 1))
+                out["e2e_ms"].append(e2e_ms / max(len(ok), 1))
+                out["batch_size"].append(len(ok))
+        return {k: np.asarray(v, dtype=object if k in ("error", "text") else None) for k, v in out.items()}
+
+
+TIMES = ("prefill_ms", "e2e_ms")
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -202,42 +232,65 @@ def run_inference(
     benchmark: str,
     questions: str,
     image_root: str,
-    answers: str | Path,
+    answers: Mapping[Setting, str | Path],
     model: ModelSpec,
-    setting: Setting,
     options: InferenceOptions = InferenceOptions(),
     processor: Any = None,
-) -> InferenceReport:
-    """Answer ``questions`` (LLaVA jsonl; images under ``image_root``, local or ``s3://``) into the local
-    ``answers`` jsonl, skipping questions already answered there. ``processor`` defaults to the model's own
-    (:meth:`ModelSpec.processor`)."""
+) -> dict[str, InferenceReport]:
+    """Answer ``questions`` (LLaVA jsonl; images under ``image_root``, local or ``s3://``) under every setting of
+    ``answers`` (setting -> its local answers jsonl) in one pass: each question is preprocessed once and answered
+    under each setting that has no answer for it in its file yet. ``processor`` defaults to the model's own
+    (:meth:`ModelSpec.processor`). Returns each setting's report by setting name."""
     t0 = time.perf_counter()
-    if storage.is_s3(str(answers)):
-        raise ValueError(f"answers {answers}: the answers file is appended locally; sync it to S3 afterwards")
-    answers = Path(answers)
-    answers.parent.mkdir(parents=True, exist_ok=True)
+    settings, files = list(answers), [Path(a) for a in answers.values()]
+    for path in files:
+        if storage.is_s3(str(path)):
+            raise ValueError(f"answers {path}: the answers file is appended locally; sync it to S3 afterwards")
+        path.parent.mkdir(parents=True, exist_ok=True)
     records = read_questions(questions)[: options.max_questions]
-    expected = answer_signature(model, setting)
-    done = read_answers(answers, expected)
-    todo = [i for i, r in enumerate(records) if str(r["question_id"]) not in done]
-    report = InferenceReport(benchmark, str(answers), len(records), resumed=len(records) - len(todo), generated=0)
-    logger.info("%s %s: %d questions, %d to answer", benchmark, setting.name, len(records), len(todo))
+    signatures = [answer_signature(model, s) for s in settings]
+    done = [set(read_answers(path, expected)) for path, expected in zip(files, signatures, strict=True)]
+    reports = [
+        InferenceReport(benchmark, str(path), len(records), sum(str(r["question_id"]) in ids for r in records), 0)
+        for path, ids in zip(files, done, strict=True)
+    ]
+    needs = {
+        i: ",".join(str(k) for k, answered in enumerate(done) if str(r["question_id"]) not in answered)
+        for i, r in enumerate(records)
+    }
+    todo = {i: need for i, need in needs.items() if need}
+    answers_left = sum(len(need.split(",")) for need in todo.values())
+    logger.info(
+        "%s: %d questions x %d settings in one pass, %d answers to write (%d questions)",
+        benchmark,
+        len(records),
+        len(settings),
+        answers_left,
+        len(todo),
+    )
     if todo:
         if processor is None:
             processor = model.processor()
         rows = [
             {"index": i, "image": str(records[i].get("image") or ""), "question": question_text(benchmark, records[i])}
-            for i in todo
+            | {"settings": need}
+            for i, need in todo.items()
         ]
-        ds = _dataset(rows, processor, image_root, model, setting, options)
-        with open(answers, "a", encoding="utf-8") as f:
+        ds = _dataset(rows, processor, image_root, model, settings, options)
+        handles = [open(path, "a", encoding="utf-8") for path in files]
+        try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                _append(f, batch, records, expected | {"benchmark": benchmark}, report)
-    _rewrite_in_question_order(answers, records)
-    report.seconds = time.perf_counter() - t0
-    if report.skipped:
-        logger.warning("%s %s: no answer for %s (ids %s)", benchmark, setting.name, report.skipped, report.skipped_ids)
-    return report
+                _append(handles, batch, records, [sig | {"benchmark": benchmark} for sig in signatures], done, reports)
+        finally:
+            for f in handles:
+                f.close()
+    seconds = time.perf_counter() - t0
+    for s, path, report in zip(settings, files, reports, strict=True):
+        _rewrite_in_question_order(path, records)
+        report.seconds = seconds
+        if report.skipped:
+            logger.warning("%s %s: no answer for %s (ids %s)", benchmark, s.name, report.skipped, report.skipped_ids)
+    return {s.name: report for s, report in zip(settings, reports, strict=True)}
 
 
 def weights_version(path: str | None) -> str | None:
@@ -275,7 +328,12 @@ def _rewrite_in_question_order(path: Path, records: list[dict[str, Any]]) -> Non
 
 
 def _dataset(
-    rows: list[dict], processor: Any, image_root: str, model: ModelSpec, setting: Setting, options: InferenceOptions
+    rows: list[dict],
+    processor: Any,
+    image_root: str,
+    model: ModelSpec,
+    settings: Sequence[Setting],
+    options: InferenceOptions,
 ) -> ray.data.Dataset:
     """Preprocessing tasks, then the generating actor pool; one batch per block, so answers stream out early."""
     ref, size = ray.put(processor), options.batch_size
@@ -283,7 +341,7 @@ def _dataset(
     pre = {"processor_ref": ref, "image_root": image_root}
     ds = ds.map_batches(_preprocess, fn_kwargs=pre, batch_size=size, batch_format="numpy", num_cpus=PREPROCESS_CPUS)
     remote = model.for_every_node(options.storage_path)  # the actors may be on other nodes
-    actor = {"spec": remote, "setting": setting, "processor": ref, "max_new_tokens": options.max_new_tokens}
+    actor = {"spec": remote, "settings": list(settings), "processor": ref, "max_new_tokens": options.max_new_tokens}
     return ds.map_batches(
         Generator,
         fn_constructor_kwargs=actor | {"use_gpu": options.use_gpu},
@@ -295,19 +353,34 @@ def _dataset(
     )
 
 
-def _append(f: Any, batch: dict[str, np.ndarray], records: list[dict], meta: dict, report: InferenceReport) -> None:
-    """Write one finished batch in LLaVA's answer format, on disk before the next one is read."""
+def _append(
+    files: list[Any],
+    batch: dict[str, np.ndarray],
+    records: list[dict],
+    metas: list[dict],
+    written: list[set[str]],
+    reports: list[InferenceReport],
+) -> None:
+    """Write one finished batch's answers, each to its setting's file in LLaVA's answer format, on disk before
+    the next batch is read. ``written``: each setting's answered question ids (an answer is never written twice)."""
+    touched = set()
     for j, index in enumerate(batch["index"].tolist()):
-        record, error = records[index], str(batch["error"][j])
+        k, record, error = int(batch["setting"][j]), records[index], str(batch["error"][j])
+        qid, report, meta = str(record["question_id"]), reports[k], metas[k]
         if error:
             report.skipped[error] = report.skipped.get(error, 0) + 1
             report.skipped_ids.append(record["question_id"])
             continue
-        timing = {key: batch[key][j].item() for key in ("prefill_ms", "e2e_ms", "batch_size")}
+        if qid in written[k]:
+            continue
+        timing = {key: batch[key][j].item() for key in (*TIMES, "batch_size")}
         answer = {"question_id": record["question_id"], "prompt": question_text(meta["benchmark"], record)}
         answer |= {"text": str(batch["text"][j]), "answer_id": uuid.uuid4().hex, "model_id": meta["model_id"]}
-        answer["metadata"] = {k: v for k, v in meta.items() if k != "model_id"} | timing
-        f.write(json.dumps(answer, ensure_ascii=False) + "\n")
+        answer["metadata"] = {key: v for key, v in meta.items() if key != "model_id"} | timing
+        files[k].write(json.dumps(answer, ensure_ascii=False) + "\n")
+        written[k].add(qid)
         report.generated += 1
-    f.flush()
-    os.fsync(f.fileno())
+        touched.add(k)
+    for k in touched:
+        files[k].flush()
+        os.fsync(files[k].fileno())

@@ -27,11 +27,10 @@ import numpy as np
 import ray
 import torch
 
-from lvpruning.policies import NONE
 from pipelines.conversation import RecordError
 from pipelines.eval.inference import Preprocessor, question_text, read_questions
 from pipelines.eval.metrics import E2E_MS, PREFILL_MS
-from pipelines.eval.models import ModelSpec, Setting, load_model, setting_policy, timed_generate, with_pruning
+from pipelines.eval.models import ModelSpec, Setting, load_settings, timed_generate
 
 logger = logging.getLogger(__name__)
 
@@ -88,18 +87,13 @@ def time_settings(
 ) -> dict[str, dict[str, float]]:
     """Time every setting in this process (see the module docstring): setting name -> metrics."""
     device = torch.device("cuda" if options.use_gpu and torch.cuda.is_available() else "cpu")
-    base = load_model(spec, NONE, device)
-    pruning = [s for s in settings if s.method != NONE]
-    pruner = with_pruning(base, spec, pruning[0].method) if pruning else None
-    policies = {s.name: setting_policy(base if s.method == NONE else pruner, s) for s in settings}
+    served = load_settings(spec, settings, device)
     recorded: dict[str, dict[str, list[float]]] = {s.name: {k: [] for k in TIMES} for s in settings}
     for r in range(options.warmup + options.repeats):
         shift = r % len(settings)
         for s in [*settings[shift:], *settings[:shift]]:
-            model = base if s.method == NONE else pruner
-            _, prefill, e2e = timed_generate(
-                model, tokenizer, prompts, images, s, policies[s.name], options.max_new_tokens
-            )
+            model, policy = served[s.name]
+            _, prefill, e2e = timed_generate(model, tokenizer, prompts, images, s, policy, options.max_new_tokens)
             if r >= options.warmup:
                 recorded[s.name]["prefill_ms"].append(prefill)
                 recorded[s.name]["e2e_ms"].append(e2e)

@@ -6,6 +6,7 @@ batch inference (``pipelines.eval.inference``) and the latency measurement (``pi
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,18 @@ def with_pruning(model: nn.Module, spec: ModelSpec, method: str) -> LVPruningMod
     if spec.pruning is None:
         raise ValueError(f"method {method!r} without trained modules needs ModelSpec.pruning (the stages)")
     return attach(model, spec.pruning).eval()
+
+
+def load_settings(
+    spec: ModelSpec, settings: Sequence[Setting], device: str | torch.device = "cpu"
+) -> dict[str, tuple[nn.Module, PruningPolicy | None]]:
+    """One base model, and for the pruning methods one set of decision modules on it, serving every setting:
+    setting name -> (the model it runs, its policy). Each setting's schedule is checked against the model first."""
+    base = load_model(spec, NONE, device)
+    pruning = [s.method for s in settings if s.method != NONE]
+    trained = [m for m in pruning if is_trained(m)]  # named in the error when the modules are missing
+    pruner = with_pruning(base, spec, (trained or pruning)[0]) if pruning else None
+    return {s.name: (base, None) if s.method == NONE else (pruner, setting_policy(pruner, s)) for s in settings}
 
 
 def left_padded(prompts: list[np.ndarray], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,9 @@ import dataclasses
 import json
 import os
 import re
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +29,15 @@ from lvpruning.tiny import (
 )
 from pipelines.eval.inference import (
     InferenceOptions,
+    InferenceReport,
+    Preprocessor,
     answer_signature,
     question_text,
     read_answers,
     read_questions,
     run_inference,
 )
-from pipelines.eval.models import ModelSpec, Setting
+from pipelines.eval.models import ModelSpec, Setting, load_settings, timed_generate
 from tests.bad_bytes import SEEDS, not_utf8, not_utf8_problem
 
 SYSTEM = (
@@ -105,6 +110,15 @@ def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def answer_alone(
+    world: TinyWorld, spec: ModelSpec, setting: Setting, answers: Path, options: InferenceOptions = OPTIONS
+) -> InferenceReport:
+    """One setting's own pass (the per-setting path)."""
+    reports = run_inference("toy", str(world.questions), str(world.images), {setting: answers}, spec, options)
+    assert list(reports) == [setting.name]
+    return reports[setting.name]
+
+
 def direct_answers(world: TinyWorld, setting: Setting, records: list[dict]) -> dict[int, str]:
     """The same questions through ``pruner.generate`` (or HF ``generate``) in this process, one at a time."""
     processor = AutoProcessor.from_pretrained(world.model)
@@ -139,9 +153,7 @@ def direct_answers(world: TinyWorld, setting: Setting, records: list[dict]) -> d
 def learned_run(world, tmp_path_factory):
     answers = tmp_path_factory.mktemp("answers") / "toy.jsonl"
     spec = ModelSpec(str(world.model), modules=str(world.modules))
-    report = run_inference(
-        "toy", str(world.questions), str(world.images), answers, spec, Setting("lvpruning", RATIOS), OPTIONS
-    )
+    report = answer_alone(world, spec, Setting("lvpruning", RATIOS), answers)
     return report, read_lines(answers)
 
 
@@ -162,7 +174,7 @@ def test_a_tiled_model_answers_images_of_different_sizes_as_direct_generation(ti
     world = tiled_world
     answers = tmp_path_factory.mktemp("answers") / "toy.jsonl"
     spec = ModelSpec(str(world.model), modules=str(world.modules))
-    report = run_inference("toy", str(world.questions), str(world.images), answers, spec, setting, OPTIONS)
+    report = answer_alone(world, spec, setting, answers)
     assert report.generated == world.n_good and report.skipped == {"missing_image": 1, "corrupt_image": 1}
     expected = direct_answers(world, setting, world.records()[: world.n_good])
     assert {a["question_id"]: a["text"] for a in read_lines(answers)} == expected
@@ -199,21 +211,13 @@ def test_missing_and_corrupt_images_are_counted_not_fatal(world, learned_run):
 def test_resume_generates_only_the_rest(world, tmp_path):
     answers, spec, setting = tmp_path / "toy.jsonl", ModelSpec(str(world.model)), Setting("none")
     half = world.n_good // 2
-    first = run_inference(
-        "toy",
-        str(world.questions),
-        str(world.images),
-        answers,
-        spec,
-        setting,
-        dataclasses.replace(OPTIONS, max_questions=half),
-    )
+    first = answer_alone(world, spec, setting, answers, dataclasses.replace(OPTIONS, max_questions=half))
     assert (first.generated, first.resumed) == (half, 0)
     before = {a["question_id"]: a["answer_id"] for a in read_lines(answers)}
     with open(answers, "a") as f:
         f.write('{"question_id": 5, "prompt": "torn by a k')  # a run killed in the middle of a line
 
-    second = run_inference("toy", str(world.questions), str(world.images), answers, spec, setting, OPTIONS)
+    second = answer_alone(world, spec, setting, answers)
     assert (second.resumed, second.generated) == (half, world.n_good - half)
     final = read_lines(answers)
     ids = [a["question_id"] for a in final]
@@ -223,7 +227,7 @@ def test_resume_generates_only_the_rest(world, tmp_path):
         world, setting, world.records()[: world.n_good]
     )
 
-    third = run_inference("toy", str(world.questions), str(world.images), answers, spec, setting, OPTIONS)
+    third = answer_alone(world, spec, setting, answers)
     assert third.generated == 0 and third.resumed == world.n_good  # only the two bad images are tried again
 
 
@@ -292,3 +296,128 @@ def test_settings_and_prompts():
     with_suffix = question_text("toy", {"text": f"what color?\n{SUFFIX}"})
     assert with_suffix == question_text("toy", {"text": "what color?"}) == f"what color?\n{SUFFIX}"
     assert question_text("gqa", {"text": "what color?"}) == f"what color?\n{SUFFIX}"
+
+
+# ------------------------------------------------------------------ one pass, every setting
+
+SETTINGS = (
+    Setting("none"),
+    Setting("lvpruning", RATIOS),
+    Setting("random", RATIOS, seed=3),
+    Setting("fastv", RATIOS),
+    Setting("visionzip", (0.5,), layers=(-1,)),
+    Setting("transprune", (0.5, 0.25)),
+)
+
+
+def answer_texts(path: Path) -> dict[int, str]:
+    lines = read_lines(path)
+    assert len({a["question_id"] for a in lines}) == len(lines), f"{path}: an answer written twice"
+    return {a["question_id"]: a["text"] for a in lines}
+
+
+@pytest.fixture(scope="module")
+def alone(world) -> dict[str, dict[int, str]]:
+    """Each setting alone, in this process, without Ray: its own freshly loaded model and policy, one question at a
+    time (batched = alone is the engine's guarantee, tested in tests/lvpruning)."""
+    spec = ModelSpec(str(world.model), modules=str(world.modules))
+    pre = Preprocessor(spec.processor(), str(world.images))
+    out = {}
+    for s in SETTINGS:
+        (model, policy), out[s.name] = load_settings(spec, [s])[s.name], {}
+        for r in world.records()[: world.n_good]:
+            request = pre.request(question_text("toy", r), r["image"])
+            images = {k: [v] for k, v in request.items() if k != "input_ids"}
+            texts, _, _ = timed_generate(
+                model, pre.processor.tokenizer, [request["input_ids"]], images, s, policy, OPTIONS.max_new_tokens
+            )
+            out[s.name][r["question_id"]] = texts[0]
+    return out
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_one_pass_answers_every_setting_as_its_own_pass(world, alone, tmp_path, batch_size):
+    spec = ModelSpec(str(world.model), modules=str(world.modules))
+    files = {s: tmp_path / s.name / "toy.jsonl" for s in SETTINGS}
+    options = dataclasses.replace(OPTIONS, batch_size=batch_size)
+    reports = run_inference("toy", str(world.questions), str(world.images), files, spec, options)
+    assert list(reports) == [s.name for s in SETTINGS]
+    for s in SETTINGS:
+        assert reports[s.name].generated == world.n_good and reports[s.name].resumed == 0
+        assert reports[s.name].skipped == {"missing_image": 1, "corrupt_image": 1}
+        assert answer_texts(files[s]) == alone[s.name], s.name
+        assert {a["metadata"]["method"] for a in read_lines(files[s])} == {s.method}
+    assert len({tuple(alone[s.name].values()) for s in SETTINGS}) > 2  # the settings answer differently
+
+
+@pytest.mark.timeout(600)
+def test_a_pass_resumes_each_setting_from_its_own_file(world, alone, tmp_path):
+    """Settings answered to different points (half, half with a torn last line, none): one pass writes exactly
+    what each lacks, keeps every earlier answer and gives what each setting gives alone."""
+    spec = ModelSpec(str(world.model), modules=str(world.modules))
+    settings = SETTINGS[:3]
+    files = {s: tmp_path / s.name / "toy.jsonl" for s in settings}
+    n, h = world.n_good, world.n_good // 2
+    first = run_inference(
+        "toy", str(world.questions), str(world.images), files, spec, dataclasses.replace(OPTIONS, max_questions=h)
+    )
+    assert {name: r.generated for name, r in first.items()} == {s.name: h for s in settings}
+    before = {s: {a["question_id"]: a["answer_id"] for a in read_lines(files[s])} for s in settings[:2]}
+    with open(files[settings[1]], "a") as f:
+        f.write('{"question_id": 7, "prompt": "torn by a k')  # killed in the middle of a line
+    files[settings[2]].unlink()
+
+    reports = run_inference("toy", str(world.questions), str(world.images), files, spec, OPTIONS)
+    got = {name: (r.resumed, r.generated) for name, r in reports.items()}
+    assert got == {settings[0].name: (h, n - h), settings[1].name: (h, n - h), settings[2].name: (0, n)}
+    for s in settings:
+        assert answer_texts(files[s]) == alone[s.name], s.name
+    for s, ids in before.items():
+        assert {a["question_id"]: a["answer_id"] for a in read_lines(files[s]) if a["question_id"] in ids} == ids
+
+
+def generator_actors() -> list[int]:
+    """The pids of the running answer actors (Ray Data's map workers of :class:`Generator`), by process title."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if proc.name.isdigit() and b"MapBatches(Generator)" in title:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.timeout(600)
+def test_an_actor_killed_mid_pass_loses_no_answer_and_writes_none_twice(world, alone, tmp_path):
+    """SIGKILL an answering actor once the first batch of answers is on disk: Ray Data restarts it and the pass
+    goes on; every file ends complete, each answer once, the answers written before the kill kept."""
+    spec = ModelSpec(str(world.model), modules=str(world.modules))
+    files = {s: tmp_path / s.name / "toy.jsonl" for s in SETTINGS}
+    options = dataclasses.replace(OPTIONS, batch_size=1)
+    killed: list[int] = []
+    kept: dict[int, str] = {}
+
+    def kill_once_answers_are_written() -> None:
+        first = files[SETTINGS[0]]
+        for _ in range(6000):
+            if first.exists() and first.read_text().count("\n") >= 1 and generator_actors():
+                kept.update({a["question_id"]: a["answer_id"] for a in read_lines(first)})
+                pid = generator_actors()[0]
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=kill_once_answers_are_written, daemon=True)
+    watcher.start()
+    reports = run_inference("toy", str(world.questions), str(world.images), files, spec, options)
+    watcher.join()
+    assert killed, "no actor was killed: the pass ended before its first answer was seen"
+    for s in SETTINGS:
+        assert reports[s.name].generated == world.n_good, s.name
+        assert answer_texts(files[s]) == alone[s.name], s.name
+    final = {a["question_id"]: a["answer_id"] for a in read_lines(files[SETTINGS[0]])}
+    assert kept and {q: final[q] for q in kept} == kept

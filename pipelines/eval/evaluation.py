@@ -347,7 +347,8 @@ def evaluate(
     parent_run_id: str | None = None,
 ) -> list[SettingResult]:
     """Every setting of ``job.config.eval`` (methods x schedules) on its benchmarks, answered in one pass per
-    benchmark, one MLflow run each (:func:`run_settings`), with the model of :func:`evaluated_model`. Ray must be initialized (or is started locally by Ray Data)."""
+    benchmark, one MLflow run each (:func:`run_settings`), with the model of :func:`evaluated_model`. Ray must be
+    initialized (or is started locally by Ray Data)."""
     config = job.config
     ev, model = config.eval, evaluated_model(job, model_path, modules)
     model_path, modules = model.name_or_path, model.modules
@@ -429,7 +430,11 @@ def format_table(results: Sequence[SettingResult]) -> str:
         rows.append([r.setting.method, ratios, f"{m[TFLOPS]:.4g}", *accuracy, f"{low:.2f}-{high:.2f}", *latency])
     lines = _columns([head, *rows])
     for r in results:  # accuracy per question type, where the scorer gives one
-        per = [f"{k[len('accuracy/') :]} {v:.2f}" for k, v in r.metrics.items() if k.count("/") == 2]
+        per = [
+            f"{k[len('accuracy/') :]} {v:.2f}"
+            for k, v in r.metrics.items()
+            if k.startswith("accuracy/") and k.count("/") == 2
+        ]
         if per:
             lines.append(f"{r.setting.name}: " + ", ".join(per))
     return "\n".join(lines)

@@ -139,7 +139,10 @@ def test_run_setting_logs_one_run_with_params_and_metrics(world, tmp_path, monke
     assert "secret" not in logged.read_text() and "mlflow.example.com" in logged.read_text()
     assert (tmp_path / "eval" / "lvpruning_0.5-0.25" / "toy.jsonl").is_file()
     table = format_table([result])
-    assert "lvpruning" in table and "0.5-0.25" in table and "toy/color" in table
+    assert "lvpruning" in table and "0.5-0.25" in table
+    per_type = table.splitlines()[-1]  # the question types' line: accuracies only
+    assert per_type.startswith("lvpruning_0.5-0.25: ") and f"toy/color {metrics['accuracy/toy/color']:.2f}" in per_type
+    assert per_type.count(", ") == 1 and "curacy" not in per_type  # color and shape, no interval bounds
     assert f"{metrics['ci_low/accuracy/mean']:.2f}-{metrics['ci_high/accuracy/mean']:.2f}" in table
     scores = json.loads(
         Path(MlflowClient(uri).download_artifacts(result.run_id, "scores.json", str(tmp_path))).read_text()

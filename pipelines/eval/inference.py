@@ -59,6 +59,7 @@ from pipelines.images import load_image, square_background
 logger = logging.getLogger(__name__)
 
 PREPROCESS_CPUS = 0.5  # per preprocessing task
+TIMES = ("prefill_ms", "e2e_ms")  # per answer, ms
 
 
 @dataclass(frozen=True)
@@ -220,9 +221,6 @@ class Generator:
                 out["e2e_ms"].append(e2e_ms / max(len(ok), 1))
                 out["batch_size"].append(len(ok))
         return {k: np.asarray(v, dtype=object if k in ("error", "text") else None) for k, v in out.items()}
-
-
-TIMES = ("prefill_ms", "e2e_ms")
 
 
 # ------------------------------------------------------------------------------------------------ pipeline

@@ -7,7 +7,8 @@
 A setting is a method (``none``, ``lvpruning`` or a training-free one of ``lvpruning.policies.POLICIES``:
 ``random``, ``fastv``, ``transprune``, ``adaptinfer``, ``star``) with a keep-ratio schedule; every setting runs on
 every benchmark of ``eval.benchmarks`` (files in ``eval.data``, or ``eval.toy_world``) by Ray Data batch inference,
-resumable, and the script ends with a table of them all. MLflow: ``mlflow.tracking_uri``, else
+one pass per benchmark for all settings (the model loaded once per actor), resumable per setting, and the script
+ends with a table of them all. MLflow: ``mlflow.tracking_uri``, else
 ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` here.
 """
 

@@ -143,10 +143,12 @@ def evaluate_setting(
     output_dir: str | Path,
     options: InferenceOptions | None = None,
     reports: Mapping[str, InferenceReport] | None = None,
+    questions: Mapping[str, list[dict[str, Any]]] | None = None,
 ) -> SettingResult:
     """Score every benchmark under ``setting`` from its answers in ``<output_dir>/<setting>/<name>.jsonl``, answered
-    first (:func:`answer_settings`, this setting alone) unless ``reports`` says another pass answered them. No
-    MLflow: :func:`run_setting` logs the result."""
+    first (:func:`answer_settings`, this setting alone) unless ``reports`` says another pass answered them.
+    ``questions``: each benchmark's records as read once for many settings (else read here). No MLflow:
+    :func:`run_setting` logs the result."""
     options, result = options or InferenceOptions(), SettingResult(setting)
     # First, as it also checks the stages against the model: a bad setting fails before any inference.
     result.metrics[TFLOPS] = setting_tflops(load_llava_config(local_copy(model.name_or_path)), model.pruning, setting)
@@ -154,17 +156,17 @@ def evaluate_setting(
         reports = answer_settings(model, [setting], benchmarks, output_dir, options)[setting.name]
     for bench in benchmarks:
         answers = Path(output_dir) / setting.name / f"{bench.name}.jsonl"
-        questions = read_questions(bench.questions)[: options.max_questions]
-        asked = {str(q["question_id"]) for q in questions}
+        records = questions[bench.name] if questions else read_questions(bench.questions)[: options.max_questions]
+        asked = {str(q["question_id"]) for q in records}
         written = read_answers(answers, answer_signature(model, setting))
         answered = [a for qid, a in written.items() if qid in asked]  # earlier runs may have answered more
-        scored = score(bench.name, questions, answered, bench.annotations)
+        scored = score(bench.name, records, answered, bench.annotations)
         result.reports[bench.name], result.scores[bench.name] = reports[bench.name], scored
         result.metrics[f"accuracy/{bench.name}"] = scored["score"]
         result.metrics.update(zip(interval_names(f"accuracy/{bench.name}"), scored["interval"], strict=True))
         for category, value in (scored["breakdown"].get("category") or {}).items():
             result.metrics[f"accuracy/{bench.name}/{category}"] = value
-        result.metrics[f"unanswered/{bench.name}"] = float(len(questions) - len(answered))
+        result.metrics[f"unanswered/{bench.name}"] = float(len(records) - len(answered))
     result.metrics[MEAN] = statistics.fmean(result.metrics[f"accuracy/{b.name}"] for b in benchmarks)
     mean_replicates = np.mean([result.scores[b.name]["replicates"] for b in benchmarks], axis=0)  # resample-wise
     result.metrics.update(zip(interval_names(MEAN), interval(mean_replicates), strict=True))
@@ -202,11 +204,12 @@ def run_setting(
     parent_run_id: str | None = None,
     latency: Mapping[str, float] | None = None,
     reports: Mapping[str, InferenceReport] | None = None,
+    questions: Mapping[str, list[dict[str, Any]]] | None = None,
 ) -> SettingResult:
-    """:func:`evaluate_setting` (``reports``: its answers were written by a pass of :func:`run_settings`) inside
-    its own MLflow run (ended FINISHED, FAILED on an exception, KILLED on
-    Ctrl-C). A client, not ``mlflow.start_run``: it works beside an active run (the training job's, which
-    ``parent_run_id`` names so the UI nests this one under it). ``latency``: the setting's metrics from
+    """:func:`evaluate_setting` (``reports``, ``questions``: its answers were written by a pass of
+    :func:`run_settings`, which read the questions) inside its own MLflow run (ended FINISHED, FAILED on an
+    exception, KILLED on Ctrl-C). A client, not ``mlflow.start_run``: it works beside an active run (the training
+    job's, which ``parent_run_id`` names so the UI nests this one under it). ``latency``: the setting's metrics from
     :func:`pipelines.eval.latency.measure_latency`, logged with the others.
 
     Under a parent, a setting has one run: a FINISHED one is returned as it is (a resumed sweep trial does not
@@ -230,7 +233,7 @@ def run_setting(
         params = setting_params(model, setting, benchmarks)
         client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
         client.log_dict(run_id, redact(dict(config or {})), "config.json")
-        result = evaluate_setting(model, setting, benchmarks, output_dir, options, reports)
+        result = evaluate_setting(model, setting, benchmarks, output_dir, options, reports, questions)
         result.metrics |= latency or {}
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in result.metrics.items()])
@@ -283,6 +286,8 @@ def run_settings(
         pending = [s for s in settings if s.name not in finished]
     reports = answer_settings(model, pending, benchmarks, output_dir, options)
     common = {"uri": uri, "experiment": experiment, "config": config, "parent_run_id": parent_run_id}
+    limit = (options or InferenceOptions()).max_questions
+    questions = {b.name: read_questions(b.questions)[:limit] for b in benchmarks}  # once, for every setting
     return [
         run_setting(
             model,
@@ -293,6 +298,7 @@ def run_settings(
             **common,
             latency=(latency or {}).get(setting.name),
             reports=reports.get(setting.name),
+            questions=questions,
         )
         for setting in settings
     ]

@@ -581,34 +581,41 @@ class LVPruningModel(nn.Module):
     # ------------------------------------------------------------------ generation
 
     def decode_step(self, input_ids: torch.Tensor, cache: PrunedCache) -> torch.Tensor:
-        """One cached decoding step after a pruned prefill: input_ids (B, 1) -> logits (B, 1, vocab).
-
-        Every segment of layers keeps its own (shorter) cache; the new token takes the position after the
-        last original position, as if nothing had been pruned (on Qwen-VL, HF's ``rope_deltas`` rule)."""
-        hidden = self.adapter.embed_tokens(input_ids)  # (B, 1, C)
-        cache.position_ids = cache.position_ids + 1
-        rope = self.adapter.rotary(hidden, cache.position_ids)
-        masks = []
-        for s, padding in enumerate(cache.paddings):
-            cache.paddings[s] = torch.cat([padding, padding.new_ones(padding.shape[0], 1)], dim=1)
-            masks.append(self.adapter.attention_mask(cache.paddings[s], 1, hidden.dtype))
-        segment = 0
-        for i, layer in enumerate(self.adapter.layers):
-            hidden = layer(
-                hidden,
-                attention_mask=masks[segment],
-                position_embeddings=rope,
-                position_ids=self.adapter.layer_position_ids(cache.position_ids),
-                cache=cache,
-                use_cache=True,
-            )
-            segment += i in cache.stage_layers
-        return self.adapter.logits(hidden)
+        """One cached decoding step after a pruned prefill: input_ids (B, 1) -> logits (B, 1, vocab)
+        (:func:`decode_step`)."""
+        return decode_step(self.adapter, input_ids, cache)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
         """Pruned generation; see :func:`lvpruning.generation.generate` for the arguments."""
         return generate(self, input_ids, pixel_values, **kwargs)
+
+
+def decode_step(adapter: DecoderAdapter, input_ids: torch.Tensor, cache: PrunedCache) -> torch.Tensor:
+    """One cached decoding step of ``adapter``'s decoder after a pruned prefill: input_ids (B, 1) -> logits (B, 1,
+    vocab).
+
+    Every segment of layers keeps its own (shorter) cache; the new token takes the position after the last
+    original position, as if nothing had been pruned (on Qwen-VL, HF's ``rope_deltas`` rule)."""
+    hidden = adapter.embed_tokens(input_ids)  # (B, 1, C)
+    cache.position_ids = cache.position_ids + 1
+    rope = adapter.rotary(hidden, cache.position_ids)
+    masks = []
+    for s, padding in enumerate(cache.paddings):
+        cache.paddings[s] = torch.cat([padding, padding.new_ones(padding.shape[0], 1)], dim=1)
+        masks.append(adapter.attention_mask(cache.paddings[s], 1, hidden.dtype))
+    segment = 0
+    for i, layer in enumerate(adapter.layers):
+        hidden = layer(
+            hidden,
+            attention_mask=masks[segment],
+            position_embeddings=rope,
+            position_ids=adapter.layer_position_ids(cache.position_ids),
+            cache=cache,
+            use_cache=True,
+        )
+        segment += i in cache.stage_layers
+    return adapter.logits(hidden)
 
 
 def no_decoder_attention(queries: torch.Tensor) -> torch.Tensor:

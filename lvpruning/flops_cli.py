@@ -17,8 +17,12 @@ from lvpruning.flops import (
     TOLERANCE,
     FlopsReport,
     analytic_flops,
+    image_layout,
+    llm_flops,
     measure_flops,
+    vision_and_projector_flops,
 )
+from lvpruning.lrs_vqa import KEEP_RATIOS, pyramid_bound, pyramid_flops
 from lvpruning.policies import POLICIES, is_trained
 from lvpruning.presets import AnyLlavaConfig, load_llava_config
 
@@ -43,11 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
         "smart_resize does); "
         "LLaVA-1.5 takes only its fixed 336 336",
     )
-    add("--method", choices=list(POLICIES), default="lvpruning", help="pruning method (default: LVPruning)")
+    add(
+        "--method",
+        choices=[*POLICIES, LRS_VQA],
+        default="lvpruning",
+        help="pruning method (default: LVPruning); lrs_vqa: LRS-VQA's pyramid on LLaVA-NeXT, its upper bound",
+    )
     add("--layers", type=int, nargs="+", help="zero-based decoder layers (default: the method's published ones)")
     schedule = parser.add_mutually_exclusive_group()
-    schedule.add_argument("--ratios", type=float, nargs="+", help="keep ratio per stage (of |I_V|)")
+    schedule.add_argument(
+        "--ratios", type=float, nargs="+", help="keep ratio per stage (of |I_V|); lrs_vqa: share kept per round"
+    )
     schedule.add_argument("--rho", type=float, help="paper schedule [rho, rho-0.2, rho-0.4] (default: published)")
+    add("--module-layers", type=int, default=4, help="lrs_vqa: the Region Focus Module's decoder layers")
     add("--decision-blocks", type=int, default=2, help="cross-attention blocks per module")
     add("--decision-heads", type=int, default=8, help="heads per cross-attention block")
     add("--decision-ffn", type=int, default=None, help="decision FFN width (default twice the module's width)")
@@ -88,6 +100,68 @@ def format_report(name: str, report: FlopsReport, result: dict[str, Any]) -> str
     return "\n".join(lines)
 
 
+LRS_VQA = "lrs_vqa"
+
+
+def pyramid_report(args: argparse.Namespace, config: AnyLlavaConfig) -> dict[str, Any]:
+    """``--method lrs_vqa``: LLaVA-NeXT's own anyres prefill of the image, the pyramid's finest level visited
+    whole (nothing pruned), and the most LRS-VQA's pyramid can cost (:func:`lvpruning.lrs_vqa.pyramid_bound`),
+    each with its tower passes, the LLM's prompt length and TFLOPs."""
+    size = tuple(args.image_size or ANYRES_IMAGE_SIZE)
+    layout = image_layout(config, size)
+    text, layers = config.text_config, config.text_config.num_hidden_layers
+    native = vision_and_projector_flops(config, layout)[0]
+    native |= llm_flops(text, [layout.num_vision_tokens + args.text_tokens] * layers, args.logits)
+    ratios = tuple(args.ratios or KEEP_RATIOS)
+    bound = pyramid_bound(config, size, args.text_tokens, ratios)
+    whole = pyramid_flops(config, args.module_layers, (bound.whole_length,), bound.whole_tiles, args.logits)
+    pruned = pyramid_flops(config, args.module_layers, bound.rounds, bound.tiles, args.logits)
+    rows = {
+        "llava_next_anyres": (layout.num_tiles, layout.num_vision_tokens + args.text_tokens, native),
+        "pyramid_level_whole": (bound.whole_tiles, bound.whole_length, whole),
+        "lrs_vqa_upper_bound": (bound.tiles, bound.rounds[-1], pruned),
+    }
+    return {
+        "method": LRS_VQA,
+        "image_size": list(size),
+        "num_text_tokens": args.text_tokens,
+        "keep_ratios": list(ratios),
+        "module_layers": args.module_layers,
+        "rounds": list(bound.rounds),
+        "rows": {
+            name: {
+                "tiles": t,
+                "llm_tokens": n,
+                "tflops": sum(p.values()) / TERA,
+                "parts": {k: v / TERA for k, v in p.items()},
+            }
+            for name, (t, n, p) in rows.items()
+        },
+    }
+
+
+def format_pyramid(name: str, result: dict[str, Any]) -> str:
+    """The table printed for ``--method lrs_vqa`` without ``--json``."""
+    height, width = result["image_size"]
+    lines = [
+        f"{name}: 1 image of {height} x {width} + {result['num_text_tokens']} text tokens, prefill, matmuls only; "
+        f"LRS-VQA's pyramid with a {result['module_layers']}-layer Region Focus Module, shares kept "
+        f"{result['keep_ratios']}: its upper bound (every tile of each level visited selected; the module's "
+        f"rounds over {result['rounds'][:-1]} tokens)",
+        "",
+        f"{'':<22}{'tower passes':>14}{'LLM tokens':>12}{'TFLOPs':>10}{'tower':>9}{'module':>9}{'LLM':>9}",
+    ]
+    for row, r in result["rows"].items():
+        parts = r["parts"]
+        tower = parts["vision_patch_embed"] + parts["vision_layers"] + parts["projector"]
+        module = parts.get("region_focus", 0.0)
+        llm = r["tflops"] - tower - module
+        lines.append(
+            f"{row:<22}{r['tiles']:>14}{r['llm_tokens']:>12}{r['tflops']:>10.3f}{tower:>9.3f}{module:>9.3f}{llm:>9.3f}"
+        )
+    return "\n".join(lines)
+
+
 def pruning_setting(
     args: argparse.Namespace, config: AnyLlavaConfig
 ) -> tuple[tuple[int, ...], tuple[float, ...], PruningConfig]:
@@ -116,6 +190,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     one failed to run, else 0."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.method == LRS_VQA:
+        try:
+            config = load_llava_config(args.model)
+            result = pyramid_report(args, config)
+        except ValueError as err:
+            parser.error(str(err))
+        print(json.dumps(result, indent=2) if args.json else format_pyramid(args.model, result))
+        return 0
     try:
         config = load_llava_config(args.model)
         layers, ratios, pruning = pruning_setting(args, config)

@@ -29,7 +29,16 @@ from lvpruning.adapters import get_adapter
 from lvpruning.engine import PrunedCache, decode_step
 from lvpruning.flops import ImageLayout, llm_flops, vision_and_projector_flops
 from lvpruning.generation import generate
-from lvpruning.pyramid import PyramidLevel, keep_top_share, next_level_tiles, place_tiles, pyramid_crop
+from lvpruning.pyramid import (
+    PyramidLevel,
+    keep_top_share,
+    next_level_tiles,
+    place_tiles,
+    pyramid_crop,
+    pyramid_level,
+    pyramid_ratios,
+    unpadded_grid,
+)
 from lvpruning.region_focus import RegionFocusModule, region_focus_flops
 
 KEEP_RATIOS = (0.25, 0.25)  # the reference's pruning_ratio at the coarsest level, then at the next (one step down)
@@ -305,3 +314,39 @@ def pyramid_flops(
     text = config.text_config
     parts["region_focus"] = sum(region_focus_flops(text, module_layers, n) for n in scored)
     return parts | llm_flops(text, [final] * text.num_hidden_layers, lm_head_positions)
+
+
+@dataclass(frozen=True)
+class PyramidBound:
+    """The most one prompt can cost the pyramid (:func:`pyramid_bound`), and the same finest level unpruned."""
+
+    rounds: tuple[int, ...]  # as PyramidOutput.rounds: each scoring round's prompt length, then the LLM's
+    tiles: int  # tower passes: the global view and every tile of each level visited
+    whole_length: int  # the prompt with the finest level visited whole: global view, its whole grid, text
+    whole_tiles: int  # the global view and that level's tiles
+
+
+def pyramid_bound(
+    config: PreTrainedConfig,
+    image_size: Sequence[int],
+    num_text: int,
+    keep_ratios: Sequence[float] = KEEP_RATIOS,
+    base_long_side: int | None = None,
+) -> PyramidBound:
+    """The most one prompt of ``num_text`` text tokens and one ``image_size`` (H, W) image can cost the pyramid,
+    from the geometry alone: every tile of each level visited selected, no newline among the last round's top
+    share (which tiles a prompt selects depends on the image and the question: :attr:`PyramidOutput.rounds`)."""
+    tile = config.vision_config.image_size
+    side = tile // config.vision_config.patch_size
+    height, width = (int(x) for x in image_size)
+    ratios = pyramid_ratios(height, width, tile, base_long_side or BASE_TILES * tile)[:-1]  # the global view last
+    levels = [pyramid_level(height, width, r, tile) for r in reversed(ratios)]  # coarsest first
+    rounds, tiles = [], 1
+    for step in range(len(keep_ratios)):
+        level = levels[min(step, len(levels) - 1)]
+        h, w = unpadded_grid((level.blocks[0] * side, level.blocks[1] * side), level.resized)
+        rounds.append(num_text + side * side + h * (w + 1))
+        tiles += level.blocks[0] * level.blocks[1]
+    kept = int(h * (w + 1) * keep_ratios[-1]) + h
+    whole_tiles = 1 + level.blocks[0] * level.blocks[1]
+    return PyramidBound((*rounds, num_text + side * side + kept), tiles, rounds[-1], whole_tiles)

@@ -5,11 +5,14 @@ and ``generate`` on the pruned prompt's embeddings (contiguous positions, as the
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from lvpruning.flops import count_flops
-from lvpruning.lrs_vqa import PyramidModel, pyramid_flops
+from lvpruning.flops_cli import main as flops_main
+from lvpruning.lrs_vqa import PyramidModel, pyramid_bound, pyramid_flops
 from lvpruning.region_focus import RegionFocusModule
 from lvpruning.tiny import tiny_llava, tiny_tiled_config
 from tests.lvpruning.test_pyramid import BASE, TILE, reference_keep, reference_place, reference_pyramid, reference_tiles
@@ -180,3 +183,27 @@ def test_bad_inputs_are_named():
     llava = tiny_llava()
     with pytest.raises(ValueError, match="LLaVA-NeXT"):
         PyramidModel(llava, focus)
+
+
+@pytest.mark.parametrize("size", [(40, 100), (64, 64), (20, 20)])
+def test_the_bound_is_what_a_prompt_costs_when_every_tile_is_selected(size):
+    model, focus = tiny_next()
+    pyramid = PyramidModel(model, focus, base_long_side=BASE)
+    image = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(2))
+    ids = torch.tensor([[11, 12, model.config.image_token_id, 13, 14, 15]])
+    with torch.no_grad():  # all of the first level kept: every tile of the next one selected
+        out = pyramid(ids, image, image_sizes=torch.tensor([size]), keep_ratios=(1.0, 0.25))
+    bound = pyramid_bound(model.config, size, num_text=5, keep_ratios=(1.0, 0.25), base_long_side=BASE)
+    assert out.rounds[0, :-1].tolist() == list(bound.rounds[:-1]) and int(out.tiles_encoded[0]) == bound.tiles
+    assert out.rounds[0, -1] <= bound.rounds[-1] and bound.whole_length == bound.rounds[-2]
+
+
+def test_flops_cli_reports_the_pyramid(capsys):
+    assert (
+        flops_main(["--model", "llava-next-7b", "--method", "lrs_vqa", "--image-size", "2000", "3000", "--json"]) == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    rows = result["rows"]
+    assert rows["lrs_vqa_upper_bound"]["tiles"] == 1 + 2 * 3 + 3 * 5  # global view, the 1008-px level, the next
+    assert rows["lrs_vqa_upper_bound"]["tflops"] < rows["pyramid_level_whole"]["tflops"]
+    assert rows["llava_next_anyres"]["tiles"] == 1 + 2 * 2  # llava-v1.6-7b's grid pinpoints: 2 x 2 tiles at most here

@@ -65,6 +65,16 @@ def patch_grid(config: QwenVLConfig, image_size: Sequence[int] | None = None) ->
     return (height, width), height // v.patch_size, width // v.patch_size
 
 
+def processor_image_size(
+    config: QwenVLConfig, min_pixels: int, max_pixels: int, image_size: Sequence[int] | None = None
+) -> tuple[int, int]:
+    """``image_size`` (H, W) (default ``QWEN_IMAGE_SIZE``) as a processor bounded by ``min_pixels`` and
+    ``max_pixels`` of area resizes it (``smart_resize``): the image a model with that processor reads."""
+    size = [int(x) for x in (image_size or QWEN_IMAGE_SIZE)]
+    v = config.vision_config
+    return smart_resize(size[0], size[1], v.patch_size * v.spatial_merge_size, min_pixels, max_pixels)
+
+
 def window_lengths(config: QwenVLConfig, h: int, w: int) -> list[int]:
     """Patches in each attention window of one frame of h x w patches, as ``get_vision_window_index`` cuts it:
     windows of ``window_size // patch_size // merge`` merged cells a side, in raster order, the last row and

@@ -35,6 +35,7 @@ import numpy as np
 from lvpruning import PruningConfig
 from lvpruning.checkpoint import read_pruning_config
 from lvpruning.flops import analytic_flops
+from lvpruning.flops_qwen import is_qwen_vl, processor_image_size
 from lvpruning.policies import NONE, is_trained
 from lvpruning.presets import load_llava_config
 from pipelines.cluster import for_every_node
@@ -95,12 +96,26 @@ def make_settings(
     ]
 
 
-def setting_tflops(llava_config: Any, pruning: PruningConfig | None, setting: Setting) -> float:
-    """Analytic prefill TFLOPs of ``setting`` in the paper's convention (see the module docstring); ``pruning``:
-    the stages and decision-module shape (unused by ``none``)."""
+def flops_image_size(model: ModelSpec, llava_config: Any) -> tuple[int, int] | None:
+    """The image the FLOPs count assumes: its default (None) except on Qwen-VL, whose own processor (its
+    ``min_pixels`` / ``max_pixels``, ``model.processor`` options included) resizes the default first, e.g. to the
+    toy Qwen2.5-VL's 64 x 64."""
+    if not is_qwen_vl(llava_config):
+        return None
+    size = model.processor().image_processor.size
+    return processor_image_size(llava_config, size["shortest_edge"], size["longest_edge"])
+
+
+def setting_tflops(
+    llava_config: Any, pruning: PruningConfig | None, setting: Setting, image_size: Sequence[int] | None = None
+) -> float:
+    """Analytic prefill TFLOPs of ``setting`` in the paper's convention (see the module docstring) on an image of
+    ``image_size`` (:func:`flops_image_size`); ``pruning``: the stages and decision-module shape (unused by
+    ``none``)."""
     if setting.method == NONE:  # the baseline count does not depend on the stages: any valid ones will do
         one_stage = PruningConfig(layers=(0,), train_ratios=(1.0,), infer_ratios=(1.0,), num_heads=1)
-        return analytic_flops(llava_config, one_stage, num_text_tokens=PAPER_TEXT_TOKENS).baseline / 1e12
+        report = analytic_flops(llava_config, one_stage, num_text_tokens=PAPER_TEXT_TOKENS, image_size=image_size)
+        return report.baseline / 1e12
     if pruning is None:
         raise ValueError(f"method {setting.method!r}: the FLOPs count needs the pruning stages (ModelSpec.pruning)")
     report = analytic_flops(
@@ -111,6 +126,7 @@ def setting_tflops(llava_config: Any, pruning: PruningConfig | None, setting: Se
         method=setting.method,
         layers=setting.layers,
         params=dict(setting.params),
+        image_size=image_size,
     )
     return report.pruned / 1e12
 
@@ -151,7 +167,9 @@ def evaluate_setting(
     :func:`run_setting` logs the result."""
     options, result = options or InferenceOptions(), SettingResult(setting)
     # First, as it also checks the stages against the model: a bad setting fails before any inference.
-    result.metrics[TFLOPS] = setting_tflops(load_llava_config(local_copy(model.name_or_path)), model.pruning, setting)
+    llava_config = load_llava_config(local_copy(model.name_or_path))
+    image_size = flops_image_size(model, llava_config)
+    result.metrics[TFLOPS] = setting_tflops(llava_config, model.pruning, setting, image_size)
     if reports is None:
         reports = answer_settings(model, [setting], benchmarks, output_dir, options)[setting.name]
     for bench in benchmarks:
@@ -270,8 +288,9 @@ def run_settings(
     settings already FINISHED under ``parent_run_id`` are not answered again. ``latency``: setting name -> its
     metrics."""
     llava_config = load_llava_config(local_copy(model.name_or_path))
+    image_size = flops_image_size(model, llava_config)
     for setting in settings:
-        setting_tflops(llava_config, model.pruning, setting)
+        setting_tflops(llava_config, model.pruning, setting, image_size)
     pending = list(settings)
     if parent_run_id is not None:
         from mlflow import MlflowClient

@@ -26,7 +26,7 @@ def fake_model(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("variant", ["default", "hires"])
+@pytest.mark.parametrize("variant", ["default", "hires", "qwen"])
 def test_shipped_base_models_were_trained_for_their_worlds(variant):
     """Changing a toy world (its format or spec defaults) needs its shipped model retrained."""
     stamp = json.loads((SHIPPED_BASE_MODELS[variant] / WORLD_STAMP).read_text())
@@ -46,11 +46,11 @@ def test_a_local_base_model_is_used_only_once_stamped_for_this_world(tmp_path, c
     # the same files under a world drawn differently (another version of the toy world): neither model fits
     other = world_at(tmp_path, SceneSpec(max_objects=2))
     assert other.trained_base() is None
-    # the same world's root read by the toy Qwen2.5-VL's variant: a toy LLaVA is not its model
+    # the same world's root read by the toy Qwen2.5-VL's variant: a toy LLaVA is not its model, the shipped one is
     qwen = ToyWorld.at(tmp_path, world.seed, variant="qwen")
     assert qwen.spec == world.spec and qwen.family == "qwen2_5_vl"
     with caplog.at_level(logging.WARNING):
-        assert qwen.trained_base() is None
+        assert qwen.trained_base() == SHIPPED_BASE_MODELS["qwen"]
     assert "a llava, not this world's toy model" in caplog.text
 
 

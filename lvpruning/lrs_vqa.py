@@ -73,6 +73,7 @@ class _Sample:
     global_view: torch.Tensor  # (p * p, C)
     tiles: list[torch.Tensor]  # per tiled level, coarsest first: (rows, cols, 3, t, t)
     levels: list[PyramidLevel]
+    size: tuple[int, int]  # the image's (height, width)
     level: int = 0  # the level the grid belongs to
     grid: torch.Tensor | None = None  # (V_b, C) the level's tokens, newline column included
     real: torch.Tensor | None = None  # (V_b,) encoded or newline
@@ -148,14 +149,14 @@ class PyramidModel(nn.Module):
             text = self.adapter.embed_tokens(ids)  # (n, C)
             image = pixels[:, :height, :width].float()
             global_view, tiles, levels = pyramid_crop(image, self.tile, self.base_long_side)
-            samples.append(_Sample(text[: int(at)], text[int(at) + 1 :], global_view, tiles, levels))
+            samples.append(_Sample(text[: int(at)], text[int(at) + 1 :], global_view, tiles, levels, (height, width)))
         views = self._encode_all([s.global_view[None] for s in samples] + [s.tiles[0].flatten(0, 1) for s in samples])
         newline = self.model.model.image_newline
         for s, view, coarse in zip(samples, views[: len(samples)], views[len(samples) :], strict=True):
             s.global_view = view.flatten(0, 2)  # (p * p, C)
             rows, cols = s.levels[0].blocks
             every = torch.cartesian_prod(torch.arange(rows), torch.arange(cols))  # (rows * cols, 2) raster order
-            s.grid, s.real, s.shape = place_tiles(coarse, every, s.levels[0], newline)
+            s.grid, s.real, s.shape = place_tiles(coarse, every, s.levels[0], newline, s.size)  # the image's aspect
             s.encoded = 1 + rows * cols
         return samples
 
@@ -344,7 +345,8 @@ def pyramid_bound(
     rounds, tiles = [], 1
     for step in range(len(keep_ratios)):
         level = levels[min(step, len(levels) - 1)]
-        h, w = unpadded_grid((level.blocks[0] * side, level.blocks[1] * side), level.resized)
+        aspect = (height, width) if step == 0 else level.resized  # as place_tiles cuts each round's grid
+        h, w = unpadded_grid((level.blocks[0] * side, level.blocks[1] * side), aspect)
         rounds.append(num_text + side * side + h * (w + 1))
         tiles += level.blocks[0] * level.blocks[1]
     kept = int(h * (w + 1) * keep_ratios[-1]) + h

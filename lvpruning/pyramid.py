@@ -99,12 +99,18 @@ def unpadded_grid(padded: tuple[int, int], resized: tuple[int, int]) -> tuple[in
 
 
 def place_tiles(
-    features: torch.Tensor, tiles: torch.Tensor, level: PyramidLevel, newline: torch.Tensor
+    features: torch.Tensor,
+    tiles: torch.Tensor,
+    level: PyramidLevel,
+    newline: torch.Tensor,
+    aspect: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     """A level's token sequence with only ``tiles`` (T, 2) (row, column) encoded: their (pooled) features
     (T, p, p, C) set into the level's ``rows * p x cols * p`` grid, the rest zeros, the padding cut off
-    (``unpadded_grid``), a ``newline`` (C,) token closing every row. Returns the tokens (N, C), which of them are
-    real (N,) (encoded or newline), and the grid (h, w) with the newline column."""
+    (``unpadded_grid``) to the aspect of ``aspect`` (height, width) (default the level's resized pixels; the
+    reference cuts the coarsest level to the original image's, ``unpad_image(..., image.size)``), a ``newline``
+    (C,) token closing every row. Returns the tokens (N, C), which of them are real (N,) (encoded or newline), and
+    the grid (h, w) with the newline column."""
     T, p, _, C = features.shape
     rows, cols = level.blocks
     grid = features.new_zeros(rows * p, cols * p, C)
@@ -112,7 +118,7 @@ def place_tiles(
     for (r, c), feature in zip(tiles.tolist(), features, strict=True):
         grid[r * p : (r + 1) * p, c * p : (c + 1) * p] = feature
         real[r * p : (r + 1) * p, c * p : (c + 1) * p] = True
-    h, w = unpadded_grid((rows * p, cols * p), level.resized)
+    h, w = unpadded_grid((rows * p, cols * p), aspect or level.resized)
     grid = torch.cat([grid[:h, :w], newline.to(grid.dtype).expand(h, 1, C)], dim=1)  # (h, w + 1, C)
     real = torch.cat([real[:h, :w], real.new_ones(h, 1)], dim=1)
     return grid.reshape(-1, C), real.reshape(-1), (h, w + 1)

@@ -17,8 +17,10 @@ from lvpruning.region_focus import RegionFocusModule
 from lvpruning.tiny import tiny_llava, tiny_tiled_config
 from tests.lvpruning.test_pyramid import BASE, TILE, reference_keep, reference_place, reference_pyramid, reference_tiles
 
-SIZES = [(40, 100), (64, 64), (100, 30), (20, 20)]  # 3, 2, 3 and 1 tiled levels
-PROMPTS = [(3, 9), (6, 2), (1, 12), (4, 4)]  # text tokens before and after the image
+# 3, 2, 3, 1 and 2 tiled levels; the last's coarsest grid is one column narrower cut to the image's aspect than to
+# its level's resized pixels (the reference cuts it to the image's)
+SIZES = [(40, 100), (64, 64), (100, 30), (20, 20), (20, 59)]
+PROMPTS = [(3, 9), (6, 2), (1, 12), (4, 4), (2, 5)]  # text tokens before and after the image
 
 
 def tiny_next(dtype=torch.float32, seed: int = 5):
@@ -76,7 +78,8 @@ def reference_prompt(model, focus, prompt, image, ratios):
     (resized, blocks), level = infos[0], 0
     every = torch.tensor([(r, c) for r in range(blocks[0]) for c in range(blocks[1])])
     features = torch.stack([encode(t) for t in tiles[0]])
-    grid, real, (h, w) = reference_place(features.float(), every, TILE // 4, blocks, resized, newline.float())
+    original = tuple(image.shape[1:])  # unpad_image(..., image.size) at the coarsest level
+    grid, real, (h, w) = reference_place(features.float(), every, TILE // 4, blocks, original, newline.float())
     passes = 1 + len(tiles[0])
     for step, share in enumerate(ratios):
         seq = torch.cat([before, glob, grid.to(dtype), after])

@@ -106,6 +106,14 @@ def flops_image_size(model: ModelSpec, llava_config: Any) -> tuple[int, int] | N
     return processor_image_size(llava_config, size["shortest_edge"], size["longest_edge"])
 
 
+def settings_tflops(model: ModelSpec, settings: Sequence[Setting]) -> dict[str, float]:
+    """Each setting's :func:`setting_tflops` on ``model`` (its config and FLOPs image read once): setting name ->
+    TFLOPs. A setting that does not fit the model fails here."""
+    llava_config = load_llava_config(local_copy(model.name_or_path))
+    image_size = flops_image_size(model, llava_config)
+    return {s.name: setting_tflops(llava_config, model.pruning, s, image_size) for s in settings}
+
+
 def setting_tflops(
     llava_config: Any, pruning: PruningConfig | None, setting: Setting, image_size: Sequence[int] | None = None
 ) -> float:
@@ -160,16 +168,15 @@ def evaluate_setting(
     options: InferenceOptions | None = None,
     reports: Mapping[str, InferenceReport] | None = None,
     questions: Mapping[str, list[dict[str, Any]]] | None = None,
+    tflops: float | None = None,
 ) -> SettingResult:
     """Score every benchmark under ``setting`` from its answers in ``<output_dir>/<setting>/<name>.jsonl``, answered
     first (:func:`answer_settings`, this setting alone) unless ``reports`` says another pass answered them.
-    ``questions``: each benchmark's records as read once for many settings (else read here). No MLflow:
-    :func:`run_setting` logs the result."""
+    ``questions``: each benchmark's records, and ``tflops`` the setting's count, as :func:`run_settings` got them
+    once for many settings (else read and counted here). No MLflow: :func:`run_setting` logs the result."""
     options, result = options or InferenceOptions(), SettingResult(setting)
     # First, as it also checks the stages against the model: a bad setting fails before any inference.
-    llava_config = load_llava_config(local_copy(model.name_or_path))
-    image_size = flops_image_size(model, llava_config)
-    result.metrics[TFLOPS] = setting_tflops(llava_config, model.pruning, setting, image_size)
+    result.metrics[TFLOPS] = settings_tflops(model, [setting])[setting.name] if tflops is None else tflops
     if reports is None:
         reports = answer_settings(model, [setting], benchmarks, output_dir, options)[setting.name]
     for bench in benchmarks:
@@ -223,12 +230,13 @@ def run_setting(
     latency: Mapping[str, float] | None = None,
     reports: Mapping[str, InferenceReport] | None = None,
     questions: Mapping[str, list[dict[str, Any]]] | None = None,
+    tflops: float | None = None,
 ) -> SettingResult:
-    """:func:`evaluate_setting` (``reports``, ``questions``: its answers were written by a pass of
-    :func:`run_settings`, which read the questions) inside its own MLflow run (ended FINISHED, FAILED on an
-    exception, KILLED on Ctrl-C). A client, not ``mlflow.start_run``: it works beside an active run (the training
-    job's, which ``parent_run_id`` names so the UI nests this one under it). ``latency``: the setting's metrics from
-    :func:`pipelines.eval.latency.measure_latency`, logged with the others.
+    """:func:`evaluate_setting` (``reports``, ``questions``, ``tflops``: its answers were written by a pass of
+    :func:`run_settings`, which read the questions and counted the FLOPs) inside its own MLflow run (ended
+    FINISHED, FAILED on an exception, KILLED on Ctrl-C). A client, not ``mlflow.start_run``: it works beside an
+    active run (the training job's, which ``parent_run_id`` names so the UI nests this one under it). ``latency``:
+    the setting's metrics from :func:`pipelines.eval.latency.measure_latency`, logged with the others.
 
     Under a parent, a setting has one run: a FINISHED one is returned as it is (a resumed sweep trial does not
     evaluate or log it twice), an unfinished one is continued."""
@@ -251,7 +259,7 @@ def run_setting(
         params = setting_params(model, setting, benchmarks)
         client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
         client.log_dict(run_id, redact(dict(config or {})), "config.json")
-        result = evaluate_setting(model, setting, benchmarks, output_dir, options, reports, questions)
+        result = evaluate_setting(model, setting, benchmarks, output_dir, options, reports, questions, tflops)
         result.metrics |= latency or {}
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in result.metrics.items()])
@@ -287,10 +295,7 @@ def run_settings(
     Each setting's FLOPs are counted first, so a setting that does not fit the model fails before any inference;
     settings already FINISHED under ``parent_run_id`` are not answered again. ``latency``: setting name -> its
     metrics."""
-    llava_config = load_llava_config(local_copy(model.name_or_path))
-    image_size = flops_image_size(model, llava_config)
-    for setting in settings:
-        setting_tflops(llava_config, model.pruning, setting, image_size)
+    tflops = settings_tflops(model, settings)
     pending = list(settings)
     if parent_run_id is not None:
         from mlflow import MlflowClient
@@ -318,6 +323,7 @@ def run_settings(
             latency=(latency or {}).get(setting.name),
             reports=reports.get(setting.name),
             questions=questions,
+            tflops=tflops[setting.name],
         )
         for setting in settings
     ]

@@ -15,6 +15,7 @@ Shapes: B batch, N tokens, C hidden size, h heads, Q query rows, V vision tokens
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,6 +330,15 @@ def save_region_focus(module: RegionFocusModule, directory: str | Path) -> Path:
     """Write ``module`` to ``directory`` (``region_focus.safetensors`` + ``region_focus.json``) and return it."""
     meta = {"method": "lrs_vqa", "layers": list(module.llm_layers), "model": model_signature(module.adapter.model)}
     return save_modules(module.layers, directory, (WEIGHTS_NAME, CONFIG_NAME), meta)
+
+
+def region_focus_layers(directory: str | Path) -> tuple[int, ...]:
+    """The ``layers`` of the Region Focus Module saved in ``directory``, read from its JSON alone (no model)."""
+    path = Path(directory) / CONFIG_NAME
+    try:
+        return tuple(int(i) for i in json.loads(path.read_text())["layers"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FileNotFoundError(f"{path}: not a saved Region Focus Module ({e})") from None
 
 
 def load_region_focus(model: nn.Module, directory: str | Path) -> RegionFocusModule:

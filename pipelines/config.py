@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lvpruning import PruningConfig
 from lvpruning.config import check_schedule
-from lvpruning.policies import AT_TOWER, METHODS, NONE, POLICIES, TRAINING_FREE, get_policy
+from lvpruning.policies import AT_TOWER, METHODS, NONE, POLICIES, PYRAMID, TRAINING_FREE, get_policy
 from lvpruning.region_focus import SKIPPED_LAYERS, TEMPERATURE, check_layers
 from pipelines.stages import STAGES, Stage
 from pipelines.storage import decode_utf8
@@ -228,6 +228,25 @@ class OwnLayers(_Strict):
         return self
 
 
+class PyramidSection(_Strict):
+    """LRS-VQA's pyramid (method ``lrs_vqa``, ``lvpruning.lrs_vqa``): its trained Region Focus Module (what
+    ``train.stage: region_focus`` exports), evaluated once per ``keep_ratios`` (the share kept at each scoring
+    round, coarsest first; one more round goes one level further down), with the coarsest tiled level
+    ``base_long_side`` pixels on its long side (None: 3 tiles, the reference's 1008 = 3 x 336)."""
+
+    region_focus: str
+    keep_ratios: tuple[tuple[float, ...], ...] = ((0.25, 0.25),)
+    base_long_side: int | None = Field(None, gt=0)
+
+    @field_validator("keep_ratios")
+    @classmethod
+    def _ratios(cls, value: tuple[tuple[float, ...], ...]) -> tuple[tuple[float, ...], ...]:
+        for ratios in value:
+            if not ratios or not all(0.0 < r <= 1.0 for r in ratios):
+                raise ValueError(f"one share in (0, 1] per scoring round, got {list(ratios)}")
+        return value
+
+
 class EvalSection(_Strict):
     benchmarks: tuple[str, ...] = ("toy",)
     schedules: tuple[tuple[float, ...], ...] = ((0.5, 0.3, 0.1),)
@@ -249,6 +268,8 @@ class EvalSection(_Strict):
     latency_repeats: int = Field(10, ge=0)  # rounds recorded (median, IQR); 0: no latency metrics
 
     at_own_layers: tuple[OwnLayers, ...] = ()  # methods at their own stages (the vision-tower methods: here)
+    lrs_vqa: PyramidSection | None = None  # LRS-VQA's pyramid, beside the other settings in the same pass
+    flops_image_size: tuple[int, int] | None = None  # (H, W) the tiled families' TFLOPs assume (None: 672 x 672)
 
     @field_validator("methods")
     @classmethod
@@ -256,6 +277,8 @@ class EvalSection(_Strict):
         unknown = sorted(set(value) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+        if PYRAMID in value:
+            raise ValueError(f"{PYRAMID!r} is its own model, not a schedule at pruning.layers: set eval.lrs_vqa")
         check_at_model_stages(value, "eval")
         return value
 

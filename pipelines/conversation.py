@@ -326,6 +326,31 @@ def image_inputs(encoded: Any) -> dict[str, np.ndarray]:
     return out
 
 
+def whole_image_inputs(processor: Any, prompt: str, image: Any) -> dict[str, np.ndarray]:
+    """What LRS-VQA's pyramid (``lvpruning.lrs_vqa.PyramidModel``) takes of one prompt and its PIL image: the
+    prompt's ids with the one image token left unexpanded, ``whole_input_ids`` (L,); the image at full resolution,
+    rescaled and normalised as the image processor does each of its tiles, ``whole_pixel_values`` (3, H, W); and
+    ``whole_image_sizes`` (2,) (height, width)."""
+    ip = processor.image_processor
+    ids = np.asarray(processor.tokenizer(prompt)["input_ids"], dtype=np.int64)
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)  # (H, W, 3)
+    if ip.do_rescale:
+        pixels = pixels * ip.rescale_factor
+    if ip.do_normalize:
+        pixels = (pixels - np.asarray(ip.image_mean, np.float32)) / np.asarray(ip.image_std, np.float32)
+    sizes = np.asarray(pixels.shape[:2], dtype=np.int64)
+    return {"whole_input_ids": ids, "whole_pixel_values": np.ascontiguousarray(pixels.transpose(2, 0, 1))} | {
+        "whole_image_sizes": sizes
+    }
+
+
+WHOLE_BLANK = {  # whole_image_inputs' shapes for rows that have no usable image (never answered)
+    "whole_input_ids": np.zeros(0, dtype=np.int64),
+    "whole_pixel_values": np.zeros((3, 8, 8), dtype=np.float32),
+    "whole_image_sizes": np.asarray([8, 8], dtype=np.int64),
+}
+
+
 def blank_image(processor: Any) -> dict[str, np.ndarray]:
     """:func:`image_inputs` of an 8 x 8 black image through ``processor``'s image processor, pixels zeroed: the
     shapes the model takes, for rows that have no usable image (they are never answered)."""

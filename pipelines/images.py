@@ -65,7 +65,8 @@ def batch_images(images: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
     """One image per sample into the model's batch tensors, from per-sample arrays (``pixel_values`` and a size key
     of ``SIZE_KEYS`` where the model takes one, as ``pipelines.conversation.image_inputs`` makes them):
 
-    - ``pixel_values`` (B, 3, H, W) from (3, H, W) arrays (LLaVA-1.5);
+    - ``pixel_values`` (B, 3, H, W) from (3, H, W) arrays (LLaVA-1.5; LRS-VQA's pyramid takes whole images of
+      different sizes, each top-left, zero beyond, with ``image_sizes``);
     - (B, S, 3, H, W) from tiled (S_b, 3, H, W) arrays, zero-padded to the largest S as the LLaVA-NeXT processors pad
       (the model reads only an image's own tiles, from ``image_sizes`` (B, 2));
     - Qwen-VL's (sum P_b, D) from (P_b, D) patches, concatenated in sample order as its processor flattens a batch,
@@ -82,6 +83,9 @@ def batch_images(images: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
     if arrays[0].ndim == 4:
         tiles = max(a.shape[0] for a in arrays)
         arrays = [np.concatenate([a, np.zeros((tiles - a.shape[0], *a.shape[1:]), np.float32)]) for a in arrays]
+    elif len({a.shape for a in arrays}) > 1:
+        height, width = (max(a.shape[i] for a in arrays) for i in (1, 2))
+        arrays = [np.pad(a, ((0, 0), (0, height - a.shape[1]), (0, width - a.shape[2]))) for a in arrays]
     return {"pixel_values": torch.from_numpy(np.stack(arrays))} | out
 
 

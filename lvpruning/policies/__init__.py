@@ -5,9 +5,10 @@ same engine, so they prune with the same stages, keep counts, batching, attentio
 accounting. A policy reads a :class:`~lvpruning.stage.StageInput` and returns keep scores (B, V).
 
 ``POLICIES`` is the one list of methods; every other list is derived from it and the policies' own attributes:
-``METHODS`` (what ``eval.methods`` and MLflow's ``method`` param take: ``NONE``, the unpruned model, then the
-policies), ``TRAINING_FREE`` (no trained weights: the baselines a sweep evaluates without training) and
-``AT_TOWER`` (published at the vision-tower stage).
+``METHODS`` (what MLflow's ``method`` param takes: ``NONE``, the unpruned model, then the policies, then
+``PYRAMID``, LRS-VQA's coarse-to-fine pyramid, its own model rather than a policy at the engine's stages),
+``TRAINING_FREE`` (no trained weights: the baselines a sweep evaluates without training) and ``AT_TOWER``
+(published at the vision-tower stage).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ POLICIES: dict[str, type[PruningPolicy]] = {
 
 
 NONE = "none"  # the unpruned model: no policy
-METHODS = (NONE, *POLICIES)
+PYRAMID = "lrs_vqa"  # LRS-VQA's pyramid read by its trained Region Focus Module (lvpruning.lrs_vqa.PyramidModel)
+METHODS = (NONE, *POLICIES, PYRAMID)
 TRAINING_FREE = tuple(name for name, policy in POLICIES.items() if not policy.trained)
 AT_TOWER = tuple(name for name, policy in POLICIES.items() if policy.published.layers[0] == -1)
 
@@ -81,6 +83,7 @@ __all__ = [
     "METHODS",
     "NONE",
     "POLICIES",
+    "PYRAMID",
     "TRAINING_FREE",
     "AdaptInferPolicy",
     "FastVPolicy",

@@ -8,8 +8,12 @@ Metrics of a setting (MLflow names):
   and ``ci_high/<accuracy>``: the 95% percentile-bootstrap interval over questions of a benchmark's headline and of
   the mean (:mod:`pipelines.eval.scoring.intervals`).
 - ``tflops``: the analytic prefill TFLOPs (``lvpruning.flops``) in the paper's convention, 1 image + 30 text
-  tokens: the base model for ``none``; for a pruning method with its own overhead counted (LVPruning's decision
-  modules, the training-free methods' recomputed attention rows and arithmetic).
+  tokens, the image ``eval.flops_image_size`` for the tiled families: the base model for ``none``; for a pruning
+  method with its own overhead counted (LVPruning's decision modules, the training-free methods' recomputed
+  attention rows and arithmetic). For ``lrs_vqa`` (LRS-VQA's pyramid), whose cost depends on the tiles each
+  question selects, the mean over its questions (tower passes and prompt lengths as each ran), beside
+  ``tflops_bound`` (every tile visited selected) and ``pyramid/tiles_encoded``, ``pyramid/tiles_finest``,
+  ``pyramid/vision_tokens``.
 - ``latency/prefill_ms``, ``latency/e2e_ms`` and their ``_iqr`` spreads: every setting of one evaluation timed in
   one process on the first benchmark's first requests (``pipelines.eval.latency``), before any answering;
   ``unanswered/<benchmark>``: questions with no usable image.
@@ -31,15 +35,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from transformers import LlavaNextConfig
 
 from lvpruning import PruningConfig
 from lvpruning.checkpoint import read_pruning_config
-from lvpruning.flops import analytic_flops
+from lvpruning.flops import ANYRES_IMAGE_SIZE, analytic_flops
 from lvpruning.flops_qwen import is_qwen_vl, processor_image_size
-from lvpruning.policies import NONE, is_trained
+from lvpruning.lrs_vqa import pyramid_bound, pyramid_flops
+from lvpruning.policies import NONE, PYRAMID, is_trained
 from lvpruning.presets import load_llava_config
+from lvpruning.region_focus import region_focus_layers
 from pipelines.cluster import for_every_node
-from pipelines.config import TOY, JobConfig, OwnLayers
+from pipelines.config import TOY, JobConfig, OwnLayers, PyramidSection
 from pipelines.eval.inference import (
     InferenceOptions,
     InferenceReport,
@@ -49,7 +56,7 @@ from pipelines.eval.inference import (
     run_inference,
 )
 from pipelines.eval.latency import LatencyOptions, measure_latency
-from pipelines.eval.metrics import E2E_MS, MEAN, PREFILL_MS, TFLOPS, interval_names
+from pipelines.eval.metrics import E2E_MS, MEAN, PREFILL_MS, TFLOPS, TFLOPS_BOUND, interval_names
 from pipelines.eval.models import ModelSpec, Setting
 from pipelines.eval.scoring import score
 from pipelines.eval.scoring.intervals import interval
@@ -86,20 +93,25 @@ def make_settings(
     schedules: Sequence[Sequence[float]],
     seed: int = 0,
     at_own_layers: Sequence[OwnLayers] = (),
+    pyramid: PyramidSection | None = None,
 ) -> list[Setting]:
     """``none`` once, every pruning method once per keep-ratio schedule (at the model's stages), then each method
-    of ``at_own_layers`` at its layers, once per its schedules."""
+    of ``at_own_layers`` at its layers, once per its schedules, then LRS-VQA's ``pyramid`` once per its shares."""
     out = [Setting(NONE)] if NONE in methods else []
     out += [Setting(m, tuple(r), seed) for m in methods if m != NONE for r in schedules]
-    return out + [
-        Setting(o.method, r, seed, o.layers, tuple(o.params.items())) for o in at_own_layers for r in o.schedules
-    ]
+    out += [Setting(o.method, r, seed, o.layers, tuple(o.params.items())) for o in at_own_layers for r in o.schedules]
+    if pyramid is not None:
+        own = () if pyramid.base_long_side is None else (("base_long_side", pyramid.base_long_side),)
+        out += [Setting(PYRAMID, r, params=own) for r in pyramid.keep_ratios]
+    return out
 
 
 def flops_image_size(model: ModelSpec, llava_config: Any) -> tuple[int, int] | None:
-    """The image the FLOPs count assumes: its default (None) except on Qwen-VL, whose own processor (its
-    ``min_pixels`` / ``max_pixels``, ``model.processor`` options included) resizes the default first, e.g. to the
-    toy Qwen2.5-VL's 64 x 64."""
+    """The image the FLOPs count assumes: ``model.flops_image_size`` (``eval.flops_image_size``) when given, else
+    its default (None) except on Qwen-VL, whose own processor (its ``min_pixels`` / ``max_pixels``,
+    ``model.processor`` options included) resizes the default first, e.g. to the toy Qwen2.5-VL's 64 x 64."""
+    if model.flops_image_size is not None:
+        return model.flops_image_size
     if not is_qwen_vl(llava_config):
         return None
     size = model.processor().image_processor.size
@@ -111,7 +123,55 @@ def settings_tflops(model: ModelSpec, settings: Sequence[Setting]) -> dict[str, 
     TFLOPs. A setting that does not fit the model fails here."""
     llava_config = load_llava_config(local_copy(model.name_or_path))
     image_size = flops_image_size(model, llava_config)
-    return {s.name: setting_tflops(llava_config, model.pruning, s, image_size) for s in settings}
+    return {
+        s.name: pyramid_bound_tflops(llava_config, model, s, image_size)
+        if s.method == PYRAMID
+        else setting_tflops(llava_config, model.pruning, s, image_size)
+        for s in settings
+    }
+
+
+def pyramid_bound_tflops(
+    llava_config: Any, model: ModelSpec, setting: Setting, image_size: Sequence[int] | None
+) -> float:
+    """The most one prompt of 1 image of ``image_size`` (default ``ANYRES_IMAGE_SIZE``) + 30 text tokens can cost
+    LRS-VQA's pyramid under ``setting`` (:func:`lvpruning.lrs_vqa.pyramid_bound`: every tile of each level visited
+    selected), in TFLOPs; what its questions did cost is counted from its answers (:func:`pyramid_metrics`)."""
+    if model.region_focus is None:
+        raise ValueError(f"method {PYRAMID!r} needs a trained Region Focus Module: set eval.lrs_vqa.region_focus")
+    if not isinstance(llava_config, LlavaNextConfig):
+        raise ValueError(f"method {PYRAMID!r} runs on LLaVA-NeXT (CLIP tiles), got {type(llava_config).__name__}")
+    layers = len(region_focus_layers(local_copy(model.region_focus)))
+    long_side = dict(setting.params).get("base_long_side")
+    bound = pyramid_bound(
+        llava_config,
+        image_size or ANYRES_IMAGE_SIZE,
+        PAPER_TEXT_TOKENS,
+        setting.keep_ratios,
+        None if long_side is None else int(long_side),
+    )
+    return sum(pyramid_flops(llava_config, layers, bound.rounds, bound.tiles).values()) / 1e12
+
+
+def pyramid_metrics(model: ModelSpec, answers: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """LRS-VQA's pyramid as its ``answers`` ran (each answer's ``metadata.pyramid``): ``tflops``, the mean over
+    questions of :func:`lvpruning.lrs_vqa.pyramid_flops` with the prompt's text counted as 30 tokens (the paper's
+    convention, as every other setting's count), and the means of ``pyramid/tiles_encoded`` (tower passes),
+    ``pyramid/tiles_finest`` (the finest level reached, whole) and ``pyramid/vision_tokens`` (in the LLM)."""
+    llava_config = load_llava_config(local_copy(model.name_or_path))
+    layers = len(region_focus_layers(local_copy(model.region_focus)))
+    records = [a["metadata"]["pyramid"] for a in answers]
+    if not records:
+        return {}
+    flops = []
+    for r in records:
+        text = r["rounds"][-1] - r["vision_tokens"]
+        rounds = [n - text + PAPER_TEXT_TOKENS for n in r["rounds"]]
+        flops.append(sum(pyramid_flops(llava_config, layers, rounds, r["tiles_encoded"]).values()) / 1e12)
+    out = {TFLOPS: statistics.fmean(flops)}
+    for key in ("tiles_encoded", "tiles_finest", "vision_tokens"):
+        out[f"pyramid/{key}"] = statistics.fmean(r[key] for r in records)
+    return out
 
 
 def setting_tflops(
@@ -177,6 +237,9 @@ def evaluate_setting(
     options, result = options or InferenceOptions(), SettingResult(setting)
     # First, as it also checks the stages against the model: a bad setting fails before any inference.
     result.metrics[TFLOPS] = settings_tflops(model, [setting])[setting.name] if tflops is None else tflops
+    if setting.method == PYRAMID:  # that was the bound; the count of what the questions cost replaces it below
+        result.metrics[TFLOPS_BOUND] = result.metrics[TFLOPS]
+    answered_all: list[dict[str, Any]] = []
     if reports is None:
         reports = answer_settings(model, [setting], benchmarks, output_dir, options)[setting.name]
     for bench in benchmarks:
@@ -185,6 +248,7 @@ def evaluate_setting(
         asked = {str(q["question_id"]) for q in records}
         written = read_answers(answers, answer_signature(model, setting))
         answered = [a for qid, a in written.items() if qid in asked]  # earlier runs may have answered more
+        answered_all += answered
         scored = score(bench.name, records, answered, bench.annotations)
         result.reports[bench.name], result.scores[bench.name] = reports[bench.name], scored
         result.metrics[f"accuracy/{bench.name}"] = scored["score"]
@@ -192,6 +256,8 @@ def evaluate_setting(
         for category, value in (scored["breakdown"].get("category") or {}).items():
             result.metrics[f"accuracy/{bench.name}/{category}"] = value
         result.metrics[f"unanswered/{bench.name}"] = float(len(records) - len(answered))
+    if setting.method == PYRAMID:
+        result.metrics |= pyramid_metrics(model, answered_all)
     result.metrics[MEAN] = statistics.fmean(result.metrics[f"accuracy/{b.name}"] for b in benchmarks)
     mean_replicates = np.mean([result.scores[b.name]["replicates"] for b in benchmarks], axis=0)  # resample-wise
     result.metrics.update(zip(interval_names(MEAN), interval(mean_replicates), strict=True))
@@ -205,6 +271,12 @@ def setting_params(model: ModelSpec, setting: Setting, benchmarks: Sequence[Benc
     if setting.method == NONE:
         return params
     params["infer_ratios"] = json.dumps(list(setting.keep_ratios or ()))
+    if setting.method == PYRAMID:  # shares per scoring round; no stages, no decision modules
+        return (
+            params
+            | {"region_focus": redact(str(model.region_focus))}
+            | ({"policy_params": json.dumps(dict(setting.params))} if setting.params else {})
+        )
     if model.pruning is not None:
         params["layers"] = json.dumps(list(setting.layers or model.pruning.layers))
     if setting.params:
@@ -368,7 +440,19 @@ def evaluated_model(job: Job, model_path: str | None = None, modules: str | None
     for schedule in ev.schedules:
         pruning.check_ratios(schedule)
     m = config.model
-    return ModelSpec(model_path, modules, pruning, m.dtype, m.attn_implementation, m.processor.options())
+    focus = ev.lrs_vqa.region_focus if ev.lrs_vqa else None
+    if focus is not None:
+        region_focus_layers(local_copy(focus))  # not a saved module: fails here
+    return ModelSpec(
+        model_path,
+        modules,
+        pruning,
+        m.dtype,
+        m.attn_implementation,
+        m.processor.options(),
+        focus,
+        ev.flops_image_size,
+    )
 
 
 def evaluate(
@@ -399,7 +483,7 @@ def evaluate(
         max_questions=ev.max_questions,
         storage_path=storage,
     )
-    settings = make_settings(ev.methods, ev.schedules, ev.seed, ev.at_own_layers)
+    settings = make_settings(ev.methods, ev.schedules, ev.seed, ev.at_own_layers, ev.lrs_vqa)
     latency = timed_settings(config, model, settings, benchmarks[0])
     logged = json.loads(config.model_dump_json())
     logged["model"]["name_or_path"], logged["eval"]["modules"] = model_path, modules

@@ -40,15 +40,17 @@ import numpy as np
 import ray
 import torch
 
-from lvpruning.policies import NONE
+from lvpruning.policies import NONE, PYRAMID
 from pipelines import storage
 from pipelines.conversation import (
     SIZE_KEYS,
+    WHOLE_BLANK,
     RecordError,
     blank_image,
     image_inputs,
     prompt_template,
     single_turn_prompt,
+    whole_image_inputs,
 )
 from pipelines.eval.datasets import SHORT_ANSWER, build_prompt, with_suffix
 from pipelines.eval.models import ModelSpec, Setting, load_settings, timed_generate
@@ -130,13 +132,14 @@ def read_answers(path: Path, expected: dict[str, Any]) -> dict[str, dict[str, An
 
 class Preprocessor:
     """Questions and their images -> model inputs (:meth:`request`), as the model's own evaluation builds them: the
-    batch inference's Ray Data tasks, the latency's and the calibration's requests."""
+    batch inference's Ray Data tasks, the latency's and the calibration's requests. ``whole``: also the inputs of
+    LRS-VQA's pyramid (:func:`pipelines.conversation.whole_image_inputs`, keys ``whole_*``), for ``lrs_vqa``."""
 
-    def __init__(self, processor: Any, image_root: str) -> None:
-        self.processor, self.image_root = processor, image_root
+    def __init__(self, processor: Any, image_root: str, whole: bool = False) -> None:
+        self.processor, self.image_root, self.whole = processor, image_root, whole
         self.template = prompt_template(processor)
         self.background = square_background(processor)
-        self.blank = blank_image(processor)  # for rows with no image: the model's input shapes
+        self.blank = blank_image(processor) | (WHOLE_BLANK if whole else {})  # rows with no image: input shapes
 
     def request(self, question: str, image: str) -> dict[str, np.ndarray]:
         """One question's ``input_ids`` (L,), its single-turn prompt with the image token, and its image's inputs
@@ -147,7 +150,8 @@ class Preprocessor:
         picture = load_image(self.image_root, image, self.background)
         prompt = single_turn_prompt(question, template=self.template)
         encoded = self.processor(text=[prompt], images=[picture], return_tensors="np")
-        return {"input_ids": np.asarray(encoded["input_ids"][0], dtype=np.int64)} | image_inputs(encoded)
+        whole = whole_image_inputs(self.processor, prompt, picture) if self.whole else {}
+        return {"input_ids": np.asarray(encoded["input_ids"][0], dtype=np.int64)} | image_inputs(encoded) | whole
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """Rows (index, image, question[, settings]) -> (index, error, input_ids, pixel_values[, its size key][,
@@ -167,12 +171,23 @@ class Preprocessor:
 _PREPROCESSORS: dict[tuple[str, str], Preprocessor] = {}
 
 
-def _preprocess(batch: dict[str, np.ndarray], *, processor_ref: Any, image_root: str) -> dict[str, Any]:
-    key = (processor_ref.hex(), image_root)
+def _preprocess(batch: dict[str, np.ndarray], *, processor_ref: Any, image_root: str, whole: bool) -> dict[str, Any]:
+    key = (processor_ref.hex(), image_root, whole)
     if key not in _PREPROCESSORS:  # Ray reuses worker processes: unpickle the processor once per process
         _PREPROCESSORS.clear()
-        _PREPROCESSORS[key] = Preprocessor(ray.get(processor_ref), image_root)
+        _PREPROCESSORS[key] = Preprocessor(ray.get(processor_ref), image_root, whole)
     return _PREPROCESSORS[key](batch)
+
+
+def setting_inputs(
+    setting: Setting, rows: dict[str, Sequence[Any]]
+) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]]]:
+    """The prompts and images of ``rows`` (:meth:`Preprocessor.request`'s keys, one list each) that ``setting``
+    reads: the pyramid's whole images for ``lrs_vqa``, the processor's for every other."""
+    prefix = "whole_" if setting.method == PYRAMID else ""
+    keys = ("pixel_values", *SIZE_KEYS)
+    images = {key: list(rows[prefix + key]) for key in keys if prefix + key in rows}
+    return list(rows[prefix + "input_ids"]), images
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -193,26 +208,26 @@ class Generator:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         needs = [{int(k) for k in str(todo).split(",")} for todo in batch["settings"]]
-        out: dict[str, list[Any]] = {k: [] for k in ("index", "setting", "error", "text", *TIMES, "batch_size")}
+        keys = ("index", "setting", "error", "text", "pyramid", *TIMES, "batch_size")
+        out: dict[str, list[Any]] = {k: [] for k in keys}
         for k, setting in enumerate(self.settings):
             rows = [i for i, need in enumerate(needs) if k in need]
             ok = [i for i in rows if not batch["error"][i]]
             texts, prefill_ms, e2e_ms = [""] * len(rows), 0.0, 0.0
+            pyramid: list[dict[str, Any]] = [{} for _ in rows]
             if ok:  # per sample: the batch's times amortized
-                images = {key: [batch[key][i] for i in ok] for key in ("pixel_values", *SIZE_KEYS) if key in batch}
+                prompts, images = setting_inputs(setting, {key: [batch[key][i] for i in ok] for key in batch})
                 model, policy = self.served[setting.name]
+                prefill: list[Any] = []
                 answered, prefill_ms, e2e_ms = timed_generate(
-                    model,
-                    self.tokenizer,
-                    [batch["input_ids"][i] for i in ok],
-                    images,
-                    setting,
-                    policy,
-                    self.max_new_tokens,
+                    model, self.tokenizer, prompts, images, setting, policy, self.max_new_tokens, prefill
                 )
-                for i, text in zip(ok, answered, strict=True):
+                for n, (i, text) in enumerate(zip(ok, answered, strict=True)):
                     texts[rows.index(i)] = text
-            for i, text in zip(rows, texts, strict=True):
+                    if setting.method == PYRAMID:
+                        pyramid[rows.index(i)] = pyramid_record(prefill[0], n)
+            for i, text, tiles in zip(rows, texts, pyramid, strict=True):
+                out["pyramid"].append(json.dumps(tiles))
                 out["index"].append(int(batch["index"][i]))
                 out["setting"].append(k)
                 out["error"].append(str(batch["error"][i]))
@@ -220,7 +235,16 @@ class Generator:
                 out["prefill_ms"].append(prefill_ms / max(len(ok), 1))
                 out["e2e_ms"].append(e2e_ms / max(len(ok), 1))
                 out["batch_size"].append(len(ok))
-        return {k: np.asarray(v, dtype=object if k in ("error", "text") else None) for k, v in out.items()}
+        return {k: np.asarray(v, dtype=object if k in ("error", "text", "pyramid") else None) for k, v in out.items()}
+
+
+def pyramid_record(output: Any, b: int) -> dict[str, Any]:
+    """What an answer records of sample ``b`` of the pyramid's prefill (``PyramidOutput``): the tower passes it
+    made (``tiles_encoded``) against the finest level it reached whole (``tiles_finest``), the prompt's length at
+    each scoring round then the LLM's (``rounds``) and the image's tokens in the LLM's prompt (``vision_tokens``):
+    what its FLOPs are counted from (:func:`lvpruning.lrs_vqa.pyramid_flops`)."""
+    keys = ("tiles_encoded", "tiles_finest", "vision_tokens")
+    return {k: int(getattr(output, k)[b]) for k in keys} | {"rounds": output.rounds[b].tolist()}
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -336,7 +360,7 @@ def _dataset(
     """Preprocessing tasks, then the generating actor pool; one batch per block, so answers stream out early."""
     ref, size = ray.put(processor), options.batch_size
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // size)))
-    pre = {"processor_ref": ref, "image_root": image_root}
+    pre = {"processor_ref": ref, "image_root": image_root, "whole": any(s.method == PYRAMID for s in settings)}
     ds = ds.map_batches(_preprocess, fn_kwargs=pre, batch_size=size, batch_format="numpy", num_cpus=PREPROCESS_CPUS)
     remote = model.for_every_node(options.storage_path)  # the actors may be on other nodes
     actor = {"spec": remote, "settings": list(settings), "processor": ref, "max_new_tokens": options.max_new_tokens}
@@ -375,6 +399,9 @@ def _append(
         answer = {"question_id": record["question_id"], "prompt": question_text(meta["benchmark"], record)}
         answer |= {"text": str(batch["text"][j]), "answer_id": uuid.uuid4().hex, "model_id": meta["model_id"]}
         answer["metadata"] = {key: v for key, v in meta.items() if key != "model_id"} | timing
+        pyramid = json.loads(str(batch["pyramid"][j]))
+        if pyramid:  # lrs_vqa: the tiles it encoded and its prompt lengths
+            answer["metadata"]["pyramid"] = pyramid
         files[k].write(json.dumps(answer, ensure_ascii=False) + "\n")
         written[k].add(qid)
         report.generated += 1

@@ -27,8 +27,9 @@ import numpy as np
 import ray
 import torch
 
+from lvpruning.policies import PYRAMID
 from pipelines.conversation import RecordError
-from pipelines.eval.inference import Preprocessor, question_text, read_questions
+from pipelines.eval.inference import Preprocessor, question_text, read_questions, setting_inputs
 from pipelines.eval.metrics import E2E_MS, PREFILL_MS
 from pipelines.eval.models import ModelSpec, Setting, load_settings, timed_generate
 
@@ -58,12 +59,12 @@ def summarize(times: Sequence[float]) -> tuple[float, float]:
 
 
 def latency_requests(
-    benchmark: str, questions: str, image_root: str, processor: Any, options: LatencyOptions
-) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]]]:
-    """The prompts (each (L,)) and images (``pixel_values`` and the size key where the model takes one: one array
-    per prompt) of the first ``batch_size`` questions with a usable image; a benchmark with fewer fills the batch by
+    benchmark: str, questions: str, image_root: str, processor: Any, options: LatencyOptions, whole: bool = False
+) -> dict[str, list[np.ndarray]]:
+    """The requests (:meth:`Preprocessor.request`'s keys, one array per prompt each; ``whole``: the pyramid's inputs
+    too) of the first ``batch_size`` questions with a usable image; a benchmark with fewer fills the batch by
     repeating them."""
-    pre, requests = Preprocessor(processor, image_root), []
+    pre, requests = Preprocessor(processor, image_root, whole), []
     for record in read_questions(questions):
         try:
             requests.append(pre.request(question_text(benchmark, record), str(record.get("image") or "")))
@@ -74,18 +75,18 @@ def latency_requests(
     if not requests:
         raise ValueError(f"{questions}: no question with a usable image under {image_root} to time")
     take = [requests[i % len(requests)] for i in range(options.batch_size)]
-    return [r["input_ids"] for r in take], {k: [r[k] for r in take] for k in take[0] if k != "input_ids"}
+    return {k: [r[k] for r in take] for k in take[0]}
 
 
 def time_settings(
     spec: ModelSpec,
     settings: Sequence[Setting],
-    prompts: list[np.ndarray],
-    images: dict[str, list[np.ndarray]],
+    requests: dict[str, list[np.ndarray]],
     tokenizer: Any,
     options: LatencyOptions,
 ) -> dict[str, dict[str, float]]:
-    """Time every setting in this process (see the module docstring): setting name -> metrics."""
+    """Time every setting in this process (see the module docstring) on ``requests`` (:func:`latency_requests`):
+    setting name -> metrics."""
     device = torch.device("cuda" if options.use_gpu and torch.cuda.is_available() else "cpu")
     served = load_settings(spec, settings, device)
     recorded: dict[str, dict[str, list[float]]] = {s.name: {k: [] for k in TIMES} for s in settings}
@@ -93,6 +94,7 @@ def time_settings(
         shift = r % len(settings)
         for s in [*settings[shift:], *settings[:shift]]:
             model, policy = served[s.name]
+            prompts, images = setting_inputs(s, requests)
             _, prefill, e2e = timed_generate(model, tokenizer, prompts, images, s, policy, options.max_new_tokens)
             if r >= options.warmup:
                 recorded[s.name]["prefill_ms"].append(prefill)
@@ -115,8 +117,9 @@ def _measure(
     options: LatencyOptions,
 ) -> dict[str, dict[str, float]]:
     processor = spec.processor()
-    prompts, images = latency_requests(benchmark, questions, image_root, processor, options)
-    return time_settings(spec, settings, prompts, images, processor.tokenizer, options)
+    whole = any(s.method == PYRAMID for s in settings)
+    requests = latency_requests(benchmark, questions, image_root, processor, options, whole)
+    return time_settings(spec, settings, requests, processor.tokenizer, options)
 
 
 def measure_latency(

@@ -2,7 +2,8 @@
 (``pipelines.eval.evaluation``, ``pipelines.eval.latency``) and read by the sweep and the frontier. Constants
 only: the frontier job imports them without torch or Ray."""
 
-TFLOPS = "tflops"  # the analytic prefill TFLOPs, 1 image + 30 text tokens
+TFLOPS = "tflops"  # the analytic prefill TFLOPs, 1 image + 30 text tokens (lrs_vqa: the mean over its questions)
+TFLOPS_BOUND = "tflops_bound"  # lrs_vqa: the most one prompt can cost its pyramid (every tile visited selected)
 MEAN = "accuracy/mean"  # the mean over the benchmarks of ``accuracy/<benchmark>``
 PREFILL_MS = "latency/prefill_ms"  # median first forward pass (``<name>_iqr``: its spread)
 E2E_MS = "latency/e2e_ms"  # median whole generate call

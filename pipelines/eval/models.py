@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from lvpruning import LVPruningModel, PruningConfig, attach, from_pretrained, load_decision_modules
-from lvpruning.policies import METHODS, NONE, POLICIES, PruningPolicy, get_policy, is_trained
+from lvpruning.lrs_vqa import PyramidModel
+from lvpruning.policies import METHODS, NONE, POLICIES, PYRAMID, PruningPolicy, get_policy, is_trained
+from lvpruning.region_focus import load_region_focus
 from pipelines.cluster import for_every_node
 from pipelines.conversation import load_processor
 from pipelines.images import batch_images, token_types
@@ -26,7 +28,8 @@ from pipelines.storage import local_copy
 @dataclass(frozen=True)
 class ModelSpec:
     """The model every actor loads. ``modules``: a directory of trained decision modules; ``pruning``: the
-    stages of fresh (untrained) modules for the training-free policies when there are no trained ones."""
+    stages of fresh (untrained) modules for the training-free policies when there are no trained ones;
+    ``region_focus``: a trained Region Focus Module, for LRS-VQA's pyramid (method ``lrs_vqa``)."""
 
     name_or_path: str
     modules: str | None = None
@@ -34,6 +37,8 @@ class ModelSpec:
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     processor_options: tuple[tuple[str, int], ...] = ()  # model.processor's (e.g. Qwen-VL's max_pixels)
+    region_focus: str | None = None
+    flops_image_size: tuple[int, int] | None = None  # (H, W) the FLOPs count assumes (eval.flops_image_size)
 
     def processor(self) -> Any:
         """The model's own processor, with ``processor_options``."""
@@ -47,14 +52,18 @@ class ModelSpec:
         """This spec with its model and modules where every node of the cluster reads them
         (:func:`pipelines.cluster.for_every_node`: copied to ``storage_path`` if only this node has them)."""
         model = for_every_node(self.name_or_path, "model.name_or_path", storage_path)
-        return replace(self, name_or_path=model, modules=for_every_node(self.modules, "eval.modules", storage_path))
+        modules = for_every_node(self.modules, "eval.modules", storage_path)
+        focus = for_every_node(self.region_focus, "eval.lrs_vqa.region_focus", storage_path)
+        return replace(self, name_or_path=model, modules=modules, region_focus=focus)
 
 
 @dataclass(frozen=True)
 class Setting:
     """One inference setting: ``method`` in ``METHODS`` and, unless ``none``, a keep ratio per stage, after
     ``layers`` (None: the model's ``pruning.layers``, where LVPruning's decision modules sit; -1 first: the vision
-    tower), with the method's own ``params`` (e.g. VFlowOpt's ``t``, ``alpha``, ``cell``; a mapping or pairs)."""
+    tower), with the method's own ``params`` (e.g. VFlowOpt's ``t``, ``alpha``, ``cell``; a mapping or pairs).
+    ``lrs_vqa`` (LRS-VQA's pyramid) keeps a share per scoring round, coarsest first, and takes no layers; its one
+    parameter is ``base_long_side``, the coarsest tiled level's long side in pixels."""
 
     method: str
     keep_ratios: tuple[float, ...] | None = None
@@ -71,6 +80,8 @@ class Setting:
         if self.layers is not None and (ratios is None or len(self.layers) != len(ratios)):
             raise ValueError(f"method {self.method!r}: layers {self.layers} need one keep ratio each, got {ratios}")
         params = dict(self.params)
+        if self.method == PYRAMID and (self.layers is not None or set(params) - {"base_long_side"}):
+            raise ValueError(f"method {PYRAMID!r} takes keep ratios per scoring round and base_long_side, no layers")
         object.__setattr__(self, "keep_ratios", ratios)
         object.__setattr__(self, "layers", None if self.layers is None else tuple(int(i) for i in self.layers))
         object.__setattr__(self, "params", tuple(sorted((str(k), float(v)) for k, v in params.items())))
@@ -105,11 +116,12 @@ def setting_policy(model: nn.Module, setting: Setting) -> PruningPolicy | None:
 
 
 def load_model(spec: ModelSpec, method: str, device: str | torch.device = "cpu") -> nn.Module:
-    """The base model (``none``), or it with decision modules in inference mode (:func:`with_pruning`)."""
+    """The base model (``none``), or it with decision modules in inference mode (:func:`with_pruning`) (``lrs_vqa``:
+    the base model; :func:`load_settings` puts the pyramid around it)."""
     dtype, attn = getattr(torch, spec.dtype), spec.attn_implementation
     model = from_pretrained(local_copy(spec.name_or_path), dtype=dtype, attn_implementation=attn)
     model = model.to(device).eval()
-    return model if method == NONE else with_pruning(model, spec, method)
+    return model if method in (NONE, PYRAMID) else with_pruning(model, spec, method)
 
 
 def with_pruning(model: nn.Module, spec: ModelSpec, method: str) -> LVPruningModel:
@@ -128,12 +140,31 @@ def load_settings(
     spec: ModelSpec, settings: Sequence[Setting], device: str | torch.device = "cpu"
 ) -> dict[str, tuple[nn.Module, PruningPolicy | None]]:
     """One base model, and for the pruning methods one set of decision modules on it, serving every setting:
-    setting name -> (the model it runs, its policy). Each setting's schedule is checked against the model first."""
+    setting name -> (the model it runs, its policy). Each setting's schedule is checked against the model first.
+    ``lrs_vqa`` settings run the same base model inside a :class:`PyramidModel` with ``spec.region_focus``."""
     base = load_model(spec, NONE, device)
-    pruning = [s.method for s in settings if s.method != NONE]
+    pruning = [s.method for s in settings if s.method not in (NONE, PYRAMID)]
     trained = [m for m in pruning if is_trained(m)]  # named in the error when the modules are missing
     pruner = with_pruning(base, spec, (trained or pruning)[0]) if pruning else None
-    return {s.name: (base, None) if s.method == NONE else (pruner, setting_policy(pruner, s)) for s in settings}
+    served: dict[str, tuple[nn.Module, PruningPolicy | None]] = {}
+    for s in settings:
+        if s.method == NONE:
+            served[s.name] = (base, None)
+        elif s.method == PYRAMID:
+            served[s.name] = (pyramid_model(base, spec, s), None)
+        else:
+            served[s.name] = (pruner, setting_policy(pruner, s))
+    return served
+
+
+def pyramid_model(base: nn.Module, spec: ModelSpec, setting: Setting) -> PyramidModel:
+    """``base`` inside LRS-VQA's pyramid with the trained Region Focus Module ``spec.region_focus`` (loaded onto
+    ``base``'s device and dtype) at ``setting``'s ``base_long_side``."""
+    if spec.region_focus is None:
+        raise ValueError(f"method {PYRAMID!r} needs a trained Region Focus Module: set eval.lrs_vqa.region_focus")
+    focus = load_region_focus(base, local_copy(spec.region_focus))
+    long_side = dict(setting.params).get("base_long_side")
+    return PyramidModel(base, focus, None if long_side is None else int(long_side))
 
 
 def left_padded(prompts: list[np.ndarray], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,19 +187,23 @@ def timed_generate(
     setting: Setting,
     policy: Any,
     max_new_tokens: int,
+    prefill: list[Any] | None = None,
 ) -> tuple[list[str], float, float]:
     """Greedy answers for prompts (each (L_i,)) and their ``images`` (``pixel_values``: B arrays (3, H, W), or
     (S_b, 3, H, W) with ``image_sizes`` for the tiled families, or (P_b, D) with ``image_grid_thw`` for Qwen-VL:
     :func:`pipelines.images.batch_images`), left-padded into one batch, with the wall times
-    (ms) of the prefill and of the whole call. ``model``: the base model for ``none``, else an
-    :class:`LVPruningModel` (``policy`` ranks the tokens). On GPU the device is synchronized at each clock read."""
+    (ms) of the prefill and of the whole call. ``model``: the base model for ``none``, a :class:`PyramidModel` for
+    ``lrs_vqa`` (prompts with one unexpanded image token, whole normalised images), else an :class:`LVPruningModel`
+    (``policy`` ranks the tokens). ``prefill``: a list that receives the prefill's output (the pyramid's tiles
+    encoded). On GPU the device is synchronized at each clock read."""
     device = next(model.parameters()).device
     input_ids, attention_mask = left_padded(prompts, tokenizer.pad_token_id)
     N = input_ids.shape[1]
     dtype = next(model.parameters()).dtype
     inputs = {k: v.to(device, dtype if k == "pixel_values" else None) for k, v in batch_images(images).items()}
     inputs |= {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-    if not isinstance(model, LVPruningModel):
+    pruner = isinstance(model, (LVPruningModel, PyramidModel))
+    if not pruner:
         inputs = token_types(inputs, model.config.image_token_id)
     inputs["max_new_tokens"] = max_new_tokens
     inputs |= {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
@@ -179,14 +214,16 @@ def timed_generate(
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    def hook_fn(*_: Any) -> None:  # returns None: a forward hook's return value replaces the output
+    def hook_fn(module: nn.Module, args: Any, output: Any) -> None:  # None: a hook's return replaces the output
         if not prefill_end:
             prefill_end.append(clock())
+            if prefill is not None:
+                prefill.append(output)
 
     hook = model.register_forward_hook(hook_fn)
     try:
         start = clock()
-        if isinstance(model, LVPruningModel):
+        if pruner:
             tokens = model.generate(**inputs, keep_ratios=setting.keep_ratios, policy=policy, layers=setting.layers)
         else:
             tokens = model.generate(**inputs, do_sample=False)

@@ -6,7 +6,9 @@ Three variants (``data.toy_variant``): ``default``, the 64 x 64 world of the toy
 high-resolution world (``hires.HiresSpec``) of the toy LLaVA-NeXT, whose base model (``pipelines/toy/base_model_hires``
 once shipped; ``jobs/configs/toy_base_hires.yaml``) starts from the toy LLaVA's (``continued_model``); ``qwen``, the
 64 x 64 world of the toy Qwen2.5-VL (``jobs/configs/toy_base_qwen.yaml``: the toy LLaVA's decoder carried over,
-``model.qwen_from_llava``; ``pipelines/toy/base_model_qwen`` once shipped).
+``model.qwen_from_llava``; ``pipelines/toy/base_model_qwen`` once shipped); ``large``, the large-image world
+(``writer.LARGE``: 256 x 256 images in 4 x 4 tiles), read by the high-resolution world's toy LLaVA-NeXT given the
+larger tile grid (:func:`widened_grid`): the same tiles at the same resolution, more of them.
 
 A trained base model carries ``toy_world.json``: the scene parameters of the world it learnt
 (``writer.scene_parameters``). One whose stamp differs from the current world's, e.g. a ``<toy_root>/base_model``
@@ -17,15 +19,17 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, Qwen2_5_VLConfig
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, Qwen2_5_VLConfig
 
 from lvpruning import from_pretrained
 from lvpruning.tiny import tiny_llava
+from pipelines.toy.hires import image_grid_pinpoints
 from pipelines.toy.model import (
     VARIANT_FAMILIES,
     build_toy_model,
@@ -73,9 +77,9 @@ class ToyWorld:
         return VARIANT_FAMILIES[self.variant]
 
     @property
-    def shipped_base_model(self) -> Path:
-        """Where the repository ships this variant's trained base model."""
-        return SHIPPED_BASE_MODELS[self.variant]
+    def shipped_base_model(self) -> Path | None:
+        """Where the repository ships this variant's trained base model (None: the large world has none)."""
+        return SHIPPED_BASE_MODELS.get(self.variant)
 
     def written(self, n_train: int, n_test: int) -> ToyWorld:
         """This world with ``n_train`` training and ``n_test`` test questions written now (or reused)."""
@@ -91,7 +95,7 @@ class ToyWorld:
         """The trained base model of this world: this machine's, else the shipped one, else None."""
         wanted = scene_parameters(self.spec)
         for path in (self.base_model, self.shipped_base_model):
-            if not ((path / "config.json").is_file() and (path / "model.safetensors").is_file()):
+            if path is None or not ((path / "config.json").is_file() and (path / "model.safetensors").is_file()):
                 continue
             model_type = json.loads((path / "config.json").read_text()).get("model_type")
             if model_type != toy_config(self.spec, self.family).model_type:  # e.g. a toy LLaVA in a Qwen world's root
@@ -104,6 +108,9 @@ class ToyWorld:
             if stamp == wanted:
                 return path
             logger.warning("not using %s: trained for another toy world (%s differs or is missing)", path, WORLD_STAMP)
+        if self.variant == "large":  # the high-resolution world's model (trained under <root>/hires, or shipped)
+            hires = ToyWorld.at(self.root / "hires", self.seed, None, "hires").trained_base()
+            return None if hires is None else widened_grid(hires, self.spec, self.root / "hires_model")
         return None
 
     def stamp_base_model(self) -> None:
@@ -144,6 +151,26 @@ class ToyWorld:
             )
             save_toy_model(path, model, toy_processor(config, self.spec))
         return path
+
+
+def widened_grid(source: Path, spec: WorldSpec, path: Path) -> Path:
+    """The toy LLaVA-NeXT at ``source`` given ``spec``'s tile grids besides its own (config and image processor:
+    ``image_grid_pinpoints``; the weights do not depend on them), saved once at ``path`` and stamped as ``spec``'s
+    model: a world of larger images drawn as the high-resolution world's is read tile by tile as that world's.
+    Remade when ``path`` has no stamp (delete it to take a newly trained ``source``)."""
+    config = AutoConfig.from_pretrained(source)
+    pinpoints = [list(p) for p in dict.fromkeys(map(tuple, config.image_grid_pinpoints + image_grid_pinpoints(spec)))]
+    stamp = json.dumps(scene_parameters(spec), indent=2) + "\n"
+    if (path / WORLD_STAMP).is_file() and (path / WORLD_STAMP).read_text() == stamp:  # written last
+        return path
+    processor = AutoProcessor.from_pretrained(source)
+    config.image_grid_pinpoints = processor.image_processor.image_grid_pinpoints = pinpoints
+    path.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(path)
+    processor.save_pretrained(path)
+    shutil.copyfile(source / "model.safetensors", path / "model.safetensors")
+    (path / WORLD_STAMP).write_text(stamp)
+    return path
 
 
 def carried_over(source: Any, target: Any, name: str | Path) -> Any:

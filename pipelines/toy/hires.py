@@ -33,7 +33,8 @@ from PIL import Image
 
 from pipelines.toy.scenes import COLORS, SHAPES, Scene, ToyObject, check_objects, check_question_types, shape_mask
 
-ASPECTS: dict[str, tuple[int, int]] = {"square": (2, 2), "wide": (1, 2), "tall": (2, 1)}  # tile rows, tile cols
+# tile rows, tile cols; "large": the large-image world's (LRS-VQA's setting), past the toy LLaVA-NeXT's own grids
+ASPECTS: dict[str, tuple[int, int]] = {"square": (2, 2), "wide": (1, 2), "tall": (2, 1), "large": (4, 4)}
 GREY = 128  # every object's mean color: all the base view sees of it
 CELL = 2  # shapes are drawn in CELL x CELL pixels, so that their strokes survive the softening
 SOFTEN = (0.25, 0.5, 0.25)  # zero response at the checkerboard's frequency (1/2 cycle per pixel)
@@ -97,9 +98,10 @@ class HiresSpec:
 
 
 def _tile_name(tile_row: int, tile_col: int, rows: int, cols: int) -> str:
-    """The name of a tile: "top left" in a 2 x 2 grid, "left" in a 1 x 2 one, "top" in a 2 x 1 one."""
-    words = [("top", "bottom")[tile_row]] if rows == 2 else []
-    words += [("left", "right")[tile_col]] if cols == 2 else []
+    """The quarter of the image a tile is in: "top left" in a 2 x 2 grid (or for the 4 top-left tiles of a 4 x 4
+    one), "left" in a 1 x 2 one, "top" in a 2 x 1 one."""
+    words = [("top", "bottom")[2 * tile_row // rows]] if rows > 1 else []
+    words += [("left", "right")[2 * tile_col // cols]] if cols > 1 else []
     return " ".join(words)
 
 

@@ -46,7 +46,8 @@ TOY_MODEL: dict[str, float] = {
     "initializer_range": 0.1,  # ~ hidden_size ** -0.5; 0.02 learns slower: benchmarks/TOY_WORLD.md, "Third round"
 }
 TOY_FAMILIES = ("llava", "qwen2_5_vl")  # the toy LLaVA (LLaVA-NeXT for the high-resolution world), or Qwen2.5-VL
-VARIANT_FAMILIES = {"default": "llava", "hires": "llava", "qwen": "qwen2_5_vl"}  # the model of each data.toy_variant
+VARIANT_FAMILIES = {"default": "llava", "hires": "llava", "qwen": "qwen2_5_vl", "large": "llava"}  # by data.toy_variant
+TOY_NEXT_ASPECTS = ("square", "wide", "tall")  # the toy LLaVA-NeXT's own tile grids (a world's larger ones added)
 VISION_POSITION_STD = 0.5  # scale of the CLIP position embeddings at init (CLIP: std 0.02); see build_toy_model
 
 
@@ -86,7 +87,7 @@ def toy_config(
         return config
     if isinstance(spec, HiresSpec):  # up to 336 vision tokens + the conversation: past the low-res 256 positions
         sizes["max_position_embeddings"] = max(sizes["max_position_embeddings"], 1024)
-        grid = tuple(ASPECTS[a] for a in ASPECTS)
+        grid = tuple(dict.fromkeys(ASPECTS[a] for a in (*TOY_NEXT_ASPECTS, *spec.aspects)))
         return tiny_tiled_config(tile_size=spec.tile, patch_size=spec.patch, grid=grid, num_kv_heads=None, **sizes)
     return tiny_llava_config(image_size=spec.image_size, patch_size=spec.patch, **sizes)
 

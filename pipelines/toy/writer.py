@@ -37,8 +37,10 @@ from pipelines.toy.scenes import POPE_CATEGORIES, Scene, SceneSpec, WorldSpec, m
 
 FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
-# data.toy_variant: the 64 x 64 world, the high-resolution one (hires.HiresSpec), the 64 x 64 one of a toy Qwen2.5-VL
-VARIANTS = ("default", "hires", "qwen")
+# data.toy_variant: the 64 x 64 world, the high-resolution one (hires.HiresSpec), the 64 x 64 one of a toy Qwen2.5-VL,
+# the large-image one (256 x 256 images in 4 x 4 tiles, 1-3 objects: LARGE)
+VARIANTS = ("default", "hires", "qwen", "large")
+LARGE = {"aspects": ("large",), "max_objects": 3}  # the large-image world's HiresSpec
 
 
 def world_spec(variant: str = "default", question_types: tuple[str, ...] | None = None) -> WorldSpec:
@@ -46,8 +48,9 @@ def world_spec(variant: str = "default", question_types: tuple[str, ...] | None 
     unknown names fail here, named."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown toy world variant {variant!r}; choose from {list(VARIANTS)}")
-    spec = HiresSpec if variant == "hires" else SceneSpec
-    return spec() if question_types is None else spec(question_types=question_types)
+    spec = HiresSpec if variant in ("hires", "large") else SceneSpec
+    own = LARGE if variant == "large" else {}
+    return spec(**own) if question_types is None else spec(question_types=question_types, **own)
 
 
 @dataclass(frozen=True)

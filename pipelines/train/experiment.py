@@ -33,6 +33,7 @@ BASE_CONFIGS = {  # by data.toy_variant
     "default": CONFIGS / "toy_base.yaml",
     "hires": CONFIGS / "toy_base_hires.yaml",
     "qwen": CONFIGS / "toy_base_qwen.yaml",
+    "large": CONFIGS / "toy_base_hires.yaml",  # only when no toy LLaVA-NeXT is there to widen (ToyWorld.trained_base)
 }
 
 

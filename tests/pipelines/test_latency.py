@@ -32,7 +32,7 @@ def test_summarize_by_hand():
 def test_settings_are_interleaved_rotated_and_warmup_is_left_out(world, monkeypatch):
     calls, clock = [], itertools.count(1)
 
-    def fake(model, tokenizer, prompts, pixel_values, setting, policy, max_new_tokens):
+    def fake(model, tokenizer, prompts, pixel_values, setting, policy, max_new_tokens, prefill=None):
         calls.append(setting.name)
         t = float(next(clock))
         return [""] * len(prompts), t, 10 * t
@@ -40,8 +40,8 @@ def test_settings_are_interleaved_rotated_and_warmup_is_left_out(world, monkeypa
     monkeypatch.setattr(latency, "timed_generate", fake)
     processor = AutoProcessor.from_pretrained(world.model)
     options = LatencyOptions(batch_size=2, warmup=1, repeats=3)
-    prompts, images = latency_requests("toy", str(world.questions), str(world.images), processor, options)
-    out = time_settings(spec(world), SETTINGS, prompts, images, processor.tokenizer, options)
+    requests = latency_requests("toy", str(world.questions), str(world.images), processor, options)
+    out = time_settings(spec(world), SETTINGS, requests, processor.tokenizer, options)
     n, lv, r = (s.name for s in SETTINGS)
     assert calls == [n, lv, r, lv, r, n, r, n, lv, n, lv, r]  # 4 rounds, each starting one setting later
     # recorded: rounds 1-3 only; "none" ran at calls 6, 8, 10 -> times 6, 8, 10
@@ -57,9 +57,9 @@ def test_settings_are_interleaved_rotated_and_warmup_is_left_out(world, monkeypa
 def test_requests_skip_unusable_images_and_repeat_when_too_few(world, tmp_path):
     processor = AutoProcessor.from_pretrained(world.model)
     every = LatencyOptions(batch_size=world.n_good + 3)
-    prompts, images = latency_requests("toy", str(world.questions), str(world.images), processor, every)
-    pixels = images["pixel_values"]
-    assert list(images) == ["pixel_values"] and len(prompts) == len(pixels) == world.n_good + 3
+    requests = latency_requests("toy", str(world.questions), str(world.images), processor, every)
+    prompts, pixels = requests["input_ids"], requests["pixel_values"]
+    assert list(requests) == ["input_ids", "pixel_values"] and len(prompts) == len(pixels) == world.n_good + 3
     good = {r["question_id"] for r in world.records()[: world.n_good]}
     assert len(good) == world.n_good  # the missing and corrupt images (the last two) are not timed
     for i in range(3):  # the batch is filled by repeating the first usable requests

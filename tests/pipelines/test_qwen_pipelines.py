@@ -185,7 +185,7 @@ def test_calibration_compares_with_hf_and_latency_times_every_setting(qwen, imag
     assert pruned < 0.9999
     settings = [Setting("none"), Setting("random", (0.5, 0.25))]
     options = LatencyOptions(batch_size=4, warmup=0, repeats=1, max_new_tokens=2)
-    out = time_settings(spec, settings, prompts, pictures, processor.tokenizer, options)
+    out = time_settings(spec, settings, {"input_ids": prompts} | pictures, processor.tokenizer, options)
     assert set(out) == {s.name for s in settings} and all(m["latency/e2e_ms"] > 0 for m in out.values())
 
 

@@ -132,3 +132,34 @@ def test_the_hires_world_continues_the_shipped_toy_llava_as_a_toy_llava_next(tmp
     assert isinstance(LlavaNextForConditionalGeneration.from_pretrained(init), LlavaNextForConditionalGeneration)
     with pytest.raises(ValueError, match="unknown toy world variant 'huge'"):
         ToyWorld.at(tmp_path, seed=0, variant="huge")
+
+
+def test_the_large_world_is_read_by_the_hires_model_given_its_grid(tmp_path):
+    """The large-image world has no base model of its own: the high-resolution world's (shipped) weights as they
+    are, its config and processor given the 4 x 4 grid, stamped for the large world, written once and reused; a
+    256 x 256 image is then every full-resolution tile (1,120 vision tokens), as Hugging Face's own model packs it."""
+    import numpy as np
+    from transformers import LlavaNextForConditionalGeneration
+
+    from pipelines.toy.hires import vision_tokens
+
+    world = ToyWorld.at(tmp_path, seed=0, variant="large")
+    path = world.trained_base()
+    assert path == tmp_path / "hires_model" and world.trained_base() == path
+    shipped = SHIPPED_BASE_MODELS["hires"]
+    assert (path / "model.safetensors").read_bytes() == (shipped / "model.safetensors").read_bytes()
+    assert (
+        json.loads((path / WORLD_STAMP).read_text())
+        == scene_parameters(world.spec)
+        != scene_parameters(world_spec("hires"))
+    )
+    processor = AutoProcessor.from_pretrained(path)
+    image = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    inputs = processor(
+        images=[image], text=["USER: <image>\nIs there a ring in the image? ASSISTANT:"], return_tensors="pt"
+    )
+    assert (inputs["input_ids"] == processor.image_token_id).sum() == vision_tokens(world.spec, 256, 256) == 1120
+    assert inputs["pixel_values"].shape[1] == 1 + 16  # the base view and 16 tiles
+    model = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
+    with torch.no_grad():  # HF checks that the image's features fill its 1,120 placeholders
+        assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]

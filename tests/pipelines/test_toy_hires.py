@@ -28,7 +28,7 @@ from pipelines.toy.scenes import COLORS, SHAPES, Question, Scene, make_split, re
 from pipelines.toy.writer import write_toy_world
 
 SPEC = HiresSpec(aspects=tuple(ASPECTS))
-SIZES = {"square": (128, 128), "wide": (64, 128), "tall": (128, 64)}  # (height, width)
+SIZES = {"square": (128, 128), "wide": (64, 128), "tall": (128, 64), "large": (256, 256)}  # (height, width)
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +113,9 @@ def answer_from_pixels(image: np.ndarray, question: Question) -> str:
     (obj,) = named
     if question.category == "where":
         start, end = obj[question.axis]
-        extent = image.shape[1 if question.axis == "x" else 0]
-        assert extent == 2 * SPEC.tile and (end <= SPEC.tile or start >= SPEC.tile)  # two tiles, the object in one
-        return {"x": ("left", "right"), "y": ("top", "bottom")}[question.axis][start >= SPEC.tile]
+        half = image.shape[1 if question.axis == "x" else 0] // 2
+        assert half in (SPEC.tile, 2 * SPEC.tile) and (end <= half or start >= half)  # the object in one half
+        return {"x": ("left", "right"), "y": ("top", "bottom")}[question.axis][start >= half]
     return obj[question.category]
 
 
@@ -209,7 +209,9 @@ def test_vision_tokens_differ_by_aspect(processor):
         ids = processor(images=[image], text=["<image>\nIs there a ring in the image?"], return_tensors="np")
         counts[aspect] = int((ids["input_ids"] == processor.image_token_id).sum())
         assert counts[aspect] == vision_tokens(SPEC, height, width)
-    assert counts == {"square": 64 + 4 * 64 + 16, "wide": 64 + 2 * 64 + 8, "tall": 64 + 2 * 64 + 16}
+    assert counts == {"square": 64 + 4 * 64 + 16, "wide": 64 + 2 * 64 + 8, "tall": 64 + 2 * 64 + 16} | {
+        "large": 64 + 16 * 64 + 32
+    }
 
 
 def test_question_words_are_in_the_vocabulary(split):

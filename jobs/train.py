@@ -7,7 +7,8 @@
 Stage ``pruning`` (the paper's recipe) trains only the decision modules of a frozen base model. With the toy model,
 the base model is itself trained first by this job's ``base`` stage (``jobs/configs/toy_base.yaml``), cached under
 ``data.toy_root`` and reused. Stage ``region_focus`` trains LRS-VQA's Region Focus Module beside a frozen base
-model (``jobs/configs/toy_region_focus.yaml``), not evaluated yet. Re-running with the same ``run.name`` resumes from
+model (``jobs/configs/toy_region_focus.yaml``), then evaluates the base model and its pyramid with the module
+(``eval.lrs_vqa``). Re-running with the same ``run.name`` resumes from
 the latest checkpoint.
 """
 
@@ -60,9 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     trained = run_training(job)
-    if not cfg.stage.evaluated:
-        print(f"stage {cfg.train.stage} exported {Path(trained.modules).resolve()}; it has no evaluation yet")
-    elif not args.no_eval:
+    if not args.no_eval:
         try:
             print(format_table(evaluate(job, model_path=trained.model_path, modules=trained.modules)))
         except Exception as e:  # the training is done and exported: say where, and how to evaluate only

@@ -232,9 +232,10 @@ class PyramidSection(_Strict):
     """LRS-VQA's pyramid (method ``lrs_vqa``, ``lvpruning.lrs_vqa``): its trained Region Focus Module (what
     ``train.stage: region_focus`` exports), evaluated once per ``keep_ratios`` (the share kept at each scoring
     round, coarsest first; one more round goes one level further down), with the coarsest tiled level
-    ``base_long_side`` pixels on its long side (None: 3 tiles, the reference's 1008 = 3 x 336)."""
+    ``base_long_side`` pixels on its long side (None: 3 tiles, the reference's 1008 = 3 x 336). The
+    ``region_focus`` stage's job evaluates the module it exported (``region_focus`` left None)."""
 
-    region_focus: str
+    region_focus: str | None = None
     keep_ratios: tuple[tuple[float, ...], ...] = ((0.25, 0.25),)
     base_long_side: int | None = Field(None, gt=0)
 

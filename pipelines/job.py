@@ -16,9 +16,10 @@ from typing import Any
 from transformers import LlavaConfig
 
 from lvpruning.config import check_schedule
+from lvpruning.policies import PYRAMID
 from lvpruning.presets import load_llava_config
 from lvpruning.region_focus import check_layers
-from pipelines.config import TOY, JobConfig
+from pipelines.config import TOY, JobConfig, PyramidSection
 from pipelines.storage import is_s3
 from pipelines.toy.base import ToyWorld
 from pipelines.toy.model import VARIANT_FAMILIES, toy_config
@@ -128,6 +129,9 @@ def resolve(cfg: JobConfig, *, model: str | None = None, modules: str | None = N
         evaluation["toy_world"] = str(world.root)
     if cfg.stage.exports_model:  # the base stage exports a model, not decision modules: evaluated alone
         evaluation["methods"] = ("none",)
+    if cfg.stage.method == PYRAMID:  # its export is LRS-VQA's module: the base model, then the pyramid with it
+        evaluation["methods"] = ("none",)
+        evaluation["lrs_vqa"] = e.lrs_vqa or PyramidSection()
     update = {
         "data": d.model_copy(update=data),
         "train": t.model_copy(update={"init_from": local(t.init_from)}),

@@ -6,8 +6,7 @@
 - ``base`` (the toy world only): every parameter of the toy model (LLaVA, LLaVA-NeXT or Qwen2.5-VL); LM loss;
   exports the model.
 - ``region_focus`` (LRS-VQA): a Region Focus Module beside a frozen LLaVA-family base model (``region_focus``
-  section); the distillation loss; exports the module (safetensors + JSON). Not evaluated: no inference path reads
-  it yet.
+  section); the distillation loss; exports the module (safetensors + JSON), evaluated by LRS-VQA's pyramid.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 from lvpruning import attach, save_decision_modules
-from lvpruning.policies import NONE, LearnedPolicy
+from lvpruning.policies import NONE, PYRAMID, LearnedPolicy
 from lvpruning.region_focus import DISTILLATION_TERMS, RegionFocusDistillation, save_region_focus
 from pipelines.conversation import load_processor
 from pipelines.images import token_types
@@ -35,7 +34,6 @@ class PruningStage:
     method: str = LearnedPolicy.name  # the MLflow ``method`` param of the run
     export_dir: str = "decision_modules"  # the usable part of a checkpoint
     exports_model: bool = False  # its export is decision modules for the base model
-    evaluated: bool = True  # jobs/train.py evaluates its export
 
     def trainable(self, model: LlavaForConditionalGeneration, cfg: JobConfig) -> nn.Module:
         """The module DeepSpeed trains: fresh decision modules on the frozen model."""
@@ -69,7 +67,6 @@ class BaseStage:
     method: str = NONE
     export_dir: str = "model"
     exports_model: bool = True  # its export is a whole model, trained from scratch (so: the toy world only)
-    evaluated: bool = True  # the base model alone (pipelines.job.resolve)
 
     def trainable(self, model: LlavaForConditionalGeneration, cfg: JobConfig) -> nn.Module:
         """Every parameter of the model."""
@@ -98,10 +95,9 @@ class BaseStage:
 @dataclass(frozen=True)
 class RegionFocusStage:
     name: str = "region_focus"
-    method: str = "lrs_vqa"
+    method: str = PYRAMID
     export_dir: str = "region_focus"
     exports_model: bool = False  # its export is a module for the base model
-    evaluated: bool = False  # the pyramid's inference path, which reads the module, is not in the engine yet
 
     def trainable(self, model: LlavaForConditionalGeneration, cfg: JobConfig) -> nn.Module:
         """A fresh Region Focus Module (copies of the LLM's layers) beside the frozen model."""

@@ -428,11 +428,17 @@ def benchmarks_from_config(config: JobConfig) -> list[Benchmark]:
 
 def evaluated_model(job: Job, model_path: str | None = None, modules: str | None = None) -> ModelSpec:
     """The model ``job``'s evaluation runs (``model_path`` and ``modules``, what a training produced, override
-    ``model.name_or_path`` and ``eval.modules``), checked against its settings without any cluster work:
+    ``model.name_or_path`` and ``eval.modules``; after the ``region_focus`` stage, ``modules`` is its Region Focus
+    Module, which overrides ``eval.lrs_vqa.region_focus``), checked against its settings without any cluster work:
     ``ValueError`` (``FileNotFoundError`` for missing modules) when it cannot run them. The stages of the
     training-free methods are the modules' when given, else ``pruning``'s."""
     config = job.config
     ev, model_path, modules = config.eval, model_path or config.model.name_or_path, modules or config.eval.modules
+    focus = ev.lrs_vqa.region_focus if ev.lrs_vqa else None
+    if config.stage.method == PYRAMID and modules is not None:  # the region_focus stage's export: LRS-VQA's module
+        focus, modules = modules, None
+    if ev.lrs_vqa is not None and focus is None:
+        raise ValueError(f"eval.lrs_vqa: method {PYRAMID!r} needs a trained Region Focus Module (region_focus)")
     if model_path == TOY:
         raise ValueError("model.name_or_path=toy: give the trained toy model's directory (saved by jobs/train.py)")
     check_modules(ev.methods, modules)
@@ -440,7 +446,6 @@ def evaluated_model(job: Job, model_path: str | None = None, modules: str | None
     for schedule in ev.schedules:
         pruning.check_ratios(schedule)
     m = config.model
-    focus = ev.lrs_vqa.region_focus if ev.lrs_vqa else None
     if focus is not None:
         region_focus_layers(local_copy(focus))  # not a saved module: fails here
     return ModelSpec(

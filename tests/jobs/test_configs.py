@@ -149,7 +149,9 @@ def test_region_focus_configs_fit_their_models(monkeypatch):
     job = resolve(load_config(JOBS / "configs" / "toy_region_focus.yaml"))
     check_training(job)
     assert job.config.data.toy_variant == "hires" and job.config.region_focus.layers[-1] < job.num_layers == 4
-    assert job.config.stage_run_name == f"{job.config.run.name}-region-focus" and not job.config.stage.evaluated
+    assert job.config.stage_run_name == f"{job.config.run.name}-region-focus"
+    # evaluated: the base model alone, then the pyramid with the module the stage exports
+    assert job.config.eval.methods == ("none",) and job.config.eval.lrs_vqa.region_focus is None
 
 
 @pytest.mark.parametrize(

@@ -129,3 +129,23 @@ def test_the_pyramid_is_configured_apart_and_bad_settings_are_named(world):
         Setting("lrs_vqa", (0.25, 0.25), layers=(0, 1))
     with pytest.raises(ValueError, match="needs a trained Region Focus Module"):
         settings_tflops(ModelSpec(str(tiny.model)), [PYRAMID])
+
+
+def test_the_region_focus_stage_evaluates_the_pyramid_with_its_export(world, monkeypatch):
+    """After ``train.stage: region_focus`` the job evaluates the base model alone and the pyramid with the module the
+    stage exported (eval.lrs_vqa's shares, or the reference's), not decision modules."""
+    from pipelines.config import load_config
+    from pipelines.eval.evaluation import evaluated_model
+    from pipelines.job import resolve
+
+    tiny, focus_dir, _, _ = world
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    job = resolve(load_config("jobs/configs/toy_region_focus_large.yaml"))
+    assert job.config.eval.methods == ("none",) and job.config.eval.lrs_vqa.base_long_side == 128
+    spec = evaluated_model(job, model_path=str(tiny.model), modules=str(focus_dir))
+    assert (spec.region_focus, spec.modules, spec.flops_image_size) == (str(focus_dir), None, (256, 256))
+    settings = make_settings(job.config.eval.methods, (), 0, (), job.config.eval.lrs_vqa)
+    assert [s.name for s in settings] == ["none", "lrs_vqa_0.25-0.25_base_long_side=128"]
+    with pytest.raises(FileNotFoundError, match="not a saved Region Focus Module"):
+        evaluated_model(job, model_path=str(tiny.model), modules=str(tiny.modules))  # decision modules, not one

@@ -21,6 +21,11 @@ its own ``tile/2``-pixel slot, inside one tile; ``ToyObject.quadrant`` names tha
 
 Vision tokens per image (``vision_tokens``, patch 8, "default" feature selection): base 64 + tiles
 ``rows * cols * 64`` + one newline per row of tile patches: 336 for 128 x 128, 200 for 64 x 128, 208 for 128 x 64.
+
+The ``large`` aspect (256 x 256 in 4 x 4 tiles; the large-image world, ``writer.LARGE``, LRS-VQA's setting) is past
+the toy LLaVA-NeXT's own grids: 1,120 vision tokens, and its halves are each 2 x 2 tiles, which ``ToyObject.quadrant``
+names as for a 2 x 2 image. Halved once, it is a 2 x 2 grid of tiles of grey blobs (where the objects are); only the
+full-resolution tiles say what they are: the two levels of LRS-VQA's pyramid.
 """
 
 from __future__ import annotations

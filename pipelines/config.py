@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from lvpruning import PruningConfig
 from lvpruning.config import check_schedule
@@ -270,14 +270,14 @@ class EvalSection(_Strict):
 
     at_own_layers: tuple[OwnLayers, ...] = ()  # methods at their own stages (the vision-tower methods: here)
     lrs_vqa: PyramidSection | None = None  # LRS-VQA's pyramid, beside the other settings in the same pass
-    flops_image_size: tuple[int, int] | None = None  # (H, W) the tiled families' TFLOPs assume (None: 672 x 672)
+    flops_image_size: tuple[PositiveInt, PositiveInt] | None = None  # (H, W) the TFLOPs assume (None: 672 x 672)
 
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         unknown = sorted(set(value) - set(METHODS))
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+            raise ValueError(f"unknown methods {unknown}; choose from {[m for m in METHODS if m != PYRAMID]}")
         if PYRAMID in value:
             raise ValueError(f"{PYRAMID!r} is its own model, not a schedule at pruning.layers: set eval.lrs_vqa")
         check_at_model_stages(value, "eval")

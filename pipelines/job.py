@@ -26,6 +26,7 @@ from pipelines.toy.model import VARIANT_FAMILIES, toy_config
 from pipelines.toy.writer import ToyWorldPaths, world_spec
 from pipelines.tracking import resolve_uri
 
+PYRAMID_FAMILY = "llava_next"  # the model type LRS-VQA's pyramid runs on (lvpruning.lrs_vqa.PyramidModel)
 REGION_FOCUS_FAMILIES = ("llava", "llava_next", "llava_onevision")  # lvpruning.region_focus: LlavaAdapter's
 
 
@@ -129,9 +130,17 @@ def resolve(cfg: JobConfig, *, model: str | None = None, modules: str | None = N
         evaluation["toy_world"] = str(world.root)
     if cfg.stage.exports_model:  # the base stage exports a model, not decision modules: evaluated alone
         evaluation["methods"] = ("none",)
-    if cfg.stage.method == PYRAMID:  # its export is LRS-VQA's module: the base model, then the pyramid with it
+    pyramid = e.lrs_vqa
+    if cfg.stage.method == PYRAMID:  # its export is LRS-VQA's module: the base model, then (LLaVA-NeXT) the pyramid
         evaluation["methods"] = ("none",)
-        evaluation["lrs_vqa"] = e.lrs_vqa or PyramidSection()
+        pyramid = (pyramid or PyramidSection()) if shape.model_type == PYRAMID_FAMILY else None
+    if pyramid is not None:
+        if shape.model_type != PYRAMID_FAMILY:
+            raise ValueError(
+                f"eval.lrs_vqa: LRS-VQA's pyramid runs on LLaVA-NeXT (CLIP tiles), {cfg.model.name_or_path} is a "
+                f"{shape.model_type}"
+            )
+        evaluation["lrs_vqa"] = pyramid.model_copy(update={"region_focus": local(pyramid.region_focus)})
     update = {
         "data": d.model_copy(update=data),
         "train": t.model_copy(update={"init_from": local(t.init_from)}),

@@ -107,15 +107,13 @@ def make_settings(
 
 
 def flops_image_size(model: ModelSpec, llava_config: Any) -> tuple[int, int] | None:
-    """The image the FLOPs count assumes: ``model.flops_image_size`` (``eval.flops_image_size``) when given, else
-    its default (None) except on Qwen-VL, whose own processor (its ``min_pixels`` / ``max_pixels``,
-    ``model.processor`` options included) resizes the default first, e.g. to the toy Qwen2.5-VL's 64 x 64."""
-    if model.flops_image_size is not None:
-        return model.flops_image_size
+    """The image the FLOPs count assumes: ``model.flops_image_size`` (``eval.flops_image_size``; None: the count's
+    default), which on Qwen-VL its own processor (its ``min_pixels`` / ``max_pixels``, ``model.processor`` options
+    included) resizes first, e.g. the default to the toy Qwen2.5-VL's 64 x 64."""
     if not is_qwen_vl(llava_config):
-        return None
+        return model.flops_image_size
     size = model.processor().image_processor.size
-    return processor_image_size(llava_config, size["shortest_edge"], size["longest_edge"])
+    return processor_image_size(llava_config, size["shortest_edge"], size["longest_edge"], model.flops_image_size)
 
 
 def settings_tflops(model: ModelSpec, settings: Sequence[Setting]) -> dict[str, float]:
@@ -137,19 +135,12 @@ def pyramid_bound_tflops(
     """The most one prompt of 1 image of ``image_size`` (default ``ANYRES_IMAGE_SIZE``) + 30 text tokens can cost
     LRS-VQA's pyramid under ``setting`` (:func:`lvpruning.lrs_vqa.pyramid_bound`: every tile of each level visited
     selected), in TFLOPs; what its questions did cost is counted from its answers (:func:`pyramid_metrics`)."""
-    if model.region_focus is None:
-        raise ValueError(f"method {PYRAMID!r} needs a trained Region Focus Module: set eval.lrs_vqa.region_focus")
+    focus = model.needs_region_focus()
     if not isinstance(llava_config, LlavaNextConfig):
         raise ValueError(f"method {PYRAMID!r} runs on LLaVA-NeXT (CLIP tiles), got {type(llava_config).__name__}")
-    layers = len(region_focus_layers(local_copy(model.region_focus)))
-    long_side = dict(setting.params).get("base_long_side")
-    bound = pyramid_bound(
-        llava_config,
-        image_size or ANYRES_IMAGE_SIZE,
-        PAPER_TEXT_TOKENS,
-        setting.keep_ratios,
-        None if long_side is None else int(long_side),
-    )
+    layers = len(region_focus_layers(local_copy(focus)))
+    size = image_size or ANYRES_IMAGE_SIZE
+    bound = pyramid_bound(llava_config, size, PAPER_TEXT_TOKENS, setting.keep_ratios, setting.base_long_side)
     return sum(pyramid_flops(llava_config, layers, bound.rounds, bound.tiles).values()) / 1e12
 
 
@@ -159,7 +150,7 @@ def pyramid_metrics(model: ModelSpec, answers: Sequence[Mapping[str, Any]]) -> d
     convention, as every other setting's count), and the means of ``pyramid/tiles_encoded`` (tower passes),
     ``pyramid/tiles_finest`` (the finest level reached, whole) and ``pyramid/vision_tokens`` (in the LLM)."""
     llava_config = load_llava_config(local_copy(model.name_or_path))
-    layers = len(region_focus_layers(local_copy(model.region_focus)))
+    layers = len(region_focus_layers(local_copy(model.needs_region_focus())))
     records = [a["metadata"]["pyramid"] for a in answers]
     if not records:
         return {}
@@ -437,8 +428,6 @@ def evaluated_model(job: Job, model_path: str | None = None, modules: str | None
     focus = ev.lrs_vqa.region_focus if ev.lrs_vqa else None
     if config.stage.method == PYRAMID and modules is not None:  # the region_focus stage's export: LRS-VQA's module
         focus, modules = modules, None
-    if ev.lrs_vqa is not None and focus is None:
-        raise ValueError(f"eval.lrs_vqa: method {PYRAMID!r} needs a trained Region Focus Module (region_focus)")
     if model_path == TOY:
         raise ValueError("model.name_or_path=toy: give the trained toy model's directory (saved by jobs/train.py)")
     check_modules(ev.methods, modules)
@@ -492,6 +481,8 @@ def evaluate(
     latency = timed_settings(config, model, settings, benchmarks[0])
     logged = json.loads(config.model_dump_json())
     logged["model"]["name_or_path"], logged["eval"]["modules"] = model_path, modules
+    if logged["eval"]["lrs_vqa"] is not None:  # after the region_focus stage: the module it exported
+        logged["eval"]["lrs_vqa"]["region_focus"] = model.region_focus
     return run_settings(
         model,
         settings,

@@ -53,7 +53,7 @@ from pipelines.conversation import (
     whole_image_inputs,
 )
 from pipelines.eval.datasets import SHORT_ANSWER, build_prompt, with_suffix
-from pipelines.eval.models import ModelSpec, Setting, load_settings, timed_generate
+from pipelines.eval.models import ModelSpec, Setting, load_settings, reads_whole_images, timed_generate
 from pipelines.eval.scoring import TOY_BENCHMARK
 from pipelines.eval.scoring.common import index_questions
 from pipelines.images import load_image, square_background
@@ -168,7 +168,7 @@ class Preprocessor:
         return out | ({"settings": batch["settings"]} if "settings" in batch else {})
 
 
-_PREPROCESSORS: dict[tuple[str, str], Preprocessor] = {}
+_PREPROCESSORS: dict[tuple[str, str, bool], Preprocessor] = {}
 
 
 def _preprocess(batch: dict[str, np.ndarray], *, processor_ref: Any, image_root: str, whole: bool) -> dict[str, Any]:
@@ -329,7 +329,7 @@ def answer_signature(model: ModelSpec, setting: Setting) -> dict[str, Any]:
     """What an answer file records of its model and setting (``model_id`` + metadata), checked on resume: the
     paths and the versions of the weights, so answers of an earlier model trained into the same folder are
     never taken for this one's."""
-    modules = None if setting.method == NONE else model.modules
+    modules = {NONE: None, PYRAMID: model.region_focus}.get(setting.method, model.modules)  # the weights it read
     return {
         "model_id": model.model_id,
         "model": model.name_or_path,
@@ -360,7 +360,7 @@ def _dataset(
     """Preprocessing tasks, then the generating actor pool; one batch per block, so answers stream out early."""
     ref, size = ray.put(processor), options.batch_size
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // size)))
-    pre = {"processor_ref": ref, "image_root": image_root, "whole": any(s.method == PYRAMID for s in settings)}
+    pre = {"processor_ref": ref, "image_root": image_root, "whole": reads_whole_images(settings)}
     ds = ds.map_batches(_preprocess, fn_kwargs=pre, batch_size=size, batch_format="numpy", num_cpus=PREPROCESS_CPUS)
     remote = model.for_every_node(options.storage_path)  # the actors may be on other nodes
     actor = {"spec": remote, "settings": list(settings), "processor": ref, "max_new_tokens": options.max_new_tokens}

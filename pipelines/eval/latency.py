@@ -27,11 +27,10 @@ import numpy as np
 import ray
 import torch
 
-from lvpruning.policies import PYRAMID
 from pipelines.conversation import RecordError
 from pipelines.eval.inference import Preprocessor, question_text, read_questions, setting_inputs
 from pipelines.eval.metrics import E2E_MS, PREFILL_MS
-from pipelines.eval.models import ModelSpec, Setting, load_settings, timed_generate
+from pipelines.eval.models import ModelSpec, Setting, load_settings, reads_whole_images, timed_generate
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +116,7 @@ def _measure(
     options: LatencyOptions,
 ) -> dict[str, dict[str, float]]:
     processor = spec.processor()
-    whole = any(s.method == PYRAMID for s in settings)
-    requests = latency_requests(benchmark, questions, image_root, processor, options, whole)
+    requests = latency_requests(benchmark, questions, image_root, processor, options, reads_whole_images(settings))
     return time_settings(spec, settings, requests, processor.tokenizer, options)
 
 

@@ -40,6 +40,12 @@ class ModelSpec:
     region_focus: str | None = None
     flops_image_size: tuple[int, int] | None = None  # (H, W) the FLOPs count assumes (eval.flops_image_size)
 
+    def needs_region_focus(self) -> str:
+        """``region_focus``, which the ``lrs_vqa`` settings need; an error naming the key when it is not set."""
+        if self.region_focus is None:
+            raise ValueError(f"method {PYRAMID!r} needs a trained Region Focus Module: set eval.lrs_vqa.region_focus")
+        return self.region_focus
+
     def processor(self) -> Any:
         """The model's own processor, with ``processor_options``."""
         return load_processor(self.name_or_path, self.processor_options)
@@ -96,6 +102,12 @@ class Setting:
         own = "".join(f"_{k}={v:g}" for k, v in self.params)
         return f"{self.method}_{at}{'-'.join(f'{r:g}' for r in self.keep_ratios)}{own}"
 
+    @property
+    def base_long_side(self) -> int | None:
+        """``lrs_vqa``'s coarsest tiled level's long side in pixels (None: the pyramid's default)."""
+        value = dict(self.params).get("base_long_side")
+        return None if value is None else int(value)
+
     def metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"method": self.method, "keep_ratios": list(self.keep_ratios or ())}
         if self.layers is not None:
@@ -103,6 +115,11 @@ class Setting:
         if self.params:
             meta["params"] = dict(self.params)
         return meta | {"seed": self.seed} if self.method in POLICIES and POLICIES[self.method].seeded else meta
+
+
+def reads_whole_images(settings: Sequence[Setting]) -> bool:
+    """Whether any of ``settings`` is LRS-VQA's pyramid, which reads each image whole (``whole_*`` inputs)."""
+    return any(s.method == PYRAMID for s in settings)
 
 
 def setting_policy(model: nn.Module, setting: Setting) -> PruningPolicy | None:
@@ -160,11 +177,8 @@ def load_settings(
 def pyramid_model(base: nn.Module, spec: ModelSpec, setting: Setting) -> PyramidModel:
     """``base`` inside LRS-VQA's pyramid with the trained Region Focus Module ``spec.region_focus`` (loaded onto
     ``base``'s device and dtype) at ``setting``'s ``base_long_side``."""
-    if spec.region_focus is None:
-        raise ValueError(f"method {PYRAMID!r} needs a trained Region Focus Module: set eval.lrs_vqa.region_focus")
-    focus = load_region_focus(base, local_copy(spec.region_focus))
-    long_side = dict(setting.params).get("base_long_side")
-    return PyramidModel(base, focus, None if long_side is None else int(long_side))
+    focus = load_region_focus(base, local_copy(spec.needs_region_focus()))
+    return PyramidModel(base, focus, setting.base_long_side)
 
 
 def left_padded(prompts: list[np.ndarray], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,7 +214,8 @@ def timed_generate(
     input_ids, attention_mask = left_padded(prompts, tokenizer.pad_token_id)
     N = input_ids.shape[1]
     dtype = next(model.parameters()).dtype
-    inputs = {k: v.to(device, dtype if k == "pixel_values" else None) for k, v in batch_images(images).items()}
+    pixels = None if isinstance(model, PyramidModel) else dtype  # the pyramid resizes in fp32, casts its tiles
+    inputs = {k: v.to(device, pixels if k == "pixel_values" else None) for k, v in batch_images(images).items()}
     inputs |= {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     pruner = isinstance(model, (LVPruningModel, PyramidModel))
     if not pruner:

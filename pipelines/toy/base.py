@@ -49,6 +49,7 @@ SHIPPED_BASE_MODELS = {  # by data.toy_variant
 }
 SHIPPED_BASE_MODEL = SHIPPED_BASE_MODELS["default"]
 WORLD_STAMP = "toy_world.json"
+WIDENED_FROM = "widened_from.json"  # widened_grid: the model it copied (path, weights' size and time)
 
 
 logger = logging.getLogger(__name__)
@@ -157,11 +158,14 @@ def widened_grid(source: Path, spec: WorldSpec, path: Path) -> Path:
     """The toy LLaVA-NeXT at ``source`` given ``spec``'s tile grids besides its own (config and image processor:
     ``image_grid_pinpoints``; the weights do not depend on them), saved once at ``path`` and stamped as ``spec``'s
     model: a world of larger images drawn as the high-resolution world's is read tile by tile as that world's.
-    Remade when ``path`` has no stamp (delete it to take a newly trained ``source``)."""
+    Remade when ``source``'s weights change (``widened_from.json`` records which it copied)."""
     config = AutoConfig.from_pretrained(source)
     pinpoints = [list(p) for p in dict.fromkeys(map(tuple, config.image_grid_pinpoints + image_grid_pinpoints(spec)))]
     stamp = json.dumps(scene_parameters(spec), indent=2) + "\n"
-    if (path / WORLD_STAMP).is_file() and (path / WORLD_STAMP).read_text() == stamp:  # written last
+    weights = (source / "model.safetensors").stat()
+    origin = json.dumps({"source": str(source.resolve()), "size": weights.st_size, "mtime_ns": weights.st_mtime_ns})
+    made = [path / name for name in (WIDENED_FROM, WORLD_STAMP)]
+    if all(f.is_file() for f in made) and [f.read_text() for f in made] == [origin, stamp]:  # the stamp last
         return path
     processor = AutoProcessor.from_pretrained(source)
     config.image_grid_pinpoints = processor.image_processor.image_grid_pinpoints = pinpoints
@@ -169,6 +173,7 @@ def widened_grid(source: Path, spec: WorldSpec, path: Path) -> Path:
     config.save_pretrained(path)
     processor.save_pretrained(path)
     shutil.copyfile(source / "model.safetensors", path / "model.safetensors")
+    (path / WIDENED_FROM).write_text(origin)
     (path / WORLD_STAMP).write_text(stamp)
     return path
 

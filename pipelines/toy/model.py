@@ -85,7 +85,8 @@ def toy_config(
         )
         config.text_config.rms_norm_eps = 1e-6  # Qwen2.5-VL-7B's, and the toy LLaVA's (Llama's)
         return config
-    if isinstance(spec, HiresSpec):  # up to 336 vision tokens + the conversation: past the low-res 256 positions
+    if isinstance(spec, HiresSpec):  # 336 vision tokens + the conversation: past the low-res 256 positions (RoPE has
+        # no table: the large world's 1,120 run past this bound, read by the hires model given its grid)
         sizes["max_position_embeddings"] = max(sizes["max_position_embeddings"], 1024)
         grid = tuple(dict.fromkeys(ASPECTS[a] for a in (*TOY_NEXT_ASPECTS, *spec.aspects)))
         return tiny_tiled_config(tile_size=spec.tile, patch_size=spec.patch, grid=grid, num_kv_heads=None, **sizes)

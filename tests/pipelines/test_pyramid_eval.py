@@ -149,3 +149,34 @@ def test_the_region_focus_stage_evaluates_the_pyramid_with_its_export(world, mon
     assert [s.name for s in settings] == ["none", "lrs_vqa_0.25-0.25_base_long_side=128"]
     with pytest.raises(FileNotFoundError, match="not a saved Region Focus Module"):
         evaluated_model(job, model_path=str(tiny.model), modules=str(tiny.modules))  # decision modules, not one
+
+
+def test_answers_of_another_region_focus_module_are_refused(world, tmp_path):
+    """The pyramid's answers record the module they came from (path and weights' version): a pass with another
+    module into the same folder fails naming it, before answering."""
+    tiny, focus_dir, questions, _ = world
+    other = tmp_path / "other_focus"
+    model = from_pretrained(str(tiny.model))
+    save_region_focus(RegionFocusModule(model, (1, 3)), other)
+    files = {PYRAMID: tmp_path / "pyramid.jsonl"}
+    options = InferenceOptions(batch_size=3, max_new_tokens=2, num_actors=1, max_questions=2)
+    args = ("toy", str(questions), str(tiny.images), files)
+    run_inference(*args, ModelSpec(str(tiny.model), region_focus=str(focus_dir)), options)
+    assert read_lines(files[PYRAMID])[0]["metadata"]["modules"] == str(focus_dir)
+    with pytest.raises(ValueError, match="use another folder"):
+        run_inference(*args, ModelSpec(str(tiny.model), region_focus=str(other)), options)
+
+
+def test_the_pyramid_is_refused_off_llava_next_before_any_work(monkeypatch):
+    """eval.lrs_vqa on a LLaVA-1.5 fails at resolve, naming it; a region_focus stage on one evaluates the base model
+    alone."""
+    from pipelines.config import load_config
+    from pipelines.job import resolve
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ValueError, match="eval.lrs_vqa: LRS-VQA's pyramid runs on LLaVA-NeXT"):
+        resolve(load_config(None, ["eval.lrs_vqa={region_focus: x}"]))
+    stage = ["train.stage=region_focus", "region_focus.layers=[2,3]", "region_focus.skipped=[]"]
+    job = resolve(load_config(None, stage))
+    assert job.config.eval.methods == ("none",) and job.config.eval.lrs_vqa is None

@@ -163,3 +163,17 @@ def test_the_large_world_is_read_by_the_hires_model_given_its_grid(tmp_path):
     model = LlavaNextForConditionalGeneration.from_pretrained(path).eval()
     with torch.no_grad():  # HF checks that the image's features fill its 1,120 placeholders
         assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+
+    from pipelines.toy.base import widened_grid
+
+    retrained = tmp_path / "retrained"  # another source (e.g. a hires model trained here): the copy is remade
+    retrained.mkdir()
+    for f in shipped.iterdir():
+        (retrained / f.name).write_bytes(f.read_bytes())
+    state = model.state_dict()
+    state = {k: v + 1.0 if "lm_head" in k else v for k, v in state.items()}
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, retrained / "model.safetensors")
+    assert widened_grid(retrained, world.spec, path) == path
+    assert (path / "model.safetensors").read_bytes() == (retrained / "model.safetensors").read_bytes()

@@ -2,13 +2,16 @@
 starts from, and the trained base model: ``<toy_root>/base_model`` when this machine trained one, else the one
 shipped in the repository (``pipelines/toy/base_model``, trained by ``jobs/configs/toy_base.yaml``).
 
-Three variants (``data.toy_variant``): ``default``, the 64 x 64 world of the toy LLaVA; ``hires``, the
+Five variants (``data.toy_variant``): ``default``, the 64 x 64 world of the toy LLaVA; ``hires``, the
 high-resolution world (``hires.HiresSpec``) of the toy LLaVA-NeXT, whose base model (``pipelines/toy/base_model_hires``
 once shipped; ``jobs/configs/toy_base_hires.yaml``) starts from the toy LLaVA's (``continued_model``); ``qwen``, the
 64 x 64 world of the toy Qwen2.5-VL (``jobs/configs/toy_base_qwen.yaml``: the toy LLaVA's decoder carried over,
 ``model.qwen_from_llava``; ``pipelines/toy/base_model_qwen`` once shipped); ``large``, the large-image world
 (``writer.LARGE``: 256 x 256 images in 4 x 4 tiles), read by the high-resolution world's toy LLaVA-NeXT given the
-larger tile grid (:func:`widened_grid`): the same tiles at the same resolution, more of them.
+larger tile grid (:func:`widened_grid`): the same tiles at the same resolution, more of them; ``qwen_hires``, the
+high-resolution world in its three aspects (``writer.QWEN_HIRES``) of the toy Qwen2.5-VL, each image read whole at
+its own size (``jobs/configs/toy_base_qwen_hires.yaml``: continued from the default world's toy Qwen2.5-VL;
+``pipelines/toy/base_model_qwen_hires`` once shipped).
 
 A trained base model carries ``toy_world.json``: the scene parameters of the world it learnt
 (``writer.scene_parameters``). One whose stamp differs from the current world's, e.g. a ``<toy_root>/base_model``
@@ -29,7 +32,7 @@ from transformers import AutoConfig, AutoProcessor, AutoTokenizer, Qwen2_5_VLCon
 
 from lvpruning import from_pretrained
 from lvpruning.tiny import tiny_llava
-from pipelines.toy.hires import image_grid_pinpoints
+from pipelines.toy.hires import HiresSpec, image_grid_pinpoints
 from pipelines.toy.model import (
     VARIANT_FAMILIES,
     build_toy_model,
@@ -46,6 +49,7 @@ SHIPPED_BASE_MODELS = {  # by data.toy_variant
     "default": HERE / "base_model",
     "hires": HERE / "base_model_hires",
     "qwen": HERE / "base_model_qwen",
+    "qwen_hires": HERE / "base_model_qwen_hires",
 }
 SHIPPED_BASE_MODEL = SHIPPED_BASE_MODELS["default"]
 WORLD_STAMP = "toy_world.json"
@@ -122,8 +126,9 @@ class ToyWorld:
         """``init_from``'s weights with this world's processor, for the ``base`` stage to go on training (saved
         under ``<toy_root>/continued_model``). A newer world's words take new token ids, so every word the saved
         tokenizer knows must keep its id; otherwise this fails. A toy LLaVA continued into the high-resolution
-        world becomes the toy LLaVA-NeXT of the same sizes: every weight carried over (its tower made to read
-        checkerboards, :func:`read_checkerboards`), the newline token new."""
+        world becomes the toy LLaVA-NeXT of the same sizes: every weight carried over, the newline token new. A
+        model of a flat world continued into a high-resolution one has its tower made to read checkerboards
+        (:func:`read_checkerboards`): the toy LLaVA so, and the toy Qwen2.5-VL of the default world."""
         model = from_pretrained(str(init_from))
         wanted = toy_config(self.spec, self.family)
         config = wanted if type(model.config) is not type(wanted) else model.config
@@ -137,7 +142,9 @@ class ToyWorld:
         if moved:
             raise ValueError(f"train.init_from: {init_from}'s tokenizer gives other ids to {moved[:10]}")
         if config is not model.config:
-            model = read_checkerboards(carried_over(model, build_toy_model(config, seed=self.seed), init_from))
+            model = carried_over(model, build_toy_model(config, seed=self.seed), init_from)
+        if isinstance(self.spec, HiresSpec) and not learnt_checkerboards(init_from):
+            model = read_checkerboards(model)
         return save_toy_model(self.root / "continued_model", model, processor)
 
     def init_model(self) -> Path:
@@ -190,13 +197,24 @@ def carried_over(source: Any, target: Any, name: str | Path) -> Any:
     return target
 
 
+def learnt_checkerboards(path: str | Path) -> bool:
+    """Whether the model at ``path`` was trained on a high-resolution world (its ``toy_world.json``: a HiresSpec's
+    fields); False for a flat world's model or one without a stamp."""
+    try:
+        return "tile" in json.loads((Path(path) / WORLD_STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def read_checkerboards(model: Any) -> Any:
     """``model`` with its tower's patch embedding reading only the even pixels of each patch (x + y even), at twice
-    the weight. The high-resolution world draws an object's shape as a 1-pixel checkerboard whose even pixels are
+    the weight (a LLaVA's CLIP convolution, a Qwen2.5-VL's over 2 frames alike: rows and columns are its last two
+    axes). The high-resolution world draws an object's shape as a 1-pixel checkerboard whose even pixels are
     its color (``pipelines.toy.hires``), so the toy LLaVA's tower, trained on flat shapes, then sees each object as
     the flat shape it knows, in a grey box; flat regions look as before (the default world's accuracy: 97.4% ->
     95.8%, ``benchmarks/TOY_WORLD.md``). Without it the base stage stays at the answer prior for hundreds of steps."""
-    conv = model.model.vision_tower.embeddings.patch_embedding
+    tower = model.model.visual if hasattr(model.model, "visual") else model.model.vision_tower
+    conv = tower.patch_embed.proj if hasattr(tower, "patch_embed") else tower.embeddings.patch_embedding
     rows, cols = conv.weight.shape[-2:]
     even = (torch.arange(rows)[:, None] + torch.arange(cols)[None, :]) % 2 == 0  # patches start on even pixels
     with torch.no_grad():

@@ -10,8 +10,8 @@ are the world's aspects, and its prompts the processor's chat template.
 
 With ``family="qwen2_5_vl"`` the same sizes make a toy Qwen2.5-VL (its ViT with window attention and 2 x 2 patch
 merger, a Qwen2 decoder with M-RoPE; 4-pixel patches, so a 64-pixel image is again 8 x 8 = 64 vision tokens) and its
-processor (chat template, images at their own size): :func:`qwen_from_llava` carries a trained toy LLaVA's decoder
-and word embeddings into it.
+processor (chat template, images at their own size: a 128 x 128 image of the high-resolution world is 256 tokens,
+a 64 x 128 one 128): :func:`qwen_from_llava` carries a trained toy LLaVA's decoder and word embeddings into it.
 """
 
 from __future__ import annotations
@@ -46,7 +46,13 @@ TOY_MODEL: dict[str, float] = {
     "initializer_range": 0.1,  # ~ hidden_size ** -0.5; 0.02 learns slower: benchmarks/TOY_WORLD.md, "Third round"
 }
 TOY_FAMILIES = ("llava", "qwen2_5_vl")  # the toy LLaVA (LLaVA-NeXT for the high-resolution world), or Qwen2.5-VL
-VARIANT_FAMILIES = {"default": "llava", "hires": "llava", "qwen": "qwen2_5_vl", "large": "llava"}  # by data.toy_variant
+VARIANT_FAMILIES = {  # by data.toy_variant
+    "default": "llava",
+    "hires": "llava",
+    "qwen": "qwen2_5_vl",
+    "large": "llava",
+    "qwen_hires": "qwen2_5_vl",
+}
 TOY_NEXT_ASPECTS = ("square", "wide", "tall")  # the toy LLaVA-NeXT's own tile grids (a world's larger ones added)
 VISION_POSITION_STD = 0.5  # scale of the CLIP position embeddings at init (CLIP: std 0.02); see build_toy_model
 
@@ -56,8 +62,9 @@ def toy_config(
 ) -> LlavaConfig | LlavaNextConfig | Qwen2_5_VLConfig:
     """The toy model's config: image and patch sizes from ``spec``, the rest ``TOY_MODEL`` + overrides; a
     LLaVA-NeXT config (tiles of ``spec.tile``, one grid per aspect) for the high-resolution world; a Qwen2.5-VL
-    config for ``family="qwen2_5_vl"`` (the default world: patches of half ``spec.patch``, merged 2 x 2 into one
-    vision token per ``spec.patch`` pixels, as the toy LLaVA's)."""
+    config for ``family="qwen2_5_vl"`` (patches of half ``spec.patch``, merged 2 x 2 into one vision token per
+    ``spec.patch`` pixels, as the toy LLaVA's; on the high-resolution world the same model reads each image whole,
+    at its own size)."""
     spec = spec or SceneSpec()
     if family not in TOY_FAMILIES:
         raise ValueError(f"unknown toy model family {family!r}; choose from {TOY_FAMILIES}")
@@ -66,8 +73,6 @@ def toy_config(
         raise ValueError(f"unknown toy model keys {sorted(unknown)}; known: {sorted(TOY_MODEL)}")
     sizes = {**TOY_MODEL, **overrides}
     if family == "qwen2_5_vl":
-        if isinstance(spec, HiresSpec):
-            raise ValueError("the toy Qwen2.5-VL is built for the default toy world, not the high-resolution one")
         half = sizes["hidden_size"] // sizes["num_heads"] // 2  # M-RoPE splits it as Qwen2.5-VL-7B: 1/4, 3/8, 3/8
         config = tiny_qwen_vl_config(
             "qwen2_5_vl",
@@ -99,10 +104,13 @@ def toy_processor(
     """The toy model's processor, whose tokenizer covers its template and every word of ``spec``'s questions: a
     ``LlavaProcessor`` (vicuna_v1), or for the high-resolution world a ``LlavaNextProcessor`` (chat template), or
     for a Qwen2.5-VL config ``lvpruning.tiny``'s image-only Qwen2.5-VL processor (chat template; an image of the
-    toy world, 64 x 64, is 64 vision tokens)."""
+    toy world, 64 x 64, is 64 vision tokens; up to the largest image of a high-resolution world, unresized)."""
     spec = spec or SceneSpec()
     config = config or toy_config(spec)
     words = toy_words(spec.question_types)
+    if isinstance(config, Qwen2_5_VLConfig) and isinstance(spec, HiresSpec):
+        largest = max(math.prod(spec.image_size(aspect)) for aspect in spec.aspects)
+        return build_processor(config, words=words, max_pixels=largest)
     return build_processor(config, words=words)
 
 

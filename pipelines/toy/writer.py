@@ -38,9 +38,12 @@ from pipelines.toy.scenes import POPE_CATEGORIES, Scene, SceneSpec, WorldSpec, m
 FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
 # data.toy_variant: the 64 x 64 world, the high-resolution one (hires.HiresSpec), the 64 x 64 one of a toy Qwen2.5-VL,
-# the large-image one (256 x 256 images in 4 x 4 tiles, 1-3 objects: LARGE)
-VARIANTS = ("default", "hires", "qwen", "large")
+# the large-image one (256 x 256 images in 4 x 4 tiles, 1-3 objects: LARGE), the high-resolution one of a toy
+# Qwen2.5-VL in its three aspects (QWEN_HIRES: images of three sizes, read at their own)
+VARIANTS = ("default", "hires", "qwen", "large", "qwen_hires")
 LARGE = {"aspects": ("large",), "max_objects": 3}  # the large-image world's HiresSpec
+QWEN_HIRES = {"aspects": ("square", "wide", "tall")}  # the toy Qwen2.5-VL's high-resolution world
+HIRES_VARIANTS = {"hires": {}, "large": LARGE, "qwen_hires": QWEN_HIRES}  # their HiresSpec's fields
 
 
 def world_spec(variant: str = "default", question_types: tuple[str, ...] | None = None) -> WorldSpec:
@@ -48,8 +51,8 @@ def world_spec(variant: str = "default", question_types: tuple[str, ...] | None 
     unknown names fail here, named."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown toy world variant {variant!r}; choose from {list(VARIANTS)}")
-    spec = HiresSpec if variant in ("hires", "large") else SceneSpec
-    own = LARGE if variant == "large" else {}
+    spec = HiresSpec if variant in HIRES_VARIANTS else SceneSpec
+    own = HIRES_VARIANTS.get(variant, {})
     return spec(**own) if question_types is None else spec(question_types=question_types, **own)
 
 

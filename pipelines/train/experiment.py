@@ -34,6 +34,7 @@ BASE_CONFIGS = {  # by data.toy_variant
     "hires": CONFIGS / "toy_base_hires.yaml",
     "qwen": CONFIGS / "toy_base_qwen.yaml",
     "large": CONFIGS / "toy_base_hires.yaml",  # only when no toy LLaVA-NeXT is there to widen (ToyWorld.trained_base)
+    "qwen_hires": CONFIGS / "toy_base_qwen_hires.yaml",
 }
 
 

@@ -328,7 +328,7 @@ def weights_version(path: str | None) -> str | None:
 def answer_signature(model: ModelSpec, setting: Setting) -> dict[str, Any]:
     """What an answer file records of its model and setting (``model_id`` + metadata), checked on resume: the
     paths and the versions of the weights, so answers of an earlier model trained into the same folder are
-    never taken for this one's."""
+    never taken for this one's, and the processor's options (``model.processor``: Qwen-VL's pixel bounds)."""
     modules = {NONE: None, PYRAMID: model.region_focus}.get(setting.method, model.modules)  # the weights it read
     return {
         "model_id": model.model_id,
@@ -336,6 +336,7 @@ def answer_signature(model: ModelSpec, setting: Setting) -> dict[str, Any]:
         "model_version": weights_version(model.name_or_path),
         "modules": modules,
         "modules_version": weights_version(modules),
+        "processor": dict(model.processor_options) or None,
         **setting.metadata(),
     }
 

@@ -238,7 +238,13 @@ def test_answers_of_another_setting_are_refused(tmp_path):
     path = tmp_path / "answers.jsonl"
     path.write_text(json.dumps({"question_id": 1, "text": "red", "model_id": "llava", "metadata": meta}) + "\n")
     assert set(read_answers(path, signature)) == {"1"}
-    for other in (answer_signature(spec, Setting("fastv", (0.5,))), answer_signature(ModelSpec("/x/llava"), setting)):
+    resized = ModelSpec("/models/llava", processor_options=(("max_pixels", 4096), ("min_pixels", 256)))
+    assert answer_signature(resized, setting)["processor"] == {"max_pixels": 4096, "min_pixels": 256}
+    for other in (
+        answer_signature(spec, Setting("fastv", (0.5,))),
+        answer_signature(ModelSpec("/x/llava"), setting),
+        answer_signature(resized, setting),  # Qwen-VL's images at other sizes
+    ):
         with pytest.raises(ValueError, match="use another folder"):
             read_answers(path, other)
 

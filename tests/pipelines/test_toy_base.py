@@ -177,3 +177,55 @@ def test_the_large_world_is_read_by_the_hires_model_given_its_grid(tmp_path):
     save_file({k: v.contiguous() for k, v in state.items()}, retrained / "model.safetensors")
     assert widened_grid(retrained, world.spec, path) == path
     assert (path / "model.safetensors").read_bytes() == (retrained / "model.safetensors").read_bytes()
+
+
+def test_the_qwen_hires_world_continues_the_default_worlds_toy_qwen_reading_checkerboards(tmp_path):
+    """``data.toy_variant: qwen_hires``: the high-resolution world in its three aspects, read by the toy Qwen2.5-VL of
+    the default world continued (every weight carried over but the patch embedding, which reads only the even pixels
+    of each patch of both frames, at twice the weight); each image whole at its own size (128 x 128: 256 vision
+    tokens, 64 x 128: 128), as Hugging Face's own model counts them."""
+    import numpy as np
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from pipelines.conversation import load_processor
+    from pipelines.toy.hires import HiresSpec
+
+    world = ToyWorld.at(tmp_path, seed=0, variant="qwen_hires")
+    assert isinstance(world.spec, HiresSpec) and world.family == "qwen2_5_vl"
+    assert world.spec.aspects == ("square", "wide", "tall")
+    path = world.continued_model(SHIPPED_BASE_MODELS["qwen"])
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path).eval()
+    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(SHIPPED_BASE_MODELS["qwen"])
+    carried = dict(base.state_dict())
+    patch = "model.visual.patch_embed.proj.weight"
+    for name, value in model.state_dict().items():
+        if name != patch:
+            assert torch.equal(value, carried.pop(name)), name
+    assert list(carried) == [patch]
+    old_conv, new_conv = base.model.visual.patch_embed.proj, model.model.visual.patch_embed.proj
+    g = torch.Generator().manual_seed(0)
+    patches = torch.randn(7, *old_conv.weight.shape[1:], generator=g)  # (patches, 3, frames, 4, 4)
+    y, x = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    odd = (y + x) % 2 == 1  # patches start on even pixels: 4-pixel patches of images of even sizes
+    other = torch.where(odd, torch.randn(patches.shape, generator=g), patches)
+    with torch.no_grad():
+        torch.testing.assert_close(new_conv(patches), new_conv(other))
+        torch.testing.assert_close(new_conv(patches), old_conv(torch.where(odd, 0.0, 2 * patches)))
+    trained = save_toy_model(tmp_path / "trained", model, load_processor(str(path)))  # as if trained on this world
+    (trained / WORLD_STAMP).write_text(json.dumps(scene_parameters(world.spec)))
+    again = Qwen2_5_VLForConditionalGeneration.from_pretrained(world.continued_model(trained))
+    assert torch.equal(again.model.visual.patch_embed.proj.weight, new_conv.weight)  # reads checkerboards already
+
+    processor = load_processor(str(path))
+    rng = np.random.default_rng(0)
+    for (height, width), tokens in (((128, 128), 256), ((64, 128), 128), ((128, 64), 128)):
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a ring?"}]}],
+            add_generation_prompt=True,
+        )
+        inputs = processor(text=[text], images=[image], return_tensors="pt")
+        assert inputs["image_grid_thw"].tolist() == [[1, height // 4, width // 4]]  # unresized
+        assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == tokens
+        with torch.no_grad():  # HF checks that the image's features fill its placeholders
+            assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]

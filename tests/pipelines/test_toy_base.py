@@ -26,7 +26,7 @@ def fake_model(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("variant", ["default", "hires", "qwen"])
+@pytest.mark.parametrize("variant", ["default", "hires", "qwen", "qwen_hires"])
 def test_shipped_base_models_were_trained_for_their_worlds(variant):
     """Changing a toy world (its format or spec defaults) needs its shipped model retrained."""
     stamp = json.loads((SHIPPED_BASE_MODELS[variant] / WORLD_STAMP).read_text())

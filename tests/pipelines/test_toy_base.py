@@ -10,7 +10,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from lvpruning.tiny import build_processor
 from pipelines.toy.base import SHIPPED_BASE_MODEL, SHIPPED_BASE_MODELS, WORLD_STAMP, ToyWorld
-from pipelines.toy.model import build_toy_model, save_toy_model, toy_processor
+from pipelines.toy.model import build_toy_model, save_toy_model, toy_config, toy_processor
 from pipelines.toy.scenes import SceneSpec, toy_words
 from pipelines.toy.writer import FORMAT_VERSION, ToyWorldPaths, scene_parameters, world_spec
 
@@ -229,3 +229,23 @@ def test_the_qwen_hires_world_continues_the_default_worlds_toy_qwen_reading_chec
         assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == tokens
         with torch.no_grad():  # HF checks that the image's features fill its placeholders
             assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_every_toy_variant_has_its_family_its_base_config_and_a_shipped_model():
+    """``jobs/train.py`` trains a variant's base model by itself from ``BASE_CONFIGS`` when none fits: each config
+    validates and trains that variant's world (the large world's: the high-resolution one, whose model it widens)
+    from the shipped model it names; every variant but the large one ships a base model of its own family."""
+    from pipelines.config import load_config
+    from pipelines.toy.model import VARIANT_FAMILIES
+    from pipelines.toy.writer import VARIANTS
+    from pipelines.train.experiment import BASE_CONFIGS
+
+    assert set(BASE_CONFIGS) == set(VARIANT_FAMILIES) == set(VARIANTS)
+    assert set(SHIPPED_BASE_MODELS) == set(VARIANTS) - {"large"}
+    for variant in VARIANTS:
+        cfg = load_config(BASE_CONFIGS[variant])
+        assert cfg.train.stage == "base"
+        assert cfg.data.toy_variant == ("hires" if variant == "large" else variant)
+        shipped = SHIPPED_BASE_MODELS[cfg.data.toy_variant]
+        model_type = json.loads((shipped / "config.json").read_text())["model_type"]
+        assert model_type == toy_config(world_spec(variant), VARIANT_FAMILIES[variant]).model_type

@@ -70,7 +70,7 @@ class DataSection(_Strict):
     toy_train_samples: int = Field(24000, gt=0)  # questions; up to 4 per scene, one conversation per scene
     toy_test_samples: int = Field(800, gt=0)
     toy_question_types: tuple[str, ...] | None = None  # None: the toy world's own (its spec's question_types)
-    toy_variant: Literal[VARIANTS] = "default"  # "hires": the high-resolution world and its toy LLaVA-NeXT
+    toy_variant: Literal[VARIANTS] = "default"  # the world and its toy model: pipelines.toy.base (e.g. "qwen_hires")
     seed: int = 0  # the sample order: a permutation of the records per epoch (pipelines.train.order)
 
 

@@ -11,7 +11,7 @@ once shipped; ``jobs/configs/toy_base_hires.yaml``) starts from the toy LLaVA's 
 larger tile grid (:func:`widened_grid`): the same tiles at the same resolution, more of them; ``qwen_hires``, the
 high-resolution world in its three aspects (``writer.QWEN_HIRES``) of the toy Qwen2.5-VL, each image read whole at
 its own size (``jobs/configs/toy_base_qwen_hires.yaml``: continued from the default world's toy Qwen2.5-VL;
-``pipelines/toy/base_model_qwen_hires`` once shipped).
+shipped in ``pipelines/toy/base_model_qwen_hires``).
 
 A trained base model carries ``toy_world.json``: the scene parameters of the world it learnt
 (``writer.scene_parameters``). One whose stamp differs from the current world's, e.g. a ``<toy_root>/base_model``
@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,9 +126,10 @@ class ToyWorld:
         """``init_from``'s weights with this world's processor, for the ``base`` stage to go on training (saved
         under ``<toy_root>/continued_model``). A newer world's words take new token ids, so every word the saved
         tokenizer knows must keep its id; otherwise this fails. A toy LLaVA continued into the high-resolution
-        world becomes the toy LLaVA-NeXT of the same sizes: every weight carried over, the newline token new. A
-        model of a flat world continued into a high-resolution one has its tower made to read checkerboards
-        (:func:`read_checkerboards`): the toy LLaVA so, and the toy Qwen2.5-VL of the default world."""
+        world becomes the toy LLaVA-NeXT of the same sizes: every weight carried over, the newline token new. The
+        tower is made to read checkerboards (:func:`read_checkerboards`) when a flat world's model goes on in a
+        high-resolution world: a toy LLaVA made a toy LLaVA-NeXT, and a toy Qwen2.5-VL stamped for a flat world
+        (one without a stamp is taken as it is, with a warning)."""
         model = from_pretrained(str(init_from))
         wanted = toy_config(self.spec, self.family)
         config = wanted if type(model.config) is not type(wanted) else model.config
@@ -141,9 +142,10 @@ class ToyWorld:
         moved = sorted(w for w, i in known.items() if wanted.get(w) != i)
         if moved:
             raise ValueError(f"train.init_from: {init_from}'s tokenizer gives other ids to {moved[:10]}")
-        if config is not model.config:
+        next_from_llava = config is not model.config  # a toy LLaVA becomes a toy LLaVA-NeXT
+        if next_from_llava:
             model = carried_over(model, build_toy_model(config, seed=self.seed), init_from)
-        if isinstance(self.spec, HiresSpec) and not learnt_checkerboards(init_from):
+        if isinstance(self.spec, HiresSpec) and (next_from_llava or flat_world_model(init_from)):
             model = read_checkerboards(model)
         return save_toy_model(self.root / "continued_model", model, processor)
 
@@ -197,13 +199,15 @@ def carried_over(source: Any, target: Any, name: str | Path) -> Any:
     return target
 
 
-def learnt_checkerboards(path: str | Path) -> bool:
-    """Whether the model at ``path`` was trained on a high-resolution world (its ``toy_world.json``: a HiresSpec's
-    fields); False for a flat world's model or one without a stamp."""
+def flat_world_model(path: str | Path) -> bool:
+    """Whether the model at ``path`` is stamped as trained on a flat world (its ``toy_world.json`` has no
+    ``HiresSpec`` field); False, with a warning, for one without a stamp."""
     try:
-        return "tile" in json.loads((Path(path) / WORLD_STAMP).read_text())
+        stamp = json.loads((Path(path) / WORLD_STAMP).read_text())
     except (OSError, ValueError):
+        logger.warning("%s has no %s: taken as reading the high-resolution world as it is", path, WORLD_STAMP)
         return False
+    return bool({f.name for f in fields(HiresSpec)} - set(stamp))  # a SceneSpec stamp lacks the tiles
 
 
 def read_checkerboards(model: Any) -> Any:

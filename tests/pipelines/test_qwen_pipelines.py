@@ -246,7 +246,8 @@ def test_the_shipped_toy_qwens_answer_their_worlds_questions_and_their_flops_rea
     256 or 128 vision tokens): 8 test questions batched as the evaluation batches them (the high-resolution world's
     images of different sizes in one batch), unpruned answers equal to Hugging Face's ``generate`` on its processor's
     output for each question alone, enough of them right; the FLOPs count reads the image its processor makes of the
-    default 672 x 672 (the largest it takes: 64 x 64, or 128 x 128; 32 x 32 under ``max_pixels`` of 32 x 32)."""
+    default 672 x 672 (the largest it takes: 64 x 64, or 128 x 128; 32 x 32 under ``max_pixels`` of 32 x 32) and of
+    ``eval.flops_image_size`` (64 x 128: unresized by the high-resolution model, resized by the other)."""
     from pipelines.eval.evaluation import flops_image_size
     from pipelines.eval.inference import question_text
     from pipelines.toy.base import SHIPPED_BASE_MODELS

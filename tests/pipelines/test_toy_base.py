@@ -14,6 +14,8 @@ from pipelines.toy.model import build_toy_model, save_toy_model, toy_config, toy
 from pipelines.toy.scenes import SceneSpec, toy_words
 from pipelines.toy.writer import FORMAT_VERSION, ToyWorldPaths, scene_parameters, world_spec
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def world_at(root: Path, spec: SceneSpec | None = None) -> ToyWorld:
     return ToyWorld(ToyWorldPaths.under(root / "world"), root, seed=0, spec=spec or SceneSpec())
@@ -130,6 +132,12 @@ def test_the_hires_world_continues_the_shipped_toy_llava_as_a_toy_llava_next(tmp
     assert int((row["input_ids"] == model.config.image_token_id).sum()) == packed.shape[0] == 336
     init = world.init_model()
     assert isinstance(LlavaNextForConditionalGeneration.from_pretrained(init), LlavaNextForConditionalGeneration)
+    shipped = SHIPPED_BASE_MODELS["hires"]  # a toy LLaVA-NeXT stamped for this world goes on as it is
+    again = LlavaNextForConditionalGeneration.from_pretrained(world.continued_model(shipped)).state_dict()
+    assert all(
+        torch.equal(again[k], v)
+        for k, v in LlavaNextForConditionalGeneration.from_pretrained(shipped).state_dict().items()
+    )
     with pytest.raises(ValueError, match="unknown toy world variant 'huge'"):
         ToyWorld.at(tmp_path, seed=0, variant="huge")
 
@@ -233,8 +241,9 @@ def test_the_qwen_hires_world_continues_the_default_worlds_toy_qwen_reading_chec
 
 def test_every_toy_variant_has_its_family_its_base_config_and_a_shipped_model():
     """``jobs/train.py`` trains a variant's base model by itself from ``BASE_CONFIGS`` when none fits: each config
-    validates and trains that variant's world (the large world's: the high-resolution one, whose model it widens)
-    from the shipped model it names; every variant but the large one ships a base model of its own family."""
+    validates, is a ``base`` stage of that variant (the large world borrows the high-resolution world's, run with
+    ``data.toy_variant=large``) and starts from a model that is there; every variant but the large one ships a base
+    model of its own family."""
     from pipelines.config import load_config
     from pipelines.toy.model import VARIANT_FAMILIES
     from pipelines.toy.writer import VARIANTS
@@ -246,6 +255,7 @@ def test_every_toy_variant_has_its_family_its_base_config_and_a_shipped_model():
         cfg = load_config(BASE_CONFIGS[variant])
         assert cfg.train.stage == "base"
         assert cfg.data.toy_variant == ("hires" if variant == "large" else variant)
+        assert cfg.train.init_from is None or (ROOT / cfg.train.init_from / "model.safetensors").is_file()
         shipped = SHIPPED_BASE_MODELS[cfg.data.toy_variant]
         model_type = json.loads((shipped / "config.json").read_text())["model_type"]
         assert model_type == toy_config(world_spec(variant), VARIANT_FAMILIES[variant]).model_type

@@ -106,11 +106,7 @@ class ToyWorld:
             if model_type != toy_config(self.spec, self.family).model_type:  # e.g. a toy LLaVA in a Qwen world's root
                 logger.warning("not using %s: a %s, not this world's toy model", path, model_type)
                 continue
-            try:
-                stamp = json.loads((path / WORLD_STAMP).read_text())
-            except (OSError, ValueError):
-                stamp = None
-            if stamp == wanted:
+            if world_stamp(path) == wanted:
                 return path
             logger.warning("not using %s: trained for another toy world (%s differs or is missing)", path, WORLD_STAMP)
         if self.variant == "large":  # the high-resolution world's model (trained under <root>/hires, or shipped)
@@ -199,12 +195,19 @@ def carried_over(source: Any, target: Any, name: str | Path) -> Any:
     return target
 
 
+def world_stamp(path: str | Path) -> dict | None:
+    """The scene parameters the model at ``path`` was trained on (its ``toy_world.json``), None without one."""
+    try:
+        return json.loads((Path(path) / WORLD_STAMP).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def flat_world_model(path: str | Path) -> bool:
     """Whether the model at ``path`` is stamped as trained on a flat world (its ``toy_world.json`` has no
     ``HiresSpec`` field); False, with a warning, for one without a stamp."""
-    try:
-        stamp = json.loads((Path(path) / WORLD_STAMP).read_text())
-    except (OSError, ValueError):
+    stamp = world_stamp(path)
+    if stamp is None:
         logger.warning("%s has no %s: taken as reading the high-resolution world as it is", path, WORLD_STAMP)
         return False
     return bool({f.name for f in fields(HiresSpec)} - set(stamp))  # a SceneSpec stamp lacks the tiles
